@@ -1,0 +1,35 @@
+# wsi-nuclei: `make demo` and `make test` set everything up in .venv on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch 2.14.1 + torchvision 0.29.1 (smp and timm need torchvision); override for another platform,
+# e.g. make test TORCH_SPEC="torch torchvision"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.installed
+DEMO_OUT ?= demo_out
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test test-fast bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev,onnx]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/wsi-nuclei segment-image wsi_nuclei/data/cmu1_crop_x900_y720.png --mpp 0.499 -o $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check wsi_nuclei tests
+	$(VENV)/bin/mypy wsi_nuclei
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

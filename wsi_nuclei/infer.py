@@ -1,0 +1,121 @@
+"""Run the model on RGB images: resampling to the working resolution, padding, batching.
+
+Frames: ``image`` arrays are (H, W, 3) uint8 RGB at their own ``mpp``; probabilities are
+(C, H', W') float32 at the model's working mpp (``card.mpp``); labels returned by
+:func:`segment_image` are back at the image's own resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .instances import probabilities_to_instances
+from .model import ModelCard, PostProcess
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "resize_image",
+    "resize_labels",
+    "to_tensor",
+    "predict_probabilities",
+    "segment_image",
+    "select_device",
+]
+
+log = logging.getLogger(__name__)
+
+#: UNet++ with a 5-stage encoder needs H and W divisible by 32.
+_STRIDE = 32
+
+
+def select_device(device: str = "auto") -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; checks explicit choices."""
+    import torch
+
+    from .errors import ConfigError
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} but no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize (H, W, 3) uint8 to ``shape`` = (H', W') with area averaging / bilinear (uint8)."""
+    if image.shape[:2] == tuple(shape):
+        return image
+    from PIL import Image
+
+    resample = Image.Resampling.BOX if shape[0] < image.shape[0] else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), resample))
+
+
+def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an (H, W) label map to ``shape`` (pixel-centre sampling)."""
+    if labels.shape == tuple(shape):
+        return labels
+    rows = ((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0]).astype(np.int64)
+    cols = ((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1]).astype(np.int64)
+    return labels[np.minimum(rows, labels.shape[0] - 1)[:, None], np.minimum(cols, labels.shape[1] - 1)[None, :]]
+
+
+def working_shape(shape: tuple[int, int], mpp: float, working_mpp: float) -> tuple[int, int]:
+    """(H, W) of an image of ``shape`` at ``mpp`` once resampled to ``working_mpp``."""
+    scale = mpp / working_mpp
+    return (max(1, int(round(shape[0] * scale))), max(1, int(round(shape[1] * scale))))
+
+
+def to_tensor(images: np.ndarray, card: ModelCard) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) float32 tensor."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(card.input_mean).view(1, 3, 1, 1)
+    std = torch.tensor(card.input_std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def predict_probabilities(model: torch.nn.Module, card: ModelCard, image: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """Sigmoid outputs for one (H, W, 3) uint8 image already at the working mpp.
+
+    The image is reflect-padded to a multiple of 32 (at least 64 px) and the padding is cropped
+    off again. Returns (C, H, W) float32 in [0, 1].
+    """
+    import torch
+
+    h, w = image.shape[:2]
+    ph = max(64, -(-h // _STRIDE) * _STRIDE) - h
+    pw = max(64, -(-w // _STRIDE) * _STRIDE) - w
+    mode = "reflect" if ph < h and pw < w else "symmetric"
+    padded = np.pad(image, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode=mode)
+    x = to_tensor(padded[None], card).to(device)
+    with torch.inference_mode():
+        probs = torch.sigmoid(model(x))[0].float().cpu().numpy()
+    return probs[:, ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
+
+
+def segment_image(
+    model: torch.nn.Module,
+    card: ModelCard,
+    image: np.ndarray,
+    mpp: float,
+    post: PostProcess | None = None,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Nucleus instances of an (H, W, 3) uint8 RGB image at ``mpp`` µm/px.
+
+    The image is resampled to the model's working mpp, segmented with the card's (or ``post``)
+    post-processing, and the labels are resampled back: returns (H, W) int32 labels.
+    """
+    work = working_shape(image.shape[:2], mpp, card.mpp)
+    probs = predict_probabilities(model, card, resize_image(image, work), device)
+    labels = probabilities_to_instances(probs, card.outputs, post or card.postprocess, card.mpp)
+    return resize_labels(labels, image.shape[:2])

