@@ -106,7 +106,8 @@ def read_rgb(path: Path) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB (alpha dropped, grey expanded, 16-bit scaled)."""
     try:
         with Image.open(path) as im:
-            im.load()
+            if im.mode not in ("RGB", "RGBA", "L", "I;16", "I;16B", "I;16L"):
+                im = im.convert("RGB")  # palette, LA, CMYK, ...
             arr = np.asarray(im)
     except (OSError, ValueError) as err:
         try:  # LZW/PackBits TIFFs that Pillow cannot decode
@@ -134,8 +135,11 @@ def _read_label_image(path: Path) -> np.ndarray:
             arr = np.asarray(im)
     except OSError as err:
         raise DatasetError(f"{path}: cannot read mask ({err})") from err
-    if arr.ndim == 3:  # an RGB(A) rendering of a binary mask
-        arr = arr[:, :, :3].max(axis=2)
+    if arr.ndim == 3:  # an RGB(A) rendering of a binary mask; colour-coded instances are refused
+        rgb = arr[:, :, :3]
+        if len(np.unique(rgb.reshape(-1, 3), axis=0)) > 2:
+            raise DatasetError(f"{path}: colour-coded instance masks are not supported; save ids as a 16-bit grey PNG")
+        arr = rgb.max(axis=2)
     if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != bool:
         raise DatasetError(f"{path}: mask must hold integers, got {arr.dtype}")
     return arr
@@ -154,7 +158,7 @@ def _as_instances(mask: np.ndarray, path: Path) -> np.ndarray:
     values = np.unique(mask)
     if len(values) <= 2:
         return _components(mask > 0)
-    return mask.astype(np.int32)
+    return _relabel(mask.astype(np.int32))
 
 
 def read_aperio_xml(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -311,8 +315,11 @@ def load_folder(root: Path | str, mpp: float, limit: int | None = None) -> list[
 def load_dataset(kind: str, root: Path | str, mpp: float | None = None, limit: int | None = None) -> list[Sample]:
     """Load ``kind`` in {"monuseg", "monuseg-test", "tnbc", "folder"} from ``root``."""
     if kind in ("monuseg", "monuseg-test", "monuseg-train"):
-        samples = load_monuseg(root)
-        return samples[:limit]
+        root = Path(root)
+        if limit is not None and (root / "images").is_dir():
+            names = [p.stem for p in _images_in(root / "images")][:limit]
+            return load_monuseg(root, names=names)
+        return load_monuseg(root)
     if kind == "tnbc":
         return load_tnbc(root, limit)
     if kind == "folder":

@@ -19,7 +19,7 @@ _FOUR = ndi.generate_binary_structure(2, 1)
 
 
 def relabel_sequential(labels: np.ndarray) -> np.ndarray:
-    """Renumber an int label map to 1..N (order of first id), 0 stays background; int32."""
+    """Renumber an int label map to 1..N (ascending id order), 0 stays background; int32."""
     ids = np.unique(labels)
     ids = ids[ids > 0]
     lut = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int32)
@@ -67,6 +67,8 @@ def probabilities_to_instances(
     if probs.ndim != 3 or probs.shape[0] != len(outputs):
         raise ConfigError(f"probabilities of shape {probs.shape} do not match outputs {list(outputs)}")
     chan = {name: probs[i] for i, name in enumerate(outputs)}
+    if "nucleus" not in chan:
+        raise ConfigError(f"outputs {list(outputs)} have no 'nucleus' channel")
     fg = chan["nucleus"] > post.fg_threshold
     min_px = max(1, int(round(post.min_area_um2 / (mpp * mpp))))
 

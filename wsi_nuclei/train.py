@@ -1,0 +1,302 @@
+"""Train EfficientUnet++ on MoNuSeg (or a folder) at the working resolution, with resume.
+
+Data at native resolution are resampled once to the working mpp; training draws random crops
+with dihedral + stain-colour augmentation. Validation runs the exact post-processing of the
+pipeline (:func:`wsi_nuclei.infer.segment_image`) on held-out training images and the best
+epoch by validation AJI is kept. TNBC and MoNuSeg test are never touched here.
+
+Outputs in ``TrainConfig.out``: ``last/`` and ``best/`` model folders (safetensors + card),
+``state.pt`` (optimizer, epoch and RNG state; written and read only by this module, loaded with
+``weights_only=True``), and ``log.jsonl`` with one line per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .datasets import Sample
+from .errors import ConfigError
+from .model import ModelCard, PostProcess
+
+__all__ = ["TrainConfig", "PAPER_RECIPE", "prepare", "train", "validate", "tune_postprocess", "split_validation"]
+
+log = logging.getLogger(__name__)
+
+#: Held-out MoNuSeg training images for model selection: one per organ (5 organs).
+DEFAULT_VALIDATION = (
+    "TCGA-AR-A1AS-01Z-00-DX1",  # breast
+    "TCGA-B0-5710-01Z-00-DX1",  # kidney
+    "TCGA-21-5786-01Z-00-DX1",  # liver
+    "TCGA-G9-6363-01Z-00-DX1",  # prostate
+    "TCGA-RD-A8N9-01A-01-TS1",  # stomach
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training options (see ``wsi-nuclei train --help``)."""
+
+    out: Path
+    encoder: str = "tu-tf_efficientnet_lite0"
+    pretrained: bool = True
+    outputs: tuple[str, ...] = ("nucleus", "boundary", "distance")
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)
+    mpp: float = 0.5
+    crop: int = 256
+    batch_size: int = 8
+    epochs: int = 60
+    steps_per_epoch: int = 20
+    lr: float = 1e-3
+    lr_drop_epoch: int = 50
+    loss: str = "dice_bce"
+    colour_augment: bool = True
+    validation: tuple[str, ...] = DEFAULT_VALIDATION
+    exclude_groups: tuple[str, ...] = ()
+    val_every: int = 2
+    seed: int = 0
+    threads: int = 0
+    postprocess: PostProcess = field(default_factory=PostProcess)
+
+    def check(self) -> None:
+        for name in ("crop", "batch_size", "epochs", "steps_per_epoch"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.crop % 32:
+            raise ConfigError(f"--crop must be a multiple of 32 (UNet++ stride), got {self.crop}")
+        if not self.mpp > 0:
+            raise ConfigError(f"--mpp must be > 0, got {self.mpp}")
+        if self.loss not in ("dice", "dice_bce"):
+            raise ConfigError(f"--loss must be dice or dice_bce, got {self.loss!r}")
+        if "nucleus" not in self.outputs:
+            raise ConfigError("outputs must include 'nucleus'")
+
+
+#: The seed paper: whole 1000x1000 MoNuSeg images resized to 256x256 (~0.98 µm/px), one output,
+#: Dice loss, Adam 1e-4 then 1e-5 after epoch 25, batch 8, threshold 0.7, no instance separation.
+PAPER_RECIPE: dict[str, Any] = dict(
+    encoder="efficientnet-b5",
+    pretrained=False,
+    outputs=("nucleus",),
+    decoder_channels=(256, 128, 64, 32, 16),
+    mpp=0.25 * 1000 / 256,
+    crop=256,
+    lr=1e-4,
+    lr_drop_epoch=25,
+    loss="dice",
+    postprocess=PostProcess(method="threshold", fg_threshold=0.7),
+)
+
+
+@dataclass
+class _Prepared:
+    images: list[np.ndarray]
+    targets: list[np.ndarray]
+
+
+def split_validation(samples: list[Sample], cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
+    """Split into (train, validation) by ``cfg.validation`` names; drops ``cfg.exclude_groups``."""
+    names = set(cfg.validation)
+    train = [s for s in samples if s.name not in names and s.group not in cfg.exclude_groups]
+    val = [s for s in samples if s.name in names]
+    if not train:
+        raise ConfigError("no training images left after removing validation images and excluded groups")
+    return train, val
+
+
+def prepare(samples: list[Sample], cfg: TrainConfig) -> _Prepared:
+    """Resample samples to ``cfg.mpp`` and compute their targets once."""
+    from .infer import resize_image, resize_labels, working_shape
+    from .targets import make_targets
+
+    images, targets = [], []
+    for s in samples:
+        shape = working_shape(s.labels.shape, s.mpp, cfg.mpp)
+        images.append(resize_image(s.image, shape))
+        targets.append(make_targets(resize_labels(s.labels, shape), cfg.outputs))
+    return _Prepared(images, targets)
+
+
+def _batch(data: _Prepared, cfg: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    from .targets import augment, random_crop
+
+    xs, ys = [], []
+    for _ in range(cfg.batch_size):
+        i = int(rng.integers(len(data.images)))
+        img, tgt = random_crop(data.images[i], data.targets[i], cfg.crop, rng)
+        img, tgt = augment(img, tgt, rng, colour=cfg.colour_augment)
+        xs.append(img)
+        ys.append(tgt)
+    return np.stack(xs), np.stack(ys)
+
+
+def _loss(logits: Any, target: Any, cfg: TrainConfig) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    total = logits.new_zeros(())
+    for i, name in enumerate(cfg.outputs):
+        lg, tg = logits[:, i], target[:, i]
+        prob = torch.sigmoid(lg)
+        if name == "distance":
+            total = total + F.mse_loss(prob, tg) * 5.0
+            continue
+        inter = (prob * tg).sum()
+        dice = 1 - (2 * inter + 1) / (prob.sum() + tg.sum() + 1)
+        total = total + dice
+        if cfg.loss == "dice_bce":
+            pos_weight = torch.tensor(3.0 if name == "boundary" else 1.0, device=lg.device)
+            total = total + F.binary_cross_entropy_with_logits(lg, tg, pos_weight=pos_weight)
+    return total
+
+
+def validate(model: Any, card: ModelCard, samples: list[Sample], post: PostProcess | None = None) -> dict[str, float | int]:
+    """Mean metrics of ``model`` on ``samples`` with the pipeline's post-processing."""
+    from .infer import segment_image
+    from .metrics import evaluate_pair, mean_metrics
+
+    model.eval()
+    items = [evaluate_pair(s.labels, segment_image(model, card, s.image, s.mpp, post)) for s in samples]
+    return mean_metrics(items)
+
+
+def tune_postprocess(model: Any, card: ModelCard, samples: list[Sample]) -> tuple[PostProcess, dict[str, float]]:
+    """Grid-search method and thresholds on ``samples`` (validation only); returns the best by AJI
+    and the best AJI per method."""
+    from .infer import predict_probabilities, resize_image, resize_labels, working_shape
+    from .instances import probabilities_to_instances
+    from .metrics import evaluate_pair
+
+    model.eval()
+    cached = []
+    for s in samples:
+        work = working_shape(s.image.shape[:2], s.mpp, card.mpp)
+        cached.append((s, predict_probabilities(model, card, resize_image(s.image, work))))
+    methods = [m for m in ("boundary", "distance") if m in card.outputs] or ["threshold"]
+    grid: list[PostProcess] = []
+    for method in methods:
+        seeds = {"boundary": (0.3, 0.4, 0.5, 0.6), "distance": (0.2, 0.3, 0.4, 0.5)}.get(method, (0.5,))
+        for fg in (0.4, 0.5, 0.6):
+            for seed in seeds:
+                grid.append(replace(card.postprocess, method=method, fg_threshold=fg, seed_threshold=seed))
+    best: tuple[float, PostProcess] = (-1.0, card.postprocess)
+    per_method: dict[str, float] = {}
+    for post in grid:
+        ajis = []
+        for s, probs in cached:
+            labels = probabilities_to_instances(probs, card.outputs, post, card.mpp)
+            ajis.append(evaluate_pair(s.labels, resize_labels(labels, s.labels.shape)).aji)
+        score = float(np.mean(ajis))
+        per_method[post.method] = max(per_method.get(post.method, -1.0), score)
+        log.info("tune %s fg=%.2f seed=%.2f: val AJI %.4f", post.method, post.fg_threshold, post.seed_threshold, score)
+        if score > best[0]:
+            best = (score, post)
+    return best[1], per_method
+
+
+def _card(cfg: TrainConfig, extra: dict[str, Any]) -> ModelCard:
+    training = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "postprocess"}
+    training["out"] = str(cfg.out)
+    training.update(extra)
+    return ModelCard(encoder=cfg.encoder, outputs=cfg.outputs, mpp=cfg.mpp, postprocess=cfg.postprocess, training=training)
+
+
+def train(
+    cfg: TrainConfig,
+    train_samples: list[Sample],
+    val_samples: list[Sample],
+    resume: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+    extra_card: dict[str, Any] | None = None,
+) -> ModelCard:
+    """Train and return the card of the best model (by validation AJI; the last one without
+    validation images). ``progress(step, total_steps, loss)`` is called after every step."""
+    import torch
+
+    from .model import build_model, load_imagenet_lite0, load_model, save_model
+
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.pt"
+    extra = dict(extra_card or {})
+    extra["train_images"] = sorted(s.name for s in train_samples)
+
+    start_epoch, best_aji = 0, -1.0
+    rng = np.random.default_rng(cfg.seed)
+    if resume and state_path.is_file():
+        model, _ = load_model(out / "last", check_hash=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        start_epoch, best_aji = int(state["epoch"]), float(state["best_aji"])
+        rng.bit_generator.state = json.loads(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resuming %s at epoch %d (best val AJI %.4f)", out, start_epoch, best_aji)
+    else:
+        model = build_model(cfg.encoder, len(cfg.outputs), cfg.decoder_channels)
+        if cfg.pretrained:
+            if cfg.encoder != "tu-tf_efficientnet_lite0":
+                raise ConfigError(f"ImageNet weights are available offline only for tu-tf_efficientnet_lite0, not {cfg.encoder}; pass --scratch")
+            load_imagenet_lite0(model)
+        state = None
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+
+    data = prepare(train_samples, cfg)
+    card = _card(cfg, extra)
+    total = cfg.epochs * cfg.steps_per_epoch
+    with open(out / "log.jsonl", "a", encoding="utf-8") as logf:
+        for epoch in range(start_epoch, cfg.epochs):
+            lr = cfg.lr if epoch < cfg.lr_drop_epoch else cfg.lr * 0.1
+            for group in opt.param_groups:
+                group["lr"] = lr
+            model.train()
+            t0, losses = time.time(), []
+            for step in range(cfg.steps_per_epoch):
+                x, y = _batch(data, cfg, rng)
+                xt = _to_input(x, card).contiguous(memory_format=torch.channels_last)
+                loss = _loss(model(xt), torch.from_numpy(y), cfg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                if progress:
+                    progress(epoch * cfg.steps_per_epoch + step + 1, total, losses[-1])
+            row: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr, "seconds": round(time.time() - t0, 1)}
+            is_best = False
+            if val_samples and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                metrics = validate(model, card, val_samples)
+                row.update({f"val_{k}": v for k, v in metrics.items() if k in ("aji", "dice", "pq", "f1")})
+                if metrics["aji"] > best_aji:
+                    best_aji, is_best = float(metrics["aji"]), True
+            save_model(model, replace(card, metrics={"epoch": epoch + 1}), out / "last")
+            if is_best or not val_samples:
+                save_model(model, replace(card, metrics={"epoch": epoch + 1, "val_aji": best_aji}), out / "best")
+            torch.save(
+                {"epoch": epoch + 1, "best_aji": best_aji, "optimizer": opt.state_dict(),
+                 "rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state()},
+                state_path,
+            )
+            logf.write(json.dumps(row) + "\n")
+            logf.flush()
+            log.info("epoch %s", row)
+    from .model import load_card
+
+    return load_card(out / "best")
+
+
+def _to_input(x: np.ndarray, card: ModelCard) -> Any:
+    from .infer import to_tensor
+
+    return to_tensor(x, card)
