@@ -115,12 +115,17 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (means and per-image rows)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: default)."),
+    record: bool = typer.Option(False, "--record", help="For model authors: store the means in the model card under metrics.<dataset>."),
 ) -> None:
     """Pixel Dice/IoU, AJI, PQ (DQ, SQ) and object F1 of a model on an annotated dataset."""
     from .evaluate import evaluate_dataset
 
     try:
         report = evaluate_dataset(dataset, path, model_dir=model, mpp=mpp, limit=limit, device=device, threads=threads)
+        if record:
+            from .evaluate import record_in_card
+
+            record_in_card(report, model)
     except WsiNucleiError as err:
         _fail(err)
         return

@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["evaluate_dataset", "DATASET_KINDS"]
+__all__ = ["evaluate_dataset", "record_in_card", "DATASET_KINDS"]
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +83,24 @@ def evaluate_dataset(
         images=rows,
     )
     return report
+
+
+def record_in_card(report: dict[str, Any], model_dir: Path | str | None = None) -> None:
+    """Store the mean metrics of ``report`` in the model card under ``metrics[<dataset>]`` (the
+    weights and their hash are unchanged)."""
+    import json
+    from dataclasses import replace
+
+    from .model import CARD_FILE, DEFAULT_MODEL_DIR, load_card
+
+    directory = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
+    card = load_card(directory)
+    if report["model"] != f"{card.name}@{card.weights_sha256[:12]}":
+        raise ConfigError(f"{directory}: the report was made with model {report['model']}, not this one")
+    keys = ("dice", "iou", "aji", "pq", "dq", "sq", "f1", "precision", "recall", "n_images", "seconds_per_image")
+    entry = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items() if k in keys}
+    entry["command"] = f"wsi-nuclei evaluate {report['path']} --dataset {report['dataset']} --json"
+    card = replace(card, metrics={**card.metrics, report["dataset"]: entry})
+    tmp = directory / (CARD_FILE + ".tmp")
+    tmp.write_text(card.to_json() + "\n", encoding="utf-8")
+    tmp.replace(directory / CARD_FILE)

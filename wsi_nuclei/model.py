@@ -217,11 +217,15 @@ def load_model(directory: Path | str | None = None, check_hash: bool = True) -> 
     if not wpath.is_file():
         raise ModelError(f"{wpath}: weights file not found; a model folder holds {CARD_FILE} and {WEIGHTS_FILE}")
     with open(wpath, "rb") as fh:
-        head = fh.read(2)
-    if head[:1] == b"\x80" or head == b"PK":
+        head = fh.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header '{'.
+    is_safetensors = head[8:9] == b"{"
+    if not is_safetensors and (head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05")):
         raise ModelError(f"{wpath}: this is a pickle/zip (torch.save) file, which is never loaded; convert it to safetensors")
     if check_hash and card.weights_sha256 and _sha256(wpath) != card.weights_sha256:
         raise ModelError(f"{wpath}: sha256 differs from the model card; the weights and {CARD_FILE} do not belong together")
+    if not is_safetensors:
+        raise ModelError(f"{wpath}: not a safetensors file (corrupt or another format); re-copy or re-train the model")
     try:
         state = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as err:
