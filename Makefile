@@ -33,3 +33,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+
+bench: $(STAMP)
+	$(PY) benchmarks/tnbc_image_time.py

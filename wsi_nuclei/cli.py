@@ -43,7 +43,7 @@ def train(
     data: Path = typer.Option(Path("../shared/data/monuseg/train"), help="MoNuSeg training split (images/ + instances/)."),
     recipe: str = typer.Option("ours", help="ours: instance model (nucleus+boundary+distance); paper: the seed paper's binary UNet++."),
     encoder: Optional[str] = typer.Option(None, help="smp encoder, e.g. tu-tf_efficientnet_lite0, efficientnet-b0."),
-    scratch: bool = typer.Option(False, "--scratch", help="Random encoder init instead of ImageNet (Lite0 only has offline ImageNet weights)."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--scratch", help="ImageNet encoder init (offline only for tu-tf_efficientnet_lite0) or random init. Default: ImageNet for Lite0."),
     mpp: Optional[float] = typer.Option(None, help="Working resolution in µm/px (ours: 0.5)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs."),
     steps_per_epoch: Optional[int] = typer.Option(None, help="Optimizer steps per epoch."),
@@ -72,7 +72,9 @@ def train(
         given = dict(encoder=encoder, mpp=mpp, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
                      crop=crop, lr=lr, lr_drop_epoch=lr_drop_epoch)
         base.update({k: v for k, v in given.items() if v is not None})
-        if scratch:
+        if pretrained is not None:
+            base["pretrained"] = pretrained
+        elif "encoder" in base and base["encoder"] != "tu-tf_efficientnet_lite0":
             base["pretrained"] = False
         if exclude_organ:
             base["exclude_groups"] = tuple(exclude_organ)

@@ -81,9 +81,11 @@ class TrainConfig:
 
 #: The seed paper: whole 1000x1000 MoNuSeg images resized to 256x256 (~0.98 µm/px), one output,
 #: Dice loss, Adam 1e-4 then 1e-5 after epoch 25, batch 8, threshold 0.7, no instance separation.
+#: Its encoder was ImageNet efficientnet-b5; offline only Lite0 has ImageNet weights, so the
+#: default here is ImageNet Lite0 (pass --encoder efficientnet-b5 --scratch for the b5 network).
 PAPER_RECIPE: dict[str, Any] = dict(
-    encoder="efficientnet-b5",
-    pretrained=False,
+    encoder="tu-tf_efficientnet_lite0",
+    pretrained=True,
     outputs=("nucleus",),
     decoder_channels=(256, 128, 64, 32, 16),
     mpp=0.25 * 1000 / 256,

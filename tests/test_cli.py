@@ -1,0 +1,51 @@
+"""The command line: instant --help, the demo command on the bundled image, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from wsi_nuclei.cli import app
+
+runner = CliRunner()
+DEMO_IMAGE = Path(__file__).resolve().parents[1] / "wsi_nuclei" / "data" / "cmu1_crop_x900_y720.png"
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys; from wsi_nuclei.cli import app; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "wsi_nuclei.cli", "--help"], capture_output=True, text=True, check=True)
+    assert time.perf_counter() - t0 < 10
+    for command in ("train", "evaluate", "segment-image"):
+        assert command in out.stdout
+
+
+def test_segment_image_demo(tmp_path):
+    result = runner.invoke(app, ["segment-image", str(DEMO_IMAGE), "--mpp", "0.499", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    labels = np.asarray(Image.open(tmp_path / "cmu1_crop_x900_y720_labels.png"))
+    overlay = np.asarray(Image.open(tmp_path / "cmu1_crop_x900_y720_overlay.png"))
+    summary = json.loads((tmp_path / "cmu1_crop_x900_y720_summary.json").read_text())
+    assert labels.shape == overlay.shape[:2] == (640, 640)
+    # A 320 µm square of epidermis and dermis holds hundreds of nuclei, each of a plausible size.
+    assert 150 < summary["nuclei"] == int(labels.max()) < 2000
+    areas = np.bincount(labels.ravel())[1:]
+    median_um2 = float(np.median(areas[areas > 0])) * 0.499**2
+    assert 10 < median_um2 < 120
+
+
+def test_segment_image_errors(tmp_path):
+    result = runner.invoke(app, ["segment-image", str(tmp_path / "missing.png"), "--mpp", "0.5", "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "missing.png: file not found" in result.output
+    result = runner.invoke(app, ["segment-image", str(DEMO_IMAGE), "--mpp", "0", "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "--mpp must be > 0" in result.output
+    result = runner.invoke(app, ["segment-image", str(DEMO_IMAGE), "--mpp", "0.5", "--device", "tpu", "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown device" in result.output

@@ -1,0 +1,71 @@
+"""`wsi-nuclei evaluate` and the shipped model: the numbers in the model card are reproducible."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from wsi_nuclei.cli import app
+from wsi_nuclei.evaluate import evaluate_dataset
+from wsi_nuclei.model import DEFAULT_MODEL_DIR, load_card, load_model
+
+runner = CliRunner()
+KEYS = ("dice", "iou", "aji", "pq", "dq", "sq", "f1", "n_images")
+
+
+def test_shipped_model_loads_with_a_complete_card():
+    model, card = load_model()
+    assert card.outputs[0] == "nucleus" and card.mpp == 0.5
+    assert card.weights_sha256 and card.training.get("command", "").startswith("wsi-nuclei train")
+    assert {"tnbc", "monuseg-test"} <= set(card.metrics)
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 30 * 2**20
+
+
+def test_evaluate_cli_json_on_two_tnbc_images(shared_data):
+    result = runner.invoke(app, ["evaluate", str(shared_data / "tnbc"), "--dataset", "tnbc", "--limit", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert all(k in report for k in KEYS)
+    assert report["n_images"] == 2 and len(report["images"]) == 2
+    for k in ("dice", "iou", "aji", "pq", "f1"):
+        assert 0.0 <= report[k] <= 1.0
+    # A trained model, not noise: TNBC nuclei are found.
+    assert report["dice"] > 0.6 and report["aji"] > 0.3
+    # The CLI is a thin wrapper: same numbers as the library call.
+    lib = evaluate_dataset("tnbc", shared_data / "tnbc", limit=2)
+    assert lib["aji"] == pytest.approx(report["aji"], abs=1e-9)
+
+
+def test_evaluate_table_output(shared_data):
+    result = runner.invoke(app, ["evaluate", str(shared_data / "tnbc"), "--dataset", "tnbc", "--limit", "1"])
+    assert result.exit_code == 0, result.output
+    assert "aji" in result.stdout and "mean" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,sub", [("tnbc", "tnbc"), ("monuseg-test", "monuseg/test")])
+def test_model_card_metrics_are_reproduced(shared_data, kind, sub):
+    """The numbers in the shipped card (and README) are what `evaluate` measures now."""
+    card = load_card(DEFAULT_MODEL_DIR)
+    report = evaluate_dataset(kind, shared_data / sub)
+    for k in ("dice", "aji", "pq", "f1"):
+        assert report[k] == pytest.approx(card.metrics[kind][k], abs=2e-3), k
+    assert report["n_images"] == card.metrics[kind]["n_images"]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["evaluate", "/nonexistent/tnbc", "--dataset", "tnbc"], "/nonexistent/tnbc"),
+        (["evaluate", ".", "--dataset", "kaggle"], "unknown --dataset"),
+        (["evaluate", ".", "--dataset", "tnbc", "--model", "/nonexistent/model"], "model card not found"),
+    ],
+)
+def test_evaluate_errors_are_one_line(args, needle):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
+    assert "Traceback" not in result.output
