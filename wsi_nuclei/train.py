@@ -184,8 +184,8 @@ def tune_postprocess(model: Any, card: ModelCard, samples: list[Sample]) -> tupl
     methods = [m for m in ("boundary", "distance") if m in card.outputs] or ["threshold"]
     grid: list[PostProcess] = []
     for method in methods:
-        seeds = {"boundary": (0.3, 0.4, 0.5, 0.6), "distance": (0.2, 0.3, 0.4, 0.5)}.get(method, (0.5,))
-        for fg in (0.4, 0.5, 0.6):
+        seeds = {"boundary": (0.2, 0.3, 0.4, 0.5, 0.6), "distance": (0.2, 0.3, 0.4, 0.5, 0.6)}.get(method, (0.5,))
+        for fg in (0.3, 0.4, 0.5, 0.6, 0.7):
             for seed in seeds:
                 grid.append(replace(card.postprocess, method=method, fg_threshold=fg, seed_threshold=seed))
     best: tuple[float, PostProcess] = (-1.0, card.postprocess)
