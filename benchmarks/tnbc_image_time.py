@@ -22,7 +22,13 @@ def main() -> None:
     import torch
 
     from wsi_nuclei.datasets import load_tnbc
-    from wsi_nuclei.infer import predict_probabilities, resize_image, segment_image, to_tensor, working_shape
+    from wsi_nuclei.infer import (
+        predict_probabilities,
+        resize_image,
+        segment_image,
+        to_tensor,
+        working_shape,
+    )
     from wsi_nuclei.model import load_model
 
     ap = argparse.ArgumentParser(description=__doc__)

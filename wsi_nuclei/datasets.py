@@ -105,7 +105,8 @@ def tcga_organ(name: str) -> str:
 def read_rgb(path: Path) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB (alpha dropped, grey expanded, 16-bit scaled)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as opened:
+            im: Image.Image = opened
             if im.mode not in ("RGB", "RGBA", "L", "I;16", "I;16B", "I;16L"):
                 im = im.convert("RGB")  # palette, LA, CMYK, ...
             arr = np.asarray(im)

@@ -88,7 +88,6 @@ def evaluate_dataset(
 def record_in_card(report: dict[str, Any], model_dir: Path | str | None = None) -> None:
     """Store the mean metrics of ``report`` in the model card under ``metrics[<dataset>]`` (the
     weights and their hash are unchanged)."""
-    import json
     from dataclasses import replace
 
     from .model import CARD_FILE, DEFAULT_MODEL_DIR, load_card

@@ -94,8 +94,8 @@ def predict_probabilities(model: torch.nn.Module, card: ModelCard, image: np.nda
     h, w = image.shape[:2]
     ph = max(64, -(-h // _STRIDE) * _STRIDE) - h
     pw = max(64, -(-w // _STRIDE) * _STRIDE) - w
-    mode = "reflect" if ph < h and pw < w else "symmetric"
-    padded = np.pad(image, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode=mode)
+    pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0))
+    padded = np.pad(image, pad, mode="reflect") if ph < h and pw < w else np.pad(image, pad, mode="symmetric")
     x = to_tensor(padded[None], card).to(device)
     with torch.inference_mode():
         probs = torch.sigmoid(model(x))[0].float().cpu().numpy()

@@ -11,8 +11,9 @@ Edge cases (every metric lies in ``[0, 1]``): both maps empty (no objects) -> ev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment

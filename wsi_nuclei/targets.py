@@ -94,7 +94,7 @@ def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator, co
     if colour:
         if rng.random() < 0.8:
             image = _hed_jitter(image, rng)
-        img = image.astype(np.float32)
+        img: np.ndarray = image.astype(np.float32)
         if rng.random() < 0.5:  # brightness / contrast / gamma
             mean = img.mean()
             img = (img - mean) * rng.uniform(0.8, 1.2) + mean + rng.uniform(-15, 15)

@@ -181,7 +181,7 @@ def tune_postprocess(model: Any, card: ModelCard, samples: list[Sample]) -> tupl
     for s in samples:
         work = working_shape(s.image.shape[:2], s.mpp, card.mpp)
         cached.append((s, predict_probabilities(model, card, resize_image(s.image, work))))
-    methods = [m for m in ("boundary", "distance") if m in card.outputs] or ["threshold"]
+    methods: list[str] = [m for m in ("boundary", "distance") if m in card.outputs] or ["threshold"]
     grid: list[PostProcess] = []
     for method in methods:
         seeds = {"boundary": (0.2, 0.3, 0.4, 0.5, 0.6), "distance": (0.2, 0.3, 0.4, 0.5, 0.6)}.get(method, (0.5,))
