@@ -33,7 +33,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "tnbc")
-    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=40)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
@@ -54,15 +54,16 @@ def main() -> None:
     def forward_only() -> None:
         predict_probabilities(model, card, work)
 
-    rows = {}
-    for name, fn in (("bare model forward", bare), ("predict_probabilities", forward_only), ("segment_image (all)", ours)):
+    stages = (("bare model forward", bare), ("predict_probabilities", forward_only), ("segment_image (all)", ours))
+    times: dict[str, list[float]] = {name: [] for name, _ in stages}
+    for name, fn in stages:
         fn()  # warm-up
-        times = []
-        for _ in range(args.repeat):
+    for _ in range(args.repeat):  # round-robin, so drift in CPU speed hits every stage alike
+        for name, fn in stages:
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-        rows[name] = statistics.median(times)
+            times[name].append(time.perf_counter() - t0)
+    rows = {name: statistics.median(ts) for name, ts in times.items()}
     base = rows["bare model forward"]
     print(f"TNBC {sample.name} {sample.image.shape[1]}x{sample.image.shape[0]} px at {sample.mpp} µm/px -> "
           f"{work.shape[1]}x{work.shape[0]} at {card.mpp} µm/px; torch {torch.__version__}, "

@@ -83,7 +83,7 @@ def train(
         cfg.check()
         samples = load_monuseg(data)
         train_s, val_s = tr.split_validation(samples, cfg)
-        command = "wsi-nuclei train " + " ".join(sys.argv[2:])
+        command = " ".join(["wsi-nuclei", *sys.argv[1:]])
         with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
                       TimeRemainingColumn(), disable=not sys.stderr.isatty()) as bar:
             task = bar.add_task("train", total=cfg.epochs * cfg.steps_per_epoch, loss=0.0)

@@ -77,7 +77,7 @@ def to_tensor(images: np.ndarray, card: ModelCard) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) float32 tensor."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(card.input_mean).view(1, 3, 1, 1)
     std = torch.tensor(card.input_std).view(1, 3, 1, 1)
     return (x - mean) / std
