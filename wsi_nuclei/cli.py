@@ -195,6 +195,98 @@ def segment_image_cmd(
         _fail(err)
 
 
+@app.command()
+def info(slide: Path = typer.Argument(..., help="Slide file."), backend: str = typer.Option("auto", help="auto, openslide or tiffslide.")) -> None:
+    """Vendor, size per level, resolution, objective, bounds and associated images of a slide."""
+    from .slide import open_slide
+
+    try:
+        with open_slide(slide, backend) as s:
+            i = s.info
+    except WsiNucleiError as err:
+        _fail(err)
+        return
+    typer.echo(f"{i.path}\n  backend  {i.backend}\n  vendor   {i.vendor}\n  mpp      {i.mpp if i.mpp else 'unknown (pass --mpp to segment)'}")
+    typer.echo(f"  objective {i.objective or 'unknown'}\n  bounds   {i.bounds or 'none'}\n  associated {', '.join(i.associated) or 'none'}")
+    for k, (dims, ds) in enumerate(zip(i.level_dimensions, i.level_downsamples)):
+        typer.echo(f"  level {k}: {dims[0]} x {dims[1]} px, downsample {ds:g}")
+
+
+@app.command()
+def segment(
+    inputs: list[Path] = typer.Argument(..., help="Slide files and/or folders (searched recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: OUT/<slide>/ per slide and OUT/run.json."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
+    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel, for slides without metadata."),
+    chunk_size: int = typer.Option(1024, help="Chunk core size in working px (multiple of 32)."),
+    halo: Optional[int] = typer.Option(None, help="Instance halo in working px (default: largest nucleus, from the model)."),
+    context: Optional[int] = typer.Option(None, help="Model context in working px (default: measured receptive field)."),
+    batch_size: int = typer.Option(4, help="Tiles per model call."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    workers: int = typer.Option(1, help="Local Dask worker processes (0: run in this process)."),
+    threads: int = typer.Option(2, help="Threads per worker (torch threads)."),
+    scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler (tcp://host:port)."),
+    resume: bool = typer.Option(False, "--resume", help="Skip slides that finished in an earlier run."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    no_tissue_mask: bool = typer.Option(False, "--no-tissue-mask", help="Process every chunk, not only tissue."),
+    fmt: str = typer.Option("geojson.gz", "--format", help="geojson.gz or geojson."),
+    raw_coordinates: bool = typer.Option(False, "--raw-coordinates", help="Keep raw level-0 coordinates (no bounds shift)."),
+    backend: str = typer.Option("auto", help="Slide reader: auto, openslide or tiffslide."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or table."),
+) -> None:
+    """Segment nuclei in whole slides: mask.zarr, nuclei.geojson.gz (QuPath), summary.json, overlay.png."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .cluster import make_client
+    from .infer import select_device
+    from .pipeline import SegmentConfig, segment_many
+
+    console = Console(stderr=True, quiet=quiet)
+    try:
+        dev = select_device(device)
+        cfg = SegmentConfig(model_dir=str(model) if model else None, mpp=mpp, chunk_size=chunk_size, halo=halo, context=context,
+                            batch_size=batch_size, device=dev, tissue_mask=not no_tissue_mask, backend=backend,
+                            geojson_format=fmt, raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite,
+                            torch_threads=threads)
+        cfg.check()
+        from .tiling import derive_tiling
+
+        derive_tiling(0.5, chunk_size, halo, context)  # check sizes before starting a cluster
+        client = make_client(scheduler, workers, threads)
+    except WsiNucleiError as err:
+        _fail(err)
+        return
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, disable=quiet) as bar:
+            task = bar.add_task("chunks", total=None)
+
+            def on_chunk(i: int, n: int) -> None:
+                bar.update(task, completed=i, total=n)
+
+            def on_slide(r: object) -> None:
+                bar.console.print(f"{r.status:7} {r.slide}: {r.nuclei} nuclei" + (f" — {r.reason}" if r.reason else ""))  # type: ignore[attr-defined]
+
+            results = segment_many(inputs, out, cfg, client, on_slide, on_chunk)
+    finally:
+        if client is not None:
+            client.close()
+    if not quiet:
+        table = Table(title=f"wsi-nuclei segment → {out}")
+        for col in ("slide", "status", "nuclei", "seconds", "note"):
+            table.add_column(col)
+        for r in results:
+            table.add_row(Path(r.slide).name, r.status, str(r.nuclei), f"{r.seconds:.1f}", r.reason[:80])
+        console.print(table)
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        typer.echo(f"error: {r.reason}" if r.slide in r.reason else f"error: {r.slide}: {r.reason}", err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

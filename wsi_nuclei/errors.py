@@ -11,6 +11,8 @@ __all__ = [
     "DatasetError",
     "ModelError",
     "ConfigError",
+    "SlideError",
+    "OutputError",
 ]
 
 
@@ -28,3 +30,11 @@ class ModelError(WsiNucleiError):
 
 class ConfigError(WsiNucleiError):
     """An option has an invalid value."""
+
+
+class SlideError(WsiNucleiError):
+    """A slide cannot be opened or read, or lacks what the pipeline needs (e.g. its resolution)."""
+
+
+class OutputError(WsiNucleiError):
+    """Outputs cannot be written, or exist already without --resume/--overwrite."""

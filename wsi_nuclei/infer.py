@@ -25,6 +25,8 @@ __all__ = [
     "predict_probabilities",
     "segment_image",
     "select_device",
+    "predict_region",
+    "predict_tiles",
 ]
 
 log = logging.getLogger(__name__)
@@ -119,3 +121,50 @@ def segment_image(
     probs = predict_probabilities(model, card, resize_image(image, work), device)
     labels = probabilities_to_instances(probs, card.outputs, post or card.postprocess, card.mpp)
     return resize_labels(labels, image.shape[:2])
+
+
+def predict_region(model: torch.nn.Module, card: ModelCard, image: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """Sigmoid outputs (C, H, W) float32 of an (H, W, 3) uint8 image whose sides are multiples of
+    32, in one forward pass and without padding (the "whole-image" reference of the tiling tests)."""
+    import torch
+
+    if image.shape[0] % _STRIDE or image.shape[1] % _STRIDE:
+        raise ValueError(f"image sides {image.shape[:2]} must be multiples of {_STRIDE}")
+    x = to_tensor(image[None], card).to(device)
+    with torch.inference_mode():
+        return torch.sigmoid(model(x))[0].float().cpu().numpy()
+
+
+def predict_tiles(
+    model: torch.nn.Module, card: ModelCard, image: np.ndarray, tile: int, context: int, batch_size: int = 4, device: str = "cpu"
+) -> np.ndarray:
+    """Probabilities of the centre of ``image`` by batched tiles.
+
+    ``image`` is (S, S, 3) uint8 with S = n·tile + 2·context; tiles of ``tile`` px see
+    ``context`` px more on every side and are run ``batch_size`` at a time. Returns
+    (C, n·tile, n·tile) float32 for ``image[context:-context, context:-context]``.
+    """
+    import torch
+
+    side = image.shape[0] - 2 * context
+    if image.shape[0] != image.shape[1] or side % tile or side <= 0:
+        raise ValueError(f"image {image.shape[:2]} is not n*{tile} + 2*{context} square")
+    n = side // tile
+    origins = [(r * tile, c * tile) for r in range(n) for c in range(n)]
+    out = np.zeros((len(card.outputs), side, side), dtype=np.float32)
+    size = tile + 2 * context
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
+    for i in range(0, len(origins), batch_size):
+        batch = origins[i : i + batch_size]
+        x = to_tensor(np.stack([image[y : y + size, x0 : x0 + size] for y, x0 in batch]), card).to(device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if autocast is not None:
+                with autocast:
+                    logits = model(x)
+            else:
+                logits = model(x)
+            probs = torch.sigmoid(logits.float()).cpu().numpy()
+        for (y, x0), p in zip(batch, probs):
+            out[:, y : y + tile, x0 : x0 + tile] = p[:, context : context + tile, context : context + tile]
+    return out

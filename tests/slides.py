@@ -1,0 +1,48 @@
+"""Synthetic slides for exact invariants: tiled JPEG TIFF pyramids with nucleus-like discs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def write_pyramid(path: Path, level0: np.ndarray, mpp: float, levels: int = 2) -> Path:
+    """Write ``level0`` (H, W, 3) uint8 as a tiled JPEG TIFF whose pyramid levels are top-level
+    pages (OpenSlide's generic TIFF reader then sees every level), with the resolution in the tags."""
+    import tifffile
+    from PIL import Image
+
+    res = 1e4 / mpp  # pixels per centimetre
+    with tifffile.TiffWriter(path, bigtiff=False) as tif:
+        img = level0
+        for k in range(levels):
+            tif.write(img, tile=(256, 256), compression="jpeg", photometric="rgb",
+                      resolution=(res / 2**k, res / 2**k), resolutionunit="CENTIMETER",
+                      subfiletype=0 if k == 0 else 1)
+            img = np.asarray(Image.fromarray(img).reduce(2))
+    return path
+
+
+def disc_image(shape: tuple[int, int], centres: list[tuple[float, float]], radius: float, seed: int = 0) -> np.ndarray:
+    """Pink H&E-like background with dark purple discs at ``centres`` (x, y) in pixels."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    img = np.empty((h, w, 3), np.float32)
+    img[:] = (232, 180, 210)
+    img += rng.normal(0, 6, img.shape)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for cx, cy in centres:
+        d2 = (xx - cx) ** 2 + (yy - cy) ** 2
+        inside = d2 <= radius**2
+        img[inside] = (75, 45, 130) + rng.normal(0, 8, (int(inside.sum()), 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def cmu_crop_slide(shared: Path, path: Path, box: tuple[int, int, int, int]) -> Path:
+    """A 1-level... 2-level pyramid from a region (x, y, w, h) of CMU-1-Small-Region.svs (0.499 µm/px)."""
+    import openslide
+
+    with openslide.OpenSlide(str(shared / "wsi" / "CMU-1-Small-Region.svs")) as s:
+        region = np.asarray(s.read_region(box[:2], 0, box[2:]).convert("RGB"))
+    return write_pyramid(path, region, 0.499, levels=2)

@@ -1,0 +1,228 @@
+"""Whole-slide pipeline invariants: tiled == whole, ownership, coordinates, GeoJSON, Dask parity."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from wsi_nuclei.cli import app
+from wsi_nuclei.errors import SlideError
+from wsi_nuclei.metrics import aji
+from wsi_nuclei.pipeline import SegmentConfig, segment_many, segment_slide
+from wsi_nuclei.store import open_array
+
+from .slides import cmu_crop_slide, disc_image, write_pyramid
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def crop_slide(shared_data, tmp_path_factory) -> Path:
+    """768 x 768 px of epidermis and dermis from the CMU sample slide, as a 2-level TIFF."""
+    return cmu_crop_slide(shared_data, tmp_path_factory.mktemp("slides") / "cmu_crop.tif", (900, 700, 768, 768))
+
+
+@pytest.fixture(scope="module")
+def whole_run(crop_slide, tmp_path_factory) -> Path:
+    """One chunk covering the whole crop: the whole-image reference."""
+    out = tmp_path_factory.mktemp("whole")
+    segment_slide(crop_slide, out, SegmentConfig(chunk_size=1024, tissue_mask=False))
+    return out
+
+
+def _labels(out: Path) -> np.ndarray:
+    return np.asarray(open_array(out / "mask.zarr", "labels", 0)[:])
+
+
+def _features(out: Path) -> list[dict]:
+    path = out / "nuclei.geojson.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return json.load(fh)["features"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [256, 384])
+def test_tiled_equals_whole(crop_slide, whole_run, tmp_path, chunk):
+    """Chunked runs reproduce the one-chunk run: probabilities within 1/255 (uint8 storage) and
+    instances with AJI >= 0.99; no duplicated nuclei and none cut at chunk borders."""
+    segment_slide(crop_slide, tmp_path, SegmentConfig(chunk_size=chunk, tissue_mask=False))
+    p_whole = np.asarray(open_array(whole_run / "mask.zarr", "probability", 0)[:]).astype(int)
+    p_tiled = np.asarray(open_array(tmp_path / "mask.zarr", "probability", 0)[:]).astype(int)
+    assert np.abs(p_whole - p_tiled).max() <= 1
+    assert aji(_labels(whole_run).astype(np.int64), _labels(tmp_path).astype(np.int64)) >= 0.99
+
+    import shapely
+    from shapely.geometry import Polygon
+
+    polys = [Polygon(f["geometry"]["coordinates"][0]) for f in _features(tmp_path)]
+    assert len(polys) > 100
+    tree = shapely.STRtree(polys)
+    for i, p in enumerate(polys):
+        for j in tree.query(p, predicate="intersects"):
+            if j != i:
+                inter = p.intersection(polys[j]).area
+                assert inter / p.union(polys[j]).area <= 0.1
+    # A polygon with an edge along a chunk border is a cut nucleus unless the whole-image run
+    # has the same outline (straight pixel outlines occur by chance): check each one.
+    whole_polys = [Polygon(f["geometry"]["coordinates"][0]) for f in _features(whole_run)]
+    whole_tree = shapely.STRtree(whole_polys)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    level0_per_px = 0.5 / summary["slide_info"]["mpp"]
+    borders = [k * chunk * level0_per_px for k in range(1, 4)]
+    checked = 0
+    for p in polys:
+        xy = np.asarray(p.exterior.coords)
+        on_border = any(((np.abs(xy[:-1, a] - b) < 0.02) & (np.abs(xy[1:, a] - b) < 0.02)).any() for b in borders for a in (0, 1))
+        if on_border:
+            checked += 1
+            best = max((p.intersection(whole_polys[j]).area / p.union(whole_polys[j]).area
+                        for j in whole_tree.query(p, predicate="intersects")), default=0.0)
+            assert best >= 0.9, f"nucleus at {p.centroid} is cut at a chunk border"
+
+
+def test_tiles_match_whole_image_probabilities(shared_data):
+    """The model-level invariant: with the derived context, batched tiles == one forward pass (1e-3)."""
+    from wsi_nuclei.infer import predict_region, predict_tiles
+    from wsi_nuclei.model import load_model
+    from wsi_nuclei.slide import open_slide
+    from wsi_nuclei.tiling import MODEL_CONTEXT_PX
+
+    model, card = load_model()
+    ctx = MODEL_CONTEXT_PX
+    with open_slide(shared_data / "wsi" / "CMU-1-Small-Region.svs") as s:
+        img = s.read_working((900 - ctx, 900 - ctx, 256 + 2 * ctx, 256 + 2 * ctx), card.mpp / s.info.mpp)
+    whole = predict_region(model, card, img)[:, ctx:-ctx, ctx:-ctx]
+    tiled = predict_tiles(model, card, img, 128, ctx, batch_size=4)
+    assert np.abs(whole - tiled).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_synthetic_discs_found_at_their_level0_positions(tmp_path):
+    """Discs at known level-0 positions in a 0.25 µm/px slide, read from level 1 (0.5 µm/px)."""
+    rng = np.random.default_rng(1)
+    centres = [(float(x), float(y)) for x in range(150, 1900, 140) for y in range(150, 1900, 140)]
+    centres = [(x + rng.uniform(-20, 20), y + rng.uniform(-20, 20)) for x, y in centres]
+    img = disc_image((2048, 2048), centres, radius=18)
+    slide = write_pyramid(tmp_path / "discs.tif", img, mpp=0.25, levels=3)
+    res = segment_slide(slide, tmp_path / "out", SegmentConfig(chunk_size=512))
+    assert res.status == "ok"
+    feats = _features(tmp_path / "out")
+    from shapely.geometry import Polygon
+
+    found = np.array([Polygon(f["geometry"]["coordinates"][0]).centroid.coords[0] for f in feats])
+    assert len(found) >= 0.9 * len(centres)
+    d = np.sqrt(((found[:, None, :] - np.array(centres)[None]) ** 2).sum(-1))
+    nearest = d.min(axis=0)
+    hit = nearest[nearest < 20]
+    assert len(hit) >= 0.9 * len(centres)
+    assert hit.max() <= 2.0  # one working pixel = 2 level-0 pixels
+
+
+def test_polygon_bounds_shift():
+    """QuPath crops to openslide bounds: coordinates shift by -bounds exactly (or stay raw)."""
+    from wsi_nuclei.polygons import PolygonFrame, label_polygons
+
+    labels = np.zeros((40, 40), np.int64)
+    labels[10:20, 12:25] = 1
+    raw = label_polygons(labels, PolygonFrame(100, 200, 2.0, 0.25))[0]
+    shifted = label_polygons(labels, PolygonFrame(100, 200, 2.0, 0.25, 1000.0, 500.0))[0]
+    a, b = np.array(raw.ring), np.array(shifted.ring)
+    assert np.allclose(a - b, [1000.0, 500.0])
+    # pixel-centre frame: column 12 of a window at x=100, 2 level-0 px per working px
+    assert a[:, 0].min() == pytest.approx((100 + 12 - 0.5 + 0.5) * 2.0, abs=1.01)
+
+
+@pytest.mark.slow
+def test_geojson_is_qupath_importable_and_outputs_complete(shared_data, tmp_path):
+    out = tmp_path / "out"
+    results = segment_many([shared_data / "wsi" / "CMU-1-Small-Region.svs"], out, SegmentConfig(geojson_format="geojson"))
+    assert [r.status for r in results] == ["ok"]
+    d = out / "CMU-1-Small-Region"
+    assert {p.name for p in d.iterdir()} >= {"mask.zarr", "nuclei.geojson", "summary.json", "overlay.png"}
+    summary = json.loads((d / "summary.json").read_text())
+    assert 1000 < summary["nuclei"] < 20000 and summary["tissue_mm2"] > 0.1
+    run = json.loads((out / "run.json").read_text())
+    assert run["slides"][0]["status"] == "ok"
+
+    import geojson as gj
+    from shapely.geometry import Polygon, box
+
+    text = (d / "nuclei.geojson").read_text(encoding="utf-8")
+    coll = gj.loads(text)
+    assert coll["type"] == "FeatureCollection" and len(coll["features"]) == summary["nuclei"]
+    slide_box = box(0, 0, 2220, 2967)
+    for f in json.loads(text)["features"]:
+        uuid.UUID(f["id"])
+        props = f["properties"]
+        assert props["objectType"] == "detection"
+        assert props["classification"]["name"] == "Nucleus" and len(props["classification"]["color"]) == 3
+        assert all(isinstance(v, float) and np.isfinite(v) for v in props["measurements"].values())
+        ring = f["geometry"]["coordinates"][0]
+        assert f["geometry"]["type"] == "Polygon" and len(ring) >= 4 and ring[0] == ring[-1]
+        poly = Polygon(ring)
+        assert poly.is_valid and poly.area > 0 and slide_box.contains(poly)
+    # OME-NGFF metadata on both pyramids
+    import zarr
+
+    root = zarr.open_group(str(d / "mask.zarr"), mode="r")
+    for name in ("probability", "labels"):
+        ms = root[name].attrs["multiscales"][0]
+        assert ms["version"] == "0.4" and [a["name"] for a in ms["axes"]] == ["y", "x"]
+        assert len(ms["datasets"]) >= 2
+    assert "image-label" in root["labels"].attrs
+    assert root.attrs["wsi_nuclei"]["mpp"] == 0.5
+    # ids are unique and the labels hold exactly the exported nuclei
+    ids = np.unique(np.asarray(root["labels"]["0"][:]))
+    assert len(ids) - 1 == summary["nuclei"]
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_equals_synchronous(crop_slide, tmp_path):
+    from wsi_nuclei.cluster import make_client
+
+    cfg = SegmentConfig(chunk_size=384, tissue_mask=False, torch_threads=1)
+    segment_slide(crop_slide, tmp_path / "sync", cfg)
+    client = make_client(None, workers=2, threads=1)
+    try:
+        segment_slide(crop_slide, tmp_path / "dask", cfg, client=client)
+    finally:
+        client.close()
+    assert np.array_equal(_labels(tmp_path / "sync"), _labels(tmp_path / "dask"))
+    assert (tmp_path / "sync" / "nuclei.geojson.gz").read_bytes() == (tmp_path / "dask" / "nuclei.geojson.gz").read_bytes()
+
+
+@pytest.mark.slow
+def test_tcga_slide_needs_mpp(shared_data, tmp_path):
+    slide = shared_data / "wsi" / "tcga-cr-7395-01a-01-ts1.svs"
+    with pytest.raises(SlideError, match="pass --mpp"):
+        segment_slide(slide, tmp_path / "a", SegmentConfig())
+    result = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "b"), "--workers", "0", "--quiet"])
+    assert result.exit_code == 1 and "pass --mpp" in result.output
+    result = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "c"), "--mpp", "0.25", "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "c" / "tcga-cr-7395-01a-01-ts1" / "summary.json").read_text())
+    assert summary["nuclei"] > 50 and summary["slide_info"]["mpp"] == 0.25
+
+
+def test_info_command(shared_data):
+    result = runner.invoke(app, ["info", str(shared_data / "wsi" / "CMU-1-Small-Region.svs")])
+    assert result.exit_code == 0
+    assert "0.499" in result.output and "aperio" in result.output and "2220 x 2967" in result.output
+
+
+def test_bad_inputs_are_reported_and_the_batch_goes_on(shared_data, tmp_path):
+    fixtures = shared_data / "wsi" / "openslide-python-fixtures"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    results = segment_many([tmp_path / "missing.svs", empty, fixtures / "unopenable.tiff"], tmp_path / "out", SegmentConfig())
+    status = {Path(r.slide).name: (r.status, r.reason) for r in results}
+    assert status["missing.svs"][0] == "failed" and "not found" in status["missing.svs"][1]
+    assert status["empty"][0] == "failed" and ".svs" in status["empty"][1]
+    assert status["unopenable.tiff"][0] == "failed" and "cannot open" in status["unopenable.tiff"][1]
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["slides"][2]["status"] == "failed"

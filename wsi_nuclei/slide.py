@@ -1,0 +1,236 @@
+"""Whole-slide reading: the only module that imports openslide or tiffslide.
+
+Frames: ``level-0`` pixels are the slide's full-resolution grid, (x, y), origin top-left;
+``working`` pixels are the model's grid, one working pixel = ``scale`` level-0 pixels, where
+``scale = working_mpp / slide_mpp``. :meth:`Slide.read_working` returns RGB at the working grid,
+read from the pyramid level just above the working resolution and resampled (area average),
+with white (glass) outside the slide.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SlideError
+
+__all__ = ["SlideInfo", "Slide", "open_slide", "SLIDE_EXTENSIONS"]
+
+log = logging.getLogger(__name__)
+
+#: Extensions searched in folders (what OpenSlide or tiffslide read).
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi")
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a slide is: sizes per level (level-0 px), resolution and metadata.
+
+    ``mpp`` is µm per level-0 pixel (None when the file has no resolution metadata); ``bounds`` is
+    the non-empty region (x, y, width, height) in level-0 px that QuPath crops to, or None.
+    """
+
+    path: str
+    backend: str
+    vendor: str
+    dimensions: tuple[int, int]
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float | None
+    objective: float | None
+    bounds: tuple[int, int, int, int] | None
+    associated: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _prop(props: Any, *keys: str) -> str | None:
+    for key in keys:
+        value = props.get(key)
+        if value not in (None, ""):
+            return str(value)
+    return None
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        out = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return out if out is not None and math.isfinite(out) and out > 0 else None
+
+
+class Slide:
+    """An open slide. Use :func:`open_slide`; close with :meth:`close` or a ``with`` block."""
+
+    def __init__(self, handle: Any, info: SlideInfo) -> None:
+        self._h = handle
+        self.info = info
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._h.close()
+
+    def best_level(self, downsample: float) -> int:
+        """Index of the level with the largest downsample that is ≤ ``downsample`` (level 0 if none)."""
+        best = 0
+        for i, ds in enumerate(self.info.level_downsamples):
+            if ds <= downsample * (1 + 1e-6) and ds >= self.info.level_downsamples[best]:
+                best = i
+        return best
+
+    def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
+        """RGB thumbnail (H, W, 3) uint8 no larger than ``max_size`` and its level-0 px per thumbnail px."""
+        w0, h0 = self.info.dimensions
+        scale = max(w0, h0) / max_size if max(w0, h0) > max_size else 1.0
+        box = (0.0, 0.0, w0 / scale, h0 / scale)
+        shape = (max(1, int(round(box[3]))), max(1, int(round(box[2]))))
+        return self.read_working((0, 0, shape[1], shape[0]), scale), scale
+
+    def read_working(self, box: tuple[int, int, int, int], scale: float) -> np.ndarray:
+        """Read ``box`` = (x, y, width, height) in working px, one working px = ``scale`` level-0 px.
+
+        Returns (height, width, 3) uint8 RGB; pixels outside the slide are white.
+        """
+        from PIL import Image
+
+        x, y, w, h = box
+        level = self.best_level(scale)
+        ds = self.info.level_downsamples[level]
+        lw, lh = self.info.level_dimensions[level]
+        # the box in level-`level` pixel coordinates (floats)
+        fx0, fy0 = x * scale / ds, y * scale / ds
+        fx1, fy1 = (x + w) * scale / ds, (y + h) * scale / ds
+        ix0, iy0 = max(0, math.floor(fx0)), max(0, math.floor(fy0))
+        ix1, iy1 = min(lw, math.ceil(fx1)), min(lh, math.ceil(fy1))
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        if ix1 <= ix0 or iy1 <= iy0:
+            return out
+        region = self._read(level, ds, ix0, iy0, ix1 - ix0, iy1 - iy0)
+        # working-pixel extent of the part that was read, then resample exactly that part
+        ox0, oy0 = max(0, math.ceil(ix0 * ds / scale - x - 1e-9)), max(0, math.ceil(iy0 * ds / scale - y - 1e-9))
+        ox1, oy1 = min(w, math.floor(ix1 * ds / scale - x + 1e-9)), min(h, math.floor(iy1 * ds / scale - y + 1e-9))
+        if ox1 <= ox0 or oy1 <= oy0:
+            return out
+        src_box = (
+            (x + ox0) * scale / ds - ix0,
+            (y + oy0) * scale / ds - iy0,
+            (x + ox1) * scale / ds - ix0,
+            (y + oy1) * scale / ds - iy0,
+        )
+        size = (ox1 - ox0, oy1 - oy0)
+        img = Image.fromarray(region)
+        same = abs(scale - ds) < 1e-9 and all(abs(v - round(v)) < 1e-6 for v in src_box)
+        if same:
+            part = np.asarray(img.crop(tuple(int(round(v)) for v in src_box)))
+        else:
+            resample = Image.Resampling.BOX if scale > ds else Image.Resampling.BILINEAR
+            part = np.asarray(img.resize(size, resample=resample, box=src_box))
+        out[oy0:oy1, ox0:ox1] = part[:, :, :3]
+        return out
+
+    def _read(self, level: int, ds: float, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB of a level region (level px), transparent pixels composited onto white."""
+        try:
+            region = self._h.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
+        except Exception as err:  # the backends raise their own error types
+            raise SlideError(
+                f"{self.info.path}: cannot read region x={int(x * ds)} y={int(y * ds)} w={w} h={h} at level {level} "
+                f"({type(err).__name__}: {err}); the file is damaged, re-export or re-scan it"
+            ) from err
+        arr = np.asarray(region)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.dtype != np.uint8:
+            arr = (arr / (arr.max() or 1) * 255).astype(np.uint8) if arr.dtype.kind in "fu" else arr.astype(np.uint8)
+        if arr.shape[2] == 4:
+            alpha = arr[:, :, 3:4].astype(np.float32) / 255.0
+            rgb = arr[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+            return rgb.round().astype(np.uint8)
+        return np.ascontiguousarray(arr[:, :, :3])
+
+
+def _open_openslide(path: Path) -> tuple[Any, Any, str]:
+    import openslide
+
+    handle = openslide.OpenSlide(str(path))
+    return handle, handle.properties, "openslide"
+
+
+def _open_tiffslide(path: Path) -> tuple[Any, Any, str]:
+    import tiffslide
+
+    handle = tiffslide.TiffSlide(str(path))
+    return handle, handle.properties, "tiffslide"
+
+
+def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None) -> Slide:
+    """Open a whole-slide image.
+
+    Parameters
+    ----------
+    path : path
+        Slide file.
+    backend : {"auto", "openslide", "tiffslide"}
+        ``auto`` tries OpenSlide first and falls back to tiffslide.
+    mpp : float, optional
+        µm per level-0 pixel, overriding (or supplying missing) metadata.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"{path}: file not found; check the path")
+    if not path.is_file():
+        raise SlideError(f"{path}: not a file")
+    if backend not in ("auto", "openslide", "tiffslide"):
+        raise SlideError(f"unknown slide backend {backend!r}; use auto, openslide or tiffslide")
+    openers = {"openslide": [_open_openslide], "tiffslide": [_open_tiffslide], "auto": [_open_openslide, _open_tiffslide]}[backend]
+    errors = []
+    for opener in openers:
+        try:
+            handle, props, name = opener(path)
+            break
+        except ImportError as err:
+            errors.append(f"{opener.__name__[6:]} not installed ({err})")
+        except Exception as err:  # each backend has its own exception types
+            errors.append(f"{opener.__name__[6:]}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    else:
+        raise SlideError(f"{path}: cannot open as a slide ({'; '.join(errors)}); check that it is a whole-slide image that OpenSlide or tiffslide reads")
+    prefix = name
+    slide_mpp = mpp or _float(_prop(props, f"{prefix}.mpp-x", "openslide.mpp-x", "tiffslide.mpp-x"))
+    bx, by = _prop(props, f"{prefix}.bounds-x", "openslide.bounds-x"), _prop(props, f"{prefix}.bounds-y", "openslide.bounds-y")
+    bw, bh = _prop(props, f"{prefix}.bounds-width", "openslide.bounds-width"), _prop(props, f"{prefix}.bounds-height", "openslide.bounds-height")
+    dims = tuple((int(w), int(h)) for w, h in handle.level_dimensions)
+    bounds = (int(bx or 0), int(by or 0), int(bw or dims[0][0]), int(bh or dims[0][1])) if (bx or by) else None
+    try:
+        associated = tuple(handle.associated_images.keys())
+    except Exception:
+        associated = ()
+    info = SlideInfo(
+        path=str(path),
+        backend=name,
+        vendor=_prop(props, f"{prefix}.vendor", "openslide.vendor", "tiffslide.vendor") or "unknown",
+        dimensions=dims[0],
+        level_dimensions=dims,
+        level_downsamples=tuple(float(d) for d in handle.level_downsamples),
+        mpp=slide_mpp,
+        objective=_float(_prop(props, f"{prefix}.objective-power", "openslide.objective-power", "tiffslide.objective-power")),
+        bounds=bounds,
+        associated=associated,
+    )
+    if min(info.dimensions) <= 0:
+        handle.close()
+        raise SlideError(f"{path}: slide has an empty level 0 {info.dimensions}")
+    return Slide(handle, info)

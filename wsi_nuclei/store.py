@@ -1,0 +1,108 @@
+"""``mask.zarr``: the only module that touches Zarr.
+
+Layout (Zarr v2 format, OME-NGFF 0.4 multiscales so napari / ome-zarr-py open each group)::
+
+    mask.zarr/                 attrs: wsi_nuclei = {slide, mpp, scale, tiling, model card, version}
+      probability/0, 1, …      uint8 nucleus probability × 255, (y, x) at the working mpp, ×2 pyramid
+      labels/0, 1, …           uint32 nucleus ids (globally unique), same grid; NGFF "image-label"
+
+Arrays are chunked like the pipeline's chunk grid, so each chunk's core is one Zarr chunk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["create_store", "write_core", "paste_labels", "build_pyramids", "open_array", "pyramid_levels"]
+
+ARRAYS = {"probability": "uint8", "labels": "uint32"}
+
+
+def pyramid_levels(shape: tuple[int, int], min_side: int = 256) -> int:
+    """Number of ×2 levels (level 0 included) until the smaller side drops below ``min_side``."""
+    n, h, w = 1, shape[0], shape[1]
+    while min(h, w) // 2 >= min_side and n < 8:
+        h, w, n = h // 2, w // 2, n + 1
+    return n
+
+
+def _multiscales(name: str, levels: int, mpp: float) -> list[dict[str, Any]]:
+    return [{
+        "version": "0.4",
+        "name": name,
+        "axes": [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}],
+        "datasets": [
+            {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [mpp * 2**k, mpp * 2**k]}]}
+            for k in range(levels)
+        ],
+    }]
+
+
+def create_store(path: Path, shape: tuple[int, int], chunk: int, mpp: float, attrs: dict[str, Any]) -> None:
+    """Create ``mask.zarr`` with empty arrays of ``shape`` (H, W) for every pyramid level."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    root.attrs["wsi_nuclei"] = attrs
+    levels = pyramid_levels(shape)
+    for name, dtype in ARRAYS.items():
+        group = root.create_group(name)
+        h, w = shape
+        for k in range(levels):
+            group.create_array(str(k), shape=(h, w), chunks=(min(chunk, max(h, 1)), min(chunk, max(w, 1))), dtype=dtype, fill_value=0)
+            h, w = max(1, h // 2), max(1, w // 2)
+        group.attrs["multiscales"] = _multiscales(name, levels, mpp)
+        if name == "labels":
+            group.attrs["image-label"] = {"version": "0.4", "source": {"image": "../probability"}}
+
+
+def open_array(path: Path, name: str, level: int = 0, mode: str = "r") -> Any:
+    import zarr
+
+    return zarr.open_array(str(Path(path) / name / str(level)), mode=mode, zarr_format=2)
+
+
+def write_core(path: Path, name: str, y: int, x: int, data: np.ndarray) -> None:
+    """Write ``data`` at (y, x) of level 0, clipped to the array (chunk-aligned by construction)."""
+    arr = open_array(path, name, 0, mode="r+")
+    h, w = arr.shape
+    dh, dw = min(data.shape[0], h - y), min(data.shape[1], w - x)
+    if dh > 0 and dw > 0:
+        arr[y : y + dh, x : x + dw] = data[:dh, :dw]
+
+
+def paste_labels(path: Path, y: int, x: int, window: np.ndarray) -> None:
+    """Paint the non-zero pixels of a label ``window`` whose top-left is (y, x) (may be negative)
+    into ``labels/0``; pixels outside the array are dropped. Read-modify-write: one caller only."""
+    arr = open_array(path, "labels", 0, mode="r+")
+    h, w = arr.shape
+    y0, x0 = max(0, y), max(0, x)
+    y1, x1 = min(h, y + window.shape[0]), min(w, x + window.shape[1])
+    if y1 <= y0 or x1 <= x0:
+        return
+    part = window[y0 - y : y1 - y, x0 - x : x1 - x]
+    if not part.any():
+        return
+    current = arr[y0:y1, x0:x1]
+    arr[y0:y1, x0:x1] = np.where(part > 0, part, current)
+
+
+def build_pyramids(path: Path, chunk: int) -> None:
+    """Fill levels 1… of every array from the level below (×2 nearest), chunk by chunk."""
+    for name in ARRAYS:
+        k = 1
+        while True:
+            try:
+                dst = open_array(path, name, k, mode="r+")
+            except Exception:
+                break
+            src = open_array(path, name, k - 1)
+            h, w = dst.shape
+            for y in range(0, h, chunk):
+                for x in range(0, w, chunk):
+                    block = src[2 * y : 2 * min(h, y + chunk), 2 * x : 2 * min(w, x + chunk)][::2, ::2]
+                    dst[y : y + block.shape[0], x : x + block.shape[1]] = block
+            k += 1
