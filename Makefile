@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/wsi-nuclei segment-image wsi_nuclei/data/cmu1_crop_x900_y720.png --mpp 0.499 -o $(DEMO_OUT)
+	$(VENV)/bin/wsi-nuclei segment wsi_nuclei/data/CMU-1-Small-Region.svs -o $(DEMO_OUT) --overwrite
+	$(VENV)/bin/wsi-nuclei segment-image wsi_nuclei/data/cmu1_crop_x900_y720.png --mpp 0.499 -o $(DEMO_OUT)/crop
+	@echo "outputs: $(DEMO_OUT)/CMU-1-Small-Region/{mask.zarr,nuclei.geojson.gz,summary.json,overlay.png}"
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
