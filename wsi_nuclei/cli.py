@@ -34,6 +34,8 @@ def _main(
 ) -> None:
     _state["debug"] = debug
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    if not verbose:  # Dask's scheduler and workers log every start and stop at INFO
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
