@@ -47,11 +47,11 @@ def _features(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("chunk", [256, 384])
-def test_tiled_equals_whole(crop_slide, whole_run, tmp_path, chunk):
+@pytest.mark.parametrize("chunk,halo", [(256, 64), (384, 96)])
+def test_tiled_equals_whole(crop_slide, whole_run, tmp_path, chunk, halo):
     """Chunked runs reproduce the one-chunk run: probabilities within 1/255 (uint8 storage) and
     instances with AJI >= 0.99; no duplicated nuclei and none cut at chunk borders."""
-    segment_slide(crop_slide, tmp_path, SegmentConfig(chunk_size=chunk, tissue_mask=False))
+    segment_slide(crop_slide, tmp_path, SegmentConfig(chunk_size=chunk, halo=halo, tissue_mask=False))
     p_whole = np.asarray(open_array(whole_run / "mask.zarr", "probability", 0)[:]).astype(int)
     p_tiled = np.asarray(open_array(tmp_path / "mask.zarr", "probability", 0)[:]).astype(int)
     assert np.abs(p_whole - p_tiled).max() <= 1
