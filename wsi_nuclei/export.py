@@ -47,7 +47,7 @@ class GeoJSONWriter:
         self.path = Path(path)
         self._tmp = self.path.with_name(self.path.name + ".partial")
         raw: IO[bytes] = open(self._tmp, "wb")
-        self._fh: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if self.path.suffix == ".gz" else raw
+        self._fh: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if self.path.suffix == ".gz" else raw  # type: ignore[assignment]
         self._raw = raw
         self.count = 0
         self._fh.write(b'{"type":"FeatureCollection","features":[')

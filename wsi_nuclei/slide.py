@@ -135,7 +135,8 @@ class Slide:
         img = Image.fromarray(region)
         same = abs(scale - ds) < 1e-9 and all(abs(v - round(v)) < 1e-6 for v in src_box)
         if same:
-            part = np.asarray(img.crop(tuple(int(round(v)) for v in src_box)))
+            left, top, right, bottom = (int(round(v)) for v in src_box)
+            part = np.asarray(img.crop((left, top, right, bottom)))
         else:
             resample = Image.Resampling.BOX if scale > ds else Image.Resampling.BILINEAR
             part = np.asarray(img.resize(size, resample=resample, box=src_box))
