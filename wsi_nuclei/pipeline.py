@@ -142,11 +142,11 @@ def chunk_task(path: str, chunk: Chunk, tiling: Tiling, scale: float, size: tupl
         owned = lut[labels]
     t3 = time.perf_counter()
     m = tiling.context
+    h, c = tiling.halo, tiling.chunk
     frame = PolygonFrame(chunk.x - tiling.halo, chunk.y - tiling.halo, scale, float(slide.info.mpp), *frame_shift)
     rgb_win = rgb[m : m + win, m : m + win]
     nuclei = label_polygons(owned.astype(np.int64), frame, probs[0], rgb_win) if kept else []
     t4 = time.perf_counter()
-    h, c = tiling.halo, tiling.chunk
     core_prob = np.round(probs[0, h : h + c, h : h + c] * 255).astype(np.uint8)
     return {
         "chunk": chunk, "probability": core_prob, "owned": owned, "nuclei": nuclei, "cut": cut,
@@ -188,7 +188,7 @@ def segment_slide(
 ) -> SlideResult:
     """Segment one slide into ``out_dir`` (see module docstring). Raises WsiNucleiError on bad input."""
     from .export import GeoJSONWriter, feature
-    from .model import load_card
+    from .model import DEFAULT_MODEL_DIR, load_card
     from .slide import open_slide
     from .store import build_pyramids, create_store, paste_labels, write_core
     from .tiling import derive_tiling, plan_chunks
@@ -204,7 +204,7 @@ def segment_slide(
             return SlideResult(str(path), "skipped", str(out_dir), int(done.get("nuclei", 0)), "finished in an earlier run (--resume)")
         if not cfg.overwrite:
             raise OutputError(f"{out_dir}: outputs exist; pass --resume to skip finished slides or --overwrite to replace them")
-    card = load_card(cfg.model_dir) if cfg.model_dir else load_card(Path(__file__).parent / "weights")
+    card = load_card(cfg.model_dir or DEFAULT_MODEL_DIR)
     with open_slide(path, cfg.backend, cfg.mpp) as slide:
         info = slide.info
         if info.mpp is None:

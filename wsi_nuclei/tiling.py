@@ -24,7 +24,7 @@ STRIDE = 32
 #: Largest nucleus diameter the halo must hold (µm); tumour nuclei reach ~25 µm.
 MAX_NUCLEUS_UM = 30.0
 #: Context each model tile needs on every side (working px; 160 µm at 0.5 µm/px), measured: with it the
-#: tiled probabilities match a whole-image run within 1e-3 (tests/test_tiling_invariants.py).
+#: tiled probabilities match a whole-image run within 1e-3 (benchmarks/model_context.py, tests/test_pipeline.py).
 MODEL_CONTEXT_PX = 320
 
 
