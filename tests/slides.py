@@ -46,3 +46,13 @@ def cmu_crop_slide(shared: Path, path: Path, box: tuple[int, int, int, int]) -> 
     with openslide.OpenSlide(str(shared / "wsi" / "CMU-1-Small-Region.svs")) as s:
         region = np.asarray(s.read_region(box[:2], 0, box[2:]).convert("RGB"))
     return write_pyramid(path, region, 0.499, levels=2)
+
+
+def disc_slide(path: Path, shape: tuple[int, int], seed: int, mpp: float = 0.5, spacing: int = 26, radius: float = 6.5) -> Path:
+    """A tiled TIFF slide of ``shape`` (H, W) px at ``mpp`` densely covered with nucleus-like
+    discs on a jittered grid (about one per ``spacing``² px)."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    centres = [(x + rng.uniform(-4, 4), y + rng.uniform(-4, 4))
+               for y in range(spacing // 2, h, spacing) for x in range(spacing // 2, w, spacing)]
+    return write_pyramid(path, disc_image(shape, centres, radius, seed), mpp, levels=2)

@@ -183,21 +183,6 @@ def test_geojson_is_qupath_importable_and_outputs_complete(shared_data, tmp_path
 
 
 @pytest.mark.slow
-def test_dask_local_cluster_equals_synchronous(crop_slide, tmp_path):
-    from wsi_nuclei.cluster import make_client
-
-    cfg = SegmentConfig(chunk_size=384, tissue_mask=False, torch_threads=1)
-    segment_slide(crop_slide, tmp_path / "sync", cfg)
-    client = make_client(None, workers=2, threads=1)
-    try:
-        segment_slide(crop_slide, tmp_path / "dask", cfg, client=client)
-    finally:
-        client.close()
-    assert np.array_equal(_labels(tmp_path / "sync"), _labels(tmp_path / "dask"))
-    assert (tmp_path / "sync" / "nuclei.geojson.gz").read_bytes() == (tmp_path / "dask" / "nuclei.geojson.gz").read_bytes()
-
-
-@pytest.mark.slow
 def test_tcga_slide_needs_mpp(shared_data, tmp_path):
     slide = shared_data / "wsi" / "tcga-cr-7395-01a-01-ts1.svs"
     with pytest.raises(SlideError, match="pass --mpp"):

@@ -225,15 +225,30 @@ def segment(
     context: Optional[int] = typer.Option(None, help="Model context in working px (default: measured receptive field)."),
     batch_size: int = typer.Option(4, help="Tiles per model call."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    workers: int = typer.Option(1, help="Local Dask worker processes (0: run in this process)."),
-    threads: int = typer.Option(2, help="Threads per worker (torch threads)."),
-    scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler (tcp://host:port)."),
-    resume: bool = typer.Option(False, "--resume", help="Skip slides that finished in an earlier run."),
+    resume: bool = typer.Option(False, "--resume", help="Skip finished slides and reuse finished chunks of interrupted ones."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    keep_chunks: bool = typer.Option(False, "--keep-chunks", help="Keep the per-chunk result files after a slide finishes."),
+    max_slides: int = typer.Option(2, help="Slides in flight at once (their chunks are scheduled together)."),
     no_tissue_mask: bool = typer.Option(False, "--no-tissue-mask", help="Process every chunk, not only tissue."),
     fmt: str = typer.Option("geojson.gz", "--format", help="geojson.gz or geojson."),
     raw_coordinates: bool = typer.Option(False, "--raw-coordinates", help="Keep raw level-0 coordinates (no bounds shift)."),
     backend: str = typer.Option("auto", help="Slide reader: auto, openslide or tiffslide."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (and the SLURM job script) without running."),
+    cluster: str = typer.Option("local", help="local (Dask LocalCluster), slurm (dask-jobqueue) or none (this process).", rich_help_panel="Cluster"),
+    scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler (tcp://host:port).", rich_help_panel="Cluster"),
+    workers: int = typer.Option(1, help="Local worker processes (0: run in this process).", rich_help_panel="Cluster"),
+    threads: int = typer.Option(2, help="Threads per worker (torch threads).", rich_help_panel="Cluster"),
+    gpus: Optional[int] = typer.Option(None, help="GPUs: local: one worker per GPU (default: all visible when --device is cuda); slurm: GPUs per job.", rich_help_panel="Cluster"),
+    cluster_config: Optional[Path] = typer.Option(None, help="YAML file of SLURM options (e.g. workflows/jobqueue.yaml); flags override it.", rich_help_panel="SLURM"),
+    queue: Optional[str] = typer.Option(None, help="SLURM partition.", rich_help_panel="SLURM"),
+    account: Optional[str] = typer.Option(None, help="SLURM account.", rich_help_panel="SLURM"),
+    walltime: Optional[str] = typer.Option(None, help="Walltime per job, e.g. 04:00:00.", rich_help_panel="SLURM"),
+    cores: Optional[int] = typer.Option(None, help="Cores per job.", rich_help_panel="SLURM"),
+    memory: Optional[str] = typer.Option(None, help="Memory per job, e.g. 32GB.", rich_help_panel="SLURM"),
+    processes: Optional[int] = typer.Option(None, help="Worker processes per job (default 1, or one per GPU).", rich_help_panel="SLURM"),
+    job_extra: list[str] = typer.Option([], help="Extra #SBATCH directive, repeatable, e.g. --job-extra=--qos=long.", rich_help_panel="SLURM"),
+    min_jobs: Optional[int] = typer.Option(None, help="Adaptive scaling: fewest jobs.", rich_help_panel="SLURM"),
+    max_jobs: Optional[int] = typer.Option(None, help="Adaptive scaling: most jobs.", rich_help_panel="SLURM"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or table."),
 ) -> None:
     """Segment nuclei in whole slides: mask.zarr, nuclei.geojson.gz (QuPath), summary.json, overlay.png."""
@@ -241,22 +256,39 @@ def segment(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from .cluster import make_client
-    from .infer import select_device
+    from .cluster import ClusterConfig, load_cluster_yaml, make_client, merge
     from .pipeline import SegmentConfig, segment_many
 
     console = Console(stderr=True, quiet=quiet)
     try:
-        dev = select_device(device)
+        if cluster not in ("local", "slurm", "none"):
+            raise WsiNucleiError(f"--cluster must be local, slurm or none, got {cluster!r}")
+        if max_slides <= 0:
+            raise WsiNucleiError(f"--max-slides must be > 0, got {max_slides}")
+        dev = _segment_device(device, cluster, scheduler, dry_run)
+        n_gpus = gpus
+        if n_gpus is None and cluster == "local" and dev.startswith("cuda") and dev != "cuda:0" and not scheduler:
+            import torch
+
+            n_gpus = torch.cuda.device_count()
         cfg = SegmentConfig(model_dir=str(model) if model else None, mpp=mpp, chunk_size=chunk_size, halo=halo, context=context,
                             batch_size=batch_size, device=dev, tissue_mask=not no_tissue_mask, backend=backend,
                             geojson_format=fmt, raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite,
-                            torch_threads=threads)
+                            torch_threads=threads, keep_chunks=keep_chunks)
         cfg.check()
         from .tiling import derive_tiling
 
         derive_tiling(0.5, chunk_size, halo, context)  # check sizes before starting a cluster
-        client = make_client(scheduler, workers, threads)
+        yaml_options = load_cluster_yaml(cluster_config) if cluster_config else {}
+        ccfg = merge(ClusterConfig(kind=cluster, workers=workers, threads=threads), yaml_options,
+                     {"scheduler": scheduler, "gpus": n_gpus, "queue": queue, "account": account, "walltime": walltime,
+                      "cores": cores, "memory": memory, "processes": processes, "job_extra": tuple(job_extra),
+                      "min_jobs": min_jobs, "max_jobs": max_jobs})
+        ccfg.check()
+        if dry_run:
+            _dry_run(inputs, out, cfg, ccfg, max_slides)
+            return
+        client = make_client(ccfg)
     except WsiNucleiError as err:
         _fail(err)
         return
@@ -271,7 +303,10 @@ def segment(
             def on_slide(r: object) -> None:
                 bar.console.print(f"{r.status:7} {r.slide}: {r.nuclei} nuclei" + (f" — {r.reason}" if r.reason else ""))  # type: ignore[attr-defined]
 
-            results = segment_many(inputs, out, cfg, client, on_slide, on_chunk)
+            results = segment_many(inputs, out, cfg, client, on_slide, on_chunk, max_slides=max_slides)
+    except WsiNucleiError as err:
+        _fail(err)
+        return
     finally:
         if client is not None:
             client.close()
@@ -287,6 +322,49 @@ def segment(
         typer.echo(f"error: {r.reason}" if r.slide in r.reason else f"error: {r.slide}: {r.reason}", err=True)
     if failed:
         raise typer.Exit(1)
+
+
+def _segment_device(device: str, cluster: str, scheduler: Optional[str], dry_run: bool) -> str:
+    """The device chunk tasks use. Workers elsewhere (SLURM, --scheduler) may have GPUs this
+    machine lacks, so an explicit --device is trusted there; "auto" means cpu unless this
+    machine sees a GPU."""
+    from .infer import select_device
+
+    if (cluster == "slurm" or scheduler or dry_run) and device != "auto":
+        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+            raise WsiNucleiError(f"unknown device {device!r}; use auto, cpu or cuda")
+        return device
+    return select_device(device)
+
+
+def _dry_run(inputs: list[Path], out: Path, cfg: object, ccfg: object, max_slides: int) -> None:
+    """Print the SLURM job script (for --cluster slurm) and the plan; runs and writes nothing."""
+    from .cluster import slurm_job_script
+    from .pipeline import find_slides, plan_slide, slide_jobs
+
+    if getattr(ccfg, "kind") == "slurm" and not getattr(ccfg, "scheduler"):
+        typer.echo("# SLURM job script (one per job; scaled adaptively "
+                   f"{getattr(ccfg, 'min_jobs')}..{getattr(ccfg, 'max_jobs')} jobs)")
+        typer.echo(slurm_job_script(ccfg))  # type: ignore[arg-type]
+    slides, bad = find_slides(inputs)
+    typer.echo(f"# plan: {len(slides)} slides -> {out} ({max_slides} in flight)")
+    typer.echo("slide\tsize_level0\tmpp\tchunks\tgrid\ttissue_mm2\toutput\tnote")
+    total_chunks, total_mm2 = 0, 0.0
+    for path, out_dir in slide_jobs(slides, out):
+        try:
+            plan, _, _ = plan_slide(path, out_dir, cfg)  # type: ignore[arg-type]
+        except WsiNucleiError as err:
+            typer.echo(f"{path}\t\t\t\t\t\t{out_dir}\terror: {err}")
+            continue
+        d = plan.info["dimensions"]
+        state = "finished" if (out_dir / "summary.json").exists() else ("interrupted" if (out_dir / ".partial").exists() else "")
+        typer.echo(f"{path}\t{d[0]}x{d[1]}\t{plan.info['mpp']:.4g}\t{len(plan.chunks)}\t{plan.grid[0]}x{plan.grid[1]}\t"
+                   f"{plan.tissue_mm2:.2f}\t{out_dir}\t{state}")
+        total_chunks += len(plan.chunks)
+        total_mm2 += plan.tissue_mm2
+    for p, reason in bad:
+        typer.echo(f"{p}\t\t\t\t\t\t\terror: {reason}")
+    typer.echo(f"total: {len(slides)} slides, {total_chunks} chunks, {total_mm2:.2f} mm² of tissue; nothing was run (--dry-run)")
 
 
 def main() -> None:

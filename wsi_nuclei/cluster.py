@@ -1,34 +1,193 @@
-"""Dask clients: a local cluster (default), an existing scheduler, or none (in-process)."""
+"""Where chunks run: a local Dask cluster (default), SLURM jobs (dask-jobqueue), an existing
+scheduler, or this process.
+
+- ``local``: a LocalCluster of ``workers`` processes × ``threads`` threads; with ``gpus`` > 0, one
+  worker per GPU, each pinned to its own device through ``CUDA_VISIBLE_DEVICES``.
+- ``slurm``: a ``dask_jobqueue.SLURMCluster`` whose jobs each run ``processes`` workers (one per
+  GPU when GPUs are requested), scaled adaptively between ``min_jobs`` and ``max_jobs``.
+  Options come from flags or a YAML file (``workflows/jobqueue.yaml``); flags win.
+- ``scheduler``: attach to a running cluster (``tcp://host:port``), waiting at most ``timeout_s``.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["make_client"]
+__all__ = ["ClusterConfig", "load_cluster_yaml", "make_client", "slurm_cluster", "slurm_job_script", "gpu_for_worker"]
 
 log = logging.getLogger(__name__)
 
 
-def make_client(scheduler: str | None = None, workers: int = 1, threads: int = 1, timeout_s: float = 10.0) -> Any:
-    """A ``dask.distributed.Client``.
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How to get Dask workers. Sizes: ``memory`` like "32GB", ``walltime`` like "04:00:00"."""
 
-    ``scheduler`` (``tcp://host:port``) attaches to a running cluster, giving up after
-    ``timeout_s``; otherwise a LocalCluster of ``workers`` processes with ``threads`` threads each
-    is started. ``workers=0`` returns None: chunks then run in this process.
-    """
-    if workers < 0 or threads <= 0:
-        raise ConfigError(f"--workers must be ≥ 0 and threads > 0, got {workers} and {threads}")
-    if scheduler is None and workers == 0:
+    kind: str = "local"  # local | slurm | none
+    scheduler: str | None = None
+    workers: int = 1
+    threads: int = 2
+    gpus: int = 0
+    # SLURM (dask-jobqueue)
+    queue: str | None = None
+    account: str | None = None
+    walltime: str = "04:00:00"
+    cores: int = 8
+    memory: str = "32GB"
+    processes: int = 1
+    job_extra: tuple[str, ...] = ()
+    prologue: tuple[str, ...] = ()
+    min_jobs: int = 0
+    max_jobs: int = 4
+    log_directory: str | None = None
+    local_directory: str | None = None
+    interface: str | None = None
+    python: str | None = None
+    timeout_s: float = 30.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.kind not in ("local", "slurm", "none"):
+            raise ConfigError(f"--cluster must be local or slurm, got {self.kind!r}")
+        if self.workers < 0 or self.threads <= 0:
+            raise ConfigError(f"--workers must be ≥ 0 and --threads > 0, got {self.workers} and {self.threads}")
+        if self.gpus < 0 or self.cores <= 0 or self.processes <= 0:
+            raise ConfigError(f"--gpus must be ≥ 0, --cores and --processes > 0; got {self.gpus}, {self.cores}, {self.processes}")
+        if self.min_jobs < 0 or self.max_jobs < max(1, self.min_jobs):
+            raise ConfigError(f"need 0 ≤ --min-jobs ≤ --max-jobs and --max-jobs ≥ 1; got {self.min_jobs} and {self.max_jobs}")
+        if self.kind == "slurm" and self.gpus and self.cores < self.gpus:
+            raise ConfigError(f"--cores {self.cores} must be at least --gpus {self.gpus} (one worker per GPU)")
+
+
+def load_cluster_yaml(path: Path) -> dict[str, Any]:
+    """Options from a YAML file: keys are the ClusterConfig field names (dashes allowed),
+    optionally under a top-level ``slurm:`` key."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the cluster file ({err.strerror}); check the path") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the file") from err
+    if isinstance(data, dict) and isinstance(data.get("slurm"), dict):
+        data = data["slurm"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of options such as queue: gpu, walltime: 04:00:00")
+    known = {f.name for f in fields(ClusterConfig)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{path}: unknown option {key!r}; known: {', '.join(sorted(known - {'extra'}))}")
+        out[name] = tuple(value) if name in ("job_extra", "prologue") else value
+    return out
+
+
+def merge(cfg: ClusterConfig, yaml_options: dict[str, Any], flags: dict[str, Any]) -> ClusterConfig:
+    """``cfg`` updated by the YAML options, then by the flags that were given (not None)."""
+    cfg = replace(cfg, **yaml_options)
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}
+    return replace(cfg, **given)
+
+
+def _slurm_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
+    processes = max(cfg.processes, cfg.gpus) if cfg.gpus else cfg.processes
+    directives = list(cfg.job_extra)
+    prologue = list(cfg.prologue)
+    worker_args: list[str] = []
+    if cfg.gpus:
+        directives.append(f"--gres=gpu:{cfg.gpus}")
+        # one worker per GPU: each pins itself by its index within the job
+        worker_args += ["--preload", "wsi_nuclei.gpu_pin"]
+    kwargs: dict[str, Any] = {
+        "queue": cfg.queue, "account": cfg.account, "walltime": cfg.walltime, "cores": cfg.cores,
+        "memory": cfg.memory, "processes": processes, "job_extra_directives": directives,
+        "job_script_prologue": prologue, "worker_extra_args": worker_args,
+        # a walltime-killed job must not wedge the run: workers leave when the scheduler is gone
+        "death_timeout": 120,
+    }
+    for name in ("log_directory", "local_directory", "interface", "python"):
+        if getattr(cfg, name):
+            kwargs[name] = getattr(cfg, name)
+    kwargs.update(cfg.extra)
+    return kwargs
+
+
+def slurm_cluster(cfg: ClusterConfig, dashboard: bool = True) -> Any:
+    """A ``dask_jobqueue.SLURMCluster`` (not yet scaled); its scheduler runs in this process."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as err:
+        raise ConfigError("--cluster slurm needs dask-jobqueue: pip install dask-jobqueue") from err
+    try:
+        kwargs = _slurm_kwargs(cfg)
+        if not dashboard:
+            kwargs["scheduler_options"] = {"dashboard_address": None}
+        return SLURMCluster(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"invalid SLURM options ({err}); check --queue/--walltime/--memory or the cluster YAML") from err
+
+
+def slurm_job_script(cfg: ClusterConfig) -> str:
+    """The batch script each SLURM job of this configuration runs (for --dry-run and tests)."""
+    cluster = slurm_cluster(cfg, dashboard=False)
+    try:
+        return str(cluster.job_script())
+    finally:
+        cluster.close()
+
+
+def gpu_for_worker(name: str, visible: list[str]) -> str | None:
+    """The GPU a worker named ``<job>-<k>`` (k-th process of a job) should use, from the job's
+    visible GPUs; None when it cannot be told (a single-process job keeps all)."""
+    if not visible:
+        return None
+    tail = str(name).rsplit("-", 1)[-1]
+    if not tail.isdigit():
+        return None
+    return visible[int(tail) % len(visible)]
+
+
+def _local_gpu_cluster(cfg: ClusterConfig) -> Any:
+    from dask.distributed import Nanny, Scheduler, SpecCluster
+
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v] or [str(i) for i in range(cfg.gpus)]
+    if len(visible) < cfg.gpus:
+        raise ConfigError(f"--gpus {cfg.gpus} but CUDA_VISIBLE_DEVICES lists only {len(visible)} ({','.join(visible)})")
+    workers = {
+        f"gpu-{k}": {"cls": Nanny, "options": {"nthreads": cfg.threads, "env": {"CUDA_VISIBLE_DEVICES": visible[k]}}}
+        for k in range(cfg.gpus)
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    return SpecCluster(workers=workers, scheduler=scheduler, name="wsi-nuclei-gpus")
+
+
+def make_client(cfg: ClusterConfig) -> Any:
+    """A ``dask.distributed.Client`` for ``cfg``, or None (kind "none" or local with 0 workers:
+    chunks then run in this process)."""
+    cfg.check()
+    if cfg.scheduler is None and (cfg.kind == "none" or (cfg.kind == "local" and cfg.workers == 0 and not cfg.gpus)):
         return None
     from dask.distributed import Client, LocalCluster
 
-    if scheduler:
+    if cfg.scheduler:
         try:
-            return Client(scheduler, timeout=timeout_s)
-        except (OSError, TimeoutError) as err:
-            raise ConfigError(f"cannot reach the Dask scheduler at {scheduler} within {timeout_s:.0f} s ({err}); check the address or drop --scheduler") from err
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=None)
+            return Client(cfg.scheduler, timeout=cfg.timeout_s)
+        except (OSError, TimeoutError, ValueError) as err:
+            raise ConfigError(f"cannot reach the Dask scheduler at {cfg.scheduler} within {cfg.timeout_s:.0f} s ({err}); "
+                              "check the address or drop --scheduler") from err
+    if cfg.kind == "slurm":
+        cluster = slurm_cluster(cfg)
+        cluster.adapt(minimum_jobs=cfg.min_jobs, maximum_jobs=cfg.max_jobs)
+        log.info("SLURM cluster: adaptive %d..%d jobs; dashboard %s", cfg.min_jobs, cfg.max_jobs, cluster.dashboard_link)
+        return Client(cluster)
+    if cfg.gpus:
+        return Client(_local_gpu_cluster(cfg))
+    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads, processes=True, dashboard_address=None)
     return Client(cluster)

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from .polygons import Nucleus
 
-__all__ = ["GeoJSONWriter", "feature", "NUCLEUS_CLASS", "feature_id"]
+__all__ = ["GeoJSONWriter", "feature", "encode_feature", "NUCLEUS_CLASS", "feature_id"]
 
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [200, 0, 0]}
 _NAMESPACE = uuid.UUID("5b4f2a2e-3c1d-4f0e-9a51-7e3d2c1b0a99")
@@ -39,6 +39,11 @@ def feature(nucleus: Nucleus, slide_key: str) -> dict[str, Any]:
     }
 
 
+def encode_feature(feat: dict[str, Any]) -> bytes:
+    """One feature as compact UTF-8 JSON (NaN and infinity refused: QuPath rejects them)."""
+    return json.dumps(feat, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
 class GeoJSONWriter:
     """Stream features to ``path`` (gzip when it ends with .gz); the file appears under its final
     name only when the writer is closed without error (temporary name, then rename)."""
@@ -53,9 +58,15 @@ class GeoJSONWriter:
         self._fh.write(b'{"type":"FeatureCollection","features":[')
 
     def write(self, feat: dict[str, Any]) -> None:
-        data = json.dumps(feat, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
-        self._fh.write((b"\n" if self.count == 0 else b",\n") + data)
-        self.count += 1
+        self.write_encoded(encode_feature(feat), 1)
+
+    def write_encoded(self, blob: bytes, count: int) -> None:
+        """Append ``count`` features already encoded by :func:`encode_feature` and joined by
+        ``b",\\n"`` (how chunk files carry them)."""
+        if count <= 0:
+            return
+        self._fh.write((b"\n" if self.count == 0 else b",\n") + blob)
+        self.count += count
 
     def close(self) -> None:
         self._fh.write(b"\n]}\n")

@@ -87,6 +87,9 @@ class ModelCard:
     license: str = "CC BY-NC-SA 4.0 (trained on MoNuSeg)"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: Context each tile needs (working px) for tiled == whole-image outputs; None: the measured
+    #: UNet++ value (tiling.MODEL_CONTEXT_PX). A per-pixel model needs 0.
+    context_px: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -111,9 +114,19 @@ class ModelCard:
         return card
 
 
-def build_model(encoder: str, n_outputs: int, decoder_channels: tuple[int, ...] | None = None) -> torch.nn.Module:
+def build_model(encoder: str, n_outputs: int, decoder_channels: tuple[int, ...] | None = None, architecture: str = "UnetPlusPlus") -> torch.nn.Module:
     """A randomly initialised UNet++ with ``encoder`` (an smp encoder name, e.g. ``efficientnet-b0``
-    or ``tu-tf_efficientnet_lite0``) and ``n_outputs`` logit channels. Downloads nothing."""
+    or ``tu-tf_efficientnet_lite0``) and ``n_outputs`` logit channels. Downloads nothing.
+
+    ``architecture="PixelLinear"`` builds a per-pixel colour classifier (one 1×1 convolution, no
+    context): not a nuclei model, a fast stand-in that lets benchmarks run the whole pipeline on
+    slides too large for the real network on a CPU."""
+    if architecture == "PixelLinear":
+        import torch
+
+        return torch.nn.Conv2d(3, n_outputs, kernel_size=1)
+    if architecture != "UnetPlusPlus":
+        raise ModelError(f"unknown architecture {architecture!r}; use UnetPlusPlus (or PixelLinear, the benchmark stand-in)")
     import segmentation_models_pytorch as smp
 
     kwargs: dict[str, Any] = {}
@@ -230,7 +243,7 @@ def load_model(directory: Path | str | None = None, check_hash: bool = True) -> 
         state = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelError(f"{wpath}: corrupt safetensors file ({err}); re-copy or re-train the model") from err
-    model = build_model(card.encoder, len(card.outputs), _decoder_channels(card))
+    model = build_model(card.encoder, len(card.outputs), _decoder_channels(card), card.architecture)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -1,20 +1,35 @@
-"""segment_slide: slide -> mask.zarr + nuclei.geojson.gz + summary.json + overlay.png.
+"""Slides -> per-slide ``mask.zarr`` + ``nuclei.geojson.gz`` + ``summary.json`` + ``overlay.png``.
 
-Chunk tasks are pure functions (slide path + chunk box in, arrays and nuclei out) run by Dask
-(a distributed client when one is active, else in-process in chunk order: the same function, the
-same results). The driver is the only writer: it writes each chunk's probability core (one Zarr
-chunk), pastes the chunk's owned nuclei into the labels and streams their features to GeoJSON in
-chunk order, so outputs are deterministic and no two writers touch one file.
+Three stages per slide, each a function of typed values:
+
+1. :func:`plan_slide` (driver): open the slide, derive the tiling, find tissue, list the chunks.
+2. :func:`chunk_task` (a Dask task): segment one chunk and persist its result as one file,
+   ``OUT/<slide>/.partial/chunks/<index>.npz`` (written under a temporary name, then renamed, so a
+   file exists only when complete). The task returns a few numbers, never arrays, so the driver's
+   memory does not grow with the slide.
+3. :func:`assemble_slide` (a Dask task): read the chunk files in chunk order, write the Zarr
+   arrays and stream the GeoJSON; final files appear atomically; then ``summary.json`` (last: its
+   presence means "this slide is finished") and the chunk files are removed.
+
+Resume (``--resume``): finished slides (``summary.json``) are skipped and chunk files from an
+interrupted run are reused when the plan fingerprint (slide, model, tiling, options) matches, so
+no finished chunk is recomputed. Outputs do not depend on which run computed a chunk: assembly
+always replays all chunk files in chunk order, and ids are deterministic (chunk index × 2¹⁶ +
+local rank; GeoJSON uuid5 of slide + id), so a resumed run is byte-identical to an uninterrupted
+one. The batch scheduling (many slides at once, bounded) lives in :mod:`wsi_nuclei.scheduler`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
+import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,16 +37,21 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import ConfigError, OutputError, SlideError, WsiNucleiError
+from .errors import ConfigError, OutputError, SlideError
 from .tiling import Chunk, Tiling
 
-__all__ = ["SegmentConfig", "SlideResult", "segment_slide", "segment_many", "find_slides", "chunk_task"]
+__all__ = [
+    "SegmentConfig", "SlidePlan", "SlideResult", "ChunkDone", "plan_slide", "start_slide", "chunk_task",
+    "assemble_slide", "segment_slide", "segment_many", "find_slides", "slide_jobs", "WORK_DIR",
+]
 
 log = logging.getLogger(__name__)
 
 _CACHE: dict[Any, Any] = {}
 #: ids are chunk index * 2**16 + local id: unique over the slide, uint32.
 _IDS_PER_CHUNK = 2**16
+#: Per-slide folder of an unfinished slide: plan, thumbnail, chunk files. Removed when finished.
+WORK_DIR = ".partial"
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,7 @@ class SegmentConfig:
     resume: bool = False
     overwrite: bool = False
     torch_threads: int = 0
+    keep_chunks: bool = False
 
     def check(self) -> None:
         if self.batch_size <= 0:
@@ -73,6 +94,45 @@ class SlideResult:
     reason: str = ""
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """Everything a chunk or assembly task needs about one slide (small and picklable)."""
+
+    path: str
+    out_dir: str
+    scale: float  # level-0 px per working px
+    size: tuple[int, int]  # (height, width) in working px
+    tiling: Tiling
+    chunks: tuple[Chunk, ...]
+    grid: tuple[int, int]
+    shift: tuple[float, float]  # subtracted from level-0 coordinates in the GeoJSON
+    slide_key: str
+    tissue_mm2: float
+    info: dict[str, Any]
+    model: str  # card name @ sha256 prefix
+    fingerprint: str
+
+    @property
+    def work(self) -> Path:
+        return Path(self.out_dir) / WORK_DIR
+
+    def chunk_file(self, chunk: Chunk) -> Path:
+        return self.work / "chunks" / f"{chunk.index}.npz"
+
+
+@dataclass(frozen=True)
+class ChunkDone:
+    """What a chunk task returns to the driver: numbers only."""
+
+    index: int
+    nuclei: int
+    seconds: float
+
+
+# ----------------------------------------------------------------------------------------------
+# worker-side caches
 
 
 def _model(model_dir: str | None, device: str, threads: int) -> Any:
@@ -98,18 +158,138 @@ def _slide(path: str, backend: str, mpp: float | None) -> Any:
     return _CACHE[key]
 
 
-def chunk_task(path: str, chunk: Chunk, tiling: Tiling, scale: float, size: tuple[int, int], cfg: SegmentConfig, frame_shift: tuple[float, float]) -> dict[str, Any]:
-    """Segment one chunk. Returns the core probability (uint8), the window of owned nuclei with
-    global ids (uint32), their polygons and counts. Pure: reads the slide, writes nothing."""
+# ----------------------------------------------------------------------------------------------
+# stage 1: plan
+
+
+def _card(cfg: SegmentConfig) -> Any:
+    from .model import DEFAULT_MODEL_DIR, load_card
+
+    return load_card(cfg.model_dir or DEFAULT_MODEL_DIR)
+
+
+def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig) -> tuple[SlidePlan, np.ndarray, np.ndarray | None]:
+    """Open ``path``, derive tiling and tissue, list the chunks. Returns the plan, the thumbnail
+    and the tissue mask (thumbnail grid). Reads the slide; writes nothing."""
+    from .slide import open_slide
+    from .tiling import derive_tiling, plan_chunks
+    from .tissue import tissue_mask
+
+    card = _card(cfg)
+    with open_slide(path, cfg.backend, cfg.mpp) as slide:
+        info = slide.info
+        if info.mpp is None:
+            raise SlideError(f"{path}: no resolution (mpp) in the slide metadata; pass --mpp, e.g. --mpp 0.25 for 40x or 0.5 for 20x")
+        scale = card.mpp / info.mpp
+        width, height = math.ceil(info.dimensions[0] / scale), math.ceil(info.dimensions[1] / scale)
+        context = cfg.context if cfg.context is not None else card.context_px
+        tiling = derive_tiling(card.mpp, cfg.chunk_size, cfg.halo, context)
+        thumb, thumb_scale = slide.thumbnail(2048)
+    tissue = tissue_mask(thumb) if cfg.tissue_mask else None
+    chunks, grid = plan_chunks(width, height, tiling, tissue, thumb_scale / scale)
+    shift = (0.0, 0.0) if cfg.raw_coordinates or info.bounds is None else (float(info.bounds[0]), float(info.bounds[1]))
+    if tissue is not None:
+        tissue_mm2 = float(tissue.sum()) * (thumb_scale * info.mpp / 1000) ** 2
+    else:
+        tissue_mm2 = width * height * (card.mpp / 1000) ** 2
+    model = f"{card.name}@{card.weights_sha256[:12]}"
+    stat = Path(path).stat()
+    # What makes a chunk file reusable: same slide file, model and everything that changes pixels.
+    key = {"slide": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "model": card.weights_sha256,
+           "card": card.to_json(), "tiling": asdict(tiling), "mpp": info.mpp, "backend": cfg.backend, "batch": cfg.batch_size,
+           "device": cfg.device, "shift": shift, "version": __version__}
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    plan = SlidePlan(str(path), str(out_dir), scale, (height, width), tiling, tuple(chunks), grid, shift,
+                     f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}", round(tissue_mm2, 4), info.as_dict(), model, fingerprint)
+    return plan, thumb, tissue
+
+
+def check_outputs(out_dir: Path, cfg: SegmentConfig) -> SlideResult | None:
+    """Apply --resume / --overwrite to an existing output folder. Returns a "skipped" result for a
+    finished slide under --resume; raises OutputError for existing outputs without either flag."""
+    summary = out_dir / "summary.json"
+    work = out_dir / WORK_DIR
+    if summary.exists():
+        if cfg.resume:
+            try:
+                done = json.loads(summary.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                done = {}
+            return SlideResult(str(done.get("slide", out_dir)), "skipped", str(out_dir), int(done.get("nuclei", 0)),
+                               "finished in an earlier run (--resume)")
+        if not cfg.overwrite:
+            raise OutputError(f"{out_dir}: outputs exist; pass --resume to skip finished slides or --overwrite to replace them")
+    elif work.exists() and not (cfg.resume or cfg.overwrite):
+        raise OutputError(f"{out_dir}: an interrupted run left unfinished outputs; pass --resume to continue it or --overwrite to start over")
+    return None
+
+
+def start_slide(plan: SlidePlan, thumb: np.ndarray, tissue: np.ndarray | None, cfg: SegmentConfig) -> list[Chunk]:
+    """Prepare ``plan.out_dir`` for the chunk tasks; returns the chunks still to compute (all of
+    them, or under --resume those without a chunk file from an earlier run with the same plan)."""
+    from PIL import Image
+
+    out_dir = Path(plan.out_dir)
+    work = plan.work
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"{out_dir}: cannot write outputs ({err.strerror}); choose a writable -o folder") from err
+    if cfg.overwrite:
+        for name in ("summary.json", "mask.zarr", "nuclei.geojson", "nuclei.geojson.gz", "overlay.png"):
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    plan_file = work / "plan.json"
+    if work.exists():
+        old = None
+        try:
+            old = json.loads(plan_file.read_text(encoding="utf-8")).get("fingerprint")
+        except (OSError, ValueError):
+            pass
+        if cfg.overwrite or old != plan.fingerprint:
+            if not cfg.overwrite:
+                log.warning("%s: chunk files of an earlier run were made with other settings; recomputing them", plan.path)
+            shutil.rmtree(work)
+    (work / "chunks").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(thumb).save(work / "thumbnail.png")
+    if tissue is not None:
+        Image.fromarray(tissue.astype(np.uint8) * 255).save(work / "tissue.png")
+    else:
+        (work / "tissue.png").unlink(missing_ok=True)
+    _atomic_text(plan_file, json.dumps({"fingerprint": plan.fingerprint, "slide": plan.path, "chunks": len(plan.chunks)}) + "\n")
+    return [ch for ch in plan.chunks if not plan.chunk_file(ch).exists()]
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 2: one chunk
+
+
+def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> dict[str, Any]:
+    """Segment one chunk in memory: the core probability (uint8), the window of owned nuclei with
+    global ids (uint32), the encoded GeoJSON features and timings. Reads the slide only."""
+    from .export import encode_feature, feature
     from .infer import predict_tiles
     from .instances import probabilities_to_instances
     from .polygons import PolygonFrame, label_polygons
 
+    tiling = plan.tiling
     model, card = _model(cfg.model_dir, cfg.device, cfg.torch_threads)
-    slide = _slide(path, cfg.backend, cfg.mpp)
+    slide = _slide(plan.path, cfg.backend, cfg.mpp)
     t0 = time.perf_counter()
     margin = tiling.halo + tiling.context
-    rgb = slide.read_working((chunk.x - margin, chunk.y - margin, tiling.read_size, tiling.read_size), scale)
+    rgb = slide.read_working((chunk.x - margin, chunk.y - margin, tiling.read_size, tiling.read_size), plan.scale)
     t1 = time.perf_counter()
     probs = predict_tiles(model, card, rgb, tiling.tiles_per_side * tiling.tile, tiling.context, cfg.batch_size, cfg.device)
     win = tiling.window
@@ -118,18 +298,18 @@ def chunk_task(path: str, chunk: Chunk, tiling: Tiling, scale: float, size: tupl
     labels = probabilities_to_instances(probs, card.outputs, card.postprocess, card.mpp)
     # Ownership: a nucleus belongs to the chunk whose core holds its centroid (and the slide too).
     n = int(labels.max())
-    owned = np.zeros_like(labels, dtype=np.uint32)
+    owned = np.zeros(labels.shape, dtype=np.uint32)
     cut = 0
     kept = 0
+    h, c = tiling.halo, tiling.chunk
     if n:
         ys, xs = np.nonzero(labels)
         lab = labels[ys, xs]
         cnt = np.bincount(lab, minlength=n + 1)
         cy = np.bincount(lab, weights=ys, minlength=n + 1) / np.maximum(cnt, 1)
         cx = np.bincount(lab, weights=xs, minlength=n + 1) / np.maximum(cnt, 1)
-        h, c = tiling.halo, tiling.chunk
         gy, gx = cy - h + chunk.y, cx - h + chunk.x  # centroid in slide working px
-        own = (cy >= h) & (cy < h + c) & (cx >= h) & (cx < h + c) & (gy < size[0]) & (gx < size[1]) & (cnt > 0)
+        own = (cy >= h) & (cy < h + c) & (cx >= h) & (cx < h + c) & (gy < plan.size[0]) & (gx < plan.size[1]) & (cnt > 0)
         own[0] = False
         edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
         cut = int(own[edge[edge > 0]].sum())  # owned nuclei reaching the window edge: halo too small
@@ -137,157 +317,123 @@ def chunk_task(path: str, chunk: Chunk, tiling: Tiling, scale: float, size: tupl
         ids = np.flatnonzero(own)
         kept = len(ids)
         if kept >= _IDS_PER_CHUNK:
-            raise SlideError(f"{path}: chunk {chunk.row},{chunk.col} holds {kept} nuclei, more than {_IDS_PER_CHUNK - 1}; use a smaller --chunk-size")
+            raise SlideError(f"{plan.path}: chunk {chunk.row},{chunk.col} holds {kept} nuclei, more than {_IDS_PER_CHUNK - 1}; use a smaller --chunk-size")
         lut[ids] = chunk.index * _IDS_PER_CHUNK + np.arange(1, kept + 1, dtype=np.uint32)
         owned = lut[labels]
     t3 = time.perf_counter()
     m = tiling.context
-    h, c = tiling.halo, tiling.chunk
-    frame = PolygonFrame(chunk.x - tiling.halo, chunk.y - tiling.halo, scale, float(slide.info.mpp), *frame_shift)
-    rgb_win = rgb[m : m + win, m : m + win]
-    nuclei = label_polygons(owned.astype(np.int64), frame, probs[0], rgb_win) if kept else []
+    slide_mpp = float(plan.info["mpp"])
+    frame = PolygonFrame(chunk.x - h, chunk.y - h, plan.scale, slide_mpp, *plan.shift)
+    nuclei = label_polygons(owned.astype(np.int64), frame, probs[0], rgb[m : m + win, m : m + win]) if kept else []
+    features = [encode_feature(feature(nu, plan.slide_key)) for nu in nuclei]
     t4 = time.perf_counter()
     core_prob = np.round(probs[0, h : h + c, h : h + c] * 255).astype(np.uint8)
     return {
-        "chunk": chunk, "probability": core_prob, "owned": owned, "nuclei": nuclei, "cut": cut,
+        "probability": core_prob, "owned": owned, "features": features, "cut": cut,
         "times": {"read": t1 - t0, "inference": t2 - t1, "instances": t3 - t2, "polygons": t4 - t3},
     }
 
 
-def find_slides(inputs: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Slide files from files and folders (searched recursively); also (path, reason) of inputs
-    that are missing or folders without slides."""
-    from .slide import SLIDE_EXTENSIONS
-
-    found: list[Path] = []
-    bad: list[tuple[str, str]] = []
-    for p in inputs:
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SLIDE_EXTENSIONS)
-            if not files:
-                bad.append((str(p), f"folder holds no slides (looked for {', '.join(SLIDE_EXTENSIONS)})"))
-            found.extend(files)
-        elif p.is_file():
-            found.append(p)
-        else:
-            bad.append((str(p), "file not found; check the path"))
-    return found, bad
-
-
-def _safe_name(path: Path) -> str:
-    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path.stem).strip(".") or "slide"
-    return name
-
-
-def segment_slide(
-    path: Path,
-    out_dir: Path,
-    cfg: SegmentConfig,
-    client: Any = None,
-    on_chunk: Callable[[int, int], None] | None = None,
-) -> SlideResult:
-    """Segment one slide into ``out_dir`` (see module docstring). Raises WsiNucleiError on bad input."""
-    from .export import GeoJSONWriter, feature
-    from .model import DEFAULT_MODEL_DIR, load_card
-    from .slide import open_slide
-    from .store import build_pyramids, create_store, paste_labels, write_core
-    from .tiling import derive_tiling, plan_chunks
-    from .tissue import tissue_mask
-
-    cfg.check()
-    t_start = time.perf_counter()
-    geo_path = out_dir / f"nuclei.{cfg.geojson_format}"
-    summary_path = out_dir / "summary.json"
-    if summary_path.exists():
-        if cfg.resume:
-            done = json.loads(summary_path.read_text(encoding="utf-8"))
-            return SlideResult(str(path), "skipped", str(out_dir), int(done.get("nuclei", 0)), "finished in an earlier run (--resume)")
-        if not cfg.overwrite:
-            raise OutputError(f"{out_dir}: outputs exist; pass --resume to skip finished slides or --overwrite to replace them")
-    card = load_card(cfg.model_dir or DEFAULT_MODEL_DIR)
-    with open_slide(path, cfg.backend, cfg.mpp) as slide:
-        info = slide.info
-        if info.mpp is None:
-            raise SlideError(f"{path}: no resolution (mpp) in the slide metadata; pass --mpp, e.g. --mpp 0.25 for 40x or 0.5 for 20x")
-        scale = card.mpp / info.mpp
-        width, height = math.ceil(info.dimensions[0] / scale), math.ceil(info.dimensions[1] / scale)
-        tiling = derive_tiling(card.mpp, cfg.chunk_size, cfg.halo, cfg.context)
-        thumb, thumb_scale = slide.thumbnail(2048)
-    tissue = tissue_mask(thumb) if cfg.tissue_mask else None
-    tissue_scale = thumb_scale / scale  # working px per thumbnail px
-    chunks, grid = plan_chunks(width, height, tiling, tissue, tissue_scale)
-    t_plan = time.perf_counter()
-
+def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
+    """Segment one chunk and persist it as ``plan.chunk_file(chunk)`` (atomic: temporary name,
+    then rename; a task run twice writes the same bytes). Returns only counts and seconds."""
+    t0 = time.perf_counter()
+    res = segment_chunk(plan, chunk, cfg)
+    t1 = time.perf_counter()
+    blob = b",\n".join(res["features"])
+    meta = {"chunk": asdict(chunk), "nuclei": len(res["features"]), "cut": res["cut"],
+            "times": {**res["times"], "persist": 0.0}, "fingerprint": plan.fingerprint}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, probability=res["probability"], owned=res["owned"],
+                        features=np.frombuffer(blob, dtype=np.uint8), meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    target = plan.chunk_file(chunk)
+    tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, target)
     except OSError as err:
-        raise OutputError(f"{out_dir}: cannot write outputs ({err.strerror}); choose a writable -o folder") from err
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{target}: cannot write the chunk result ({err.strerror}); free disk space or choose another -o folder") from err
+    log.debug("%s: chunk %d done (%d nuclei, %.2f s)", plan.path, chunk.index, meta["nuclei"], time.perf_counter() - t0)
+    return ChunkDone(chunk.index, int(meta["nuclei"]), round(t1 - t0, 4))
+
+
+def read_chunk_file(path: Path) -> dict[str, Any]:
+    """A chunk file as written by :func:`chunk_task`."""
+    try:
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            return {"probability": z["probability"], "owned": z["owned"], "features": bytes(z["features"]), "meta": meta}
+    except (OSError, ValueError, KeyError) as err:
+        raise OutputError(f"{path}: unreadable chunk file ({err}); delete it and run again with --resume") from err
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 3: assemble
+
+
+def assemble_slide(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None = None) -> SlideResult:
+    """Write the slide's final outputs from its chunk files, in chunk order (deterministic), each
+    under a temporary name first; ``summary.json`` last. Holds one chunk in memory at a time."""
+    from PIL import Image
+
+    from .export import GeoJSONWriter
+    from .store import build_pyramids, create_store, paste_labels, write_core
+
+    t0 = time.perf_counter()
+    out_dir = Path(plan.out_dir)
+    card = _card(cfg)
+    geo_path = out_dir / f"nuclei.{cfg.geojson_format}"
     zarr_path = out_dir / "mask.zarr"
     tmp_zarr = out_dir / "mask.zarr.partial"
     shutil.rmtree(tmp_zarr, ignore_errors=True)
-    shift = (0.0, 0.0) if cfg.raw_coordinates or info.bounds is None else (float(info.bounds[0]), float(info.bounds[1]))
-    attrs = {"slide": str(path), "slide_info": info.as_dict(), "mpp": card.mpp, "level0_per_working_px": scale,
+    tiling = plan.tiling
+    attrs = {"slide": plan.path, "slide_info": plan.info, "mpp": card.mpp, "level0_per_working_px": plan.scale,
              "tiling": asdict(tiling), "model_card": json.loads(card.to_json()), "version": __version__,
-             "geojson_shift": list(shift)}
-    create_store(tmp_zarr, (height, width), tiling.chunk, card.mpp, attrs)
-
-    totals = {"read": 0.0, "inference": 0.0, "instances": 0.0, "polygons": 0.0, "write": 0.0}
+             "geojson_shift": list(plan.shift)}
+    create_store(tmp_zarr, plan.size, tiling.chunk, card.mpp, attrs)
+    totals = {"read": 0.0, "inference": 0.0, "instances": 0.0, "polygons": 0.0}
     cut = 0
-    slide_key = f"{path.name}:{info.dimensions[0]}x{info.dimensions[1]}"
+    t_write = time.perf_counter()
     with GeoJSONWriter(geo_path) as writer:
-        for i, res in enumerate(_run_chunks(str(path), chunks, tiling, scale, (height, width), cfg, shift, client)):
-            t0 = time.perf_counter()
-            ch: Chunk = res["chunk"]
-            write_core(tmp_zarr, "probability", ch.y, ch.x, res["probability"])
-            paste_labels(tmp_zarr, ch.y - tiling.halo, ch.x - tiling.halo, res["owned"])
-            for nucleus in res["nuclei"]:
-                writer.write(feature(nucleus, slide_key))
-            cut += res["cut"]
-            for k, v in res["times"].items():
-                totals[k] += v
-            totals["write"] += time.perf_counter() - t0
-            if on_chunk:
-                on_chunk(i + 1, len(chunks))
+        for ch in plan.chunks:
+            part = read_chunk_file(plan.chunk_file(ch))
+            if part["meta"].get("fingerprint") != plan.fingerprint:
+                raise OutputError(f"{plan.chunk_file(ch)}: chunk file from another run's settings; run again with --overwrite")
+            write_core(tmp_zarr, "probability", ch.y, ch.x, part["probability"])
+            paste_labels(tmp_zarr, ch.y - tiling.halo, ch.x - tiling.halo, part["owned"])
+            writer.write_encoded(part["features"], int(part["meta"]["nuclei"]))
+            cut += int(part["meta"]["cut"])
+            for k in totals:
+                totals[k] += float(part["meta"]["times"].get(k, 0.0))
         n_nuclei = writer.count
     build_pyramids(tmp_zarr, tiling.chunk)
     if zarr_path.exists():
         shutil.rmtree(zarr_path)
-    tmp_zarr.rename(zarr_path)
+    os.replace(tmp_zarr, zarr_path)
+    t_written = time.perf_counter()
     if cut:
-        log.warning("%s: %d nuclei reached the edge of their chunk window; raise --halo", path, cut)
+        log.warning("%s: %d nuclei reached the edge of their chunk window; raise --halo", plan.path, cut)
+    thumb = np.asarray(Image.open(plan.work / "thumbnail.png").convert("RGB"))
+    tissue_png = plan.work / "tissue.png"
+    tissue = np.asarray(Image.open(tissue_png)) > 0 if tissue_png.exists() else None
     _overlay(zarr_path, thumb, tissue, out_dir / "overlay.png")
-    tissue_mm2 = float(tissue.sum()) * (thumb_scale * info.mpp / 1000) ** 2 if tissue is not None else width * height * (card.mpp / 1000) ** 2
+    run = run or {}
     summary = {
-        "slide": str(path), "nuclei": n_nuclei, "tissue_mm2": round(tissue_mm2, 4),
-        "chunks": {"processed": len(chunks), "grid": list(grid)}, "cut_nuclei": cut,
-        "seconds": {**{k: round(v, 3) for k, v in totals.items()}, "plan": round(t_plan - t_start, 3),
-                    "total": round(time.perf_counter() - t_start, 3)},
-        "parameters": asdict(cfg), "tiling": asdict(tiling), "slide_info": info.as_dict(),
-        "model": f"{card.name}@{card.weights_sha256[:12]}", "versions": _versions(),
+        "slide": plan.path, "nuclei": n_nuclei, "tissue_mm2": plan.tissue_mm2,
+        "chunks": {"processed": len(plan.chunks), "grid": list(plan.grid), "computed_this_run": run.get("computed", len(plan.chunks)),
+                   "reused": run.get("reused", 0)},
+        "cut_nuclei": cut,
+        "seconds": {**{k: round(v, 3) for k, v in totals.items()}, "write": round(t_written - t_write, 3),
+                    "assemble": round(time.perf_counter() - t0, 3), "wall": round(float(run.get("wall", 0.0)), 3)},
+        "parameters": asdict(cfg), "tiling": asdict(tiling), "slide_info": plan.info,
+        "model": plan.model, "versions": _versions(),
         "outputs": {"mask": "mask.zarr", "geojson": geo_path.name, "overlay": "overlay.png"},
     }
-    tmp = summary_path.with_name("summary.json.partial")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(summary_path)
-    return SlideResult(str(path), "ok", str(out_dir), n_nuclei, seconds=round(time.perf_counter() - t_start, 2),
-                       extra={"tissue_mm2": summary["tissue_mm2"], "chunks": len(chunks)})
-
-
-def _run_chunks(path: str, chunks: list[Chunk], tiling: Tiling, scale: float, size: tuple[int, int], cfg: SegmentConfig,
-                shift: tuple[float, float], client: Any) -> Iterator[dict[str, Any]]:
-    """Chunk results in chunk order: on the Dask client when given, else in this process."""
-    if client is None:
-        for ch in chunks:
-            yield chunk_task(path, ch, tiling, scale, size, cfg, shift)
-        return
-    futures = [client.submit(chunk_task, path, ch, tiling, scale, size, cfg, shift, pure=False, retries=1) for ch in chunks]
-    for fut in futures:
-        res = fut.result()
-        fut.release()
-        yield res
+    _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    if not cfg.keep_chunks:
+        shutil.rmtree(plan.work, ignore_errors=True)
+    return SlideResult(plan.path, "ok", str(out_dir), n_nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)})
 
 
 def _overlay(zarr_path: Path, thumb: np.ndarray, tissue: np.ndarray | None, out: Path) -> None:
@@ -312,7 +458,9 @@ def _overlay(zarr_path: Path, thumb: np.ndarray, tissue: np.ndarray | None, out:
         img[find_boundaries(lab, mode="inner") & (lab > 0)] = (0, 255, 0)
     if tissue is not None:
         img[find_boundaries(tissue, mode="inner")] = (0, 0, 255)
-    Image.fromarray(img).save(out)
+    tmp = out.with_name(out.name + ".partial.png")
+    Image.fromarray(img).save(tmp)
+    os.replace(tmp, out)
 
 
 def _versions() -> dict[str, str]:
@@ -327,34 +475,78 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def segment_many(
-    inputs: list[Path],
-    out: Path,
-    cfg: SegmentConfig,
-    client: Any = None,
-    on_slide: Callable[[SlideResult], None] | None = None,
-    on_chunk: Callable[[int, int], None] | None = None,
-) -> list[SlideResult]:
-    """Segment every slide of ``inputs`` into ``out/<slide name>/``; a failing slide is recorded
-    and the batch goes on. ``out/run.json`` lists every slide with its status and reason."""
-    slides, bad = find_slides(inputs)
-    results = [SlideResult(p, "failed", reason=r) for p, r in bad]
+# ----------------------------------------------------------------------------------------------
+# batches
+
+
+def find_slides(inputs: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Slide files from files and folders (searched recursively); also (path, reason) of inputs
+    that are missing or folders without slides."""
+    from .slide import SLIDE_EXTENSIONS
+
+    found: list[Path] = []
+    bad: list[tuple[str, str]] = []
+    for p in inputs:
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SLIDE_EXTENSIONS and WORK_DIR not in f.parts)
+            if not files:
+                bad.append((str(p), f"folder holds no slides (looked for {', '.join(SLIDE_EXTENSIONS)})"))
+            found.extend(files)
+        elif p.is_file():
+            found.append(p)
+        else:
+            bad.append((str(p), "file not found; check the path"))
+    return found, bad
+
+
+def _safe_name(path: Path) -> str:
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path.stem).strip(".") or "slide"
+    return name
+
+
+def slide_jobs(slides: list[Path], out: Path) -> list[tuple[Path, Path]]:
+    """(slide, output folder) pairs: ``out/<safe slide name>``, made unique."""
     used: set[str] = set()
+    jobs = []
     for path in slides:
         name = _safe_name(path)
         while name in used:
             name += "_"
         used.add(name)
-        t0 = time.perf_counter()
-        try:
-            res = segment_slide(path, out / name, cfg, client, on_chunk)
-        except WsiNucleiError as err:
-            res = SlideResult(str(path), "failed", str(out / name), reason=str(err), seconds=round(time.perf_counter() - t0, 2))
-        results.append(res)
-        if on_slide:
-            on_slide(res)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "run.json.partial"
-    tmp.write_text(json.dumps({"version": __version__, "slides": [asdict(r) for r in results]}, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(out / "run.json")
+        jobs.append((path, out / name))
+    return jobs
+
+
+def segment_many(
+    inputs: list[Path],
+    out: Path,
+    cfg: SegmentConfig,
+    client: Any = None,
+    on_slide: Any = None,
+    on_chunk: Any = None,
+    max_slides: int = 2,
+) -> list[SlideResult]:
+    """Segment every slide of ``inputs`` into ``out/<slide name>/``; a failing slide is recorded
+    and the batch goes on. ``out/run.json`` lists every slide with its status and reason.
+    Up to ``max_slides`` slides are in flight at once (their chunks are scheduled together)."""
+    from .scheduler import run_batch
+
+    cfg.check()
+    slides, bad = find_slides(inputs)
+    results = [SlideResult(p, "failed", reason=r) for p, r in bad]
+    results += run_batch(slide_jobs(slides, out), cfg, client, on_slide, on_chunk, max_slides)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_text(out / "run.json", json.dumps({"version": __version__, "slides": [asdict(r) for r in results]}, indent=2, default=str) + "\n")
+    except OSError as err:
+        log.error("%s: cannot write run.json (%s)", out, err.strerror)
     return results
+
+
+def segment_slide(path: Path, out_dir: Path, cfg: SegmentConfig, client: Any = None, on_chunk: Any = None) -> SlideResult:
+    """Segment one slide into ``out_dir``. Raises the slide's WsiNucleiError on failure."""
+    from .scheduler import run_batch
+
+    cfg.check()
+    (res,) = run_batch([(Path(path), Path(out_dir))], cfg, client, None, on_chunk, 1, raise_errors=True)
+    return res

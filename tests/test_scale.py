@@ -1,0 +1,202 @@
+"""Scale-out: SLURM job scripts, several slides on a LocalCluster, chunk-level resume after
+SIGKILL, a worker killed mid-run, GPU pinning. Every run is compared byte for byte with an
+uninterrupted in-process run of the same slides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from wsi_nuclei.cli import app
+from wsi_nuclei.cluster import (
+    ClusterConfig,
+    gpu_for_worker,
+    load_cluster_yaml,
+    make_client,
+    slurm_job_script,
+)
+from wsi_nuclei.pipeline import WORK_DIR, SegmentConfig, segment_many
+
+from .slides import disc_slide
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+#: small context and chunks: many chunks per slide in a few seconds (equality, not accuracy, is tested)
+OPTS = {"chunk_size": 256, "halo": 32, "context": 64, "torch_threads": 1}
+FLAGS = ["--chunk-size", "256", "--halo", "32", "--context", "64"]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """sha256 of every final output file under ``folder`` (summary.json and run.json hold timings)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name not in ("summary.json", "run.json") and WORK_DIR not in p.parts:
+            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("disc_slides")
+    disc_slide(folder / "a.tif", (1024, 1280), seed=1)
+    disc_slide(folder / "b.tif", (768, 768), seed=2)
+    disc_slide(folder / "c.tif", (512, 1024), seed=3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(slides, tmp_path_factory) -> Path:
+    """The three slides segmented uninterrupted, one after the other, without Dask, in a fresh
+    process (float results depend on torch's thread count, so every run here uses 1 thread)."""
+    out = tmp_path_factory.mktemp("reference")
+    subprocess.run(_cli(str(slides), "-o", str(out), "--workers", "0", "--max-slides", "1"), check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run = json.loads((out / "run.json").read_text())["slides"]
+    assert [s["status"] for s in run] == ["ok"] * 3 and all(s["nuclei"] > 300 for s in run)
+    return out
+
+
+def test_slurm_job_script_contains_the_flags(tmp_path):
+    cfg = ClusterConfig(kind="slurm", queue="gpu-a100", account="lab42", walltime="02:30:00", cores=8, memory="48GB", gpus=2,
+                        job_extra=("--qos=long",), prologue=("module load cuda/12.4",), log_directory=str(tmp_path / "logs"))
+    script = slurm_job_script(cfg)
+    for text in ("#SBATCH -p gpu-a100", "#SBATCH -A lab42", "#SBATCH -t 02:30:00", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --mem=45G", "#SBATCH --gres=gpu:2", "#SBATCH --qos=long", "module load cuda/12.4",
+                 "--nworkers 2", "--preload wsi_nuclei.gpu_pin", sys.executable):
+        assert text in script, text
+
+
+def test_dry_run_prints_job_script_from_yaml_and_plan(shared_data, tmp_path):
+    yaml_file = tmp_path / "jobqueue.yaml"
+    yaml_file.write_text("slurm:\n  queue: short\n  account: pathology\n  walltime: '01:00:00'\n  cores: 4\n  memory: 16GB\n  max-jobs: 7\n")
+    assert load_cluster_yaml(yaml_file)["max_jobs"] == 7
+    slide = shared_data / "wsi" / "CMU-1-Small-Region.svs"
+    result = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "out"), "--cluster", "slurm", "--cluster-config",
+                                 str(yaml_file), "--walltime", "00:30:00", "--device", "cpu", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "#SBATCH -p short" in result.output and "#SBATCH -A pathology" in result.output
+    assert "#SBATCH -t 00:30:00" in result.output  # the flag beats the YAML
+    assert "0..7 jobs" in result.output
+    assert "CMU-1-Small-Region.svs" in result.output and "total: 1 slides" in result.output
+    assert not (tmp_path / "out").exists()  # nothing run, nothing written
+
+
+def test_bad_cluster_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("queue: gpu\nwalltimee: 1\n")
+    result = runner.invoke(app, ["segment", str(tmp_path), "-o", str(tmp_path / "o"), "--cluster", "slurm", "--cluster-config", str(bad)])
+    assert result.exit_code == 2 and "unknown option 'walltimee'" in result.output and "Traceback" not in result.output
+
+
+def test_gpu_pinning():
+    assert gpu_for_worker("SLURMCluster-3-0", ["0", "1"]) == "0"
+    assert gpu_for_worker("SLURMCluster-3-1", ["0", "1"]) == "1"
+    assert gpu_for_worker("tcp://x", ["0", "1"]) is None
+    assert gpu_for_worker("w-1", []) is None
+
+
+@pytest.mark.slow
+def test_local_gpu_cluster_gives_each_worker_its_own_device(monkeypatch):
+    """One worker per GPU, pinned by CUDA_VISIBLE_DEVICES (checked on CPU: the variable is what pins)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    client = make_client(ClusterConfig(gpus=2, threads=1))
+    try:
+        seen = client.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
+    finally:
+        client.close()
+    assert sorted(seen.values()) == ["3", "5"]
+
+
+@pytest.mark.slow
+def test_three_slides_at_once_on_two_workers(slides, reference, tmp_path):
+    client = make_client(ClusterConfig(workers=2, threads=1))
+    progress: list[tuple[int, int]] = []
+    finished_at: list[int] = []
+    try:
+        results = segment_many([slides], tmp_path, SegmentConfig(**OPTS), client, on_slide=lambda r: finished_at.append(progress[-1][1]),
+                               on_chunk=lambda d, n: progress.append((d, n)), max_slides=3)
+    finally:
+        client.close()
+    assert [r.status for r in results] == ["ok"] * 3
+    # all three slides were admitted (their chunks counted) before the first one finished
+    total = sum(r.extra["chunks"] for r in results)
+    assert finished_at[0] == total
+    assert _digest(tmp_path) == _digest(reference)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert [s["status"] for s in run["slides"]] == ["ok"] * 3
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_run_gives_identical_output(slides, reference, tmp_path):
+    client = make_client(ClusterConfig(workers=2, threads=1))
+    killed: list[str] = []
+
+    def kill_one(done: int, total: int) -> None:
+        if done >= 4 and not killed:
+            victim = sorted(client.scheduler_info()["workers"])[0]
+            pid = client.run(os.getpid, workers=[victim])[victim]
+            killed.append(victim)
+            os.kill(pid, signal.SIGKILL)  # the worker process dies; its nanny starts a new one
+
+    try:
+        results = segment_many([slides / "a.tif"], tmp_path, SegmentConfig(**OPTS), client, on_chunk=kill_one)
+        # the nanny restarted the worker: two workers again
+        deadline = time.time() + 30
+        while len(client.scheduler_info()["workers"]) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(client.scheduler_info()["workers"]) == 2
+    finally:
+        client.close()
+    assert killed and results[0].status == "ok"
+    assert _digest(tmp_path / "a") == _digest(reference / "a")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "wsi_nuclei.cli", "segment", *args, *FLAGS, "--quiet", "--threads", "1"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_byte_identical_and_recomputes_nothing(slides, reference, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    chunks_dir = out / "a" / WORK_DIR / "chunks"
+    proc = subprocess.Popen(_cli(str(slides / "a.tif"), "-o", str(out), "--keep-chunks"), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if chunks_dir.is_dir() and len(list(chunks_dir.glob("*.npz"))) >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Dask workers, like a walltime kill
+    proc.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in chunks_dir.glob("*.npz")}
+    assert 6 <= len(before) < 20 and not (out / "a" / "summary.json").exists()
+    assert not (out / "a" / "nuclei.geojson.gz").exists()  # nothing partial under a final name
+
+    # without --resume the unfinished outputs are not touched
+    again = subprocess.run(_cli(str(slides / "a.tif"), "-o", str(out)), env=env, capture_output=True, text=True)
+    assert again.returncode == 1 and "--resume" in again.stderr
+
+    done = subprocess.run(_cli(str(slides / "a.tif"), "-o", str(out), "--resume", "--keep-chunks"), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "a" / "summary.json").read_text())
+    assert summary["chunks"]["reused"] == len(before)
+    assert summary["chunks"]["computed_this_run"] == summary["chunks"]["processed"] - len(before)
+    after = {p.name: p.stat().st_mtime_ns for p in chunks_dir.glob("*.npz")}
+    assert all(after[name] == mtime for name, mtime in before.items())  # finished chunks untouched
+    assert _digest(out / "a") == _digest(reference / "a")
+
+    # a second --resume skips the finished slide
+    skip = subprocess.run(_cli(str(slides / "a.tif"), "-o", str(out), "--resume"), env=env, capture_output=True, text=True)
+    assert skip.returncode == 0
+    assert json.loads((out / "run.json").read_text())["slides"][0]["status"] == "skipped"

@@ -1,0 +1,228 @@
+"""Batch scheduling: chunks of several slides in flight at once, bounded, with resume.
+
+The driver loop keeps at most ``max_slides`` slides open and at most ``max_pending`` tasks
+submitted (about two per worker thread), so the cluster never idles between slides and the
+driver's memory stays flat: it holds plans and futures of small results, never arrays. A slide
+whose chunks are all on disk gets one assembly task. A failing chunk (after Dask's retries)
+fails its slide, naming the chunk; the other slides go on.
+
+Without a Dask client the same loop runs every task in this process, in order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import WsiNucleiError
+from .pipeline import (
+    SegmentConfig,
+    SlidePlan,
+    SlideResult,
+    assemble_slide,
+    check_outputs,
+    chunk_task,
+    plan_slide,
+    start_slide,
+)
+from .tiling import Chunk
+
+__all__ = ["run_batch", "TASK_RETRIES"]
+
+log = logging.getLogger(__name__)
+
+#: Times Dask re-runs a task that raised (a worker that died is handled by Dask itself).
+TASK_RETRIES = 2
+
+
+class _Inline:
+    """Runs each task at submit time in this process; same interface as the Dask executor."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> cf.Future[Any]:
+        fut: cf.Future[Any] = cf.Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            fut.set_exception(err)
+        return fut
+
+    def wait(self, futures: list[Any]) -> list[Any]:
+        return list(futures)
+
+    def capacity(self) -> int:
+        return 1
+
+    def cancel(self, futures: list[Any]) -> None:
+        pass
+
+
+class _Dask:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
+        return self.client.submit(fn, *args, pure=False, retries=TASK_RETRIES, priority=priority)
+
+    def wait(self, futures: list[Any]) -> list[Any]:
+        from dask.distributed import wait
+
+        return list(wait(futures, return_when="FIRST_COMPLETED").done)
+
+    def capacity(self) -> int:
+        try:
+            threads = sum(self.client.nthreads().values())
+        except Exception:  # scheduler busy or reconnecting: a safe default
+            threads = 0
+        return max(4, 2 * threads + 2)
+
+    def cancel(self, futures: list[Any]) -> None:
+        if futures:
+            self.client.cancel(futures)
+
+
+@dataclass
+class _Slide:
+    order: int
+    plan: SlidePlan
+    todo: deque[Chunk]
+    reused: int
+    t0: float
+    outstanding: int = 0
+    computed: int = 0
+    failed: str = ""
+    assembling: bool = False
+    futures: set[Any] = field(default_factory=set)
+
+
+def run_batch(
+    jobs: list[tuple[Path, Path]],
+    cfg: SegmentConfig,
+    client: Any = None,
+    on_slide: Callable[[SlideResult], None] | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+    max_slides: int = 2,
+    raise_errors: bool = False,
+) -> list[SlideResult]:
+    """Segment each (slide, output folder) of ``jobs``; results in the order of ``jobs``.
+
+    ``on_chunk(done, total)`` counts chunks over the slides started so far; ``on_slide`` gets each
+    slide's result when it is known. With ``raise_errors`` the first failure is raised instead of
+    recorded (used by :func:`wsi_nuclei.pipeline.segment_slide`).
+    """
+    ex: _Inline | _Dask = _Dask(client) if client is not None else _Inline()
+    results: dict[int, SlideResult] = {}
+    queue = deque(enumerate(jobs))
+    active: dict[int, _Slide] = {}
+    pending: dict[Any, tuple[int, str, Chunk | None]] = {}
+    progress = {"done": 0, "total": 0}
+    max_slides = max(1, max_slides)
+
+    def finish(i: int, res: SlideResult, err: BaseException | None = None) -> None:
+        if err is not None and raise_errors:
+            ex.cancel(list(pending))
+            raise err
+        results[i] = res
+        active.pop(i, None)
+        if on_slide:
+            on_slide(res)
+
+    def admit() -> None:
+        while queue and len(active) < max_slides:
+            i, (path, out_dir) = queue.popleft()
+            t0 = time.perf_counter()
+            try:
+                skipped = check_outputs(out_dir, cfg)
+                if skipped is not None:
+                    skipped.slide = str(path)
+                    finish(i, skipped)
+                    continue
+                plan, thumb, tissue = plan_slide(path, out_dir, cfg)
+                todo = start_slide(plan, thumb, tissue, cfg)
+            except WsiNucleiError as err:
+                finish(i, SlideResult(str(path), "failed", str(out_dir), reason=str(err), seconds=round(time.perf_counter() - t0, 2)), err)
+                continue
+            reused = len(plan.chunks) - len(todo)
+            if reused:
+                log.info("%s: %d of %d chunks reused from an earlier run", path, reused, len(plan.chunks))
+            st = _Slide(i, plan, deque(todo), reused, t0)
+            active[i] = st
+            progress["total"] += len(plan.chunks)
+            progress["done"] += reused
+            if on_chunk:
+                on_chunk(progress["done"], progress["total"])
+
+    def submit_work() -> None:
+        cap = ex.capacity()
+        for i in sorted(active):
+            st = active[i]
+            while st.todo and not st.failed and len(pending) < cap:
+                ch = st.todo.popleft()
+                fut = ex.submit(chunk_task, st.plan, ch, cfg, priority=-st.order)
+                pending[fut] = (i, "chunk", ch)
+                st.futures.add(fut)
+                st.outstanding += 1
+            if not st.todo and st.outstanding == 0 and not st.assembling and not st.failed:
+                st.assembling = True
+                run = {"computed": st.computed, "reused": st.reused, "wall": time.perf_counter() - st.t0}
+                fut = ex.submit(assemble_slide, st.plan, cfg, run, priority=-st.order)
+                pending[fut] = (i, "assemble", None)
+                st.futures.add(fut)
+                st.outstanding += 1
+
+    try:
+        while queue or active:
+            admit()
+            submit_work()
+            if not pending:
+                continue
+            for fut in ex.wait(list(pending)):
+                i, kind, ch = pending.pop(fut)
+                st = active[i]
+                st.futures.discard(fut)
+                st.outstanding -= 1
+                try:
+                    value = fut.result()
+                    err: BaseException | None = None
+                except WsiNucleiError as e:
+                    value, err = None, e
+                except Exception as e:  # noqa: BLE001 - any task failure fails only its slide
+                    value, err = None, e
+                if err is not None and not st.failed:
+                    where = f"chunk {ch.index} (row {ch.row}, col {ch.col}, working px x={ch.x} y={ch.y})" if ch is not None else "assembly"
+                    msg = str(err) if isinstance(err, WsiNucleiError) else f"{type(err).__name__}: {err}"
+                    st.failed = msg if st.plan.path in msg else f"{st.plan.path}: {where} failed after {TASK_RETRIES} retries: {msg}"
+                    st.todo.clear()
+                    ex.cancel(list(st.futures))
+                    for f in list(st.futures):
+                        pending.pop(f, None)
+                    st.futures.clear()
+                    st.outstanding = 0
+                    log.error("%s", st.failed)
+                if st.failed:
+                    if st.outstanding == 0:
+                        wrapped = err if isinstance(err, WsiNucleiError) else WsiNucleiError(st.failed)
+                        finish(i, SlideResult(st.plan.path, "failed", st.plan.out_dir, reason=st.failed,
+                                              seconds=round(time.perf_counter() - st.t0, 2)), wrapped)
+                    continue
+                if kind == "chunk":
+                    st.computed += 1
+                    progress["done"] += 1
+                    if on_chunk:
+                        on_chunk(progress["done"], progress["total"])
+                else:
+                    res: SlideResult = value
+                    res.seconds = round(time.perf_counter() - st.t0, 2)
+                    res.extra.update({"chunks_computed": st.computed, "chunks_reused": st.reused})
+                    finish(i, res)
+    except BaseException:
+        ex.cancel(list(pending))
+        raise
+    return [results[i] for i in sorted(results)]
