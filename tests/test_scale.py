@@ -200,3 +200,31 @@ def test_sigkill_then_resume_is_byte_identical_and_recomputes_nothing(slides, re
     skip = subprocess.run(_cli(str(slides / "a.tif"), "-o", str(out), "--resume"), env=env, capture_output=True, text=True)
     assert skip.returncode == 0
     assert json.loads((out / "run.json").read_text())["slides"][0]["status"] == "skipped"
+
+
+@pytest.mark.slow
+def test_slurm_array_script_runs_one_slide_per_task(slides, reference, tmp_path):
+    """The array script, run as SLURM would run task 1 (sbatch directives are comments to bash)."""
+    script = ROOT / "workflows" / "slurm_array.sh"
+    env = {**os.environ, "WSI_NUCLEI": str(Path(sys.executable).with_name("wsi-nuclei")), "SLURM_CPUS_PER_TASK": "1"}
+    env.pop("SLURM_ARRAY_TASK_ID", None)
+    hint = subprocess.run(["bash", str(script), str(slides), str(tmp_path)], env=env, capture_output=True, text=True, check=True)
+    assert "sbatch --array=0-2" in hint.stdout
+    subprocess.run(["bash", str(script), str(slides), str(tmp_path), *FLAGS], env={**env, "SLURM_ARRAY_TASK_ID": "1"}, check=True,
+                   capture_output=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["b"]
+    assert _digest(tmp_path / "b") == _digest(reference / "b")
+
+
+@pytest.mark.slow
+def test_snakemake_workflow_segments_every_slide(slides, reference, tmp_path):
+    pytest.importorskip("snakemake", reason="snakemake is in the [dev] extra")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    cmd = [str(Path(sys.executable).with_name("snakemake")), "-s", str(ROOT / "workflows" / "Snakefile"), "--cores", "1", "--quiet",
+           "--directory", str(tmp_path), "--config", f"slides={slides}", f"out={tmp_path / 'out'}", f"args={' '.join(FLAGS)}"]
+    dry = subprocess.run([*cmd, "--dry-run"], env=env, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("a", "b", "c"):
+        assert _digest(tmp_path / "out" / name) == _digest(reference / name)

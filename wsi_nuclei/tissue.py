@@ -12,7 +12,8 @@ def tissue_mask(thumbnail: np.ndarray, min_area_px: int = 16) -> np.ndarray:
     """Boolean tissue mask of an (H, W, 3) uint8 RGB thumbnail (same H, W).
 
     Stained tissue is coloured, glass is grey-white: pixels whose saturation is above an Otsu
-    threshold (at least 0.05) and that are not near-white are tissue; the mask is closed, holes
+    threshold (clipped to [0.05, 0.15]: on a slide that is all tissue Otsu would otherwise split
+    nuclei from pale stroma, whose saturation is about 0.2) and that are not near-white are tissue; the mask is closed, holes
     are filled and specks smaller than ``min_area_px`` removed. A blank image gives an empty mask.
     """
     from skimage.filters import threshold_otsu
@@ -23,7 +24,7 @@ def tissue_mask(thumbnail: np.ndarray, min_area_px: int = 16) -> np.ndarray:
     bright = rgb.mean(axis=2)
     if float(sat.max()) - float(sat.min()) < 1e-3:
         return np.zeros(thumbnail.shape[:2], dtype=bool)
-    thr = max(0.05, float(threshold_otsu(sat)))
+    thr = min(0.15, max(0.05, float(threshold_otsu(sat))))
     mask = (sat > thr) & (bright < 0.92)
     mask = ndi.binary_closing(mask, structure=np.ones((3, 3), bool), iterations=2)
     mask = ndi.binary_fill_holes(mask)

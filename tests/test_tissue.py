@@ -1,0 +1,37 @@
+"""Tissue detection: glass out, stained tissue in, also when a slide holds no glass at all."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from wsi_nuclei.tissue import tissue_mask
+
+from .slides import disc_image
+
+
+def test_blank_glass_has_no_tissue():
+    glass = np.full((200, 300, 3), 242, np.uint8)
+    assert not tissue_mask(glass).any()
+
+
+def test_tissue_on_glass_is_found():
+    img = np.full((200, 200, 3), 243, np.uint8)
+    img[50:150, 40:160] = disc_image((100, 120), [(30, 30), (80, 60)], 8, seed=1)
+    mask = tissue_mask(img)
+    assert mask[60:140, 50:150].all() and not mask[:40].any() and not mask[:, :30].any()
+
+
+def test_slide_that_is_all_tissue_is_all_tissue():
+    """Pale pink stroma between nuclei is tissue even with no glass to compare it with."""
+    centres = [(x, y) for y in range(8, 256, 16) for x in range(8, 256, 16)]
+    mask = tissue_mask(disc_image((256, 256), centres, 3.5, seed=2))
+    assert mask.mean() > 0.95  # (Otsu alone: about 0.15, the nuclei)
+
+
+def test_cmu_sample_thumbnail(shared_data):
+    from wsi_nuclei.slide import open_slide
+
+    with open_slide(shared_data / "wsi" / "CMU-1-Small-Region.svs") as s:
+        thumb, _ = s.thumbnail(512)
+    frac = tissue_mask(thumb).mean()
+    assert 0.2 < frac < 0.8  # a strip of skin with glass around it
