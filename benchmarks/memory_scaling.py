@@ -13,7 +13,7 @@ pattern; level 0 is its 2x upsampling; levels >= 2 show the same disc texture at
 
 Run (about 15 min on 2 cores):
     .venv/bin/python benchmarks/memory_scaling.py                      # shipped model, 1x 4x 16x of 4096^2 px
-    .venv/bin/python benchmarks/memory_scaling.py --model standin --base 4096 --sizes 1,16 --huge 100000
+    .venv/bin/python benchmarks/memory_scaling.py --model standin --sizes 1,16 --huge 100000 --huge-tissue 0.5
 The stand-in (`--model standin`) is a per-pixel colour classifier (architecture PixelLinear)
 with threshold post-processing: every pipeline stage runs, only the network is replaced.
 """
@@ -67,8 +67,9 @@ def _encoded(tile: np.ndarray, tmp: Path) -> bytes:
         return fh.read(page.databytecounts[0])
 
 
-def build_slide(path: Path, side0: int, n_variants: int = 8) -> Path:
-    """A square slide of ``side0`` level-0 px at 0.25 µm/px with levels down to < 2048 px."""
+def build_slide(path: Path, side0: int, n_variants: int = 8, tissue: float = 1.0) -> Path:
+    """A square slide of ``side0`` level-0 px at 0.25 µm/px with levels down to < 2048 px; tissue
+    (the disc pattern) fills a centred square of ``tissue`` of the area, glass (white) the rest."""
     import tifffile
     from PIL import Image
 
@@ -78,6 +79,8 @@ def build_slide(path: Path, side0: int, n_variants: int = 8) -> Path:
     levels = [side0]
     while levels[-1] > 2048:
         levels.append((levels[-1] + 1) // 2)
+    half = side0 * tissue**0.5 / 2  # tissue square: |x - side0/2| < half, in level-0 px
+    block = TILE * 2 ** (len(levels) - 1)
     part = path.with_name(path.name + ".partial")
     with tempfile.TemporaryDirectory() as td, tifffile.TiffWriter(part, bigtiff=True) as tif:
         tmp = Path(td)
@@ -97,11 +100,18 @@ def build_slide(path: Path, side0: int, n_variants: int = 8) -> Path:
                     small = np.asarray(Image.fromarray(variants[v]).resize((TILE // f or 1, TILE // f or 1), Image.Resampling.BOX))
                     cache[(v, 0)] = _encoded(np.tile(small, (f, f, 1))[:TILE, :TILE] if f <= TILE else np.full((TILE, TILE, 3), small.mean((0, 1)), np.uint8), tmp)
             n = -(-side // TILE)
+            white = _encoded(np.full((TILE, TILE, 3), 245, np.uint8), tmp)
 
-            def tiles(k: int = k, n: int = n, cache: dict = cache):  # noqa: B008
+            def tiles(k: int = k, n: int = n, cache: dict = cache, white: bytes = white):  # noqa: B008
+                ds = 2**k
                 for r in range(n):
                     for c in range(n):
-                        if k == 0:
+                        # decided per block of the coarsest level's tile, so that every level agrees
+                        cy = (r * TILE * ds // block + 0.5) * block
+                        cx = (c * TILE * ds // block + 0.5) * block
+                        if abs(cx - side0 / 2) >= half or abs(cy - side0 / 2) >= half:
+                            yield white
+                        elif k == 0:
                             yield cache[(((r // 2) * 7919 + (c // 2) * 104729) % n_variants, (r % 2) * 2 + c % 2)]
                         elif k == 1:
                             yield cache[((r * 7919 + c * 104729) % n_variants, 0)]
@@ -165,6 +175,7 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=4096, help="side of the 1x slide in level-0 px (0.25 µm/px)")
     ap.add_argument("--sizes", default="1,4,16", help="area multiples of the base slide")
     ap.add_argument("--huge", type=int, default=0, help="also run a slide of this side (level-0 px), e.g. 100000")
+    ap.add_argument("--huge-tissue", type=float, default=0.5, help="tissue fraction of the huge slide (the rest is glass)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "wsi-nuclei-memory-bench")
@@ -180,12 +191,13 @@ def main() -> None:
         labels.append(f"{args.huge}^2")
     rows = []
     for label, side in zip(labels, sides):
-        slide = build_slide(args.work / f"discs_{side}.tif", side)
+        tissue = args.huge_tissue if label.endswith("^2") else 1.0
+        slide = build_slide(args.work / f"discs_{side}_{tissue:g}.tif", side, tissue=tissue)
         out = args.work / f"out_{args.model}_{side}"
         cmd = [exe, "segment", str(slide), "-o", str(out), "--overwrite", "--quiet", "--workers", str(args.workers),
                "--threads", str(args.threads), *model_flags]
         peak, wall, rc = measure(cmd)
-        summary = json.loads((out / "discs_{}".format(side) / "summary.json").read_text()) if rc == 0 else {}
+        summary = json.loads((out / slide.stem / "summary.json").read_text()) if rc == 0 else {}
         rows.append({"size": label, "side_px": side, "model": args.model, "chunks": summary.get("chunks", {}).get("processed"),
                      "nuclei": summary.get("nuclei"), "tissue_mm2": summary.get("tissue_mm2"), "peak_rss_gib": peak / 2**30,
                      "wall_s": wall, "exit": rc})

@@ -164,7 +164,7 @@ def _local_gpu_cluster(cfg: ClusterConfig) -> Any:
         f"gpu-{k}": {"cls": Nanny, "options": {"nthreads": cfg.threads, "env": {"CUDA_VISIBLE_DEVICES": visible[k]}}}
         for k in range(cfg.gpus)
     }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
     return SpecCluster(workers=workers, scheduler=scheduler, name="wsi-nuclei-gpus")
 
 
@@ -189,5 +189,5 @@ def make_client(cfg: ClusterConfig) -> Any:
         return Client(cluster)
     if cfg.gpus:
         return Client(_local_gpu_cluster(cfg))
-    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads, processes=True, dashboard_address=None)
+    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads, processes=True, dashboard_address=":0")
     return Client(cluster)
