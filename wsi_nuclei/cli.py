@@ -236,6 +236,7 @@ def segment(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (and the SLURM job script) without running."),
     cluster: str = typer.Option("local", help="local (Dask LocalCluster), slurm (dask-jobqueue) or none (this process).", rich_help_panel="Cluster"),
     scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler (tcp://host:port).", rich_help_panel="Cluster"),
+    connect_timeout: float = typer.Option(30.0, help="Seconds to wait for --scheduler before giving up.", rich_help_panel="Cluster"),
     workers: int = typer.Option(1, help="Local worker processes (0: run in this process).", rich_help_panel="Cluster"),
     threads: int = typer.Option(2, help="Threads per worker (torch threads).", rich_help_panel="Cluster"),
     gpus: Optional[int] = typer.Option(None, help="GPUs: local: one worker per GPU (default: all visible when --device is cuda); slurm: GPUs per job.", rich_help_panel="Cluster"),
@@ -256,7 +257,8 @@ def segment(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from .cluster import ClusterConfig, load_cluster_yaml, make_client, merge
+    from .cluster import ClusterConfig, close_client, load_cluster_yaml, make_client, merge
+    from .model import load_model
     from .pipeline import SegmentConfig, segment_many
 
     console = Console(stderr=True, quiet=quiet)
@@ -280,11 +282,14 @@ def segment(
 
         derive_tiling(0.5, chunk_size, halo, context)  # check sizes before starting a cluster
         yaml_options = load_cluster_yaml(cluster_config) if cluster_config else {}
-        ccfg = merge(ClusterConfig(kind=cluster, workers=workers, threads=threads), yaml_options,
+        if not connect_timeout > 0:
+            raise WsiNucleiError(f"--connect-timeout must be > 0 s, got {connect_timeout}")
+        ccfg = merge(ClusterConfig(kind=cluster, workers=workers, threads=threads, timeout_s=connect_timeout), yaml_options,
                      {"scheduler": scheduler, "gpus": n_gpus, "queue": queue, "account": account, "walltime": walltime,
                       "cores": cores, "memory": memory, "processes": processes, "job_extra": tuple(job_extra),
                       "min_jobs": min_jobs, "max_jobs": max_jobs})
         ccfg.check()
+        load_model(model)  # a broken model fails here, once, not on every slide
         if dry_run:
             _dry_run(inputs, out, cfg, ccfg, max_slides)
             return
@@ -303,13 +308,17 @@ def segment(
             def on_slide(r: object) -> None:
                 bar.console.print(f"{r.status:7} {r.slide}: {r.nuclei} nuclei" + (f" — {r.reason}" if r.reason else ""))  # type: ignore[attr-defined]
 
-            results = segment_many(inputs, out, cfg, client, on_slide, on_chunk, max_slides=max_slides)
+            # SLURM scales on queued tasks: queue enough to fill every job it may start
+            queued = 2 * ccfg.max_jobs * ccfg.cores if ccfg.kind == "slurm" and not ccfg.scheduler else 0
+            results = segment_many(inputs, out, cfg, client, on_slide, on_chunk, max_slides=max_slides, min_pending=queued)
     except WsiNucleiError as err:
         _fail(err)
         return
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: finished chunks and slides are kept in {out}; run the same command with --resume to continue", err=True)
+        raise typer.Exit(130) from None
     finally:
-        if client is not None:
-            client.close()
+        close_client(client)
     if not quiet:
         table = Table(title=f"wsi-nuclei segment → {out}")
         for col in ("slide", "status", "nuclei", "seconds", "note"):

@@ -19,9 +19,12 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ClusterConfig", "load_cluster_yaml", "make_client", "slurm_cluster", "slurm_job_script", "gpu_for_worker"]
+__all__ = ["ClusterConfig", "load_cluster_yaml", "make_client", "close_client", "slurm_cluster", "slurm_job_script", "gpu_for_worker"]
 
 log = logging.getLogger(__name__)
+
+#: local workers ignore Ctrl-C; the driver handles it (see worker_setup.py)
+_PRELOAD = "wsi_nuclei.worker_setup"
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def _local_gpu_cluster(cfg: ClusterConfig) -> Any:
     if len(visible) < cfg.gpus:
         raise ConfigError(f"--gpus {cfg.gpus} but CUDA_VISIBLE_DEVICES lists only {len(visible)} ({','.join(visible)})")
     workers = {
-        f"gpu-{k}": {"cls": Nanny, "options": {"nthreads": cfg.threads, "env": {"CUDA_VISIBLE_DEVICES": visible[k]}}}
+        f"gpu-{k}": {"cls": Nanny, "options": {"nthreads": cfg.threads, "env": {"CUDA_VISIBLE_DEVICES": visible[k]}, "preload": [_PRELOAD]}}
         for k in range(cfg.gpus)
     }
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
@@ -189,5 +192,22 @@ def make_client(cfg: ClusterConfig) -> Any:
         return Client(cluster)
     if cfg.gpus:
         return Client(_local_gpu_cluster(cfg))
-    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads, processes=True, dashboard_address=":0")
+    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads, processes=True, dashboard_address=":0",
+                           preload=[_PRELOAD])
     return Client(cluster)
+
+
+def close_client(client: Any, timeout_s: float = 10.0) -> None:
+    """Close ``client`` and the cluster it started (LocalCluster, SLURM jobs); never raises."""
+    if client is None:
+        return
+    cluster = getattr(client, "cluster", None)
+    try:
+        client.close(timeout=timeout_s)
+    except Exception as err:  # noqa: BLE001 - closing is best effort
+        log.debug("closing the Dask client: %s", err)
+    if cluster is not None:
+        try:
+            cluster.close(timeout=timeout_s)
+        except Exception as err:  # noqa: BLE001
+            log.debug("closing the Dask cluster: %s", err)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import ConfigError, OutputError, SlideError
+from .errors import ConfigError, OutputError, SlideError, WsiNucleiError
 from .tiling import Chunk, Tiling
 
 __all__ = [
@@ -129,6 +129,9 @@ class ChunkDone:
     index: int
     nuclei: int
     seconds: float
+    #: set when the chunk failed for a reason that retrying cannot fix (a damaged region, a full
+    #: disk): the slide fails at once instead of Dask retrying the task
+    error: str = ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +341,10 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
     """Segment one chunk and persist it as ``plan.chunk_file(chunk)`` (atomic: temporary name,
     then rename; a task run twice writes the same bytes). Returns only counts and seconds."""
     t0 = time.perf_counter()
-    res = segment_chunk(plan, chunk, cfg)
+    try:
+        res = segment_chunk(plan, chunk, cfg)
+    except WsiNucleiError as err:
+        return ChunkDone(chunk.index, 0, 0.0, error=str(err))
     t1 = time.perf_counter()
     blob = b",\n".join(res["features"])
     meta = {"chunk": asdict(chunk), "nuclei": len(res["features"]), "cut": res["cut"],
@@ -353,7 +359,7 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
         os.replace(tmp, target)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{target}: cannot write the chunk result ({err.strerror}); free disk space or choose another -o folder") from err
+        return ChunkDone(chunk.index, 0, 0.0, error=f"{target}: cannot write the chunk result ({err.strerror}); free disk space or choose another -o folder")
     log.debug("%s: chunk %d done (%d nuclei, %.2f s)", plan.path, chunk.index, meta["nuclei"], time.perf_counter() - t0)
     return ChunkDone(chunk.index, int(meta["nuclei"]), round(t1 - t0, 4))
 
@@ -374,7 +380,25 @@ def read_chunk_file(path: Path) -> dict[str, Any]:
 
 def assemble_slide(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None = None) -> SlideResult:
     """Write the slide's final outputs from its chunk files, in chunk order (deterministic), each
-    under a temporary name first; ``summary.json`` last. Holds one chunk in memory at a time."""
+    under a temporary name first; ``summary.json`` last. Holds one chunk in memory at a time.
+    A failure (full disk, damaged chunk file) returns a "failed" result, leaves no partial file
+    and keeps the chunk files, so ``--resume`` can assemble again without recomputing."""
+    out_dir = Path(plan.out_dir)
+    try:
+        return _assemble(plan, cfg, run)
+    except WsiNucleiError as err:
+        reason = str(err)
+    except OSError as err:
+        reason = f"{out_dir}: writing the outputs failed ({err.strerror or err}); free disk space or choose another -o folder, then run again with --resume"
+    for leftover in (out_dir / "mask.zarr.partial", out_dir / f"nuclei.{cfg.geojson_format}.partial", out_dir / "overlay.png.partial.png"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return SlideResult(plan.path, "failed", str(out_dir), reason=reason)
+
+
+def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -> SlideResult:
     from PIL import Image
 
     from .export import GeoJSONWriter
@@ -490,12 +514,12 @@ def find_slides(inputs: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SLIDE_EXTENSIONS and WORK_DIR not in f.parts)
             if not files:
-                bad.append((str(p), f"folder holds no slides (looked for {', '.join(SLIDE_EXTENSIONS)})"))
+                bad.append((str(p), f"{p}: folder holds no slides (looked for {', '.join(SLIDE_EXTENSIONS)}); check the folder"))
             found.extend(files)
         elif p.is_file():
             found.append(p)
         else:
-            bad.append((str(p), "file not found; check the path"))
+            bad.append((str(p), f"{p}: file not found; check the path"))
     return found, bad
 
 
@@ -525,16 +549,18 @@ def segment_many(
     on_slide: Any = None,
     on_chunk: Any = None,
     max_slides: int = 2,
+    min_pending: int = 0,
 ) -> list[SlideResult]:
     """Segment every slide of ``inputs`` into ``out/<slide name>/``; a failing slide is recorded
     and the batch goes on. ``out/run.json`` lists every slide with its status and reason.
-    Up to ``max_slides`` slides are in flight at once (their chunks are scheduled together)."""
+    Up to ``max_slides`` slides are in flight at once (their chunks are scheduled together);
+    ``min_pending``: tasks kept queued at least (an adaptive cluster scales on queued work)."""
     from .scheduler import run_batch
 
     cfg.check()
     slides, bad = find_slides(inputs)
     results = [SlideResult(p, "failed", reason=r) for p, r in bad]
-    results += run_batch(slide_jobs(slides, out), cfg, client, on_slide, on_chunk, max_slides)
+    results += run_batch(slide_jobs(slides, out), cfg, client, on_slide, on_chunk, max_slides, min_pending=min_pending)
     try:
         out.mkdir(parents=True, exist_ok=True)
         _atomic_text(out / "run.json", json.dumps({"version": __version__, "slides": [asdict(r) for r in results]}, indent=2, default=str) + "\n")

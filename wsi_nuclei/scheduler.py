@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import WsiNucleiError
 from .pipeline import (
+    ChunkDone,
     SegmentConfig,
     SlidePlan,
     SlideResult,
@@ -65,8 +66,9 @@ class _Inline:
 
 
 class _Dask:
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, min_pending: int = 0) -> None:
         self.client = client
+        self.min_pending = min_pending
 
     def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
         return self.client.submit(fn, *args, pure=False, retries=TASK_RETRIES, priority=priority)
@@ -81,7 +83,8 @@ class _Dask:
             threads = sum(self.client.nthreads().values())
         except Exception:  # scheduler busy or reconnecting: a safe default
             threads = 0
-        return max(4, 2 * threads + 2)
+        # an adaptive cluster (SLURM) scales on queued tasks: keep enough queued to ask for every job
+        return max(4, self.min_pending, 2 * threads + 2)
 
     def cancel(self, futures: list[Any]) -> None:
         if futures:
@@ -110,14 +113,16 @@ def run_batch(
     on_chunk: Callable[[int, int], None] | None = None,
     max_slides: int = 2,
     raise_errors: bool = False,
+    min_pending: int = 0,
 ) -> list[SlideResult]:
     """Segment each (slide, output folder) of ``jobs``; results in the order of ``jobs``.
 
     ``on_chunk(done, total)`` counts chunks over the slides started so far; ``on_slide`` gets each
     slide's result when it is known. With ``raise_errors`` the first failure is raised instead of
-    recorded (used by :func:`wsi_nuclei.pipeline.segment_slide`).
+    recorded (used by :func:`wsi_nuclei.pipeline.segment_slide`). ``min_pending`` keeps at least
+    that many tasks queued (for adaptive clusters, which add workers only for queued work).
     """
-    ex: _Inline | _Dask = _Dask(client) if client is not None else _Inline()
+    ex: _Inline | _Dask = _Dask(client, min_pending) if client is not None else _Inline()
     results: dict[int, SlideResult] = {}
     queue = deque(enumerate(jobs))
     active: dict[int, _Slide] = {}
@@ -191,24 +196,32 @@ def run_batch(
                 try:
                     value = fut.result()
                     err: BaseException | None = None
-                except WsiNucleiError as e:
-                    value, err = None, e
                 except Exception as e:  # noqa: BLE001 - any task failure fails only its slide
                     value, err = None, e
+                # failures retrying cannot fix come back as values (no retry storm)
+                if isinstance(value, ChunkDone) and value.error:
+                    err = WsiNucleiError(value.error)
+                elif isinstance(value, SlideResult) and value.status == "failed":
+                    err = WsiNucleiError(value.reason)
                 if err is not None and not st.failed:
                     where = f"chunk {ch.index} (row {ch.row}, col {ch.col}, working px x={ch.x} y={ch.y})" if ch is not None else "assembly"
-                    msg = str(err) if isinstance(err, WsiNucleiError) else f"{type(err).__name__}: {err}"
-                    st.failed = msg if st.plan.path in msg else f"{st.plan.path}: {where} failed after {TASK_RETRIES} retries: {msg}"
+                    if isinstance(err, WsiNucleiError):
+                        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+                        st.failed = msg if ch is None else f"{msg} [{where}]"
+                    else:
+                        first = (str(err).splitlines() or [""])[0]
+                        tries = f" after {TASK_RETRIES} retries" if isinstance(ex, _Dask) else ""
+                        st.failed = f"{st.plan.path}: {where} failed{tries} ({type(err).__name__}: {first}); run again with --resume, or --debug for the traceback"
                     st.todo.clear()
                     ex.cancel(list(st.futures))
                     for f in list(st.futures):
                         pending.pop(f, None)
                     st.futures.clear()
                     st.outstanding = 0
-                    log.error("%s", st.failed)
+                    log.info("slide failed: %s", st.failed)
                 if st.failed:
                     if st.outstanding == 0:
-                        wrapped = err if isinstance(err, WsiNucleiError) else WsiNucleiError(st.failed)
+                        wrapped = WsiNucleiError(st.failed)
                         finish(i, SlideResult(st.plan.path, "failed", st.plan.out_dir, reason=st.failed,
                                               seconds=round(time.perf_counter() - st.t0, 2)), wrapped)
                     continue

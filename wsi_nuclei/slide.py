@@ -178,6 +178,20 @@ def _open_tiffslide(path: Path) -> tuple[Any, Any, str]:
     return handle, handle.properties, "tiffslide"
 
 
+def _open_hint(path: Path) -> str:
+    """What to do about a file no backend opens, from its first bytes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        head = b""
+    if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8"):
+        return "it is a plain PNG/JPEG image, not a slide: use `wsi-nuclei segment-image --mpp ...`"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "it is a TIFF that no reader accepts: the file is probably truncated or damaged; copy it again"
+    return "check that it is a whole-slide image that OpenSlide or tiffslide reads"
+
+
 def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None) -> Slide:
     """Open a whole-slide image.
 
@@ -208,7 +222,7 @@ def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None
         except Exception as err:  # each backend has its own exception types
             errors.append(f"{opener.__name__[6:]}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     else:
-        raise SlideError(f"{path}: cannot open as a slide ({'; '.join(errors)}); check that it is a whole-slide image that OpenSlide or tiffslide reads")
+        raise SlideError(f"{path}: cannot open as a slide ({'; '.join(errors)}); {_open_hint(path)}")
     prefix = name
     slide_mpp = mpp or _float(_prop(props, f"{prefix}.mpp-x", "openslide.mpp-x", "tiffslide.mpp-x"))
     bx, by = _prop(props, f"{prefix}.bounds-x", "openslide.bounds-x"), _prop(props, f"{prefix}.bounds-y", "openslide.bounds-y")
