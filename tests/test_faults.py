@@ -126,6 +126,28 @@ def test_existing_outputs_need_resume_or_overwrite(batch):  # 12
     assert run["slides"][0]["status"] == "skipped" and "earlier run" in run["slides"][0]["reason"]
 
 
+def test_corrupt_tile_fails_its_slide_naming_the_region_and_the_batch_goes_on(tmp_path):  # 4, 17
+    """A slide that opens and has a readable thumbnail but a corrupt level-0 tile in its tissue."""
+    import tifffile
+
+    img = np.full((4096, 4096, 3), 244, np.uint8)
+    img[1024:1536, 1024:1536] = disc_image((512, 512), [(x, y) for y in range(16, 512, 32) for x in range(16, 512, 32)], 7, seed=15)
+    bad = write_pyramid(tmp_path / "bad.tif", img, 0.5, levels=3)
+    with tifffile.TiffFile(bad) as tif:
+        page = tif.pages[0]
+        k = 5 * 16 + 5  # tile (row 5, col 5) of 256 px: inside the tissue patch
+        offset = page.dataoffsets[k]
+    with open(bad, "r+b") as fh:
+        fh.seek(offset + 20)
+        fh.write(b"\xff\x00garbage" * 20)
+    good = disc_slide(tmp_path / "good.tif", (256, 256), seed=16)
+    results = segment_many([bad, good], tmp_path / "out", SegmentConfig(**OPTS))
+    assert results[1].status == "ok"
+    r = results[0]
+    assert r.status == "failed" and "bad.tif" in r.reason and "cannot read region" in r.reason and "[chunk" in r.reason
+    assert "\n" not in r.reason and not (tmp_path / "out" / "bad" / "nuclei.geojson.gz").exists()
+
+
 # 10 -------------------------------------------------------------------------------------------
 
 def _tiff(path: Path, img: np.ndarray, mpp: float = 0.5, **kw) -> Path:
@@ -146,8 +168,8 @@ def test_unusual_pixel_formats(tmp_path, kind):
         path = _tiff(tmp_path / "rgb16.tif", rgb.astype(np.uint16) * 257, photometric="rgb")
     results = segment_many([path], tmp_path / "out", SegmentConfig(**OPTS))
     r = results[0]
-    if kind == "grey":  # a grey slide is not H&E: it either segments or fails with one clear line
-        assert r.status == "ok" or ("\n" not in r.reason and path.name in r.reason)
+    if kind == "grey":  # readable, but not H&E: one clear line instead of a silent "0 nuclei"
+        assert r.status == "failed" and path.name in r.reason and "greyscale" in r.reason and "\n" not in r.reason
     else:
         assert r.status == "ok" and r.nuclei >= 40, r.reason
 

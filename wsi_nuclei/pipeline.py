@@ -176,7 +176,7 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig) -> tuple[SlidePlan
     and the tissue mask (thumbnail grid). Reads the slide; writes nothing."""
     from .slide import open_slide
     from .tiling import derive_tiling, plan_chunks
-    from .tissue import tissue_mask
+    from .tissue import looks_greyscale, tissue_mask
 
     card = _card(cfg)
     with open_slide(path, cfg.backend, cfg.mpp) as slide:
@@ -188,6 +188,8 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig) -> tuple[SlidePlan
         context = cfg.context if cfg.context is not None else card.context_px
         tiling = derive_tiling(card.mpp, cfg.chunk_size, cfg.halo, context)
         thumb, thumb_scale = slide.thumbnail(2048)
+    if looks_greyscale(thumb):
+        raise SlideError(f"{path}: the slide has no colour (greyscale); the model segments H&E-stained RGB slides")
     tissue = tissue_mask(thumb) if cfg.tissue_mask else None
     chunks, grid = plan_chunks(width, height, tiling, tissue, thumb_scale / scale)
     shift = (0.0, 0.0) if cfg.raw_coordinates or info.bounds is None else (float(info.bounds[0]), float(info.bounds[1]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["tissue_mask"]
+__all__ = ["tissue_mask", "looks_greyscale"]
 
 
 def tissue_mask(thumbnail: np.ndarray, min_area_px: int = 16) -> np.ndarray:
@@ -35,3 +35,12 @@ def tissue_mask(thumbnail: np.ndarray, min_area_px: int = 16) -> np.ndarray:
         keep[0] = False
         mask = keep[labels]
     return mask
+
+
+def looks_greyscale(thumbnail: np.ndarray) -> bool:
+    """True for a thumbnail with dark content but no colour at all: not an H&E slide (blank glass,
+    which is also colourless, is not dark)."""
+    rgb = thumbnail.astype(np.int16)
+    chroma = rgb.max(axis=2) - rgb.min(axis=2)
+    dark = rgb.mean(axis=2) < 200
+    return bool(dark.mean() > 0.01 and np.percentile(chroma[dark], 99) <= 3)
