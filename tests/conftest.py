@@ -9,6 +9,16 @@ import pytest
 
 # Never reach for the Hugging Face hub (timm encoders) from the tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The ONNX export cache goes to a temporary folder, not ~/.cache (inherited by subprocesses and
+# Dask workers, so one export serves the whole session).
+if "WSI_NUCLEI_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="wsi-nuclei-test-cache-")
+    os.environ["WSI_NUCLEI_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

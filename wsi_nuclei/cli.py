@@ -198,12 +198,12 @@ def segment_image_cmd(
 
 
 @app.command()
-def info(slide: Path = typer.Argument(..., help="Slide file."), backend: str = typer.Option("auto", help="auto, openslide or tiffslide.")) -> None:
+def info(slide: Path = typer.Argument(..., help="Slide file."), reader: str = typer.Option("auto", help="Slide reader: auto, openslide or tiffslide.")) -> None:
     """Vendor, size per level, resolution, objective, bounds and associated images of a slide."""
     from .slide import open_slide
 
     try:
-        with open_slide(slide, backend) as s:
+        with open_slide(slide, reader) as s:
             i = s.info
     except WsiNucleiError as err:
         _fail(err)
@@ -232,7 +232,8 @@ def segment(
     no_tissue_mask: bool = typer.Option(False, "--no-tissue-mask", help="Process every chunk, not only tissue."),
     fmt: str = typer.Option("geojson.gz", "--format", help="geojson.gz or geojson."),
     raw_coordinates: bool = typer.Option(False, "--raw-coordinates", help="Keep raw level-0 coordinates (no bounds shift)."),
-    backend: str = typer.Option("auto", help="Slide reader: auto, openslide or tiffslide."),
+    reader: str = typer.Option("auto", help="Slide reader: auto, openslide or tiffslide."),
+    backend: str = typer.Option("auto", help="Inference: auto (ONNX Runtime on CPU, torch on GPU), torch or onnx."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (and the SLURM job script) without running."),
     cluster: str = typer.Option("local", help="local (Dask LocalCluster), slurm (dask-jobqueue) or none (this process).", rich_help_panel="Cluster"),
     scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler (tcp://host:port).", rich_help_panel="Cluster"),
@@ -274,12 +275,14 @@ def segment(
 
             n_gpus = torch.cuda.device_count()
         cfg = SegmentConfig(model_dir=str(model) if model else None, mpp=mpp, chunk_size=chunk_size, halo=halo, context=context,
-                            batch_size=batch_size, device=dev, tissue_mask=not no_tissue_mask, backend=backend,
+                            batch_size=batch_size, device=dev, tissue_mask=not no_tissue_mask, reader=reader, backend=backend,
                             geojson_format=fmt, raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite,
                             torch_threads=threads, keep_chunks=keep_chunks)
         cfg.check()
+        from .backends import resolve_backend
         from .tiling import derive_tiling
 
+        resolve_backend(cfg.backend, cfg.device)
         derive_tiling(0.5, chunk_size, halo, context)  # check sizes before starting a cluster
         yaml_options = load_cluster_yaml(cluster_config) if cluster_config else {}
         if not connect_timeout > 0:

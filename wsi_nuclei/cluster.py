@@ -114,6 +114,7 @@ def _slurm_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
         "job_script_prologue": prologue, "worker_extra_args": worker_args,
         # a walltime-killed job must not wedge the run: workers leave when the scheduler is gone
         "death_timeout": 120,
+        "job_name": "wsi-nuclei",
     }
     for name in ("log_directory", "local_directory", "interface", "python"):
         if getattr(cfg, name):

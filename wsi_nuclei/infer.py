@@ -8,6 +8,7 @@ Frames: ``image`` arrays are (H, W, 3) uint8 RGB at their own ``mpp``; probabili
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -135,36 +136,36 @@ def predict_region(model: torch.nn.Module, card: ModelCard, image: np.ndarray, d
         return torch.sigmoid(model(x))[0].float().cpu().numpy()
 
 
-def predict_tiles(
-    model: torch.nn.Module, card: ModelCard, image: np.ndarray, tile: int, context: int, batch_size: int = 4, device: str = "cpu"
+def tile_probabilities(
+    predict: Callable[[np.ndarray], np.ndarray], n_outputs: int, image: np.ndarray, tile: int, context: int, batch_size: int = 4
 ) -> np.ndarray:
     """Probabilities of the centre of ``image`` by batched tiles.
 
     ``image`` is (S, S, 3) uint8 with S = n·tile + 2·context; tiles of ``tile`` px see
-    ``context`` px more on every side and are run ``batch_size`` at a time. Returns
+    ``context`` px more on every side and are passed ``batch_size`` at a time to ``predict``
+    ((N, h, w, 3) uint8 -> (N, C, h, w) float32, see :mod:`wsi_nuclei.backends`). Returns
     (C, n·tile, n·tile) float32 for ``image[context:-context, context:-context]``.
     """
-    import torch
-
     side = image.shape[0] - 2 * context
     if image.shape[0] != image.shape[1] or side % tile or side <= 0:
         raise ValueError(f"image {image.shape[:2]} is not n*{tile} + 2*{context} square")
     n = side // tile
     origins = [(r * tile, c * tile) for r in range(n) for c in range(n)]
-    out = np.zeros((len(card.outputs), side, side), dtype=np.float32)
+    out = np.zeros((n_outputs, side, side), dtype=np.float32)
     size = tile + 2 * context
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
     for i in range(0, len(origins), batch_size):
         batch = origins[i : i + batch_size]
-        x = to_tensor(np.stack([image[y : y + size, x0 : x0 + size] for y, x0 in batch]), card).to(device)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            if autocast is not None:
-                with autocast:
-                    logits = model(x)
-            else:
-                logits = model(x)
-            probs = torch.sigmoid(logits.float()).cpu().numpy()
+        probs = predict(np.stack([image[y : y + size, x0 : x0 + size] for y, x0 in batch]))
         for (y, x0), p in zip(batch, probs):
             out[:, y : y + tile, x0 : x0 + tile] = p[:, context : context + tile, context : context + tile]
     return out
+
+
+def predict_tiles(
+    model: torch.nn.Module, card: ModelCard, image: np.ndarray, tile: int, context: int, batch_size: int = 4, device: str = "cpu"
+) -> np.ndarray:
+    """:func:`tile_probabilities` with the torch backend (see there)."""
+    from .backends import make_predictor
+
+    predict, _ = make_predictor(model, card, "torch", device)
+    return tile_probabilities(predict, len(card.outputs), image, tile, context, batch_size)

@@ -66,7 +66,8 @@ class SegmentConfig:
     batch_size: int = 4
     device: str = "cpu"
     tissue_mask: bool = True
-    backend: str = "auto"
+    reader: str = "auto"  # slide reader: auto, openslide, tiffslide
+    backend: str = "auto"  # inference: auto, torch, onnx (see backends.py)
     geojson_format: str = "geojson.gz"
     raw_coordinates: bool = False
     resume: bool = False
@@ -83,6 +84,12 @@ class SegmentConfig:
             raise ConfigError(f"--format must be geojson.gz or geojson, got {self.geojson_format!r}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
+        if self.reader not in ("auto", "openslide", "tiffslide"):
+            raise ConfigError(f"unknown --reader {self.reader!r}; use auto, openslide or tiffslide")
+        from .backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown --backend {self.backend!r}; use {', '.join(BACKENDS)}")
 
 
 @dataclass
@@ -138,17 +145,20 @@ class ChunkDone:
 # worker-side caches
 
 
-def _model(model_dir: str | None, device: str, threads: int) -> Any:
-    key = ("model", model_dir, device)
+def _predictor(model_dir: str | None, device: str, backend: str, threads: int) -> Any:
+    """(predict, card, backend name) for this worker process, built once."""
+    key = ("model", model_dir, device, backend, threads)
     if key not in _CACHE:
         import torch
 
+        from .backends import make_predictor
         from .model import load_model
 
         if threads:
             torch.set_num_threads(threads)
         model, card = load_model(model_dir)
-        _CACHE[key] = (model.to(device).to(memory_format=torch.channels_last), card)
+        predict, name = make_predictor(model, card, backend, device, threads)
+        _CACHE[key] = (predict, card, name)
     return _CACHE[key]
 
 
@@ -174,12 +184,13 @@ def _card(cfg: SegmentConfig) -> Any:
 def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig) -> tuple[SlidePlan, np.ndarray, np.ndarray | None]:
     """Open ``path``, derive tiling and tissue, list the chunks. Returns the plan, the thumbnail
     and the tissue mask (thumbnail grid). Reads the slide; writes nothing."""
+    from .backends import resolve_backend
     from .slide import open_slide
     from .tiling import derive_tiling, plan_chunks
     from .tissue import looks_greyscale, tissue_mask
 
     card = _card(cfg)
-    with open_slide(path, cfg.backend, cfg.mpp) as slide:
+    with open_slide(path, cfg.reader, cfg.mpp) as slide:
         info = slide.info
         if info.mpp is None:
             raise SlideError(f"{path}: no resolution (mpp) in the slide metadata; pass --mpp, e.g. --mpp 0.25 for 40x or 0.5 for 20x")
@@ -201,7 +212,8 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig) -> tuple[SlidePlan
     stat = Path(path).stat()
     # What makes a chunk file reusable: same slide file, model and everything that changes pixels.
     key = {"slide": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "model": card.weights_sha256,
-           "card": card.to_json(), "tiling": asdict(tiling), "mpp": info.mpp, "backend": cfg.backend, "batch": cfg.batch_size,
+           "card": card.to_json(), "tiling": asdict(tiling), "mpp": info.mpp, "reader": cfg.reader,
+           "backend": resolve_backend(cfg.backend, cfg.device), "batch": cfg.batch_size,
            "device": cfg.device, "shift": shift, "version": __version__}
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     plan = SlidePlan(str(path), str(out_dir), scale, (height, width), tiling, tuple(chunks), grid, shift,
@@ -285,18 +297,18 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> dict[str
     """Segment one chunk in memory: the core probability (uint8), the window of owned nuclei with
     global ids (uint32), the encoded GeoJSON features and timings. Reads the slide only."""
     from .export import encode_feature, feature
-    from .infer import predict_tiles
+    from .infer import tile_probabilities
     from .instances import probabilities_to_instances
     from .polygons import PolygonFrame, label_polygons
 
     tiling = plan.tiling
-    model, card = _model(cfg.model_dir, cfg.device, cfg.torch_threads)
-    slide = _slide(plan.path, cfg.backend, cfg.mpp)
+    predict, card, _ = _predictor(cfg.model_dir, cfg.device, cfg.backend, cfg.torch_threads)
+    slide = _slide(plan.path, cfg.reader, cfg.mpp)
     t0 = time.perf_counter()
     margin = tiling.halo + tiling.context
     rgb = slide.read_working((chunk.x - margin, chunk.y - margin, tiling.read_size, tiling.read_size), plan.scale)
     t1 = time.perf_counter()
-    probs = predict_tiles(model, card, rgb, tiling.tiles_per_side * tiling.tile, tiling.context, cfg.batch_size, cfg.device)
+    probs = tile_probabilities(predict, len(card.outputs), rgb, tiling.tiles_per_side * tiling.tile, tiling.context, cfg.batch_size)
     win = tiling.window
     probs = probs[:, :win, :win]
     t2 = time.perf_counter()

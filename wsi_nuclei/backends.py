@@ -1,0 +1,169 @@
+"""Inference backends behind one interface: a batch of RGB tiles in, sigmoid probabilities out.
+
+- ``torch``: the model in eval mode, channels_last, ``inference_mode``; on CUDA with bf16 autocast
+  and ``cudnn.benchmark``.
+- ``onnx``: ONNX Runtime on the CPU (2-2.8x faster than eager torch on this kind of CPU). The
+  model is exported once per weights file (sigmoid included) and cached as
+  ``<cache>/<weights sha256[:16]>-<torch version>.onnx`` (``WSI_NUCLEI_CACHE``, default
+  ``~/.cache/wsi-nuclei``), written under a temporary name and renamed, so concurrent workers
+  never read a half-written file. Outputs equal torch's within 1e-4 (a test).
+- ``auto``: torch on a GPU, ONNX Runtime on a CPU when it is installed, torch otherwise.
+
+A predictor takes (N, H, W, 3) uint8 tiles (H, W multiples of 32) and returns (N, C, H, W) float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, ModelError
+
+__all__ = ["Predictor", "make_predictor", "onnx_available", "resolve_backend", "BACKENDS", "cache_dir"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnx")
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+def onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """The concrete backend for ``backend`` on ``device``."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown --backend {backend!r}; use {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "onnx" if device == "cpu" and onnx_available() else "torch"
+    if backend == "onnx":
+        if device != "cpu":
+            raise ConfigError(f"--backend onnx runs on the CPU; use --backend torch with --device {device}")
+        if not onnx_available():
+            raise ConfigError("--backend onnx needs onnx and onnxruntime: pip install 'wsi-nuclei[onnx]'")
+    return backend
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("WSI_NUCLEI_CACHE") or Path.home() / ".cache" / "wsi-nuclei")
+
+
+def _normalise(tiles: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    x = tiles.astype(np.float32) * np.float32(1 / 255.0)
+    x -= mean
+    x /= std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _torch_predictor(model: Any, card: Any, device: str) -> Predictor:
+    import torch
+
+    from .infer import to_tensor
+
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    model = model.to(device).to(memory_format=torch.channels_last).eval()
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        x = to_tensor(tiles, card).to(device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if device.startswith("cuda"):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = model(x)
+            else:
+                logits = model(x)
+            return torch.sigmoid(logits.float()).cpu().numpy()
+
+    return predict
+
+
+def export_onnx(model: Any, card: Any, path: Path) -> Path:
+    """Export ``model`` (+ sigmoid) to ONNX with dynamic batch and size; atomic."""
+    import torch
+
+    class _WithSigmoid(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.net(x))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    import copy
+
+    # a copy in the default memory format: exporting a channels_last module gives wrong outputs
+    net = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
+    wrapped = _WithSigmoid(net)
+    dummy = torch.zeros(1, 3, 256, 256)
+    axes = {"input": {0: "n", 2: "h", 3: "w"}, "prob": {0: "n", 2: "h", 3: "w"}}
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, (dummy,), str(tmp), input_names=["input"], output_names=["prob"], dynamic_axes=axes,
+                              opset_version=17, dynamo=False)
+        os.replace(tmp, path)
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"cannot export the model to ONNX ({type(err).__name__}: {err}); use --backend torch") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("exported %s to %s", card.name, path)
+    return path
+
+
+def onnx_path(card: Any) -> Path:
+    import torch
+
+    key = card.weights_sha256[:16] or "unhashed"
+    return cache_dir() / "onnx" / f"{key}-torch{torch.__version__.split('+')[0]}.onnx"
+
+
+def _onnx_predictor(model: Any, card: Any, threads: int) -> Predictor:
+    import onnxruntime as ort
+
+    path = onnx_path(card)
+    if not path.exists() or not card.weights_sha256:
+        export_onnx(model, card, path)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # a damaged cache file: export again once
+        log.warning("re-exporting the ONNX model (%s)", err)
+        export_onnx(model, card, path)
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    mean = np.asarray(card.input_mean, np.float32)
+    std = np.asarray(card.input_std, np.float32)
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        out = session.run(None, {"input": _normalise(tiles, mean, std)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    return predict
+
+
+def make_predictor(model: Any, card: Any, backend: str = "auto", device: str = "cpu", threads: int = 0) -> tuple[Predictor, str]:
+    """A predictor for ``model`` and the name of the backend it uses."""
+    name = resolve_backend(backend, device)
+    if name == "onnx":
+        return _onnx_predictor(model, card, threads), name
+    return _torch_predictor(model, card, device), name
