@@ -65,8 +65,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-
     from memory_scaling import build_slide
+
     from wsi_nuclei.backends import make_predictor
     from wsi_nuclei.model import load_model
     from wsi_nuclei.pipeline import SegmentConfig, plan_slide, segment_many

@@ -52,6 +52,24 @@ class Nucleus:
     measurements: dict[str, float]
 
 
+_OD_LUT: np.ndarray | None = None
+
+
+def _hematoxylin_od(rgb: np.ndarray) -> np.ndarray:
+    """Hematoxylin optical density of (..., 3) uint8 RGB, as ``skimage.color.rgb2hed(rgb)[..., 0]``
+    computes it (Ruifrok & Johnston stain vectors), through a 256-entry lookup table."""
+    global _OD_LUT
+    from skimage.color import hed_from_rgb
+
+    if _OD_LUT is None:
+        v = np.maximum(np.arange(256) / 255.0, 1e-6)
+        _OD_LUT = np.log(v) / np.log(1e-6)
+    lut = _OD_LUT
+    rgb = np.asarray(rgb)
+    od = lut[rgb[..., 0]] * hed_from_rgb[0, 0] + lut[rgb[..., 1]] * hed_from_rgb[1, 0] + lut[rgb[..., 2]] * hed_from_rgb[2, 0]
+    return np.maximum(od, 0.0)
+
+
 # unit edge directions: 0 right (+col), 1 down (+row), 2 left, 3 up
 _DROW = np.array([0, 1, 0, -1], np.int64)
 _DCOL = np.array([1, 0, -1, 0], np.int64)
@@ -238,9 +256,9 @@ def label_polygons(
     present = np.array([g is not None for g in geoms], bool)
     geoms, idx = geoms[present], idx[present]
     geoms = shapely.polygons(shapely.get_exterior_ring(geoms))  # holes filled
-    geoms = shapely.orient_polygons(geoms, exterior_cw=False)
+    geoms = shapely.orient_polygons(geoms, exterior_cw=False)  # the exterior of a valid polygon is valid
     area = shapely.area(geoms)
-    valid = shapely.is_valid(geoms) & (area > 0)
+    valid = area > 0
     geoms, idx, area = geoms[valid], idx[valid], area[valid]
     perim = shapely.length(geoms)
     hull = shapely.area(shapely.convex_hull(geoms))
@@ -252,10 +270,8 @@ def label_polygons(
     if probability is not None:
         extra["probability"] = np.asarray(probability, np.float32)
     if rgb is not None:
-        from skimage.color import rgb2hed
-
         fg = np.asarray(labels).ravel() > 0
-        extra["hematoxylin"] = rgb2hed(np.asarray(rgb).reshape(-1, 3)[fg][None])[0, :, 0]
+        extra["hematoxylin"] = _hematoxylin_od(np.asarray(rgb).reshape(-1, 3)[fg])
     m = _moments(np.asarray(labels), ids[idx], extra)
     mpp = frame.mpp
     area_um = np.round(area * mpp * mpp, 3)
