@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-fast bench lint clean
+.PHONY: demo test test-fast bench bench-memory lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,9 @@ clean:
 
 bench: $(STAMP)
 	$(PY) benchmarks/tnbc_image_time.py
+	$(PY) benchmarks/geojson_speed.py
+	$(PY) benchmarks/pipeline_vs_model.py --dask
+
+bench-memory: $(STAMP)
+	$(PY) benchmarks/memory_scaling.py --model shipped --sizes 1,4,16
+	$(PY) benchmarks/memory_scaling.py --model standin --sizes 1,16 --huge 100000 --huge-tissue 0.5

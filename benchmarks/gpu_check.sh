@@ -39,7 +39,7 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print('to
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 > /tmp/gpu_util.csv &
 SMI=$!
 python3 benchmarks/pipeline_vs_model.py --device cuda --backends torch --threads 8 --batch-size 16 \
-    --synthetic-side 40000 --work /tmp/wsi-nuclei-gpu-bench | tee /tmp/pvm_gpu.txt
+    --synthetic-side 40000 --dask --work /tmp/wsi-nuclei-gpu-bench | tee /tmp/pvm_gpu.txt
 kill $SMI || true
 python3 - <<'PY'
 import json

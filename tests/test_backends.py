@@ -54,3 +54,17 @@ def test_auto_and_invalid_choices():
         resolve_backend("onnx", "cuda")
     with pytest.raises(ConfigError, match="unknown --backend"):
         resolve_backend("tensorrt", "cpu")
+
+
+def test_two_threads_building_the_predictor_at_once(tmp_path, monkeypatch):
+    """A Dask worker runs two chunk tasks at once: the first ONNX export must not race."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_nuclei import pipeline
+
+    monkeypatch.setenv("WSI_NUCLEI_CACHE", str(tmp_path))  # nothing exported yet
+    monkeypatch.setattr(pipeline, "_CACHE", {})
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda _: pipeline._predictor(None, "cpu", "onnx", 1), range(2)))
+    assert got[0] is got[1] and got[0][2] == "onnx"
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1

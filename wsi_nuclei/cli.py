@@ -223,7 +223,7 @@ def segment(
     chunk_size: int = typer.Option(1024, help="Chunk core size in working px (multiple of 32)."),
     halo: Optional[int] = typer.Option(None, help="Instance halo in working px (default: largest nucleus, from the model)."),
     context: Optional[int] = typer.Option(None, help="Model context in working px (default: measured receptive field)."),
-    batch_size: int = typer.Option(4, help="Tiles per model call."),
+    batch_size: int = typer.Option(4, help="Tiles per model call (a chunk window is one tile of chunk + 2·(halo + context) px)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Skip finished slides and reuse finished chunks of interrupted ones."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),

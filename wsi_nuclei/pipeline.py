@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _CACHE: dict[Any, Any] = {}
+#: a Dask worker runs several chunk tasks at once in threads: build each cached object once
+#: (torch.onnx.export, for one, is not thread-safe)
+_CACHE_LOCK = threading.RLock()
 #: ids are chunk index * 2**16 + local id: unique over the slide, uint32.
 _IDS_PER_CHUNK = 2**16
 #: Per-slide folder of an unfinished slide: plan, thumbnail, chunk files. Removed when finished.
@@ -148,17 +152,21 @@ class ChunkDone:
 def _predictor(model_dir: str | None, device: str, backend: str, threads: int) -> Any:
     """(predict, card, backend name) for this worker process, built once."""
     key = ("model", model_dir, device, backend, threads)
-    if key not in _CACHE:
-        import torch
+    with _CACHE_LOCK:
+        return _CACHE[key] if key in _CACHE else _build_predictor(key, model_dir, device, backend, threads)
 
-        from .backends import make_predictor
-        from .model import load_model
 
-        if threads:
-            torch.set_num_threads(threads)
-        model, card = load_model(model_dir)
-        predict, name = make_predictor(model, card, backend, device, threads)
-        _CACHE[key] = (predict, card, name)
+def _build_predictor(key: Any, model_dir: str | None, device: str, backend: str, threads: int) -> Any:
+    import torch
+
+    from .backends import make_predictor
+    from .model import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, card = load_model(model_dir)
+    predict, name = make_predictor(model, card, backend, device, threads)
+    _CACHE[key] = (predict, card, name)
     return _CACHE[key]
 
 
@@ -166,9 +174,10 @@ def _slide(path: str, backend: str, mpp: float | None) -> Any:
     from .slide import open_slide
 
     key = ("slide", path, backend, mpp)
-    if key not in _CACHE:
-        _CACHE[key] = open_slide(path, backend, mpp)
-    return _CACHE[key]
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = open_slide(path, backend, mpp)
+        return _CACHE[key]
 
 
 # ----------------------------------------------------------------------------------------------
