@@ -130,8 +130,8 @@ def main() -> None:
               f"{st['instances']:.1f} / {st['polygons']:.1f} / {st['assemble']:.1f}")
     for r in rows:
         if "dask_s" in r:
-            print(f"{r['slide']} ({r['backend']}), default set-up (LocalCluster 1 worker x {args.threads} threads, two chunks "
-                  f"overlapping): {r['dask_s']:.1f} s, ratio {r['dask_ratio']:.2f}")
+            print(f"{r['slide']} ({r['backend']}), default set-up (LocalCluster, 1 worker, one chunk at a time, "
+                  f"{args.threads} model threads): {r['dask_s']:.1f} s, ratio {r['dask_ratio']:.2f}")
     for r in rows:
         if "all_chunks_s" in r:
             print(f"tissue only ({r['backend']}): {r['chunks']} of {r['all_chunks']} chunks, {r['pipeline_s']:.1f} s "

@@ -239,7 +239,7 @@ def segment(
     scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler (tcp://host:port).", rich_help_panel="Cluster"),
     connect_timeout: float = typer.Option(30.0, help="Seconds to wait for --scheduler before giving up.", rich_help_panel="Cluster"),
     workers: int = typer.Option(1, help="Local worker processes (0: run in this process).", rich_help_panel="Cluster"),
-    threads: int = typer.Option(2, help="Threads per worker (torch threads).", rich_help_panel="Cluster"),
+    threads: int = typer.Option(2, help="CPU threads of the model in each worker (a worker runs one chunk at a time).", rich_help_panel="Cluster"),
     gpus: Optional[int] = typer.Option(None, help="GPUs: local: one worker per GPU (default: all visible when --device is cuda); slurm: GPUs per job.", rich_help_panel="Cluster"),
     cluster_config: Optional[Path] = typer.Option(None, help="YAML file of SLURM options (e.g. workflows/jobqueue.yaml); flags override it.", rich_help_panel="SLURM"),
     queue: Optional[str] = typer.Option(None, help="SLURM partition.", rich_help_panel="SLURM"),

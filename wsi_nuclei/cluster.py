@@ -1,8 +1,11 @@
 """Where chunks run: a local Dask cluster (default), SLURM jobs (dask-jobqueue), an existing
 scheduler, or this process.
 
-- ``local``: a LocalCluster of ``workers`` processes × ``threads`` threads; with ``gpus`` > 0, one
-  worker per GPU, each pinned to its own device through ``CUDA_VISIBLE_DEVICES``.
+- ``local``: a LocalCluster of ``workers`` processes, each running one chunk at a time with
+  ``threads`` CPU threads for the model (measured on 2 cores: two chunks at once, each with 2
+  threads, took 1.08-1.17x as long as one at a time; benchmarks/pipeline_vs_model.py --dask); with
+  ``gpus`` > 0, one worker per GPU, pinned to its device through ``CUDA_VISIBLE_DEVICES``, running
+  ``GPU_TASKS`` chunks at once so that one chunk's reading and polygons overlap another's inference.
 - ``slurm``: a ``dask_jobqueue.SLURMCluster`` whose jobs each run ``processes`` workers (one per
   GPU when GPUs are requested), scaled adaptively between ``min_jobs`` and ``max_jobs``.
   Options come from flags or a YAML file (``workflows/jobqueue.yaml``); flags win.
@@ -23,6 +26,8 @@ __all__ = ["ClusterConfig", "load_cluster_yaml", "make_client", "close_client", 
 
 log = logging.getLogger(__name__)
 
+#: chunks a GPU worker runs at once (CPU stages of one overlap the GPU work of the other)
+GPU_TASKS = 2
 #: local workers ignore Ctrl-C; the driver handles it (see worker_setup.py)
 _PRELOAD = "wsi_nuclei.worker_setup"
 
@@ -165,7 +170,7 @@ def _local_gpu_cluster(cfg: ClusterConfig) -> Any:
     if len(visible) < cfg.gpus:
         raise ConfigError(f"--gpus {cfg.gpus} but CUDA_VISIBLE_DEVICES lists only {len(visible)} ({','.join(visible)})")
     workers = {
-        f"gpu-{k}": {"cls": Nanny, "options": {"nthreads": cfg.threads, "env": {"CUDA_VISIBLE_DEVICES": visible[k]}, "preload": [_PRELOAD]}}
+        f"gpu-{k}": {"cls": Nanny, "options": {"nthreads": GPU_TASKS, "env": {"CUDA_VISIBLE_DEVICES": visible[k]}, "preload": [_PRELOAD]}}
         for k in range(cfg.gpus)
     }
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
@@ -193,7 +198,8 @@ def make_client(cfg: ClusterConfig) -> Any:
         return Client(cluster)
     if cfg.gpus:
         return Client(_local_gpu_cluster(cfg))
-    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads, processes=True, dashboard_address=":0",
+    # one chunk at a time per worker; the model uses cfg.threads threads (SegmentConfig.torch_threads)
+    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                            preload=[_PRELOAD])
     return Client(cluster)
 
