@@ -22,8 +22,8 @@ from .polygons import Nucleus
 __all__ = ["GeoJSONWriter", "feature", "encode_feature", "NUCLEUS_CLASS", "feature_id"]
 
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [200, 0, 0]}
-#: gzip level of .geojson.gz: 3 writes ~140k features/s at 0.20 of the raw size; 9 (gzip's default)
-#: ~13k/s at 0.16 (benchmarks/geojson_speed.py).
+#: gzip level of .geojson.gz: 3 wrote 132k features/s at 0.22 of the raw size, 9 (gzip's default)
+#: 12.6k/s at 0.17 (benchmarks/geojson_speed.py, README Performance).
 GZIP_LEVEL = 3
 _NAMESPACE = uuid.UUID("5b4f2a2e-3c1d-4f0e-9a51-7e3d2c1b0a99")
 
