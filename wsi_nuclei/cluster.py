@@ -2,10 +2,9 @@
 scheduler, or this process.
 
 - ``local``: a LocalCluster of ``workers`` processes, each running one chunk at a time with
-  ``threads`` CPU threads for the model (measured on 2 cores: two chunks at once, each with 2
-  threads, took 1.08-1.17x as long as one at a time; benchmarks/pipeline_vs_model.py --dask
-  at commit 22af1dc); with
-  ``gpus`` > 0, one worker per GPU, pinned to its device through ``CUDA_VISIBLE_DEVICES``, running
+  ``threads`` CPU threads for the model (on 2 cores, two chunks at once with 2 threads each took
+  23.7 s and 39.9 s, one at a time 23.1 s and 39.0 s: benchmarks/pipeline_vs_model.py --dask, the
+  former at commit 22af1dc); with ``gpus`` > 0, one worker per GPU, pinned to its device through ``CUDA_VISIBLE_DEVICES``, running
   ``GPU_TASKS`` chunks at once so that one chunk's reading and polygons overlap another's inference.
 - ``slurm``: a ``dask_jobqueue.SLURMCluster`` whose jobs each run ``processes`` workers (one per
   GPU when GPUs are requested), scaled adaptively between ``min_jobs`` and ``max_jobs``.
