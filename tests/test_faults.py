@@ -333,7 +333,8 @@ def test_chunk_that_keeps_raising_fails_only_its_slide(tmp_path):
     from wsi_nuclei.cluster import ClusterConfig, close_client, make_client
     from wsi_nuclei.scheduler import TASK_RETRIES
 
-    disc_slide(tmp_path / "in" / "a.tif", (512, 512), seed=11) if (tmp_path / "in").mkdir() is None else None
+    (tmp_path / "in").mkdir()
+    disc_slide(tmp_path / "in" / "a.tif", (512, 512), seed=11)
     disc_slide(tmp_path / "in" / "b.tif", (512, 512), seed=12)
     counter = tmp_path / "attempts.txt"
     client = make_client(ClusterConfig(workers=1, threads=1))
