@@ -119,7 +119,6 @@ def export_onnx(model: Any, card: Any, path: Path) -> Path:
                               opset_version=17, dynamo=False)
         os.replace(tmp, path)
     except Exception as err:
-        tmp.unlink(missing_ok=True)
         raise ModelError(f"cannot export the model to ONNX ({type(err).__name__}: {err}); use --backend torch") from err
     finally:
         tmp.unlink(missing_ok=True)

@@ -10,11 +10,15 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from .errors import WsiNucleiError
+
+if TYPE_CHECKING:  # annotations only: the CLI imports its heavy modules inside the commands
+    from .cluster import ClusterConfig
+    from .pipeline import SegmentConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Nuclei segmentation for H&E images with EfficientUnet++.")
 _state = {"debug": False}
@@ -349,22 +353,21 @@ def _segment_device(device: str, cluster: str, scheduler: Optional[str], dry_run
     return select_device(device)
 
 
-def _dry_run(inputs: list[Path], out: Path, cfg: object, ccfg: object, max_slides: int) -> None:
+def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterConfig, max_slides: int) -> None:
     """Print the SLURM job script (for --cluster slurm) and the plan; runs and writes nothing."""
     from .cluster import slurm_job_script
     from .pipeline import find_slides, plan_slide, slide_jobs
 
-    if getattr(ccfg, "kind") == "slurm" and not getattr(ccfg, "scheduler"):
-        typer.echo("# SLURM job script (one per job; scaled adaptively "
-                   f"{getattr(ccfg, 'min_jobs')}..{getattr(ccfg, 'max_jobs')} jobs)")
-        typer.echo(slurm_job_script(ccfg))  # type: ignore[arg-type]
+    if ccfg.kind == "slurm" and not ccfg.scheduler:
+        typer.echo(f"# SLURM job script (one per job; scaled adaptively {ccfg.min_jobs}..{ccfg.max_jobs} jobs)")
+        typer.echo(slurm_job_script(ccfg))
     slides, bad = find_slides(inputs)
     typer.echo(f"# plan: {len(slides)} slides -> {out} ({max_slides} in flight)")
     typer.echo("slide\tsize_level0\tmpp\tchunks\tgrid\ttissue_mm2\toutput\tnote")
     total_chunks, total_mm2 = 0, 0.0
     for path, out_dir in slide_jobs(slides, out):
         try:
-            plan, _, _ = plan_slide(path, out_dir, cfg)  # type: ignore[arg-type]
+            plan, _, _ = plan_slide(path, out_dir, cfg)
         except WsiNucleiError as err:
             typer.echo(f"{path}\t\t\t\t\t\t{out_dir}\terror: {err}")
             continue

@@ -368,10 +368,9 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
         res = segment_chunk(plan, chunk, cfg)
     except WsiNucleiError as err:
         return ChunkDone(chunk.index, 0, 0.0, error=str(err))
-    t1 = time.perf_counter()
     blob = b",\n".join(res["features"])
     meta = {"chunk": asdict(chunk), "nuclei": len(res["features"]), "cut": res["cut"],
-            "times": {**res["times"], "persist": 0.0}, "fingerprint": plan.fingerprint}
+            "times": res["times"], "fingerprint": plan.fingerprint}
     buf = io.BytesIO()
     np.savez_compressed(buf, probability=res["probability"], owned=res["owned"],
                         features=np.frombuffer(blob, dtype=np.uint8), meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
@@ -383,8 +382,9 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         return ChunkDone(chunk.index, 0, 0.0, error=f"{target}: cannot write the chunk result ({err.strerror}); free disk space or choose another -o folder")
-    log.debug("%s: chunk %d done (%d nuclei, %.2f s)", plan.path, chunk.index, meta["nuclei"], time.perf_counter() - t0)
-    return ChunkDone(chunk.index, int(meta["nuclei"]), round(t1 - t0, 4))
+    seconds = time.perf_counter() - t0
+    log.debug("%s: chunk %d done (%d nuclei, %.2f s)", plan.path, chunk.index, meta["nuclei"], seconds)
+    return ChunkDone(chunk.index, int(meta["nuclei"]), round(seconds, 4))
 
 
 def read_chunk_file(path: Path) -> dict[str, Any]:

@@ -69,6 +69,7 @@ class _Dask:
     def __init__(self, client: Any, min_pending: int = 0) -> None:
         self.client = client
         self.min_pending = min_pending
+        self._threads = (0, -1e9)  # (thread count, when asked): asked at most once a second
 
     def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
         return self.client.submit(fn, *args, pure=False, retries=TASK_RETRIES, priority=priority)
@@ -79,10 +80,13 @@ class _Dask:
         return list(wait(futures, return_when="FIRST_COMPLETED").done)
 
     def capacity(self) -> int:
-        try:
-            threads = sum(self.client.nthreads().values())
-        except Exception:  # scheduler busy or reconnecting: a safe default
-            threads = 0
+        threads, when = self._threads
+        if time.monotonic() - when > 1.0:
+            try:
+                threads = sum(self.client.nthreads().values())
+            except Exception:  # scheduler busy or reconnecting: a safe default
+                threads = 0
+            self._threads = (threads, time.monotonic())
         # an adaptive cluster (SLURM) scales on queued tasks: keep enough queued to ask for every job
         return max(4, self.min_pending, 2 * threads + 2)
 
