@@ -68,3 +68,35 @@ def test_two_threads_building_the_predictor_at_once(tmp_path, monkeypatch):
         got = list(pool.map(lambda _: pipeline._predictor(None, "cpu", "onnx", 1), range(2)))
     assert got[0] is got[1] and got[0][2] == "onnx"
     assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_cpu_forward_passes_take_turns(backend):
+    """Chunk tasks of one process overlap, but a CPU forward pass waits for MODEL_GATE (the model
+    already uses every core), and the wait is counted apart from the inference time."""
+    import threading
+    import time
+
+    from wsi_nuclei.backends import MODEL_GATE, gate_wait_seconds
+    from wsi_nuclei.model import load_model
+
+    model, card = load_model()
+    predict, _ = make_predictor(model, card, backend, "cpu")
+    tiles = np.full((1, 64, 64, 3), 200, np.uint8)
+    predict(tiles)  # first-call set-up outside the measurement
+    seen: dict[str, float] = {}
+    mine = gate_wait_seconds()
+
+    def run() -> None:
+        before = gate_wait_seconds()
+        seen["out"] = float(predict(tiles).mean())
+        seen["waited"] = gate_wait_seconds() - before
+
+    with MODEL_GATE:
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(0.5)
+        assert worker.is_alive() and "out" not in seen  # blocked while another forward pass holds the gate
+    worker.join(30)
+    assert "out" in seen and seen["waited"] >= 0.4
+    assert gate_wait_seconds() == mine  # counted per thread: this one never waited

@@ -228,3 +228,15 @@ def test_snakemake_workflow_segments_every_slide(slides, reference, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for name in ("a", "b", "c"):
         assert _digest(tmp_path / "out" / name) == _digest(reference / name)
+
+
+def test_one_chunk_at_a_time_equals_the_overlapped_default(slides, reference, tmp_path, monkeypatch):
+    """Without Dask, CPU_TASKS chunks run at once (their forward passes take turns, the rest
+    overlaps, as in a LocalCluster worker): one chunk at a time gives the same bytes."""
+    import wsi_nuclei.scheduler as scheduler
+
+    monkeypatch.setattr(scheduler, "CPU_TASKS", 1)
+    out = tmp_path / "one_at_a_time"
+    results = segment_many([slides], out, SegmentConfig(**OPTS), max_slides=1)
+    assert [r.status for r in results] == ["ok"] * 3
+    assert _digest(out) == _digest(reference)

@@ -35,3 +35,23 @@ def test_cmu_sample_thumbnail(shared_data):
         thumb, _ = s.thumbnail(512)
     frac = tissue_mask(thumb).mean()
     assert 0.2 < frac < 0.8  # a strip of skin with glass around it
+
+
+def test_transparent_pixels_are_composited_on_white():
+    """Slide reads come as RGBA; the fast path (only non-opaque pixels) equals compositing all."""
+    from wsi_nuclei.slide import composite_on_white
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (64, 48, 4), dtype=np.uint8)
+    rgba[:20, :, 3] = 255
+    rgba[20:30, :, 3] = 0
+    a = rgba[..., 3:4].astype(np.float32) / 255.0
+    expected = (rgba[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)).round().astype(np.uint8)
+    out = composite_on_white(rgba)
+    assert out.shape == (64, 48, 3) and out.flags.c_contiguous
+    assert np.array_equal(out, expected)
+    assert (out[20:30] == 255).all() and np.array_equal(out[:20], rgba[:20, :, :3])
+    opaque = rgba.copy()
+    opaque[..., 3] = 255
+    assert np.array_equal(composite_on_white(opaque), rgba[..., :3])
+    assert np.array_equal(composite_on_white(rgba[..., :3]), rgba[..., :3])

@@ -10,14 +10,22 @@
 - ``auto``: torch on a GPU, ONNX Runtime on a CPU when it is installed, torch otherwise.
 
 A predictor takes (N, H, W, 3) uint8 tiles (H, W multiples of 32) and returns (N, C, H, W) float32.
+
+On a CPU, forward passes take turns through :data:`MODEL_GATE`: one at a time per process. The
+model already uses every core it is given, so a second forward pass only competes with it, but a
+second chunk task can read its region, find instances and write polygons while the first holds
+the gate (see ``CPU_TASKS`` in :mod:`wsi_nuclei.cluster`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +33,29 @@ import numpy as np
 
 from .errors import ConfigError, ModelError
 
-__all__ = ["Predictor", "make_predictor", "onnx_available", "resolve_backend", "BACKENDS", "cache_dir"]
+__all__ = ["Predictor", "make_predictor", "onnx_available", "resolve_backend", "BACKENDS", "cache_dir", "MODEL_GATE", "gate_wait_seconds"]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx")
 Predictor = Callable[[np.ndarray], np.ndarray]
+#: held by a CPU forward pass: one at a time per process (the pre- and post-processing around it is not)
+MODEL_GATE = threading.Lock()
+_WAITED = threading.local()
+
+
+@contextmanager
+def _model_turn() -> Iterator[None]:
+    """Hold :data:`MODEL_GATE`; the time spent waiting for it adds to this thread's total."""
+    t0 = time.perf_counter()
+    with MODEL_GATE:
+        _WAITED.seconds = gate_wait_seconds() + time.perf_counter() - t0
+        yield
+
+
+def gate_wait_seconds() -> float:
+    """Seconds this thread has waited for :data:`MODEL_GATE` so far."""
+    return float(getattr(_WAITED, "seconds", 0.0))
 
 
 def onnx_available() -> bool:
@@ -83,7 +108,8 @@ def _torch_predictor(model: Any, card: Any, device: str) -> Predictor:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     logits = model(x)
             else:
-                logits = model(x)
+                with _model_turn():
+                    logits = model(x)
             return torch.sigmoid(logits.float()).cpu().numpy()
 
     return predict
@@ -154,7 +180,9 @@ def _onnx_predictor(model: Any, card: Any, threads: int) -> Predictor:
     std = np.asarray(card.input_std, np.float32)
 
     def predict(tiles: np.ndarray) -> np.ndarray:
-        out = session.run(None, {"input": _normalise(tiles, mean, std)})[0]
+        x = _normalise(tiles, mean, std)
+        with _model_turn():
+            out = session.run(None, {"input": x})[0]
         return np.asarray(out, dtype=np.float32)
 
     return predict

@@ -1,11 +1,11 @@
 """Where chunks run: a local Dask cluster (default), SLURM jobs (dask-jobqueue), an existing
 scheduler, or this process.
 
-- ``local``: a LocalCluster of ``workers`` processes, each running one chunk at a time with
-  ``threads`` CPU threads for the model (on 2 cores, two chunks at once with 2 threads each took
-  23.7 s and 39.9 s, one at a time 23.1 s and 39.0 s: benchmarks/pipeline_vs_model.py --dask, the
-  former at commit 22af1dc); with ``gpus`` > 0, one worker per GPU, pinned to its device through ``CUDA_VISIBLE_DEVICES``, running
-  ``GPU_TASKS`` chunks at once so that one chunk's reading and polygons overlap another's inference.
+- ``local``: a LocalCluster of ``workers`` processes, each running ``CPU_TASKS`` chunks at once
+  whose forward passes take turns (``backends.MODEL_GATE``), each with ``threads`` CPU threads:
+  one chunk's reading and post-processing overlap another's forward pass. With ``gpus`` > 0, one
+  worker per GPU, pinned to its device through ``CUDA_VISIBLE_DEVICES``, running ``GPU_TASKS``
+  chunks at once.
 - ``slurm``: a ``dask_jobqueue.SLURMCluster`` whose jobs each run ``processes`` workers (one per
   GPU when GPUs are requested), scaled adaptively between ``min_jobs`` and ``max_jobs``.
   Options come from flags or a YAML file (``workflows/jobqueue.yaml``); flags win.
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: chunks a GPU worker runs at once (CPU stages of one overlap the GPU work of the other)
 GPU_TASKS = 2
+#: chunks a CPU worker (or the process, without Dask) runs at once; their forward passes take turns
+CPU_TASKS = 2
 #: local workers ignore Ctrl-C; the driver handles it (see worker_setup.py)
 _PRELOAD = "wsi_nuclei.worker_setup"
 
@@ -198,8 +200,8 @@ def make_client(cfg: ClusterConfig) -> Any:
         return Client(cluster)
     if cfg.gpus:
         return Client(_local_gpu_cluster(cfg))
-    # one chunk at a time per worker; the model uses cfg.threads threads (SegmentConfig.torch_threads)
-    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+    # CPU_TASKS chunks per worker, one forward pass at a time with cfg.threads threads (SegmentConfig.torch_threads)
+    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=CPU_TASKS, processes=True, dashboard_address=":0",
                            preload=[_PRELOAD])
     return Client(cluster)
 

@@ -6,7 +6,8 @@ driver's memory stays flat: it holds plans and futures of small results, never a
 whose chunks are all on disk gets one assembly task. A failing chunk (after Dask's retries)
 fails its slide, naming the chunk; the other slides go on.
 
-Without a Dask client the same loop runs every task in this process, in order.
+Without a Dask client the same loop runs the tasks in this process, on ``CPU_TASKS`` threads
+(chunks overlap: one's forward pass with another's reading and post-processing).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cluster import CPU_TASKS
 from .errors import WsiNucleiError
 from .pipeline import (
     ChunkDone,
@@ -42,27 +44,30 @@ log = logging.getLogger(__name__)
 TASK_RETRIES = 2
 
 
-class _Inline:
-    """Runs each task at submit time in this process; same interface as the Dask executor."""
+class _Local:
+    """Runs tasks in this process on ``n`` threads; same interface as the Dask executor. Tasks
+    start in submission order; a chunk's model call waits its turn (backends.MODEL_GATE)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.pool = cf.ThreadPoolExecutor(n, thread_name_prefix="wsi-nuclei-task")
 
     def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> cf.Future[Any]:
-        fut: cf.Future[Any] = cf.Future()
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
-            if isinstance(err, (KeyboardInterrupt, SystemExit)):
-                raise
-            fut.set_exception(err)
-        return fut
+        return self.pool.submit(fn, *args)
 
     def wait(self, futures: list[Any]) -> list[Any]:
-        return list(futures)
+        return list(cf.wait(futures, return_when=cf.FIRST_COMPLETED).done)
 
     def capacity(self) -> int:
-        return 1
+        return self.n
 
     def cancel(self, futures: list[Any]) -> None:
-        pass
+        for fut in futures:
+            fut.cancel()
+
+    def close(self) -> None:
+        # tasks already running finish (each writes its chunk file atomically); queued ones are dropped
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Dask:
@@ -126,7 +131,7 @@ def run_batch(
     recorded (used by :func:`wsi_nuclei.pipeline.segment_slide`). ``min_pending`` keeps at least
     that many tasks queued (for adaptive clusters, which add workers only for queued work).
     """
-    ex: _Inline | _Dask = _Dask(client, min_pending) if client is not None else _Inline()
+    ex: _Local | _Dask = _Dask(client, min_pending) if client is not None else _Local(CPU_TASKS)
     results: dict[int, SlideResult] = {}
     queue = deque(enumerate(jobs))
     active: dict[int, _Slide] = {}
@@ -242,4 +247,7 @@ def run_batch(
     except BaseException:
         ex.cancel(list(pending))
         raise
+    finally:
+        if isinstance(ex, _Local):
+            ex.close()
     return [results[i] for i in sorted(results)]

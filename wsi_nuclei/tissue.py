@@ -18,10 +18,12 @@ def tissue_mask(thumbnail: np.ndarray, min_area_px: int = 16) -> np.ndarray:
     """
     from skimage.filters import threshold_otsu
 
-    rgb = thumbnail.astype(np.float32) / 255.0
-    mx, mn = rgb.max(axis=2), rgb.min(axis=2)
-    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
-    bright = rgb.mean(axis=2)
+    r, g, b = thumbnail[:, :, 0], thumbnail[:, :, 1], thumbnail[:, :, 2]
+    # channel by channel: numpy reduces a last axis of 3 some 50x slower
+    mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    # HSV saturation (max - min) / max, 0 for black; brightness = mean of R, G, B in [0, 1]
+    sat = (mx - mn).astype(np.float32) / np.maximum(mx, 1).astype(np.float32)
+    bright = (r.astype(np.uint16) + g + b).astype(np.float32) / np.float32(3 * 255)
     if float(sat.max()) - float(sat.min()) < 1e-3:
         return np.zeros(thumbnail.shape[:2], dtype=bool)
     thr = min(0.15, max(0.05, float(threshold_otsu(sat))))
@@ -40,7 +42,7 @@ def tissue_mask(thumbnail: np.ndarray, min_area_px: int = 16) -> np.ndarray:
 def looks_greyscale(thumbnail: np.ndarray) -> bool:
     """True for a thumbnail with dark content but no colour at all: not an H&E slide (blank glass,
     which is also colourless, is not dark)."""
-    rgb = thumbnail.astype(np.int16)
-    chroma = rgb.max(axis=2) - rgb.min(axis=2)
-    dark = rgb.mean(axis=2) < 200
+    r, g, b = thumbnail[:, :, 0], thumbnail[:, :, 1], thumbnail[:, :, 2]
+    chroma = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    dark = r.astype(np.uint16) + g + b < 600  # mean < 200
     return bool(dark.mean() > 0.01 and np.percentile(chroma[dark], 99) <= 3)
