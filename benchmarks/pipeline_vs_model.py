@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--backends", default="torch,onnx")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: torch backend only)")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--chunk-size", type=int, default=None, help="working px (default: segment's default)")
     ap.add_argument("--dask", action="store_true", help="also time the default `segment` set-up: a LocalCluster of 1 worker x threads")
     ap.add_argument("--synthetic-side", type=int, default=12288, help="level-0 px of the synthetic slide (0.25 µm/px)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "wsi-nuclei-pipeline-bench")
@@ -80,7 +81,8 @@ def main() -> None:
     model, card = load_model()
     rows = []
     for backend in args.backends.split(","):
-        cfg = SegmentConfig(backend=backend, torch_threads=args.threads, overwrite=True, device=args.device, batch_size=args.batch_size)
+        chunk = {"chunk_size": args.chunk_size} if args.chunk_size else {}
+        cfg = SegmentConfig(backend=backend, torch_threads=args.threads, overwrite=True, device=args.device, batch_size=args.batch_size, **chunk)
         predict, name = make_predictor(model, card, backend, args.device, args.threads)
         # warm-up: the pipeline's own model cache, the ONNX export, first-call allocations
         segment_many([slides["CMU-1-Small-Region (real)"]], args.work / "warmup", cfg)
@@ -112,7 +114,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 full = segment_many([path], args.work / f"full_{name}", SegmentConfig(backend=backend, torch_threads=args.threads,
                                                                                      overwrite=True, tissue_mask=False, device=args.device,
-                                                                                     batch_size=args.batch_size))[0]
+                                                                                     batch_size=args.batch_size, **chunk))[0]
                 row["all_chunks_s"] = round(time.perf_counter() - t0, 2)
                 row["all_chunks"] = json.loads((Path(full.out_dir) / "summary.json").read_text())["chunks"]["processed"]
             rows.append(row)
@@ -120,7 +122,7 @@ def main() -> None:
 
     gpu = f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""
     print(f"\npipeline vs bare model — {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, "
-          f"{args.threads} threads, batch {args.batch_size}, torch {torch.__version__}, in-process (no Dask)")
+          f"{args.threads} threads, chunk {cfg.chunk_size} px, torch {torch.__version__}, in-process (no Dask)")
     print(f"{'slide':<36} {'backend':>7} {'chunks':>6} {'nuclei':>7} {'tissue mm²':>10} {'model s':>8} {'pipeline s':>10} "
           f"{'ratio':>6} {'s/mm²':>6}  stages (s): read / inference / instances / polygons / assembly")
     for r in rows:

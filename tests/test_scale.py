@@ -71,7 +71,8 @@ def test_slurm_job_script_contains_the_flags(tmp_path):
     script = slurm_job_script(cfg)
     for text in ("#SBATCH -p gpu-a100", "#SBATCH -A lab42", "#SBATCH -t 02:30:00", "#SBATCH --cpus-per-task=8",
                  "#SBATCH --mem=45G", "#SBATCH --gres=gpu:2", "#SBATCH --qos=long", "module load cuda/12.4",
-                 "--nworkers 2", "--preload wsi_nuclei.gpu_pin", sys.executable):
+                 "--nworkers 2", "--preload wsi_nuclei.gpu_pin", sys.executable,
+                 "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"):
         assert text in script, text
 
 

@@ -30,6 +30,27 @@ log = logging.getLogger(__name__)
 GPU_TASKS = 2
 #: chunks a CPU worker (or the process, without Dask) runs at once; their forward passes take turns
 CPU_TASKS = 2
+#: Dask settings for the clusters started here. The model keeps every core busy, so whatever else
+#: runs takes time from it; measured on 2 cores (see the README, Performance):
+#: - the worker's statistical profiler (a stack sample of every thread each 10 ms) and the 20 ms
+#:   event-loop ticks cost 0.42 and 0.40 CPU-s per 10 s in an idle worker and driver (0.01 and 0.06
+#:   with these settings), and a forward pass in a worker took 6% longer than in a plain process;
+#: - the nanny's MALLOC_TRIM_THRESHOLD_=65536 turns off glibc's dynamic mmap threshold, so every
+#:   large array is mapped and its pages faulted in afresh: an in-process run of CMU-1-Small-Region
+#:   took 19.1-19.9 s with it and 17.7 s without.
+#: None removes a variable the nanny would set; everything else only slows Dask's bookkeeping.
+QUIET_DASK: dict[str, Any] = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "500ms",
+    "distributed.admin.tick.limit": "10s",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+#: the same for SLURM jobs, whose workers read their settings from the environment
+_QUIET_ENV = ("export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False", "export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=500ms",
+              "export DASK_DISTRIBUTED__ADMIN__TICK__LIMIT=10s", "export DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL=2s",
+              "export DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL=1s")
 #: local workers ignore Ctrl-C; the driver handles it (see worker_setup.py)
 _PRELOAD = "wsi_nuclei.worker_setup"
 
@@ -109,7 +130,7 @@ def merge(cfg: ClusterConfig, yaml_options: dict[str, Any], flags: dict[str, Any
 def _slurm_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     processes = max(cfg.processes, cfg.gpus) if cfg.gpus else cfg.processes
     directives = list(cfg.job_extra)
-    prologue = list(cfg.prologue)
+    prologue = list(_QUIET_ENV) + list(cfg.prologue)
     worker_args: list[str] = []
     if cfg.gpus:
         directives.append(f"--gres=gpu:{cfg.gpus}")
@@ -193,17 +214,20 @@ def make_client(cfg: ClusterConfig) -> Any:
         except (OSError, TimeoutError, ValueError) as err:
             raise ConfigError(f"cannot reach the Dask scheduler at {cfg.scheduler} within {cfg.timeout_s:.0f} s ({err}); "
                               "check the address or drop --scheduler") from err
-    if cfg.kind == "slurm":
-        cluster = slurm_cluster(cfg)
-        cluster.adapt(minimum_jobs=cfg.min_jobs, maximum_jobs=cfg.max_jobs)
-        log.info("SLURM cluster: adaptive %d..%d jobs; dashboard %s", cfg.min_jobs, cfg.max_jobs, cluster.dashboard_link)
+    import dask
+
+    with dask.config.set(QUIET_DASK):
+        if cfg.kind == "slurm":
+            cluster = slurm_cluster(cfg)
+            cluster.adapt(minimum_jobs=cfg.min_jobs, maximum_jobs=cfg.max_jobs)
+            log.info("SLURM cluster: adaptive %d..%d jobs; dashboard %s", cfg.min_jobs, cfg.max_jobs, cluster.dashboard_link)
+            return Client(cluster)
+        if cfg.gpus:
+            return Client(_local_gpu_cluster(cfg))
+        # CPU_TASKS chunks per worker, one forward pass at a time with cfg.threads threads (SegmentConfig.torch_threads)
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=CPU_TASKS, processes=True, dashboard_address=":0",
+                               preload=[_PRELOAD])
         return Client(cluster)
-    if cfg.gpus:
-        return Client(_local_gpu_cluster(cfg))
-    # CPU_TASKS chunks per worker, one forward pass at a time with cfg.threads threads (SegmentConfig.torch_threads)
-    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=CPU_TASKS, processes=True, dashboard_address=":0",
-                           preload=[_PRELOAD])
-    return Client(cluster)
 
 
 def close_client(client: Any, timeout_s: float = 10.0) -> None:

