@@ -132,7 +132,7 @@ def main() -> None:
               f"{st['instances']:.1f} / {st['polygons']:.1f} / {st['assemble']:.1f}")
     for r in rows:
         if "dask_s" in r:
-            print(f"{r['slide']} ({r['backend']}), default set-up (LocalCluster, 1 worker, one chunk at a time, "
+            print(f"{r['slide']} ({r['backend']}), default set-up (LocalCluster, 1 worker, 2 chunks whose forward passes take turns, "
                   f"{args.threads} model threads): {r['dask_s']:.1f} s, ratio {r['dask_ratio']:.2f}")
     for r in rows:
         if "all_chunks_s" in r:

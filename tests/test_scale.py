@@ -87,6 +87,8 @@ def test_dry_run_prints_job_script_from_yaml_and_plan(shared_data, tmp_path):
     assert "#SBATCH -p short" in result.output and "#SBATCH -A pathology" in result.output
     assert "#SBATCH -t 00:30:00" in result.output  # the flag beats the YAML
     assert "0..7 jobs" in result.output
+    # a CPU job: the worker's forward passes take turns, so each uses all 4 cores of the job
+    assert "forward passes of 4 CPU threads" in result.output
     assert "CMU-1-Small-Region.svs" in result.output and "total: 1 slides" in result.output
     assert not (tmp_path / "out").exists()  # nothing run, nothing written
 

@@ -101,16 +101,23 @@ def _torch_predictor(model: Any, card: Any, device: str) -> Predictor:
         torch.backends.cudnn.benchmark = True
     model = model.to(device).to(memory_format=torch.channels_last).eval()
 
-    def predict(tiles: np.ndarray) -> np.ndarray:
+    def forward(tiles: np.ndarray) -> np.ndarray:
         x = to_tensor(tiles, card).to(device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             if device.startswith("cuda"):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     logits = model(x)
             else:
-                with _model_turn():
-                    logits = model(x)
+                logits = model(x)
             return torch.sigmoid(logits.float()).cpu().numpy()
+
+    if device.startswith("cuda"):
+        return forward
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        # on a CPU the normalisation and sigmoid run on torch's thread pool too: all inside the turn
+        with _model_turn():
+            return forward(tiles)
 
     return predict
 
@@ -180,9 +187,8 @@ def _onnx_predictor(model: Any, card: Any, threads: int) -> Predictor:
     std = np.asarray(card.input_std, np.float32)
 
     def predict(tiles: np.ndarray) -> np.ndarray:
-        x = _normalise(tiles, mean, std)
         with _model_turn():
-            out = session.run(None, {"input": x})[0]
+            out = session.run(None, {"input": _normalise(tiles, mean, std)})[0]
         return np.asarray(out, dtype=np.float32)
 
     return predict

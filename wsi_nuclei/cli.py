@@ -243,7 +243,8 @@ def segment(
     scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler (tcp://host:port).", rich_help_panel="Cluster"),
     connect_timeout: float = typer.Option(30.0, help="Seconds to wait for --scheduler before giving up.", rich_help_panel="Cluster"),
     workers: int = typer.Option(1, help="Local worker processes (0: run in this process).", rich_help_panel="Cluster"),
-    threads: int = typer.Option(2, help="CPU threads of the model in each worker (a worker runs one chunk at a time).", rich_help_panel="Cluster"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads of a forward pass (default 2; on SLURM without GPUs, --cores / --processes). "
+                                          "A worker runs two chunks at once and their forward passes take turns.", rich_help_panel="Cluster"),
     gpus: Optional[int] = typer.Option(None, help="GPUs: local: one worker per GPU (default: all visible when --device is cuda); slurm: GPUs per job.", rich_help_panel="Cluster"),
     cluster_config: Optional[Path] = typer.Option(None, help="YAML file of SLURM options (e.g. workflows/jobqueue.yaml); flags override it.", rich_help_panel="SLURM"),
     queue: Optional[str] = typer.Option(None, help="SLURM partition.", rich_help_panel="SLURM"),
@@ -281,7 +282,7 @@ def segment(
         cfg = SegmentConfig(model_dir=str(model) if model else None, mpp=mpp, chunk_size=chunk_size, halo=halo, context=context,
                             batch_size=batch_size, device=dev, tissue_mask=not no_tissue_mask, reader=reader, backend=backend,
                             geojson_format=fmt, raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite,
-                            torch_threads=threads, keep_chunks=keep_chunks)
+                            torch_threads=threads or 2, keep_chunks=keep_chunks)
         cfg.check()
         from .backends import resolve_backend
         from .tiling import derive_tiling
@@ -291,10 +292,14 @@ def segment(
         yaml_options = load_cluster_yaml(cluster_config) if cluster_config else {}
         if not connect_timeout > 0:
             raise WsiNucleiError(f"--connect-timeout must be > 0 s, got {connect_timeout}")
-        ccfg = merge(ClusterConfig(kind=cluster, workers=workers, threads=threads, timeout_s=connect_timeout), yaml_options,
+        ccfg = merge(ClusterConfig(kind=cluster, workers=workers, threads=threads or 2, timeout_s=connect_timeout), yaml_options,
                      {"scheduler": scheduler, "gpus": n_gpus, "queue": queue, "account": account, "walltime": walltime,
                       "cores": cores, "memory": memory, "processes": processes, "job_extra": tuple(job_extra),
                       "min_jobs": min_jobs, "max_jobs": max_jobs})
+        if threads is None and ccfg.kind == "slurm" and not ccfg.gpus and not ccfg.scheduler:
+            # a CPU job: each worker's forward passes take turns, so each may use all of the worker's cores
+            threads = max(1, ccfg.cores // max(1, ccfg.processes))
+            ccfg, cfg = replace(ccfg, threads=threads), replace(cfg, torch_threads=threads)
         ccfg.check()
         load_model(model)  # a broken model fails here, once, not on every slide
         if dry_run:
@@ -361,6 +366,8 @@ def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterCon
     if ccfg.kind == "slurm" and not ccfg.scheduler:
         typer.echo(f"# SLURM job script (one per job; scaled adaptively {ccfg.min_jobs}..{ccfg.max_jobs} jobs)")
         typer.echo(slurm_job_script(ccfg))
+    if ccfg.kind != "none" and not ccfg.gpus:
+        typer.echo(f"# model: forward passes of {cfg.torch_threads} CPU threads, one at a time per worker (--threads)")
     slides, bad = find_slides(inputs)
     typer.echo(f"# plan: {len(slides)} slides -> {out} ({max_slides} in flight)")
     typer.echo("slide\tsize_level0\tmpp\tchunks\tgrid\ttissue_mm2\toutput\tnote")
