@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/tnbc_image_time.py
 	$(PY) benchmarks/geojson_speed.py
 	$(PY) benchmarks/pipeline_vs_model.py --dask
+	$(PY) benchmarks/dask_overhead.py
 
 bench-memory: $(STAMP)
 	$(PY) benchmarks/memory_scaling.py --model shipped --sizes 1,4,16

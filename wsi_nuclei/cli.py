@@ -263,6 +263,8 @@ def segment(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from dataclasses import replace
+
     from .cluster import ClusterConfig, close_client, load_cluster_yaml, make_client, merge
     from .model import load_model
     from .pipeline import SegmentConfig, segment_many
