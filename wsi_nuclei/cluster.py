@@ -31,13 +31,13 @@ GPU_TASKS = 2
 #: chunks a CPU worker (or the process, without Dask) runs at once; their forward passes take turns
 CPU_TASKS = 2
 #: Dask settings for the clusters started here. The model keeps every core busy, so whatever else
-#: runs takes time from it; measured on 2 cores (see the README, Performance):
+#: runs takes time from it; measured on 2 cores by benchmarks/dask_overhead.py (README, Performance):
 #: - the worker's statistical profiler (a stack sample of every thread each 10 ms) and the 20 ms
-#:   event-loop ticks cost 0.42 and 0.40 CPU-s per 10 s in an idle worker and driver (0.01 and 0.06
-#:   with these settings), and a forward pass in a worker took 6% longer than in a plain process;
+#:   event-loop ticks: an idle worker and driver used 0.28 and 0.30 CPU-s per 10 s (0.04 and 0.08
+#:   with these settings), and a forward pass in a worker took 1.80 s against 1.71 s;
 #: - the nanny's MALLOC_TRIM_THRESHOLD_=65536 turns off glibc's dynamic mmap threshold, so every
 #:   large array is mapped and its pages faulted in afresh: an in-process run of CMU-1-Small-Region
-#:   took 19.1-19.9 s with it and 17.7 s without.
+#:   took 18.45 s with it and 17.28 s without.
 #: None removes a variable the nanny would set; everything else only slows Dask's bookkeeping.
 QUIET_DASK: dict[str, Any] = {
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
