@@ -3,10 +3,28 @@ window with read-modify-write, on a grid with skipped chunks, clipped edges and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from wsi_nuclei.store import LabelCanvas, create_store, open_array, paste_labels
+from wsi_nuclei.store import LabelCanvas, create_store, open_array
+
+
+def paste_labels(path: Path, y: int, x: int, window: np.ndarray) -> None:
+    """The reference (what assembly did before LabelCanvas): paint the non-zero pixels of a label ``window`` whose top-left is (y, x) (may be negative)
+    into ``labels/0``; pixels outside the array are dropped. Read-modify-write: one caller only."""
+    arr = open_array(path, "labels", 0, mode="r+")
+    h, w = arr.shape
+    y0, x0 = max(0, y), max(0, x)
+    y1, x1 = min(h, y + window.shape[0]), min(w, x + window.shape[1])
+    if y1 <= y0 or x1 <= x0:
+        return
+    part = window[y0 - y : y1 - y, x0 - x : x1 - x]
+    if not part.any():
+        return
+    current = arr[y0:y1, x0:x1]
+    arr[y0:y1, x0:x1] = np.where(part > 0, part, current)
 
 
 def _windows(shape, chunk, halo, seed):

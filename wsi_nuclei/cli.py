@@ -259,11 +259,11 @@ def segment(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or table."),
 ) -> None:
     """Segment nuclei in whole slides: mask.zarr, nuclei.geojson.gz (QuPath), summary.json, overlay.png."""
+    from dataclasses import replace
+
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
-
-    from dataclasses import replace
 
     from .cluster import ClusterConfig, close_client, load_cluster_yaml, make_client, merge
     from .model import load_model

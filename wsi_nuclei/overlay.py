@@ -10,8 +10,7 @@ __all__ = ["draw_outlines", "inner_boundaries"]
 def inner_boundaries(labels: np.ndarray) -> np.ndarray:
     """Boolean (H, W): labelled pixels with a 4-neighbour of another value (pixels outside the
     image do not count). Equals ``skimage.segmentation.find_boundaries(labels, connectivity=1,
-    mode="inner")`` (a test), in a fifth of the time: four array comparisons instead of a
-    grey dilation and erosion."""
+    mode="inner")`` (a test) with four array comparisons instead of a grey dilation and erosion."""
     lab = np.asarray(labels)
     edge = np.zeros(lab.shape, bool)
     rows = lab[1:] != lab[:-1]

@@ -166,7 +166,7 @@ def composite_on_white(arr: np.ndarray) -> np.ndarray:
     rgb = np.ascontiguousarray(arr[:, :, :3])
     if arr.shape[2] == 4:
         # only the pixels that are not opaque: a read inside tissue has none, and compositing
-        # every pixel in float cost a third of the read
+        # every pixel in float is a large part of a read's time
         alpha = arr[:, :, 3]
         clear = alpha < 255
         if clear.any():

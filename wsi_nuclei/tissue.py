@@ -19,7 +19,7 @@ def tissue_mask(thumbnail: np.ndarray, min_area_px: int = 16) -> np.ndarray:
     from skimage.filters import threshold_otsu
 
     r, g, b = thumbnail[:, :, 0], thumbnail[:, :, 1], thumbnail[:, :, 2]
-    # channel by channel: numpy reduces a last axis of 3 some 50x slower
+    # channel by channel: numpy's reductions over a last axis of length 3 are much slower
     mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
     # HSV saturation (max - min) / max, 0 for black; brightness = mean of R, G, B in [0, 1]
     sat = (mx - mn).astype(np.float32) / np.maximum(mx, 1).astype(np.float32)
