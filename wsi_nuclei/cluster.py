@@ -47,10 +47,10 @@ QUIET_DASK: dict[str, Any] = {
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.worker.memory.monitor-interval": "1s",
 }
-#: the same for SLURM jobs, whose workers read their settings from the environment
-_QUIET_ENV = ("export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False", "export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=500ms",
-              "export DASK_DISTRIBUTED__ADMIN__TICK__LIMIT=10s", "export DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL=2s",
-              "export DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL=1s")
+#: the same for SLURM jobs, whose workers read their settings from the environment (DASK_A__B_C=v
+#: is a.b-c: v). Not the malloc entry: Dask lower-cases these names, and the nanny's key is upper case.
+_QUIET_ENV = tuple(f"export DASK_{key.replace('.', '__').replace('-', '_').upper()}={value}"
+                   for key, value in QUIET_DASK.items() if value is not None)
 #: local workers ignore Ctrl-C; the driver handles it (see worker_setup.py)
 _PRELOAD = "wsi_nuclei.worker_setup"
 
