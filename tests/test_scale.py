@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from wsi_nuclei.cli import app
 from wsi_nuclei.cluster import (
+    QUIET_DASK,
     ClusterConfig,
     gpu_for_worker,
     load_cluster_yaml,
@@ -74,6 +76,23 @@ def test_slurm_job_script_contains_the_flags(tmp_path):
                  "--nworkers 2", "--preload wsi_nuclei.gpu_pin", sys.executable,
                  "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"):
         assert text in script, text
+
+
+def test_job_script_exports_give_workers_the_quiet_dask_settings(tmp_path):
+    """The job script's export lines, run by bash as SLURM would, give a fresh Python exactly
+    QUIET_DASK, and the nanny no longer sets MALLOC_TRIM_THRESHOLD_ for its worker."""
+    script = slurm_job_script(ClusterConfig(kind="slurm", cores=2, memory="4GB"))
+    exports = [line for line in script.splitlines() if line.startswith("export DASK_")]
+    probe = ("import json, dask, distributed; from distributed.nanny import _get_env_variables; "
+             f"keys = {sorted(QUIET_DASK)!r}; "
+             "print(json.dumps({'config': {k: dask.config.get(k) for k in keys}, "
+             "'nanny_env': _get_env_variables('distributed.nanny.pre-spawn-environ')}))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    out = subprocess.run(["bash", "-c", "\n".join(exports) + f"\nexec {sys.executable} -c {shlex.quote(probe)}"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    seen = json.loads(out)
+    assert seen["config"] == QUIET_DASK
+    assert "MALLOC_TRIM_THRESHOLD_" not in seen["nanny_env"] and seen["nanny_env"]["OMP_NUM_THREADS"] == "1"
 
 
 def test_dry_run_prints_job_script_from_yaml_and_plan(shared_data, tmp_path):

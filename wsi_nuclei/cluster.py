@@ -47,10 +47,33 @@ QUIET_DASK: dict[str, Any] = {
     "distributed.admin.system-monitor.interval": "2s",
     "distributed.worker.memory.monitor-interval": "1s",
 }
-#: the same for SLURM jobs, whose workers read their settings from the environment (DASK_A__B_C=v
-#: is a.b-c: v). Not the malloc entry: Dask lower-cases these names, and the nanny's key is upper case.
-_QUIET_ENV = tuple(f"export DASK_{key.replace('.', '__').replace('-', '_').upper()}={value}"
-                   for key, value in QUIET_DASK.items() if value is not None)
+
+
+def _env_exports(settings: dict[str, Any]) -> tuple[str, ...]:
+    """``export`` lines giving a worker started from a job script the Dask ``settings``.
+
+    Dask reads ``DASK_A__B_C=v`` as ``a.b-c: v`` with the name lower-cased, so an entry whose last
+    part is an environment variable (upper case, such as the nanny's ``MALLOC_TRIM_THRESHOLD_``)
+    travels inside a dict literal of its parent, which Dask merges into the defaults (None removes)."""
+    import shlex
+
+    flat: dict[str, str] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in settings.items():
+        parent, _, last = key.rpartition(".")
+        if last != last.lower():
+            nested.setdefault(parent, {})[last] = value
+        else:
+            flat[key] = str(value)
+    for parent, values in nested.items():
+        flat[parent] = "{" + ", ".join(f'"{name}": {value!r}' for name, value in values.items()) + "}"
+    return tuple(f"export DASK_{key.replace('.', '__').replace('-', '_').upper()}={shlex.quote(value)}"
+                 for key, value in flat.items())
+
+
+#: the same for SLURM jobs, whose workers read their settings from the environment
+_QUIET_ENV = _env_exports(QUIET_DASK)
+
 #: local workers ignore Ctrl-C; the driver handles it (see worker_setup.py)
 _PRELOAD = "wsi_nuclei.worker_setup"
 
