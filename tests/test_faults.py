@@ -404,12 +404,13 @@ def _check_feature(f: dict) -> None:
 
 
 def _features(labels: np.ndarray) -> list[dict]:
-    from wsi_nuclei.export import encode_feature, feature
+    from wsi_nuclei.export import encode_feature, encode_nuclei, feature
     from wsi_nuclei.polygons import PolygonFrame, label_polygons
 
     nuclei = label_polygons(labels.astype(np.int64), PolygonFrame(10, 20, 2.0, 0.25, 0.0, 0.0), labels.astype(np.float32) * 0, None)
-    feats = [json.loads(encode_feature(feature(n, "slide:1x1"))) for n in nuclei]
-    return feats
+    encoded = encode_nuclei(nuclei, "slide:1x1")  # the pipeline's encoder: equal to the reference
+    assert encoded == [encode_feature(feature(n, "slide:1x1")) for n in nuclei]
+    return [json.loads(b) for b in encoded]
 
 
 def test_degenerate_label_maps():

@@ -49,3 +49,62 @@ def test_hematoxylin_lookup_equals_skimage():
 
     rgb = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
     assert np.abs(_hematoxylin_od(rgb) - rgb2hed(rgb)[..., 0]).max() < 1e-12
+
+
+def _disc_labels(side: int = 160, seed: int = 0) -> np.ndarray:
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(seed)
+    lab = np.zeros((side, side), np.int64)
+    for k, (cy, cx) in enumerate(((y, x) for y in range(10, side, 20) for x in range(10, side, 20)), start=1):
+        rr, cc = disk((cy + rng.uniform(-3, 3), cx + rng.uniform(-3, 3)), rng.uniform(2, 9), shape=lab.shape)
+        lab[rr, cc] = 3 * 65536 + k
+    return lab
+
+
+def test_feature_ids_equal_uuid5():
+    import uuid
+
+    from wsi_nuclei.export import _NAMESPACE, feature_id, feature_ids
+
+    labels = [0, 1, 9, 65537, 4_294_967_295, *range(1000, 1200)]
+    text = feature_ids("CMU-1.svs:2220x2967", labels)
+    assert len(text) == 36 * len(labels)
+    for i, label in enumerate(labels):
+        expected = str(uuid.uuid5(_NAMESPACE, f"CMU-1.svs:2220x2967/{label}"))
+        assert text[36 * i : 36 * i + 36].decode() == expected == feature_id("CMU-1.svs:2220x2967", label)
+
+
+def test_pipeline_encoder_is_byte_identical_to_the_reference_features():
+    """encode_nuclei (the pipeline's fast path) == encode_feature(feature(n)) for every nucleus,
+    including the fallbacks: a non-finite measurement, numpy scalars, and degenerate shapes."""
+    import dataclasses
+    import json
+
+    from wsi_nuclei.export import encode_feature, encode_nuclei, feature
+
+    rng = np.random.default_rng(3)
+    lab = _disc_labels()
+    prob = rng.random(lab.shape).astype(np.float32)
+    rgb = rng.integers(0, 256, (*lab.shape, 3), dtype=np.uint8)
+    nuclei = label_polygons(lab, PolygonFrame(-7, 13, 2.0, 0.2527, 11.5, 3.25), prob, rgb)
+    assert len(nuclei) > 40
+
+    def reference(ns, key="s:1x1"):
+        return [encode_feature(feature(n, key)) for n in ns]
+
+    fast = encode_nuclei(nuclei, "s:1x1")
+    assert fast == reference(nuclei)
+    assert len({json.loads(b)["id"] for b in fast}) == len(nuclei)
+    odd = list(nuclei)
+    odd[3] = dataclasses.replace(odd[3], measurements={**odd[3].measurements, "Solidity": float("nan")})
+    odd[5] = dataclasses.replace(odd[5], measurements={k: np.float32(v) for k, v in odd[5].measurements.items()})
+    assert encode_nuclei(odd, "s:1x1") == reference(odd)
+    assert json.loads(encode_nuclei(odd, "s:1x1")[3])["properties"]["measurements"]["Solidity"] == 0.0
+    assert encode_nuclei([], "s:1x1") == []
+    tiny = np.zeros((12, 12), np.int32)
+    tiny[0, 0] = 1
+    tiny[5, 5] = tiny[6, 6] = 2
+    tiny[8:12, 0:2] = 3
+    few = label_polygons(tiny, PolygonFrame(0, 0, 1.0, 0.5))
+    assert encode_nuclei(few, "t:1x1") == reference(few, "t:1x1")

@@ -310,7 +310,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> dict[str
     global ids (uint32), the encoded GeoJSON features and timings (``inference`` excludes the
     wait for another chunk's forward pass, which is ``waiting``). Reads the slide only."""
     from .backends import gate_wait_seconds
-    from .export import encode_feature, feature
+    from .export import encode_nuclei
     from .infer import tile_probabilities
     from .instances import probabilities_to_instances
     from .polygons import PolygonFrame, label_polygons
@@ -358,7 +358,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> dict[str
     slide_mpp = float(plan.info["mpp"])
     frame = PolygonFrame(chunk.x - h, chunk.y - h, plan.scale, slide_mpp, *plan.shift)
     nuclei = label_polygons(owned.astype(np.int64), frame, probs[0], rgb[m : m + win, m : m + win]) if kept else []
-    features = [encode_feature(feature(nu, plan.slide_key)) for nu in nuclei]
+    features = encode_nuclei(nuclei, plan.slide_key)
     t4 = time.perf_counter()
     core_prob = np.round(probs[0, h : h + c, h : h + c] * 255).astype(np.uint8)
     return {

@@ -281,16 +281,13 @@ def label_polygons(
     with np.errstate(divide="ignore", invalid="ignore"):
         circ = np.round(np.where(perim > 0, np.minimum(1.0, 4 * math.pi * area / (perim * perim)), 0.0), 4)
         solid = np.round(np.where(hull > 0, area / hull, 1.0), 4)
-    ecc = np.round(m["eccentricity"], 4)
-    prob = np.round(m["probability"], 4) if probability is not None else None
-    hema = np.round(m["hematoxylin"], 4) if rgb is not None else None
-    out = []
-    for j, lab in enumerate(ids[idx].tolist()):
-        meas = {"Area µm^2": float(area_um[j]), "Perimeter µm": float(perim_um[j]), "Circularity": float(circ[j]),
-                "Solidity": float(solid[j]), "Eccentricity": float(ecc[j])}
-        if prob is not None:
-            meas["Nucleus probability"] = float(prob[j])
-        if hema is not None:
-            meas["Hematoxylin OD mean"] = float(hema[j])
-        out.append(Nucleus(int(lab), rings[j], meas))
-    return out
+    columns = {"Area µm^2": area_um, "Perimeter µm": perim_um, "Circularity": circ, "Solidity": solid,
+               "Eccentricity": np.round(m["eccentricity"], 4)}
+    if probability is not None:
+        columns["Nucleus probability"] = np.round(m["probability"], 4)
+    if rgb is not None:
+        columns["Hematoxylin OD mean"] = np.round(m["hematoxylin"], 4)
+    names = list(columns)
+    # one tolist() for every value: Python floats without a numpy scalar per value
+    rows = np.column_stack([np.asarray(columns[k], np.float64) for k in names]).tolist()
+    return [Nucleus(lab, rings[j], dict(zip(names, row))) for j, (lab, row) in enumerate(zip(ids[idx].tolist(), rows))]
