@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -35,10 +36,13 @@ def model_only(plan, cfg, predict, n_outputs: int) -> float:  # noqa: ANN001
     the same function (infer.tile_probabilities) with the same arguments, only ``predict`` timed;
     the reads are done first and not timed."""
     from wsi_nuclei.infer import tile_probabilities
+    from wsi_nuclei.pipeline import _forward_plan
     from wsi_nuclei.slide import open_slide
 
     t = plan.tiling
     margin = t.halo + t.context
+    fp = _forward_plan(cfg, t)  # the pipeline's own plan: the same forward passes
+    read = math.ceil(t.window / fp.tile) * fp.tile + 2 * t.context
     spent = [0.0]
 
     def timed(batch):  # noqa: ANN001, ANN202
@@ -49,8 +53,8 @@ def model_only(plan, cfg, predict, n_outputs: int) -> float:  # noqa: ANN001
 
     with open_slide(plan.path, cfg.reader, cfg.mpp) as slide:
         for ch in plan.chunks:
-            rgb = slide.read_working((ch.x - margin, ch.y - margin, t.read_size, t.read_size), plan.scale)
-            tile_probabilities(timed, n_outputs, rgb, t.tiles_per_side * t.tile, t.context, cfg.batch_size)
+            rgb = slide.read_working((ch.x - margin, ch.y - margin, read, read), plan.scale)
+            tile_probabilities(timed, n_outputs, rgb, fp.tile, t.context, fp.batch)
     return spent[0]
 
 
@@ -59,7 +63,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backends", default="torch,onnx")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: torch backend only)")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--chunk-size", type=int, default=None, help="working px (default: segment's default)")
     ap.add_argument("--dask", action="store_true", help="also time the default `segment` set-up: a LocalCluster of 1 worker x threads")
     ap.add_argument("--synthetic-side", type=int, default=12288, help="level-0 px of the synthetic slide (0.25 µm/px)")

@@ -49,3 +49,11 @@ def test_segment_image_errors(tmp_path):
     assert result.exit_code == 2 and "--mpp must be > 0" in result.output
     result = runner.invoke(app, ["segment-image", str(DEMO_IMAGE), "--mpp", "0.5", "--device", "tpu", "-o", str(tmp_path)])
     assert result.exit_code == 2 and "unknown device" in result.output
+
+
+def test_segment_size_options_are_one_line_errors(tmp_path):
+    for value, text in (("lots", "--forward-memory 'lots' is not a size"), ("0GB", "--forward-memory must be > 0")):
+        result = runner.invoke(app, ["segment", str(tmp_path), "-o", str(tmp_path / "o"), "--forward-memory", value, "--workers", "0"])
+        assert result.exit_code == 2 and text in result.output and "Traceback" not in result.output, result.output
+    result = runner.invoke(app, ["segment", str(tmp_path), "-o", str(tmp_path / "o"), "--batch-size", "0", "--workers", "0"])
+    assert result.exit_code == 2 and "--batch-size must be > 0" in result.output

@@ -86,6 +86,23 @@ def test_tiled_equals_whole(crop_slide, whole_run, tmp_path, chunk, halo):
             assert best >= 0.9, f"nucleus at {p.centroid} is cut at a chunk border"
 
 
+def test_window_split_to_fit_memory_equals_one_forward_pass(crop_slide, whole_run, tmp_path):
+    """With too little memory for a 1792 px forward pass, each chunk window is inferred as 2x2
+    tiles of 1216 px (each with the model's context) and the outputs match the one-pass run."""
+    from wsi_nuclei.memory import FORWARD_BYTES_PER_PX
+
+    budget = int(1216**2 * FORWARD_BYTES_PER_PX * 1.1)
+    segment_slide(crop_slide, tmp_path, SegmentConfig(chunk_size=1024, tissue_mask=False, forward_memory=budget))
+    split = json.loads((tmp_path / "summary.json").read_text())["forward_passes"]
+    whole = json.loads((whole_run / "summary.json").read_text())["forward_passes"]
+    assert split == [{"tile_px": 1216, "core_px": 576, "per_call": 1, "chunks": 1}]
+    assert whole == [{"tile_px": 1792, "core_px": 1152, "per_call": 1, "chunks": 1}]
+    p_whole = np.asarray(open_array(whole_run / "mask.zarr", "probability", 0)[:]).astype(int)
+    p_split = np.asarray(open_array(tmp_path / "mask.zarr", "probability", 0)[:]).astype(int)
+    assert np.abs(p_whole - p_split).max() <= 1
+    assert aji(_labels(whole_run).astype(np.int64), _labels(tmp_path).astype(np.int64)) >= 0.99
+
+
 def test_tiles_match_whole_image_probabilities(shared_data):
     """The model-level invariant: with the derived context, batched tiles == one forward pass (1e-3)."""
     from wsi_nuclei.infer import predict_region, predict_tiles

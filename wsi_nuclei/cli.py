@@ -218,6 +218,18 @@ def info(slide: Path = typer.Argument(..., help="Slide file."), reader: str = ty
         typer.echo(f"  level {k}: {dims[0]} x {dims[1]} px, downsample {ds:g}")
 
 
+def _size(text: str | None, flag: str) -> int | None:
+    """Bytes of a size like "2GB" or "512MiB" (None stays None); a bad value is a one-line error."""
+    if text is None:
+        return None
+    from dask.utils import parse_bytes
+
+    try:
+        return int(parse_bytes(text))
+    except (ValueError, TypeError):
+        raise WsiNucleiError(f"{flag} {text!r} is not a size; use e.g. 2GB or 512MB") from None
+
+
 @app.command()
 def segment(
     inputs: list[Path] = typer.Argument(..., help="Slide files and/or folders (searched recursively)."),
@@ -227,7 +239,9 @@ def segment(
     chunk_size: int = typer.Option(1024, help="Chunk core size in working px (multiple of 32)."),
     halo: Optional[int] = typer.Option(None, help="Instance halo in working px (default: largest nucleus, from the model)."),
     context: Optional[int] = typer.Option(None, help="Model context in working px (default: measured receptive field)."),
-    batch_size: int = typer.Option(4, help="Tiles per model call (a chunk window is one tile of chunk + 2·(halo + context) px)."),
+    batch_size: Optional[int] = typer.Option(None, help="Tiles per model call when a window is split (default: as many as fit in memory)."),
+    forward_memory: Optional[str] = typer.Option(None, help="Memory a forward pass may use, e.g. 2GB (default: from the worker's memory "
+                                                 "limit, cgroup or RAM). A chunk window that does not fit is inferred in tiles."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Skip finished slides and reuse finished chunks of interrupted ones."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
@@ -282,7 +296,8 @@ def segment(
 
             n_gpus = torch.cuda.device_count()
         cfg = SegmentConfig(model_dir=str(model) if model else None, mpp=mpp, chunk_size=chunk_size, halo=halo, context=context,
-                            batch_size=batch_size, device=dev, tissue_mask=not no_tissue_mask, reader=reader, backend=backend,
+                            batch_size=batch_size, forward_memory=_size(forward_memory, "--forward-memory"), device=dev,
+                            tissue_mask=not no_tissue_mask, reader=reader, backend=backend,
                             geojson_format=fmt, raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite,
                             torch_threads=threads or 2, keep_chunks=keep_chunks)
         cfg.check()
@@ -360,6 +375,27 @@ def _segment_device(device: str, cluster: str, scheduler: Optional[str], dry_run
     return select_device(device)
 
 
+def _slurm_forward(cfg: SegmentConfig, ccfg: ClusterConfig) -> str:
+    """How a SLURM CPU worker will infer a chunk window, from the job's memory per worker process."""
+    from dask.utils import parse_bytes
+
+    from .cluster import CPU_TASKS
+    from .memory import describe, plan_forward, worker_budget
+    from .pipeline import _card
+    from .tiling import derive_tiling
+
+    card = _card(cfg)
+    tiling = derive_tiling(card.mpp, cfg.chunk_size, cfg.halo, cfg.context if cfg.context is not None else card.context_px)
+    per_worker = int(parse_bytes(ccfg.memory)) // max(1, ccfg.processes)
+    tasks = max(1, ccfg.cores // max(1, ccfg.processes)) if ccfg.cores else CPU_TASKS
+    budget = cfg.forward_memory or worker_budget(per_worker, tasks, tiling.window + 2 * tiling.context)
+    fp = plan_forward(tiling.window, tiling.context, budget, batch=cfg.batch_size)
+    line = f"{describe(fp, tiling.window, tiling.context)}, with {per_worker / 1e9:.1f} GB per worker"
+    if fp.peak_bytes(tiling.context) > budget:
+        return line + " -- TOO LITTLE MEMORY, workers may be killed: raise --memory or lower --processes"
+    return line
+
+
 def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterConfig, max_slides: int) -> None:
     """Print the SLURM job script (for --cluster slurm) and the plan; runs and writes nothing."""
     from .cluster import slurm_job_script
@@ -370,6 +406,8 @@ def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterCon
         typer.echo(slurm_job_script(ccfg))
     if ccfg.kind != "none" and not ccfg.gpus:
         typer.echo(f"# model: forward passes of {cfg.torch_threads} CPU threads, one at a time per worker (--threads)")
+    if ccfg.kind == "slurm" and not ccfg.scheduler and not ccfg.gpus:
+        typer.echo(f"# forward passes: {_slurm_forward(cfg, ccfg)}")
     slides, bad = find_slides(inputs)
     typer.echo(f"# plan: {len(slides)} slides -> {out} ({max_slides} in flight)")
     typer.echo("slide\tsize_level0\tmpp\tchunks\tgrid\ttissue_mm2\toutput\tnote")

@@ -69,7 +69,8 @@ class SegmentConfig:
     chunk_size: int = 1024
     halo: int | None = None
     context: int | None = None
-    batch_size: int = 4
+    batch_size: int | None = None  # tiles per model call when a window is split; None: as many as fit
+    forward_memory: int | None = None  # bytes a forward pass may use; None: from the worker's limits
     device: str = "cpu"
     tissue_mask: bool = True
     reader: str = "auto"  # slide reader: auto, openslide, tiffslide
@@ -82,8 +83,10 @@ class SegmentConfig:
     keep_chunks: bool = False
 
     def check(self) -> None:
-        if self.batch_size <= 0:
+        if self.batch_size is not None and self.batch_size <= 0:
             raise ConfigError(f"--batch-size must be > 0, got {self.batch_size}")
+        if self.forward_memory is not None and self.forward_memory <= 0:
+            raise ConfigError(f"--forward-memory must be > 0, got {self.forward_memory}")
         if self.mpp is not None and not self.mpp > 0:
             raise ConfigError(f"--mpp must be > 0 µm/px, got {self.mpp}")
         if self.geojson_format not in ("geojson.gz", "geojson"):
@@ -170,6 +173,37 @@ def _build_predictor(key: Any, model_dir: str | None, device: str, backend: str,
     predict, name = make_predictor(model, card, backend, device, threads)
     _CACHE[key] = (predict, card, name)
     return _CACHE[key]
+
+
+def _forward_plan(cfg: SegmentConfig, tiling: Any) -> Any:
+    """This process's :class:`~wsi_nuclei.memory.ForwardPlan` for ``tiling``'s windows, planned
+    once (after the model is loaded, so the process's own memory is counted)."""
+    key = ("forward", cfg.model_dir, cfg.device, cfg.backend, cfg.torch_threads, tiling.window, tiling.context,
+           cfg.batch_size, cfg.forward_memory)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = _make_forward_plan(cfg, tiling)
+        return _CACHE[key]
+
+
+def _make_forward_plan(cfg: SegmentConfig, tiling: Any) -> Any:
+    from .cluster import CPU_TASKS, GPU_TASKS
+    from .memory import describe, forward_budget, plan_forward
+
+    tasks = GPU_TASKS if cfg.device.startswith("cuda") else CPU_TASKS
+    try:
+        from distributed import get_worker
+
+        tasks = get_worker().state.nthreads
+    except (ImportError, ValueError, AttributeError):
+        pass
+    if cfg.forward_memory:
+        budget, how = cfg.forward_memory, "--forward-memory"
+    else:
+        budget, how = forward_budget(tasks, tiling.window + 2 * tiling.context, cfg.device)
+    fp = plan_forward(tiling.window, tiling.context, budget, batch=cfg.batch_size)
+    log.info("forward passes: %s (%s)", describe(fp, tiling.window, tiling.context), how)
+    return fp
 
 
 def _slide(path: str, backend: str, mpp: float | None) -> Any:
@@ -320,11 +354,14 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> dict[str
     slide = _slide(plan.path, cfg.reader, cfg.mpp)
     t0 = time.perf_counter()
     margin = tiling.halo + tiling.context
-    rgb = slide.read_working((chunk.x - margin, chunk.y - margin, tiling.read_size, tiling.read_size), plan.scale)
+    win = tiling.window
+    # the whole window in one forward pass, or tiles (each with the model's context) that fit memory
+    fp = _forward_plan(cfg, tiling)
+    read = math.ceil(win / fp.tile) * fp.tile + 2 * tiling.context
+    rgb = slide.read_working((chunk.x - margin, chunk.y - margin, read, read), plan.scale)
     t1 = time.perf_counter()
     waited = gate_wait_seconds()
-    probs = tile_probabilities(predict, len(card.outputs), rgb, tiling.tiles_per_side * tiling.tile, tiling.context, cfg.batch_size)
-    win = tiling.window
+    probs = tile_probabilities(predict, len(card.outputs), rgb, fp.tile, tiling.context, fp.batch)
     probs = probs[:, :win, :win]
     t2 = time.perf_counter()
     waited = gate_wait_seconds() - waited
@@ -362,7 +399,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> dict[str
     t4 = time.perf_counter()
     core_prob = np.round(probs[0, h : h + c, h : h + c] * 255).astype(np.uint8)
     return {
-        "probability": core_prob, "owned": owned, "features": features, "cut": cut,
+        "probability": core_prob, "owned": owned, "features": features, "cut": cut, "forward": [fp.tile, fp.batch],
         "times": {"read": t1 - t0, "waiting": waited, "inference": t2 - t1 - waited, "instances": t3 - t2, "polygons": t4 - t3},
     }
 
@@ -377,7 +414,7 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
         return ChunkDone(chunk.index, 0, 0.0, error=str(err))
     blob = b",\n".join(res["features"])
     meta = {"chunk": asdict(chunk), "nuclei": len(res["features"]), "cut": res["cut"],
-            "times": res["times"], "fingerprint": plan.fingerprint}
+            "times": res["times"], "forward": res["forward"], "fingerprint": plan.fingerprint}
     owned = res["owned"]
     # ids are chunk.index * 2**16 + local id: store the local part (uint16, half the bytes)
     local = (owned & np.uint32(_IDS_PER_CHUNK - 1)).astype(np.uint16)
@@ -468,6 +505,7 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
     height, width = plan.size
     totals = {"read": 0.0, "waiting": 0.0, "inference": 0.0, "instances": 0.0, "polygons": 0.0}
     cut = 0
+    forwards: dict[tuple[int, ...], int] = {}
     t_write = time.perf_counter()
     with GeoJSONWriter(geo_path) as writer:
         for ch in plan.chunks:
@@ -479,6 +517,8 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
             labels.paste(ch.row, ch.col, ch.y - tiling.halo, ch.x - tiling.halo, part["owned"])
             writer.write_encoded(part["features"], int(part["meta"]["nuclei"]))
             cut += int(part["meta"]["cut"])
+            fwd = tuple(part["meta"].get("forward", ()))
+            forwards[fwd] = forwards.get(fwd, 0) + 1
             for k in totals:
                 totals[k] += float(part["meta"]["times"].get(k, 0.0))
         n_nuclei = writer.count
@@ -500,6 +540,9 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
         "chunks": {"processed": len(plan.chunks), "grid": list(plan.grid), "computed_this_run": run.get("computed", len(plan.chunks)),
                    "reused": run.get("reused", 0)},
         "cut_nuclei": cut,
+        # how the chunk windows were inferred (planned from each worker's memory, see memory.py)
+        "forward_passes": [{"tile_px": f[0] + 2 * tiling.context, "core_px": f[0], "per_call": f[1], "chunks": k}
+                           for f, k in sorted(forwards.items()) if len(f) == 2],
         "seconds": {**{k: round(v, 3) for k, v in totals.items()}, "write": round(t_written - t_write, 3),
                     "assemble": round(time.perf_counter() - t0, 3), "wall": round(float(run.get("wall", 0.0)), 3)},
         "parameters": asdict(cfg), "tiling": asdict(tiling), "slide_info": plan.info,

@@ -1,0 +1,84 @@
+"""Forward passes sized from memory: the plan's arithmetic, where limits come from, and that a
+split window gives the same result as one forward pass."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from wsi_nuclei.memory import (
+    FORWARD_BYTES_PER_PX,
+    MIN_TILE,
+    cgroup_limit,
+    memory_limit,
+    plan_forward,
+)
+
+WINDOW, CONTEXT = 1152, 320
+
+
+def _cost(tile: int) -> float:
+    return (tile + 2 * CONTEXT) ** 2 * FORWARD_BYTES_PER_PX
+
+
+def test_whole_window_when_it_fits():
+    fp = plan_forward(WINDOW, CONTEXT, int(_cost(WINDOW)))
+    assert (fp.tile, fp.batch) == (WINDOW, 1)
+    assert fp.peak_bytes(CONTEXT) <= fp.budget
+
+
+@pytest.mark.parametrize("budget_gb", [0.3, 0.45, 0.6, 0.7, 0.8, 1.0, 1.2, 1.5, 2.0, 4.0, 8.0])
+def test_plan_fits_the_budget_with_the_fewest_tiles(budget_gb):
+    budget = int(budget_gb * 1e9)
+    fp = plan_forward(WINDOW, CONTEXT, budget)
+    per_side = math.ceil(WINDOW / fp.tile)
+    assert fp.tile % 32 == 0 and per_side * fp.tile >= WINDOW
+    if fp.tile > MIN_TILE:
+        assert fp.peak_bytes(CONTEXT) <= budget
+    if per_side > 1:  # one tile fewer per side would not fit
+        assert _cost(math.ceil(WINDOW / (per_side - 1) / 32) * 32) > budget
+    assert 1 <= fp.batch <= per_side * per_side
+
+
+def test_batch_from_memory_or_given():
+    # a 2304 px window (chunk 2048) needs 4.2 GB whole; with 3.3 GB: 2x2 tiles of 1152 px, two per call
+    fp = plan_forward(2304, CONTEXT, int(3.3e9))
+    assert (fp.tile, fp.batch) == (1152, 2) and fp.peak_bytes(CONTEXT) <= 3.3e9
+    assert plan_forward(2304, CONTEXT, int(3.3e9), batch=1).batch == 1
+
+
+def test_too_little_memory_stops_at_the_smallest_tile_and_warns(caplog):
+    fp = plan_forward(WINDOW, CONTEXT, 1000)
+    assert fp.tile == MIN_TILE and fp.batch == 1
+    assert "more memory" in caplog.text
+
+
+def test_cgroup_limits_v2_and_v1(tmp_path):
+    proc = tmp_path / "cgroup"
+    root = tmp_path / "fs"
+    job = root / "system.slice" / "slurmstepd.scope" / "job_42"
+    job.mkdir(parents=True)
+    (job / "memory.max").write_text("8589934592\n")
+    (root / "system.slice" / "memory.max").write_text("max\n")
+    proc.write_text("0::/system.slice/slurmstepd.scope/job_42\n")
+    assert cgroup_limit(root, proc) == 8 * 2**30
+    (job / "memory.max").write_text("max\n")
+    assert cgroup_limit(root, proc) is None
+    v1 = root / "memory" / "slurm" / "uid_1" / "job_7"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("4294967296\n")
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    proc.write_text("12:cpuset:/slurm/uid_1/job_7\n9:memory:/slurm/uid_1/job_7\n")
+    assert cgroup_limit(root, proc) == 4 * 2**30
+    assert cgroup_limit(root, tmp_path / "missing") is None
+
+
+def test_a_dask_workers_memory_limit_is_the_limit():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="3GB", dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            limit, source = client.submit(memory_limit).result()
+    assert (limit, source) == (3_000_000_000, "Dask worker memory limit")
+    assert memory_limit()[0] > 0  # outside a worker: the cgroup or the machine
