@@ -394,7 +394,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> dict[str
     m = tiling.context
     slide_mpp = float(plan.info["mpp"])
     frame = PolygonFrame(chunk.x - h, chunk.y - h, plan.scale, slide_mpp, *plan.shift)
-    nuclei = label_polygons(owned.astype(np.int64), frame, probs[0], rgb[m : m + win, m : m + win]) if kept else []
+    nuclei = label_polygons(owned, frame, probs[0], rgb[m : m + win, m : m + win]) if kept else []
     features = encode_nuclei(nuclei, plan.slide_key)
     t4 = time.perf_counter()
     core_prob = np.round(probs[0, h : h + c, h : h + c] * 255).astype(np.uint8)
