@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/geojson_speed.py
 	$(PY) benchmarks/pipeline_vs_model.py --dask
 	$(PY) benchmarks/dask_overhead.py
+	$(PY) benchmarks/forward_memory.py
 
 bench-memory: $(STAMP)
 	$(PY) benchmarks/memory_scaling.py --model shipped --sizes 1,4,16
