@@ -9,6 +9,7 @@
 # It runs benchmarks/pipeline_vs_model.py on the GPU (torch backend, bf16 autocast) over the bundled
 # slide and a synthetic 40,000² px slide, samples GPU utilisation with nvidia-smi every 0.5 s, and
 # prints s/mm² of tissue at 0.5 µm/px, mean/peak GPU utilisation and the ratio to the bare model.
+# The forward passes are planned from the free GPU memory (wsi_nuclei/memory.py; summary.json forward_passes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +39,7 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print('to
 
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 > /tmp/gpu_util.csv &
 SMI=$!
-python3 benchmarks/pipeline_vs_model.py --device cuda --backends torch --threads 8 --batch-size 16 \
+python3 benchmarks/pipeline_vs_model.py --device cuda --backends torch --threads 8 \
     --synthetic-side 40000 --dask --work /tmp/wsi-nuclei-gpu-bench | tee /tmp/pvm_gpu.txt
 kill $SMI || true
 python3 - <<'PY'

@@ -42,10 +42,11 @@ def test_plan_fits_the_budget_with_the_fewest_tiles(budget_gb):
 
 
 def test_batch_from_memory_or_given():
-    # a 2304 px window (chunk 2048) needs 4.2 GB whole; with 3.3 GB: 2x2 tiles of 1152 px, two per call
-    fp = plan_forward(2304, CONTEXT, int(3.3e9))
-    assert (fp.tile, fp.batch) == (1152, 2) and fp.peak_bytes(CONTEXT) <= 3.3e9
-    assert plan_forward(2304, CONTEXT, int(3.3e9), batch=1).batch == 1
+    # a 2304 px window (chunk 2048) whole costs 2.7x a 1152 px tile: with 2.2x, 2x2 tiles, two per call
+    budget = int(2.2 * _cost(1152))
+    fp = plan_forward(2304, CONTEXT, budget)
+    assert (fp.tile, fp.batch) == (1152, 2) and fp.peak_bytes(CONTEXT) <= budget
+    assert plan_forward(2304, CONTEXT, budget, batch=1).batch == 1
 
 
 def test_too_little_memory_stops_at_the_smallest_tile_and_warns(caplog):
@@ -74,11 +75,22 @@ def test_cgroup_limits_v2_and_v1(tmp_path):
     assert cgroup_limit(root, tmp_path / "missing") is None
 
 
+def _plan_in_worker(window: int, context: int):  # noqa: ANN202
+    from wsi_nuclei.pipeline import SegmentConfig, _make_forward_plan
+    from wsi_nuclei.tiling import Tiling
+
+    return _make_forward_plan(SegmentConfig(), Tiling(window - 128, 64, context))
+
+
 def test_a_dask_workers_memory_limit_is_the_limit():
+    """In a worker, the limit is the worker's, and a chunk task plans within it: a worker of 2 GB
+    cannot hold a 1792 px forward pass (~2 GB planned), so its windows are split."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="3GB", dashboard_address=":0") as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, memory_limit="2GB", dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             limit, source = client.submit(memory_limit).result()
-    assert (limit, source) == (3_000_000_000, "Dask worker memory limit")
+            fp = client.submit(_plan_in_worker, WINDOW, CONTEXT).result()
+    assert (limit, source) == (2_000_000_000, "Dask worker memory limit")
+    assert fp.tile < WINDOW and fp.budget < 2_000_000_000 * 0.75 - 2 * 64 * 1792**2 + 1
     assert memory_limit()[0] > 0  # outside a worker: the cgroup or the machine

@@ -34,31 +34,22 @@ def _up32(v: float) -> int:
 
 @dataclass(frozen=True)
 class Tiling:
-    """Sizes in working px: ``chunk`` core, ``halo`` (instances), ``context`` (model), ``tile`` core."""
+    """Sizes in working px: ``chunk`` core, ``halo`` (instances), ``context`` (model). How a window
+    is cut into forward passes depends on memory: :func:`wsi_nuclei.memory.plan_forward`."""
 
     chunk: int
     halo: int
     context: int
-    tile: int
 
     @property
     def window(self) -> int:
         """Side of the region segmented for one chunk: core plus halo on both sides."""
         return self.chunk + 2 * self.halo
 
-    @property
-    def tiles_per_side(self) -> int:
-        return math.ceil(self.window / self.tile)
-
-    @property
-    def read_size(self) -> int:
-        """Side of the RGB read for one chunk: the tiles' cores plus model context."""
-        return self.tiles_per_side * self.tile + 2 * self.context
-
     def check(self) -> None:
-        for name in ("chunk", "halo", "context", "tile"):
+        for name in ("chunk", "halo", "context"):
             value = getattr(self, name)
-            if value < 0 or (name in ("chunk", "tile") and value <= 0):
+            if value < 0 or (name == "chunk" and value <= 0):
                 raise ConfigError(f"--{name} must be > 0, got {value}")
             if value % STRIDE:
                 raise ConfigError(f"--{name} must be a multiple of {STRIDE} px (the encoder stride), got {value}")
@@ -66,16 +57,13 @@ class Tiling:
             raise ConfigError(f"--halo {self.halo} must be smaller than --chunk-size {self.chunk}")
 
 
-def derive_tiling(mpp: float, chunk: int = 1024, halo: int | None = None, context: int | None = None, tile: int = 512) -> Tiling:
+def derive_tiling(mpp: float, chunk: int = 1024, halo: int | None = None, context: int | None = None) -> Tiling:
     """Tiling for a model at ``mpp`` µm/px: ``halo`` defaults to the largest nucleus diameter
-    (:data:`MAX_NUCLEUS_UM`) and ``context`` to :data:`MODEL_CONTEXT_PX`, both rounded up to 32;
-    ``tile`` is shrunk so the tiles cover the window with the least waste."""
+    (:data:`MAX_NUCLEUS_UM`) and ``context`` to :data:`MODEL_CONTEXT_PX`, both rounded up to 32."""
     halo = _up32(MAX_NUCLEUS_UM / mpp) if halo is None else halo
     context = MODEL_CONTEXT_PX if context is None else context
-    t = Tiling(chunk, halo, context, tile)
+    t = Tiling(chunk, halo, context)
     t.check()
-    n = math.ceil(t.window / tile)
-    t = Tiling(chunk, halo, context, _up32(t.window / n))
     return t
 
 
