@@ -34,15 +34,9 @@ _NAMESPACE_BYTES = _NAMESPACE.bytes
 
 
 def feature_id(slide_key: str, label: int) -> str:
-    """Deterministic UUID of a nucleus: the same slide and label give the same id in every run.
-
-    ``uuid.uuid5(namespace, f"{slide_key}/{label}")`` (RFC 4122 version 5), computed without
-    building UUID objects (a test checks it against ``uuid.uuid5``)."""
-    h = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{slide_key}/{label}".encode()).digest()[:16])
-    h[6] = (h[6] & 0x0F) | 0x50  # version 5
-    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
-    x = h.hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+    """Deterministic UUID of a nucleus: the same slide and label give the same id in every run
+    (the reference of :func:`feature_ids`)."""
+    return str(uuid.uuid5(_NAMESPACE, f"{slide_key}/{label}"))
 
 
 def feature(nucleus: Nucleus, slide_key: str) -> dict[str, Any]:
@@ -76,13 +70,14 @@ _PROPERTIES = (b']},"properties":' + orjson.dumps({"objectType": "detection", "c
 
 
 def feature_ids(slide_key: str, labels: Sequence[int]) -> bytes:
-    """:func:`feature_id` of every label, as one ASCII text of 36 bytes per id (hex formatting done
-    by numpy on all ids at once)."""
+    """:func:`feature_id` of every label, as one ASCII text of 36 bytes per id: the RFC 4122
+    version-5 UUIDs computed from SHA-1 digests directly, with the hex formatting done by numpy on
+    all ids at once (a test checks them against ``uuid.uuid5``)."""
     prefix = _NAMESPACE_BYTES + f"{slide_key}/".encode()
     digests = b"".join([hashlib.sha1(prefix + str(label).encode()).digest()[:16] for label in labels])
     d = np.frombuffer(digests, np.uint8).reshape(-1, 16).copy()
-    d[:, 6] = (d[:, 6] & 0x0F) | 0x50
-    d[:, 8] = (d[:, 8] & 0x3F) | 0x80
+    d[:, 6] = (d[:, 6] & 0x0F) | 0x50  # version 5
+    d[:, 8] = (d[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
     text = np.empty((len(d), 36), np.uint8)
     hexed = np.empty((len(d), 32), np.uint8)
     hexed[:, 0::2], hexed[:, 1::2] = _HEX[d >> 4], _HEX[d & 15]

@@ -167,14 +167,15 @@ def forward_budget(tasks: int, read: int, device: str = "cpu") -> tuple[int, str
         return int(free * USABLE_FRACTION / max(1, tasks)), f"{free / 1e9:.1f} GB free on {device} / {tasks} tasks"
     limit, source = memory_limit()
     rss = _rss()
-    budget = min(limit * USABLE_FRACTION - rss, _available() * USABLE_FRACTION) - tasks * TASK_BYTES_PER_PX * read * read
-    return max(0, int(budget)), f"{source} {limit / 1e9:.1f} GB, process {rss / 1e9:.1f} GB, {tasks} tasks"
+    # the machine's free memory bounds it too (other processes share the node)
+    limit = min(limit, int(_available() + rss))
+    return worker_budget(limit, tasks, read, rss), f"{source} {limit / 1e9:.1f} GB, process {rss / 1e9:.1f} GB, {tasks} tasks"
 
 
-def worker_budget(worker_bytes: int, tasks: int, read: int) -> int:
-    """The forward budget a fresh worker of ``worker_bytes`` memory would plan with (what
-    :func:`forward_budget` computes in the worker, with the measured base size of a process)."""
-    return max(0, int(worker_bytes * USABLE_FRACTION - PROCESS_BASE_BYTES - tasks * TASK_BYTES_PER_PX * read * read))
+def worker_budget(worker_bytes: int, tasks: int, read: int, held: int = PROCESS_BASE_BYTES) -> int:
+    """The forward budget of a worker of ``worker_bytes`` memory that holds ``held`` bytes already
+    (default: the measured base of a fresh process with the model, what --dry-run assumes)."""
+    return max(0, int(worker_bytes * USABLE_FRACTION - held - tasks * TASK_BYTES_PER_PX * read * read))
 
 
 def describe(fp: ForwardPlan, window: int, context: int) -> str:

@@ -517,7 +517,7 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
             labels.paste(ch.row, ch.col, ch.y - tiling.halo, ch.x - tiling.halo, part["owned"])
             writer.write_encoded(part["features"], int(part["meta"]["nuclei"]))
             cut += int(part["meta"]["cut"])
-            fwd = tuple(part["meta"].get("forward", ()))
+            fwd = tuple(part["meta"]["forward"])
             forwards[fwd] = forwards.get(fwd, 0) + 1
             for k in totals:
                 totals[k] += float(part["meta"]["times"].get(k, 0.0))
@@ -542,7 +542,7 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
         "cut_nuclei": cut,
         # how the chunk windows were inferred (planned from each worker's memory, see memory.py)
         "forward_passes": [{"tile_px": f[0] + 2 * tiling.context, "core_px": f[0], "per_call": f[1], "chunks": k}
-                           for f, k in sorted(forwards.items()) if len(f) == 2],
+                           for f, k in sorted(forwards.items())],
         "seconds": {**{k: round(v, 3) for k, v in totals.items()}, "write": round(t_written - t_write, 3),
                     "assemble": round(time.perf_counter() - t0, 3), "wall": round(float(run.get("wall", 0.0)), 3)},
         "parameters": asdict(cfg), "tiling": asdict(tiling), "slide_info": plan.info,
