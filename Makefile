@@ -46,3 +46,5 @@ bench: $(STAMP)
 bench-memory: $(STAMP)
 	$(PY) benchmarks/memory_scaling.py --model shipped --sizes 1,4,16
 	$(PY) benchmarks/memory_scaling.py --model standin --sizes 1,16 --huge 100000 --huge-tissue 0.5
+	$(PY) benchmarks/worker_memory.py --limit 2.5GB
+	$(PY) benchmarks/worker_memory.py --limit 4GB
