@@ -94,3 +94,16 @@ def test_a_dask_workers_memory_limit_is_the_limit():
     assert (limit, source) == (2_000_000_000, "Dask worker memory limit")
     assert fp.tile < WINDOW and fp.budget < 2_000_000_000 * 0.75 - 2 * 64 * 1792**2 + 1
     assert memory_limit()[0] > 0  # outside a worker: the cgroup or the machine
+
+
+def test_cuda_budget_is_the_free_gpu_memory_shared_by_the_tasks(monkeypatch):
+    """The GPU branch (no GPU here: torch's free-memory query is replaced, the arithmetic is ours)."""
+    import torch
+
+    from wsi_nuclei.memory import USABLE_FRACTION, forward_budget
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(str(device)) or (40_000_000_000, 80_000_000_000))
+    budget, how = forward_budget(2, 1792, "cuda:1")
+    assert budget == int(40e9 * USABLE_FRACTION / 2) and asked == ["cuda:1"] and "cuda:1" in how
+    assert plan_forward(WINDOW, CONTEXT, budget).tile == WINDOW  # a 1792 px window fits easily

@@ -116,6 +116,10 @@ def test_dry_run_prints_job_script_from_yaml_and_plan(shared_data, tmp_path):
     tiny = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "out"), "--cluster", "slurm", "--cores", "8",
                                "--memory", "2GB", "--processes", "2", "--device", "cpu", "--dry-run"])
     assert "TOO LITTLE MEMORY" in tiny.output and "raise --memory or lower --processes" in tiny.output
+    from wsi_nuclei.memory import memory_limit
+
+    local = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "out"), "--workers", "2", "--device", "cpu", "--dry-run"])
+    assert f"with {memory_limit()[0] // 2 / 1e9:.1f} GB per worker" in local.output  # local workers share the memory
     assert "CMU-1-Small-Region.svs" in result.output and "total: 1 slides" in result.output
     assert not (tmp_path / "out").exists()  # nothing run, nothing written
 
@@ -138,12 +142,17 @@ def test_gpu_pinning():
 def test_local_gpu_cluster_gives_each_worker_its_own_device(monkeypatch):
     """One worker per GPU, pinned by CUDA_VISIBLE_DEVICES (checked on CPU: the variable is what pins)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    from distributed.system import MEMORY_LIMIT
+
     client = make_client(ClusterConfig(gpus=2, threads=1))
     try:
         seen = client.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
+        limits = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
     finally:
         client.close()
     assert sorted(seen.values()) == ["3", "5"]
+    # each GPU worker gets half of the host's memory (what its forward plan and the nanny go by)
+    assert set(limits.values()) == {int(MEMORY_LIMIT / 2)}
 
 
 @pytest.mark.slow

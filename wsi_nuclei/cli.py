@@ -375,24 +375,34 @@ def _segment_device(device: str, cluster: str, scheduler: Optional[str], dry_run
     return select_device(device)
 
 
-def _slurm_forward(cfg: SegmentConfig, ccfg: ClusterConfig) -> str:
-    """How a SLURM CPU worker will infer a chunk window, from the job's memory per worker process."""
+def _forward_line(cfg: SegmentConfig, ccfg: ClusterConfig) -> str | None:
+    """How a CPU worker will infer a chunk window with the memory it gets (SLURM: ``--memory /
+    --processes``; local: the machine's or cgroup's memory shared by the workers); None where the
+    workers are not ours to size (``--scheduler``) or plan from GPU memory."""
     from dask.utils import parse_bytes
 
     from .cluster import CPU_TASKS
-    from .memory import describe, plan_forward, worker_budget
+    from .memory import describe, memory_limit, plan_forward, worker_budget
     from .pipeline import _card
     from .tiling import derive_tiling
 
+    if ccfg.scheduler or ccfg.gpus or cfg.device.startswith("cuda"):
+        return None
+    if ccfg.kind == "slurm":
+        per_worker = int(parse_bytes(ccfg.memory)) // max(1, ccfg.processes)
+        tasks = max(1, ccfg.cores // max(1, ccfg.processes))
+        fix = "raise --memory or lower --processes"
+    else:
+        per_worker = memory_limit()[0] // max(1, ccfg.workers if ccfg.kind == "local" else 1)
+        tasks = CPU_TASKS
+        fix = "use fewer --workers or a machine with more memory"
     card = _card(cfg)
     tiling = derive_tiling(card.mpp, cfg.chunk_size, cfg.halo, cfg.context if cfg.context is not None else card.context_px)
-    per_worker = int(parse_bytes(ccfg.memory)) // max(1, ccfg.processes)
-    tasks = max(1, ccfg.cores // max(1, ccfg.processes)) if ccfg.cores else CPU_TASKS
     budget = cfg.forward_memory or worker_budget(per_worker, tasks, tiling.window + 2 * tiling.context)
     fp = plan_forward(tiling.window, tiling.context, budget, batch=cfg.batch_size)
     line = f"{describe(fp, tiling.window, tiling.context)}, with {per_worker / 1e9:.1f} GB per worker"
     if fp.peak_bytes(tiling.context) > budget:
-        return line + " -- TOO LITTLE MEMORY, workers may be killed: raise --memory or lower --processes"
+        return f"{line} -- TOO LITTLE MEMORY, workers may be killed: {fix}"
     return line
 
 
@@ -406,8 +416,9 @@ def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterCon
         typer.echo(slurm_job_script(ccfg))
     if ccfg.kind != "none" and not ccfg.gpus:
         typer.echo(f"# model: forward passes of {cfg.torch_threads} CPU threads, one at a time per worker (--threads)")
-    if ccfg.kind == "slurm" and not ccfg.scheduler and not ccfg.gpus:
-        typer.echo(f"# forward passes: {_slurm_forward(cfg, ccfg)}")
+    forward = _forward_line(cfg, ccfg)
+    if forward:
+        typer.echo(f"# forward passes: {forward}")
     slides, bad = find_slides(inputs)
     typer.echo(f"# plan: {len(slides)} slides -> {out} ({max_slides} in flight)")
     typer.echo("slide\tsize_level0\tmpp\tchunks\tgrid\ttissue_mm2\toutput\tnote")

@@ -216,7 +216,10 @@ def _local_gpu_cluster(cfg: ClusterConfig) -> Any:
     if len(visible) < cfg.gpus:
         raise ConfigError(f"--gpus {cfg.gpus} but CUDA_VISIBLE_DEVICES lists only {len(visible)} ({','.join(visible)})")
     workers = {
-        f"gpu-{k}": {"cls": Nanny, "options": {"nthreads": GPU_TASKS, "env": {"CUDA_VISIBLE_DEVICES": visible[k]}, "preload": [_PRELOAD]}}
+        # each its share of the host's memory, as LocalCluster gives CPU workers (Dask's own default
+        # for a Nanny is a share by threads, 2 of the node's cores: a fraction of the RAM on a big node)
+        f"gpu-{k}": {"cls": Nanny, "options": {"nthreads": GPU_TASKS, "env": {"CUDA_VISIBLE_DEVICES": visible[k]}, "preload": [_PRELOAD],
+                                               "memory_limit": 1 / cfg.gpus}}
         for k in range(cfg.gpus)
     }
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
