@@ -112,17 +112,19 @@ def _rings(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     start = row * width + col
     end = (row + _DROW[d]) * width + (col + _DCOL[d])
     key_start = lab * nv + start
-    order = np.argsort(key_start, kind="stable")
-    sorted_keys = key_start[order]
     key_end = lab * nv + end
-    lo = np.searchsorted(sorted_keys, key_end, "left")
-    hi = np.searchsorted(sorted_keys, key_end, "right")
-    succ = order[np.minimum(lo, n - 1)]
-    two = np.flatnonzero(hi - lo == 2)  # a pinch: take the right turn
-    if len(two):
-        alt = order[lo[two] + 1]
-        right = (d[two] + 1) % 4
-        succ[two] = np.where(d[alt] == right, alt, succ[two])
+    # A label's boundary is closed: every (label, corner) has as many edges ending as starting, so
+    # the i-th smallest end key meets the i-th smallest start key (two sorts, no search).
+    order_s = np.argsort(key_start, kind="stable")
+    order_e = np.argsort(key_end, kind="stable")
+    succ = np.empty(n, np.int64)
+    succ[order_e] = order_s
+    sorted_start = key_start[order_s]
+    pinch = np.flatnonzero(sorted_start[1:] == sorted_start[:-1])  # two in, two out: take the right turn
+    if len(pinch):
+        s0, s1 = order_s[pinch], order_s[pinch + 1]
+        for e in (order_e[pinch], order_e[pinch + 1]):
+            succ[e] = np.where(d[s1] == (d[e] + 1) % 4, s1, s0)
     # ring id = smallest edge index in the cycle (pointer jumping)
     rep = np.arange(n)
     jump = succ.copy()
@@ -141,7 +143,7 @@ def _rings(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
             break
         rank = rank + more
         nxt = nxt[nxt]
-    ring_order = np.lexsort((-rank, rep))
+    ring_order = np.argsort(rep * (n + 1) + (n - rank))  # by ring, then along it (one int64 sort)
     rep_o, d_o = rep[ring_order], d[ring_order]
     mid_r = row[ring_order] + 0.5 * _DROW[d_o]
     mid_c = col[ring_order] + 0.5 * _DCOL[d_o]
