@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -42,7 +41,7 @@ def model_only(plan, cfg, predict, n_outputs: int) -> float:  # noqa: ANN001
     t = plan.tiling
     margin = t.halo + t.context
     fp = _forward_plan(cfg, t)  # the pipeline's own plan: the same forward passes
-    read = math.ceil(t.window / fp.tile) * fp.tile + 2 * t.context
+    read = fp.read_size(t.window, t.context)
     spent = [0.0]
 
     def timed(batch):  # noqa: ANN001, ANN202

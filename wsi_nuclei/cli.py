@@ -383,8 +383,7 @@ def _forward_line(cfg: SegmentConfig, ccfg: ClusterConfig) -> str | None:
 
     from .cluster import CPU_TASKS
     from .memory import describe, memory_limit, plan_forward, worker_budget
-    from .pipeline import _card
-    from .tiling import derive_tiling
+    from .pipeline import _card, slide_tiling
 
     if ccfg.scheduler or ccfg.gpus or cfg.device.startswith("cuda"):
         return None
@@ -396,8 +395,7 @@ def _forward_line(cfg: SegmentConfig, ccfg: ClusterConfig) -> str | None:
         per_worker = memory_limit()[0] // max(1, ccfg.workers if ccfg.kind == "local" else 1)
         tasks = CPU_TASKS
         fix = "use fewer --workers or a machine with more memory"
-    card = _card(cfg)
-    tiling = derive_tiling(card.mpp, cfg.chunk_size, cfg.halo, cfg.context if cfg.context is not None else card.context_px)
+    tiling = slide_tiling(cfg, _card(cfg))
     budget = cfg.forward_memory or worker_budget(per_worker, tasks, tiling.window + 2 * tiling.context)
     fp = plan_forward(tiling.window, tiling.context, budget, batch=cfg.batch_size)
     line = f"{describe(fp, tiling.window, tiling.context)}, with {per_worker / 1e9:.1f} GB per worker"

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tiling import STRIDE
+from .tiling import STRIDE, _up32
 
 __all__ = ["ForwardPlan", "plan_forward", "memory_limit", "cgroup_limit", "forward_budget", "worker_budget", "describe", "FORWARD_BYTES_PER_PX", "TASK_BYTES_PER_PX"]
 
@@ -56,6 +56,14 @@ class ForwardPlan:
     def peak_bytes(self, context: int, bytes_per_px: float = FORWARD_BYTES_PER_PX) -> int:
         return int(self.batch * (self.tile + 2 * context) ** 2 * bytes_per_px)
 
+    def per_side(self, window: int) -> int:
+        """Tiles per side of a ``window`` px chunk window (1: the whole window in one pass)."""
+        return math.ceil(window / self.tile)
+
+    def read_size(self, window: int, context: int) -> int:
+        """Side of the RGB read for a window: the tiles' cores plus the context on both sides."""
+        return self.per_side(window) * self.tile + 2 * context
+
 
 def plan_forward(window: int, context: int, budget: int, bytes_per_px: float = FORWARD_BYTES_PER_PX, batch: int | None = None) -> ForwardPlan:
     """The largest forward pass over a ``window`` px chunk window (a multiple of 32) that fits
@@ -71,16 +79,12 @@ def plan_forward(window: int, context: int, budget: int, bytes_per_px: float = F
     while cost(_up32(window / n)) > budget and _up32(window / (n + 1)) >= min(MIN_TILE, window):
         n += 1
     tile = _up32(window / n)
-    per_side = math.ceil(window / tile)
+    per_side = math.ceil(window / tile)  # can be < n: tiles are rounded up to 32
     fits = max(1, int(budget // cost(tile)))
     if cost(tile) > budget:
         log.warning("the smallest forward pass needs %.1f GB but %.1f GB is available to it; the worker may run out of memory: "
                     "give each worker more memory (--memory, fewer --processes) or set --forward-memory", cost(tile) / 1e9, budget / 1e9)
     return ForwardPlan(tile, batch if batch else min(fits, per_side * per_side), int(budget))
-
-
-def _up32(v: float) -> int:
-    return max(STRIDE, int(math.ceil(v / STRIDE) * STRIDE))
 
 
 def cgroup_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
@@ -180,6 +184,6 @@ def worker_budget(worker_bytes: int, tasks: int, read: int, held: int = PROCESS_
 
 def describe(fp: ForwardPlan, window: int, context: int) -> str:
     """One line: how a ``window`` px chunk window is inferred under ``fp``."""
-    per_side = math.ceil(window / fp.tile)
+    per_side = fp.per_side(window)
     what = f"the whole window, {fp.tile + 2 * context} px" if per_side == 1 else f"{per_side}x{per_side} tiles of {fp.tile + 2 * context} px"
     return f"{what}, {fp.batch} per call, needs {fp.peak_bytes(context) / 1e9:.1f} GB of {fp.budget / 1e9:.1f} GB"

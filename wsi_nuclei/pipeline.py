@@ -178,8 +178,7 @@ def _build_predictor(key: Any, model_dir: str | None, device: str, backend: str,
 def _forward_plan(cfg: SegmentConfig, tiling: Any) -> Any:
     """This process's :class:`~wsi_nuclei.memory.ForwardPlan` for ``tiling``'s windows, planned
     once (after the model is loaded, so the process's own memory is counted)."""
-    key = ("forward", cfg.model_dir, cfg.device, cfg.backend, cfg.torch_threads, tiling.window, tiling.context,
-           cfg.batch_size, cfg.forward_memory)
+    key = ("forward", cfg.model_dir, cfg.device, tiling.window, tiling.context, cfg.batch_size, cfg.forward_memory)
     with _CACHE_LOCK:
         if key not in _CACHE:
             _CACHE[key] = _make_forward_plan(cfg, tiling)
@@ -228,12 +227,19 @@ def _card(cfg: SegmentConfig) -> Any:
     return load_card(cfg.model_dir or DEFAULT_MODEL_DIR)
 
 
+def slide_tiling(cfg: SegmentConfig, card: Any) -> Any:
+    """The chunk tiling of ``cfg`` for the model ``card`` (context: the option, else the card's)."""
+    from .tiling import derive_tiling
+
+    return derive_tiling(card.mpp, cfg.chunk_size, cfg.halo, cfg.context if cfg.context is not None else card.context_px)
+
+
 def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig) -> tuple[SlidePlan, np.ndarray, np.ndarray | None]:
     """Open ``path``, derive tiling and tissue, list the chunks. Returns the plan, the thumbnail
     and the tissue mask (thumbnail grid). Reads the slide; writes nothing."""
     from .backends import resolve_backend
     from .slide import open_slide
-    from .tiling import derive_tiling, plan_chunks
+    from .tiling import plan_chunks
     from .tissue import looks_greyscale, tissue_mask
 
     card = _card(cfg)
@@ -243,8 +249,7 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig) -> tuple[SlidePlan
             raise SlideError(f"{path}: no resolution (mpp) in the slide metadata; pass --mpp, e.g. --mpp 0.25 for 40x or 0.5 for 20x")
         scale = card.mpp / info.mpp
         width, height = math.ceil(info.dimensions[0] / scale), math.ceil(info.dimensions[1] / scale)
-        context = cfg.context if cfg.context is not None else card.context_px
-        tiling = derive_tiling(card.mpp, cfg.chunk_size, cfg.halo, context)
+        tiling = slide_tiling(cfg, card)
         thumb, thumb_scale = slide.thumbnail(2048)
     if looks_greyscale(thumb):
         raise SlideError(f"{path}: the slide has no colour (greyscale); the model segments H&E-stained RGB slides")
@@ -357,7 +362,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> dict[str
     win = tiling.window
     # the whole window in one forward pass, or tiles (each with the model's context) that fit memory
     fp = _forward_plan(cfg, tiling)
-    read = math.ceil(win / fp.tile) * fp.tile + 2 * tiling.context
+    read = fp.read_size(win, tiling.context)
     rgb = slide.read_working((chunk.x - margin, chunk.y - margin, read, read), plan.scale)
     t1 = time.perf_counter()
     waited = gate_wait_seconds()
