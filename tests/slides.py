@@ -31,11 +31,15 @@ def disc_image(shape: tuple[int, int], centres: list[tuple[float, float]], radiu
     img = np.empty((h, w, 3), np.float32)
     img[:] = (232, 180, 210)
     img += rng.normal(0, 6, img.shape)
-    yy, xx = np.mgrid[0:h, 0:w]
-    for cx, cy in centres:
-        d2 = (xx - cx) ** 2 + (yy - cy) ** 2
-        inside = d2 <= radius**2
-        img[inside] = (75, 45, 130) + rng.normal(0, 8, (int(inside.sum()), 3))
+    for cx, cy in centres:  # each disc within its bounding box (the same pixels as a whole-image test)
+        y0, y1 = max(0, int(np.floor(cy - radius)) - 1), min(h, int(np.ceil(cy + radius)) + 2)
+        x0, x1 = max(0, int(np.floor(cx - radius)) - 1), min(w, int(np.ceil(cx + radius)) + 2)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+        box = img[y0:y1, x0:x1]
+        box[inside] = (75, 45, 130) + rng.normal(0, 8, (int(inside.sum()), 3))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

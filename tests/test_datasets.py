@@ -297,3 +297,62 @@ def test_read_aperio_xml_small(tmp_path: Path) -> None:
     assert labels[2, 3] == 1  # row = Y, column = X
     assert labels[7, 12] == 2
     assert labels[3, 12] == 0
+
+
+# ---------------------------------------------------------------- CoNSeP (256² tiles stitched back)
+
+
+def test_consep_stitching_equals_the_tiles(shared_data: Path) -> None:
+    from wsi_nuclei.datasets import CONSEP_MPP, CONSEP_TILE_ORIGINS, load_consep
+
+    root = shared_data / "consep"
+    (s,) = load_consep(root, "test", names=["test_2"])
+    assert s.image.shape == (1000, 1000, 3) and s.labels.shape == (1000, 1000) and s.mpp == CONSEP_MPP
+    assert s.dataset == "consep"
+    for i, (y, x) in enumerate(CONSEP_TILE_ORIGINS):
+        tile = np.asarray(Image.open(root / "images" / "test" / f"test_2_{i:03d}.jpg").convert("RGB"))
+        inst = np.asarray(Image.open(root / "instances" / "test" / f"test_2_{i:03d}.png")).astype(np.int64)
+        # JPEG tiles disagree a little where they overlap (24 px strips): the later tile wins there
+        later = np.zeros((1000, 1000), bool)
+        for yy, xx in CONSEP_TILE_ORIGINS[i + 1 :]:
+            later[yy : yy + 256, xx : xx + 256] = True
+        own = ~later[y : y + 256, x : x + 256]
+        assert own.any() and np.array_equal(s.image[y : y + 256, x : x + 256][own], tile[own]), i
+        # same partition: one stitched id per tile id, and background where the tile has none
+        crop = s.labels[y : y + 256, x : x + 256]
+        assert np.array_equal(crop == 0, inst == 0), i
+        pairs = np.unique(np.stack([inst[inst > 0], crop[inst > 0]]), axis=1)
+        assert len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1])), i
+    assert s.labels.max() == len(np.unique(s.labels)) - 1 == 245  # the README: test_2 has 245 nuclei
+
+
+@pytest.mark.slow
+def test_consep_counts(shared_data: Path) -> None:
+    from wsi_nuclei.datasets import load_consep
+
+    train = load_consep(shared_data / "consep", "train")
+    test = load_dataset("consep-test", shared_data / "consep")
+    assert [s.name for s in train][:3] == ["train_1", "train_2", "train_3"] and len(train) == 27
+    assert len(test) == 14 and all(s.name.startswith("test_") for s in test)
+    assert sum(int(s.labels.max()) for s in train) == 15555
+    assert sum(int(s.labels.max()) for s in test) == 8777
+    assert [int(s.labels.max()) for s in test][:4] == [865, 245, 394, 418]
+
+
+def test_consep_errors(tmp_path: Path, shared_data: Path) -> None:
+    from wsi_nuclei.datasets import load_consep
+
+    with pytest.raises(DatasetError, match="consep folder"):
+        load_consep(tmp_path, "test")
+    with pytest.raises(DatasetError, match="train or test"):
+        load_consep(shared_data / "consep", "val")
+    with pytest.raises(DatasetError, match="test_99"):
+        load_consep(shared_data / "consep", "test", names=["test_99"])
+    # a missing tile is named
+    for sub in ("images/test", "instances/test"):
+        (tmp_path / sub).mkdir(parents=True)
+    for i in range(15):
+        for sub, ext in (("images/test", "jpg"), ("instances/test", "png")):
+            (tmp_path / sub / f"test_1_{i:03d}.{ext}").write_bytes(b"")
+    with pytest.raises(DatasetError, match="test_1 has tiles"):
+        load_consep(tmp_path, "test")

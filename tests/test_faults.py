@@ -356,7 +356,9 @@ def test_chunk_that_keeps_raising_fails_only_its_slide(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_quickly_and_resumes(tmp_path):
-    slide = disc_slide(tmp_path / "s.tif", (1024, 1280), seed=13)
+    # 6 x 8 = 48 chunks: the Ctrl-C after the 4th chunk file always finds work left (with 20, the
+    # run could finish before the signal arrived and exit 0)
+    slide = disc_slide(tmp_path / "s.tif", (1536, 2048), seed=13)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "wsi_nuclei.cli", "segment", str(slide), "-o", str(out), *FLAGS, "--quiet", "--threads", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

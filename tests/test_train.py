@@ -69,3 +69,57 @@ def test_scratch_only_for_encoders_without_offline_weights(tmp_path, samples):
     cfg = _cfg(tmp_path, encoder="efficientnet-b0", pretrained=True, epochs=1, steps_per_epoch=1)
     with pytest.raises(ConfigError, match="--scratch"):
         train(cfg, [samples[0]], [])
+
+
+# ---------------------------------------------------------------- several datasets
+
+
+def _fake(name: str, dataset: str):
+    import numpy as np
+
+    from wsi_nuclei.datasets import Sample
+
+    lab = np.zeros((64, 64), np.int32)
+    lab[20:30, 20:30] = 1
+    img = np.full((64, 64, 3), 220, np.uint8)
+    img[lab > 0] = (80, 40, 140)
+    return Sample(name, img, lab, 0.5, "", dataset)
+
+
+def test_sampler_draws_datasets_by_weight():
+    import numpy as np
+
+    from wsi_nuclei.train import draw_image, prepare
+
+    samples = [_fake(f"m{i}", "monuseg") for i in range(3)] + [_fake(f"c{i}", "consep") for i in range(9)]
+    cfg = TrainConfig(out=None, data=(("monuseg", 3.0), ("consep", 1.0)), outputs=("nucleus",), stain_augment="none")  # type: ignore[arg-type]
+    data = prepare(samples, cfg)
+    rng = np.random.default_rng(0)
+    drawn = np.array([draw_image(data, rng) for _ in range(8000)])
+    share = float((drawn < 3).mean())  # MoNuSeg images are 0..2: 3/4 of the crops despite 3 of 12 images
+    assert abs(share - 0.75) < 0.02
+    counts = np.bincount(drawn, minlength=12)
+    assert counts[:3].min() > 0.8 * counts[:3].max() and counts[3:].min() > 0.7 * counts[3:].max()  # uniform within
+
+
+def test_data_spec_and_missing_dataset_are_checked():
+    from wsi_nuclei.train import parse_data, prepare
+
+    assert parse_data("monuseg,consep:0.5") == (("monuseg", 1.0), ("consep", 0.5))
+    with pytest.raises(ConfigError, match="unknown dataset 'tnbc'"):
+        parse_data("monuseg,tnbc")  # an evaluation set can never be a training source
+    with pytest.raises(ConfigError, match="weight"):
+        parse_data("consep:x")
+    cfg = TrainConfig(out=None, data=(("monuseg", 1.0), ("consep", 1.0)), outputs=("nucleus",), stain_augment="none")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="consep"):
+        prepare([_fake("m", "monuseg")], cfg)
+
+
+def test_training_never_loads_a_test_split(shared_data):
+    from wsi_nuclei.train import CONSEP_VALIDATION, DEFAULT_VALIDATION, load_training_samples
+
+    cfg = TrainConfig(out=None, data=(("consep", 1.0),), validation=DEFAULT_VALIDATION + CONSEP_VALIDATION)  # type: ignore[arg-type]
+    samples = load_training_samples(cfg, shared_data)
+    assert len(samples) == 27 and all(s.name.startswith("train_") for s in samples)
+    train_s, val_s = split_validation(samples, cfg)
+    assert sorted(s.name for s in val_s) == sorted(CONSEP_VALIDATION) and len(train_s) == 24

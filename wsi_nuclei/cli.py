@@ -46,10 +46,14 @@ def _main(
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for checkpoints, log.jsonl and the best model."),
-    data: Path = typer.Option(Path("../shared/data/monuseg/train"), help="MoNuSeg training split (images/ + instances/)."),
+    data: str = typer.Option("monuseg", help="Training datasets with optional sampling weights, e.g. monuseg,consep:0.5 (train splits only), or a MoNuSeg-layout folder."),
+    data_root: Path = typer.Option(Path("../shared/data"), help="Folder holding monuseg/train and consep (as ../shared/data)."),
+    stain_augment: str = typer.Option("hed", help="Stain augmentation: none, hed (HED jitter), macenko (random Macenko re-staining) or both."),
+    init: Optional[Path] = typer.Option(None, help="Start from this model folder's weights (fine-tuning), e.g. wsi_nuclei/weights."),
+    validation: Optional[str] = typer.Option(None, help="Comma-separated held-out training image ids (default: 5 MoNuSeg, plus 3 CoNSeP train when CoNSeP trains)."),
     recipe: str = typer.Option("ours", help="ours: instance model (nucleus+boundary+distance); paper: the seed paper's binary UNet++."),
     encoder: Optional[str] = typer.Option(None, help="smp encoder, e.g. tu-tf_efficientnet_lite0, efficientnet-b0."),
-    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--scratch", help="ImageNet encoder init (offline only for tu-tf_efficientnet_lite0) or random init. Default: ImageNet for Lite0."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--scratch", help="ImageNet encoder init (offline for tu-tf_efficientnet_lite0/1/2) or random init. Default: ImageNet for Lite0/1/2."),
     mpp: Optional[float] = typer.Option(None, help="Working resolution in µm/px (ours: 0.5)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs."),
     steps_per_epoch: Optional[int] = typer.Option(None, help="Optimizer steps per epoch."),
@@ -69,7 +73,6 @@ def train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from . import train as tr
-    from .datasets import load_monuseg
 
     try:
         base = dict(tr.PAPER_RECIPE) if recipe == "paper" else {}
@@ -80,14 +83,33 @@ def train(
         base.update({k: v for k, v in given.items() if v is not None})
         if pretrained is not None:
             base["pretrained"] = pretrained
-        elif "encoder" in base and base["encoder"] != "tu-tf_efficientnet_lite0":
+        elif "encoder" in base and not str(base["encoder"]).startswith("tu-tf_efficientnet_lite"):
             base["pretrained"] = False
         if exclude_organ:
             base["exclude_groups"] = tuple(exclude_organ)
+        folder = Path(data) if Path(data).is_dir() else None
+        sources = (("monuseg", 1.0),) if folder else tr.parse_data(data)
+        base["data"] = sources
+        base["stain_augment"] = stain_augment
+        if validation is not None:
+            base["validation"] = tuple(v.strip() for v in validation.split(",") if v.strip())
+        elif any(n == "consep" for n, _ in sources):
+            base["validation"] = tr.DEFAULT_VALIDATION + tr.CONSEP_VALIDATION
+        if init is not None:
+            from .model import load_card
+
+            init_card = load_card(init)
+            base["init"] = str(init)
+            base.setdefault("encoder", init_card.encoder)
+            base["outputs"] = tuple(init_card.outputs)
+            base["mpp"] = base.get("mpp", init_card.mpp)
+            base["postprocess"] = init_card.postprocess
+            if init_card.training.get("decoder_channels"):
+                base["decoder_channels"] = tuple(init_card.training["decoder_channels"])
         valid = {f.name for f in fields(tr.TrainConfig)}
         cfg = tr.TrainConfig(out=out, seed=seed, threads=threads, **{k: v for k, v in base.items() if k in valid})
         cfg.check()
-        samples = load_monuseg(data)
+        samples = tr.load_training_samples(cfg, data_root, folder)
         train_s, val_s = tr.split_validation(samples, cfg)
         command = " ".join(["wsi-nuclei", *sys.argv[1:]])
         with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
@@ -95,8 +117,9 @@ def train(
             task = bar.add_task("train", total=cfg.epochs * cfg.steps_per_epoch, loss=0.0)
             card = tr.train(cfg, train_s, val_s, resume=resume,
                             progress=lambda i, n, loss: bar.update(task, completed=i, loss=loss),
-                            extra_card={"command": command, "dataset": f"MoNuSeg 2018 train ({data})",
-                                        "validation_images": list(cfg.validation)})
+                            extra_card={"command": command,
+                                        "dataset": ", ".join(f"{n} train (weight {w})" for n, w in sources) + f" under {folder or data_root}",
+                                        "validation_images": sorted(s.name for s in val_s)})
         if tune and val_s:
             from dataclasses import replace
 
@@ -116,7 +139,7 @@ def train(
 @app.command()
 def evaluate(
     path: Path = typer.Argument(..., help="Dataset folder."),
-    dataset: str = typer.Option(..., "--dataset", help="tnbc, monuseg-test, monuseg or folder."),
+    dataset: str = typer.Option(..., "--dataset", help="tnbc, monuseg-test, consep-test, monuseg, consep-train or folder."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
     mpp: Optional[float] = typer.Option(None, help="µm/px of a 'folder' dataset (default 0.25)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images."),
@@ -124,12 +147,13 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: default)."),
     record: bool = typer.Option(False, "--record", help="For model authors: store the means in the model card under metrics.<dataset>."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
 ) -> None:
     """Pixel Dice/IoU, AJI, PQ (DQ, SQ) and object F1 of a model on an annotated dataset."""
     from .evaluate import evaluate_dataset
 
     try:
-        report = evaluate_dataset(dataset, path, model_dir=model, mpp=mpp, limit=limit, device=device, threads=threads)
+        report = evaluate_dataset(dataset, path, model_dir=model, mpp=mpp, limit=limit, device=device, threads=threads, tta=tta)
         if record:
             from .evaluate import record_in_card
 
@@ -154,6 +178,53 @@ def evaluate(
     Console().print(table)
 
 
+@app.command("measure-context")
+def measure_context_cmd(
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
+    slide: Optional[Path] = typer.Option(None, help="Slide with tissue to measure on (default: the bundled CMU sample)."),
+    x: int = typer.Option(300, help="Left of the region, working px."),
+    y: int = typer.Option(600, help="Top of the region, working px."),
+    tiles: int = typer.Option(3, help="Tiles per side of the compared centre (256 working px each)."),
+    threads: int = typer.Option(0, help="Torch CPU threads (0: default)."),
+    write: bool = typer.Option(False, "--write", help="For model authors: store the result as context_px in the model card."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Measure the model's context: the smallest tile context (multiple of 32) for which a tiled run
+    equals a whole-image run (instance AJI >= 0.995, no unmatched nuclei, |Δp| 99.9th pct <= 0.05)."""
+    from .backends import make_predictor
+    from .context import CANDIDATES, measure_context, pick_context
+    from .model import DEFAULT_MODEL_DIR, load_model, update_card
+    from .slide import open_slide
+
+    try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        net, card = load_model(model)
+        path = slide or Path(__file__).parent / "data" / "CMU-1-Small-Region.svs"
+        side = tiles * 256 + 2 * max(CANDIDATES)
+        with open_slide(path) as s:
+            img = s.read_working((x, y, side, side), card.mpp / s.info.mpp)
+        predict, _ = make_predictor(net, card, "torch", "cpu")
+        rows = measure_context(predict, card, img)
+        best = pick_context(rows)
+        if write:
+            if best is None:
+                raise WsiNucleiError(f"no tried context up to {max(CANDIDATES)} px passes; the card is unchanged")
+            update_card(model or DEFAULT_MODEL_DIR, context_px=best)
+    except WsiNucleiError as err:
+        _fail(err)
+        return
+    if as_json:
+        typer.echo(json.dumps({"context_px": best, "slide": str(path), "region": [x, y, side, side], "rows": [r.as_dict() for r in rows]}))
+        return
+    typer.echo(f"{'context':>8}{'max|dp|':>10}{'p99.9|dp|':>11}{'AJI':>8}{'unmatched':>10}{'nuclei':>8}  ok")
+    for r in rows:
+        typer.echo(f"{r.context:>8}{r.max_abs:>10.4f}{r.p999_abs:>11.4f}{r.aji:>8.4f}{r.unmatched:>10}{r.n_whole:>8}  {'yes' if r.ok else 'no'}")
+    typer.echo(f"context_px = {best}" + (" (written to the card)" if write else ""))
+
+
 @app.command("segment-image")
 def segment_image_cmd(
     images: list[Path] = typer.Argument(..., help="RGB image files (PNG, JPEG, TIFF)."),
@@ -161,6 +232,7 @@ def segment_image_cmd(
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
 ) -> None:
     """Segment nuclei in plain images: writes <name>_labels.png (16-bit ids), <name>_overlay.png
     and <name>_summary.json per image."""
@@ -177,6 +249,10 @@ def segment_image_cmd(
     try:
         if not mpp > 0:
             raise WsiNucleiError(f"--mpp must be > 0 µm/px, got {mpp}")
+        if tta is not None:
+            from .tta import check_tta
+
+            check_tta(tta)
         dev = select_device(device)
         net, card = load_model(model)
         net = net.to(dev)
@@ -186,7 +262,7 @@ def segment_image_cmd(
                 raise WsiNucleiError(f"{path}: file not found; check the path")
             image = read_rgb(path)
             t0 = time.perf_counter()
-            labels = segment_image(net, card, image, mpp, device=dev)
+            labels = segment_image(net, card, image, mpp, device=dev, tta=tta)
             seconds = time.perf_counter() - t0
             n = int(labels.max())
             if n >= 2**16:
@@ -238,7 +314,8 @@ def segment(
     mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel, for slides without metadata."),
     chunk_size: int = typer.Option(1024, help="Chunk core size in working px (multiple of 32)."),
     halo: Optional[int] = typer.Option(None, help="Instance halo in working px (default: largest nucleus, from the model)."),
-    context: Optional[int] = typer.Option(None, help="Model context in working px (default: measured receptive field)."),
+    context: Optional[int] = typer.Option(None, help="Model context in working px (default: the model card's measured context_px)."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per model call when a window is split (default: as many as fit in memory)."),
     forward_memory: Optional[str] = typer.Option(None, help="Memory a forward pass may use, e.g. 2GB (default: from the worker's memory "
                                                  "limit, cgroup or RAM). A chunk window that does not fit is inferred in tiles."),
@@ -295,7 +372,7 @@ def segment(
             import torch
 
             n_gpus = torch.cuda.device_count()
-        cfg = SegmentConfig(model_dir=str(model) if model else None, mpp=mpp, chunk_size=chunk_size, halo=halo, context=context,
+        cfg = SegmentConfig(model_dir=str(model) if model else None, mpp=mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
                             batch_size=batch_size, forward_memory=_size(forward_memory, "--forward-memory"), device=dev,
                             tissue_mask=not no_tissue_mask, reader=reader, backend=backend,
                             geojson_format=fmt, raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite,
@@ -326,6 +403,11 @@ def segment(
     except WsiNucleiError as err:
         _fail(err)
         return
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    interrupted = _trap_ctrl_c()
+    results: list = []
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, disable=quiet) as bar:
@@ -341,13 +423,21 @@ def segment(
             queued = 2 * ccfg.max_jobs * ccfg.cores if ccfg.kind == "slurm" and not ccfg.scheduler else 0
             results = segment_many(inputs, out, cfg, client, on_slide, on_chunk, max_slides=max_slides, min_pending=queued)
     except WsiNucleiError as err:
-        _fail(err)
-        return
+        if not interrupted:
+            _fail(err)
+            return
     except KeyboardInterrupt:
-        typer.echo(f"interrupted: finished chunks and slides are kept in {out}; run the same command with --resume to continue", err=True)
-        raise typer.Exit(130) from None
+        interrupted.append(True)
     finally:
-        close_client(client)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # shutting down: a second Ctrl-C must not cut it short
+        try:
+            close_client(client)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        # exit 130 whenever a Ctrl-C arrived, even if a library swallowed its KeyboardInterrupt
+        typer.echo(f"interrupted: finished chunks and slides are kept in {out}; run the same command with --resume to continue", err=True)
+        raise typer.Exit(130)
     if not quiet:
         table = Table(title=f"wsi-nuclei segment → {out}")
         for col in ("slide", "status", "nuclei", "seconds", "note"):
@@ -360,6 +450,23 @@ def segment(
         typer.echo(f"error: {r.reason}" if r.slide in r.reason else f"error: {r.slide}: {r.reason}", err=True)
     if failed:
         raise typer.Exit(1)
+
+
+def _trap_ctrl_c() -> list[bool]:
+    """Install a SIGINT handler that records the Ctrl-C (in the returned list) and raises
+    KeyboardInterrupt once; later ones only record. The record decides the exit code (130)."""
+    import signal
+
+    hit: list[bool] = []
+
+    def handler(signum: int, frame: object) -> None:
+        first = not hit
+        hit.append(True)
+        if first:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    return hit
 
 
 def _segment_device(device: str, cluster: str, scheduler: Optional[str], dry_run: bool) -> str:

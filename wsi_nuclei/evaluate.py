@@ -7,13 +7,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .datasets import DATASET_KINDS
 from .errors import ConfigError
 
 __all__ = ["evaluate_dataset", "record_in_card", "DATASET_KINDS"]
 
 log = logging.getLogger(__name__)
-
-DATASET_KINDS = ("tnbc", "monuseg-test", "monuseg", "folder")
 
 
 def evaluate_dataset(
@@ -24,12 +23,13 @@ def evaluate_dataset(
     limit: int | None = None,
     device: str = "auto",
     threads: int = 0,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     """Segment every image of a dataset and compare with its annotation.
 
     Parameters
     ----------
-    kind : {"tnbc", "monuseg-test", "monuseg", "folder"}
+    kind : {"tnbc", "monuseg-test", "monuseg", "consep-test", "consep-train", "folder"}
         Dataset layout (see :mod:`wsi_nuclei.datasets`).
     path : path
         Dataset folder.
@@ -39,6 +39,8 @@ def evaluate_dataset(
         µm/px of a "folder" dataset.
     limit : int, optional
         Evaluate only the first ``limit`` images (sorted by name).
+    tta : {"none", "flip4", "dihedral8"}, optional
+        Test-time augmentation; default the card's ``tta``.
 
     Returns
     -------
@@ -58,6 +60,10 @@ def evaluate_dataset(
         raise ConfigError(f"unknown --dataset {kind!r}; use one of {', '.join(DATASET_KINDS)}")
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be > 0, got {limit}")
+    if tta is not None:
+        from .tta import check_tta
+
+        check_tta(tta)
     if threads:
         torch.set_num_threads(threads)
     dev = select_device(device)
@@ -67,7 +73,7 @@ def evaluate_dataset(
     rows, items, seconds = [], [], 0.0
     for s in samples:
         t0 = time.perf_counter()
-        pred = segment_image(model, card, s.image, s.mpp, device=dev)
+        pred = segment_image(model, card, s.image, s.mpp, device=dev, tta=tta)
         seconds += time.perf_counter() - t0
         m = evaluate_pair(s.labels, pred)
         items.append(m)
@@ -79,6 +85,7 @@ def evaluate_dataset(
         path=str(path),
         model=f"{card.name}@{card.weights_sha256[:12]}",
         postprocess=card.postprocess.__dict__,
+        tta=tta or card.tta,
         seconds_per_image=round(seconds / max(1, len(samples)), 4),
         images=rows,
     )
@@ -98,7 +105,9 @@ def record_in_card(report: dict[str, Any], model_dir: Path | str | None = None) 
         raise ConfigError(f"{directory}: the report was made with model {report['model']}, not this one")
     keys = ("dice", "iou", "aji", "pq", "dq", "sq", "f1", "precision", "recall", "n_images", "seconds_per_image")
     entry = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items() if k in keys}
-    entry["command"] = f"wsi-nuclei evaluate {report['path']} --dataset {report['dataset']} --json"
+    entry["tta"] = report.get("tta", card.tta)
+    extra = f" --tta {entry['tta']}" if entry["tta"] != card.tta else ""
+    entry["command"] = f"wsi-nuclei evaluate {report['path']} --dataset {report['dataset']}{extra} --json"
     card = replace(card, metrics={**card.metrics, report["dataset"]: entry})
     tmp = directory / (CARD_FILE + ".tmp")
     tmp.write_text(card.to_json() + "\n", encoding="utf-8")

@@ -86,22 +86,31 @@ def to_tensor(images: np.ndarray, card: ModelCard) -> torch.Tensor:
     return (x - mean) / std
 
 
-def predict_probabilities(model: torch.nn.Module, card: ModelCard, image: np.ndarray, device: str = "cpu") -> np.ndarray:
+def predict_probabilities(
+    model: torch.nn.Module, card: ModelCard, image: np.ndarray, device: str = "cpu", tta: str | None = None
+) -> np.ndarray:
     """Sigmoid outputs for one (H, W, 3) uint8 image already at the working mpp.
 
     The image is reflect-padded to a multiple of 32 (at least 64 px) and the padding is cropped
-    off again. Returns (C, H, W) float32 in [0, 1].
+    off again. ``tta`` (default the card's) averages the outputs over flips/rotations
+    (:mod:`wsi_nuclei.tta`). Returns (C, H, W) float32 in [0, 1].
     """
     import torch
+
+    from .tta import with_tta
 
     h, w = image.shape[:2]
     ph = max(64, -(-h // _STRIDE) * _STRIDE) - h
     pw = max(64, -(-w // _STRIDE) * _STRIDE) - w
     pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0))
     padded = np.pad(image, pad, mode="reflect") if ph < h and pw < w else np.pad(image, pad, mode="symmetric")
-    x = to_tensor(padded[None], card).to(device)
-    with torch.inference_mode():
-        probs = torch.sigmoid(model(x))[0].float().cpu().numpy()
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        x = to_tensor(tiles, card).to(device)
+        with torch.inference_mode():
+            return torch.sigmoid(model(x)).float().cpu().numpy()
+
+    probs = with_tta(predict, tta or card.tta)(padded[None])[0]
     return probs[:, ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
 
 
@@ -112,14 +121,16 @@ def segment_image(
     mpp: float,
     post: PostProcess | None = None,
     device: str = "cpu",
+    tta: str | None = None,
 ) -> np.ndarray:
     """Nucleus instances of an (H, W, 3) uint8 RGB image at ``mpp`` µm/px.
 
     The image is resampled to the model's working mpp, segmented with the card's (or ``post``)
-    post-processing, and the labels are resampled back: returns (H, W) int32 labels.
+    post-processing, and the labels are resampled back: returns (H, W) int32 labels. ``tta``:
+    test-time augmentation (default the card's ``tta``).
     """
     work = working_shape(image.shape[:2], mpp, card.mpp)
-    probs = predict_probabilities(model, card, resize_image(image, work), device)
+    probs = predict_probabilities(model, card, resize_image(image, work), device, tta)
     labels = probabilities_to_instances(probs, card.outputs, post or card.postprocess, card.mpp)
     return resize_labels(labels, image.shape[:2])
 

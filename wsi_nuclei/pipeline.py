@@ -81,6 +81,7 @@ class SegmentConfig:
     overwrite: bool = False
     torch_threads: int = 0
     keep_chunks: bool = False
+    tta: str | None = None  # test-time augmentation: none, flip4, dihedral8; None: the model card's
 
     def check(self) -> None:
         if self.batch_size is not None and self.batch_size <= 0:
@@ -91,6 +92,10 @@ class SegmentConfig:
             raise ConfigError(f"--mpp must be > 0 µm/px, got {self.mpp}")
         if self.geojson_format not in ("geojson.gz", "geojson"):
             raise ConfigError(f"--format must be geojson.gz or geojson, got {self.geojson_format!r}")
+        if self.tta is not None:
+            from .tta import check_tta
+
+            check_tta(self.tta)
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         if self.reader not in ("auto", "openslide", "tiffslide"):
@@ -266,7 +271,8 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig) -> tuple[SlidePlan
     key = {"slide": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "model": card.weights_sha256,
            "card": card.to_json(), "tiling": asdict(tiling), "mpp": info.mpp, "reader": cfg.reader,
            "backend": resolve_backend(cfg.backend, cfg.device), "batch": cfg.batch_size,
-           "device": cfg.device, "shift": shift, "version": __version__, "chunk_file": 2}
+           "device": cfg.device, "shift": shift, "version": __version__, "chunk_file": 2,
+           "tta": cfg.tta or card.tta}
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     plan = SlidePlan(str(path), str(out_dir), scale, (height, width), tiling, tuple(chunks), grid, shift,
                      f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}", round(tissue_mm2, 4), info.as_dict(), model, fingerprint)
@@ -366,7 +372,9 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> dict[str
     rgb = slide.read_working((chunk.x - margin, chunk.y - margin, read, read), plan.scale)
     t1 = time.perf_counter()
     waited = gate_wait_seconds()
-    probs = tile_probabilities(predict, len(card.outputs), rgb, fp.tile, tiling.context, fp.batch)
+    from .tta import with_tta
+
+    probs = tile_probabilities(with_tta(predict, cfg.tta or card.tta), len(card.outputs), rgb, fp.tile, tiling.context, fp.batch)
     probs = probs[:, :win, :win]
     t2 = time.perf_counter()
     waited = gate_wait_seconds() - waited

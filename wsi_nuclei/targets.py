@@ -83,8 +83,11 @@ def _hed_jitter(image: np.ndarray, rng: np.random.Generator, sigma: float = 0.05
     return np.clip(out * 255.0, 0, 255).astype(np.uint8)
 
 
-def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator, colour: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Random dihedral transform (exact for the targets), then colour, blur and noise on the image."""
+def augment(
+    image: np.ndarray, targets: np.ndarray, rng: np.random.Generator, colour: bool = True, hed: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random dihedral transform (exact for the targets), then colour (HED jitter when ``hed``),
+    brightness, blur and noise on the image when ``colour``."""
     k = int(rng.integers(0, 4))
     image = np.rot90(image, k, axes=(0, 1))
     targets = np.rot90(targets, k, axes=(1, 2))
@@ -92,7 +95,7 @@ def augment(image: np.ndarray, targets: np.ndarray, rng: np.random.Generator, co
         image = image[:, ::-1]
         targets = targets[:, :, ::-1]
     if colour:
-        if rng.random() < 0.8:
+        if hed and rng.random() < 0.8:
             image = _hed_jitter(image, rng)
         img: np.ndarray = image.astype(np.float32)
         if rng.random() < 0.5:  # brightness / contrast / gamma

@@ -1,9 +1,11 @@
-"""Train EfficientUnet++ on MoNuSeg (or a folder) at the working resolution, with resume.
+"""Train EfficientUnet++ on one or more datasets at the working resolution, with resume.
 
-Data at native resolution are resampled once to the working mpp; training draws random crops
-with dihedral + stain-colour augmentation. Validation runs the exact post-processing of the
+Data at native resolution are resampled once to the working mpp; each crop first picks a
+dataset by its sampling weight (``TrainConfig.data``), then an image of it, then a random
+position; crops get dihedral + stain-colour augmentation (HED jitter and/or randomised Macenko
+re-staining, ``TrainConfig.stain_augment``). Validation runs the exact post-processing of the
 pipeline (:func:`wsi_nuclei.infer.segment_image`) on held-out training images and the best
-epoch by validation AJI is kept. TNBC and MoNuSeg test are never touched here.
+epoch by validation AJI is kept. TNBC, MoNuSeg test and CoNSeP test are never touched here.
 
 Outputs in ``TrainConfig.out``: ``last/`` and ``best/`` model folders (safetensors + card),
 ``state.pt`` (optimizer, epoch and RNG state; written and read only by this module, loaded with
@@ -26,7 +28,8 @@ from .datasets import Sample
 from .errors import ConfigError
 from .model import ModelCard, PostProcess
 
-__all__ = ["TrainConfig", "PAPER_RECIPE", "prepare", "train", "validate", "tune_postprocess", "split_validation"]
+__all__ = ["TrainConfig", "PAPER_RECIPE", "prepare", "train", "validate", "tune_postprocess", "split_validation",
+           "parse_data", "load_training_samples", "draw_image", "DATA_SOURCES", "CONSEP_VALIDATION"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,11 @@ DEFAULT_VALIDATION = (
     "TCGA-G9-6363-01Z-00-DX1",  # prostate
     "TCGA-RD-A8N9-01A-01-TS1",  # stomach
 )
+#: Held-out CoNSeP *train* images (293, 749 and 1242 nuclei), validation when CoNSeP trains.
+CONSEP_VALIDATION = ("train_2", "train_13", "train_23")
+#: Datasets ``--data`` names, their folders under the data root, and their loaders' split.
+DATA_SOURCES = {"monuseg": "monuseg/train", "consep": "consep"}
+STAIN_AUGMENTS = ("none", "hed", "macenko", "both")
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,11 @@ class TrainConfig:
     colour_augment: bool = True
     validation: tuple[str, ...] = DEFAULT_VALIDATION
     exclude_groups: tuple[str, ...] = ()
+    #: (dataset, sampling weight) pairs; a crop's dataset is drawn with these weights.
+    data: tuple[tuple[str, float], ...] = (("monuseg", 1.0),)
+    stain_augment: str = "hed"
+    #: A model folder whose weights start the training (fine-tuning); "" for a fresh model.
+    init: str = ""
     val_every: int = 2
     seed: int = 0
     threads: int = 0
@@ -77,6 +90,10 @@ class TrainConfig:
             raise ConfigError(f"--loss must be dice or dice_bce, got {self.loss!r}")
         if "nucleus" not in self.outputs:
             raise ConfigError("outputs must include 'nucleus'")
+        if self.stain_augment not in STAIN_AUGMENTS:
+            raise ConfigError(f"--stain-augment must be one of {', '.join(STAIN_AUGMENTS)}, got {self.stain_augment!r}")
+        if not self.data or any(not w > 0 for _, w in self.data):
+            raise ConfigError(f"--data needs at least one dataset, each with a weight > 0, got {list(self.data)}")
 
 
 #: The seed paper: whole 1000x1000 MoNuSeg images resized to 256x256 (~0.98 µm/px), one output,
@@ -101,6 +118,42 @@ PAPER_RECIPE: dict[str, Any] = dict(
 class _Prepared:
     images: list[np.ndarray]
     targets: list[np.ndarray]
+    #: per dataset (in ``TrainConfig.data`` order): its sampling weight and its image indices
+    groups: list[tuple[float, list[int]]]
+    #: per image: its Macenko stains (None when not estimated or too little tissue)
+    stains: list[Any]
+
+
+def parse_data(spec: str) -> tuple[tuple[str, float], ...]:
+    """``"monuseg,consep:0.5"`` -> ``(("monuseg", 1.0), ("consep", 0.5))``: dataset names of
+    :data:`DATA_SOURCES`, each with an optional sampling weight (default 1)."""
+    out = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        name, _, weight = item.partition(":")
+        if name not in DATA_SOURCES:
+            raise ConfigError(f"--data: unknown dataset {name!r}; use {', '.join(DATA_SOURCES)} (e.g. --data monuseg,consep:0.5)")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise ConfigError(f"--data: weight of {name} must be a number, got {weight!r}") from None
+        out.append((name, w))
+    if not out or len({n for n, _ in out}) != len(out):
+        raise ConfigError(f"--data must name each dataset once, got {spec!r}")
+    return tuple(out)
+
+
+def load_training_samples(cfg: TrainConfig, root: Path | str, monuseg_dir: Path | str | None = None) -> list[Sample]:
+    """All images of the datasets in ``cfg.data`` (training *splits* only): MoNuSeg train from
+    ``monuseg_dir`` (default ``root/monuseg/train``), CoNSeP train from ``root/consep``."""
+    from .datasets import load_consep, load_monuseg
+
+    samples: list[Sample] = []
+    for name, _ in cfg.data:
+        if name == "monuseg":
+            samples += load_monuseg(Path(monuseg_dir) if monuseg_dir else Path(root) / DATA_SOURCES["monuseg"])
+        elif name == "consep":
+            samples += load_consep(Path(root) / DATA_SOURCES["consep"], "train")
+    return samples
 
 
 def split_validation(samples: list[Sample], cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
@@ -114,26 +167,51 @@ def split_validation(samples: list[Sample], cfg: TrainConfig) -> tuple[list[Samp
 
 
 def prepare(samples: list[Sample], cfg: TrainConfig) -> _Prepared:
-    """Resample samples to ``cfg.mpp`` and compute their targets once."""
+    """Resample samples to ``cfg.mpp``, compute their targets (and Macenko stains) once, and
+    group them by dataset for the weighted sampler. A sample's dataset is ``Sample.dataset``
+    ("" counts as the first dataset of ``cfg.data``)."""
     from .infer import resize_image, resize_labels, working_shape
+    from .stain import macenko_stains
     from .targets import make_targets
 
-    images, targets = [], []
-    for s in samples:
+    names = [name for name, _ in cfg.data]
+    images, targets, stains = [], [], []
+    members: dict[str, list[int]] = {n: [] for n in names}
+    for i, s in enumerate(samples):
+        key = s.dataset or names[0]
+        if key not in members:
+            raise ConfigError(f"training image {s.name} is from dataset {key!r}, which --data does not list ({', '.join(names)})")
+        members[key].append(i)
         shape = working_shape(s.labels.shape, s.mpp, cfg.mpp)
         images.append(resize_image(s.image, shape))
         targets.append(make_targets(resize_labels(s.labels, shape), cfg.outputs))
-    return _Prepared(images, targets)
+        stains.append(macenko_stains(images[-1]) if cfg.stain_augment in ("macenko", "both") else None)
+    empty = [n for n in names if not members[n]]
+    if empty:
+        raise ConfigError(f"--data lists {', '.join(empty)} but no training image of it is left")
+    return _Prepared(images, targets, [(w, members[n]) for n, w in cfg.data], stains)
+
+
+def draw_image(data: _Prepared, rng: np.random.Generator) -> int:
+    """Index of a training image: a dataset by weight, then one of its images uniformly."""
+    weights = np.array([w for w, _ in data.groups], dtype=np.float64)
+    g = int(rng.choice(len(weights), p=weights / weights.sum()))
+    members = data.groups[g][1]
+    return members[int(rng.integers(len(members)))]
 
 
 def _batch(data: _Prepared, cfg: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    from .stain import random_restain
     from .targets import augment, random_crop
 
+    pool = [s for s in data.stains if s is not None]
     xs, ys = [], []
     for _ in range(cfg.batch_size):
-        i = int(rng.integers(len(data.images)))
+        i = draw_image(data, rng)
         img, tgt = random_crop(data.images[i], data.targets[i], cfg.crop, rng)
-        img, tgt = augment(img, tgt, rng, colour=cfg.colour_augment)
+        if cfg.stain_augment in ("macenko", "both") and rng.random() < 0.5:
+            img = random_restain(img, data.stains[i], rng, pool)
+        img, tgt = augment(img, tgt, rng, colour=cfg.colour_augment, hed=cfg.stain_augment in ("hed", "both"))
         xs.append(img)
         ys.append(tgt)
     return np.stack(xs), np.stack(ys)
@@ -204,7 +282,7 @@ def tune_postprocess(model: Any, card: ModelCard, samples: list[Sample]) -> tupl
 
 
 def _card(cfg: TrainConfig, extra: dict[str, Any]) -> ModelCard:
-    training = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "postprocess"}
+    training = {k: (_listify(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "postprocess"}
     training["out"] = str(cfg.out)
     training.update(extra)
     return ModelCard(encoder=cfg.encoder, outputs=cfg.outputs, mpp=cfg.mpp, postprocess=cfg.postprocess, training=training)
@@ -222,7 +300,7 @@ def train(
     validation images). ``progress(step, total_steps, loss)`` is called after every step."""
     import torch
 
-    from .model import build_model, load_imagenet_lite0, load_model, save_model
+    from .model import build_model, load_imagenet_lite, load_model, save_model
 
     cfg.check()
     if cfg.threads:
@@ -243,12 +321,22 @@ def train(
         rng.bit_generator.state = json.loads(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         log.info("resuming %s at epoch %d (best val AJI %.4f)", out, start_epoch, best_aji)
+    elif cfg.init:
+        model, init_card = load_model(cfg.init)
+        init_decoder = tuple(init_card.training.get("decoder_channels") or cfg.decoder_channels)
+        if init_card.encoder != cfg.encoder or tuple(init_card.outputs) != tuple(cfg.outputs) or init_decoder != tuple(cfg.decoder_channels):
+            raise ConfigError(f"--init {cfg.init}: its model is {init_card.encoder} with outputs {list(init_card.outputs)} and decoder {list(init_decoder)}, "
+                              f"the training asks for {cfg.encoder} with {list(cfg.outputs)} and {list(cfg.decoder_channels)}; pass matching --encoder")
+        extra["init_sha256"] = init_card.weights_sha256
+        state = None
     else:
         model = build_model(cfg.encoder, len(cfg.outputs), cfg.decoder_channels)
         if cfg.pretrained:
-            if cfg.encoder != "tu-tf_efficientnet_lite0":
-                raise ConfigError(f"ImageNet weights are available offline only for tu-tf_efficientnet_lite0, not {cfg.encoder}; pass --scratch")
-            load_imagenet_lite0(model)
+            from .model import IMAGENET_LITE
+
+            if cfg.encoder not in IMAGENET_LITE:
+                raise ConfigError(f"ImageNet weights are available offline only for {', '.join(IMAGENET_LITE)}, not {cfg.encoder}; pass --scratch")
+            load_imagenet_lite(model, cfg.encoder)
         state = None
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -296,6 +384,10 @@ def train(
     from .model import load_card
 
     return load_card(out / "best")
+
+
+def _listify(v: Any) -> Any:
+    return [_listify(x) for x in v] if isinstance(v, (tuple, list)) else v
 
 
 def _to_input(x: np.ndarray, card: ModelCard) -> Any:
