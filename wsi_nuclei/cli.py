@@ -182,8 +182,8 @@ def evaluate(
 def measure_context_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
     slide: Optional[Path] = typer.Option(None, help="Slide with tissue to measure on (default: the bundled CMU sample)."),
-    x: int = typer.Option(300, help="Left of the region, working px."),
-    y: int = typer.Option(600, help="Top of the region, working px."),
+    x: int = typer.Option(600, help="Left of the region, working px."),
+    y: int = typer.Option(1000, help="Top of the region, working px."),
     tiles: int = typer.Option(3, help="Tiles per side of the compared centre (256 working px each)."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: default)."),
     write: bool = typer.Option(False, "--write", help="For model authors: store the result as context_px in the model card."),

@@ -1,0 +1,65 @@
+"""The model context measurement: tiled == whole-image at the instance level, per model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from wsi_nuclei.context import ContextRow, measure_context, pick_context  # noqa: E402
+
+
+def _row(c: int, ok: bool) -> ContextRow:
+    return ContextRow(c, 0.0, 0.0, 1.0 if ok else 0.9, 0 if ok else 3, 10, 10, ok)
+
+
+def test_pick_context_needs_every_larger_context_to_pass():
+    assert pick_context([_row(0, False), _row(32, True), _row(64, True)]) == 32
+    assert pick_context([_row(0, False), _row(32, True), _row(64, False), _row(96, True)]) == 96
+    assert pick_context([_row(0, False), _row(32, False)]) is None
+
+
+def _cmu_window(side: int, card) -> np.ndarray:
+    from pathlib import Path
+
+    from wsi_nuclei.slide import open_slide
+
+    path = Path(__file__).resolve().parents[1] / "wsi_nuclei" / "data" / "CMU-1-Small-Region.svs"
+    with open_slide(path) as s:
+        return s.read_working((900, 1300, side, side), card.mpp / s.info.mpp)
+
+
+def test_a_per_pixel_model_needs_no_context():
+    from dataclasses import replace
+
+    from wsi_nuclei.backends import make_predictor
+    from wsi_nuclei.model import ModelCard, PostProcess, build_model
+
+    torch.manual_seed(0)
+    net = build_model("none", 1, architecture="PixelLinear").eval()
+    with torch.no_grad():  # "dark pixel = nucleus": the normalised channels sum to < 1.5
+        net.weight[:] = -2.0
+        net.bias[:] = 3.0
+    card = replace(ModelCard(encoder="none", outputs=("nucleus",), architecture="PixelLinear"),
+                   postprocess=PostProcess(method="threshold", fg_threshold=0.5))
+    predict, _ = make_predictor(net, card, "torch", "cpu")
+    rows = measure_context(predict, card, _cmu_window(2 * 64 + 2 * 64, card), tile=64, candidates=(0, 32, 64))
+    assert all(r.ok and r.max_abs < 1e-5 and r.aji == 1.0 for r in rows)
+    assert rows[0].n_whole > 5  # it did find objects
+    assert pick_context(rows) == 0
+
+
+@pytest.mark.slow
+def test_the_unet_needs_context_and_more_context_converges():
+    from wsi_nuclei.backends import make_predictor
+    from wsi_nuclei.model import load_model
+
+    torch.set_num_threads(2)
+    net, card = load_model()
+    predict, _ = make_predictor(net, card, "torch", "cpu")
+    rows = measure_context(predict, card, _cmu_window(2 * 128 + 2 * 192, card), tile=128, candidates=(0, 64, 192))
+    by = {r.context: r for r in rows}
+    assert not by[0].ok and by[0].p999_abs > 0.05  # a bare tile differs at its borders
+    assert by[192].max_abs < by[64].max_abs < by[0].max_abs
+    assert by[192].aji > by[0].aji and by[192].n_whole > 20
