@@ -11,7 +11,7 @@ from wsi_nuclei.datasets import load_monuseg
 from wsi_nuclei.errors import ConfigError
 from wsi_nuclei.train import PAPER_RECIPE, TrainConfig, split_validation, train
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # real training steps and tuning
 
 TRAIN_ID = "TCGA-A7-A13E-01Z-00-DX1"
 VAL_ID = "TCGA-AR-A1AS-01Z-00-DX1"
@@ -123,3 +123,33 @@ def test_training_never_loads_a_test_split(shared_data):
     assert len(samples) == 27 and all(s.name.startswith("train_") for s in samples)
     train_s, val_s = split_validation(samples, cfg)
     assert sorted(s.name for s in val_s) == sorted(CONSEP_VALIDATION) and len(train_s) == 24
+
+
+def test_tune_cli_stores_post_processing_chosen_on_validation(tmp_path, shared_data):
+    """`wsi-nuclei tune` on a copy of the shipped model: it reads the validation images from the
+    card, and the grid (which holds the card's own setting) can only match or beat it."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from wsi_nuclei.cli import app
+    from wsi_nuclei.model import DEFAULT_MODEL_DIR, load_card, load_model
+    from wsi_nuclei.train import validate
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(DEFAULT_MODEL_DIR, model_dir)
+    before = load_card(model_dir)
+    val_names = ["TCGA-AR-A1AS-01Z-00-DX1", "TCGA-B0-5710-01Z-00-DX1"]
+    from wsi_nuclei.model import update_card
+
+    update_card(model_dir, training={**before.training, "validation_images": val_names})
+    net, card = load_model(model_dir)
+    val_s = load_monuseg(shared_data / "monuseg" / "train", names=val_names)
+    old = validate(net, card, val_s)["aji"]
+    result = CliRunner().invoke(app, ["tune", "--model", str(model_dir), "--data-root", str(shared_data), "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    after = load_card(model_dir)
+    assert after.metrics["val"]["n_images"] == 2 and after.metrics["val"]["aji"] >= old - 1e-9
+    assert after.training["tune_command"].startswith("wsi-nuclei tune")
+    _, reloaded = load_model(model_dir)  # weights and card still belong together
+    assert reloaded.postprocess == after.postprocess

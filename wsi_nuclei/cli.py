@@ -137,6 +137,49 @@ def train(
 
 
 @app.command()
+def tune(
+    model: Path = typer.Option(..., "--model", help="A model folder written by `wsi-nuclei train`."),
+    data_root: Path = typer.Option(Path("../shared/data"), help="Folder holding monuseg/train and consep (as ../shared/data)."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Tune (and store) for this test-time augmentation: none, flip4 or dihedral8."),
+    threads: int = typer.Option(0, help="Torch CPU threads (0: default)."),
+) -> None:
+    """Tune post-processing on the model's own validation images (from its card) and store it."""
+    from dataclasses import replace
+
+    from . import train as tr
+    from .model import load_model, save_model
+
+    try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        if tta is not None:
+            from .tta import check_tta
+
+            check_tta(tta)
+        net, card = load_model(model)
+        t = card.training
+        cfg = tr.TrainConfig(out=model, data=tuple((n, float(w)) for n, w in t.get("data", [["monuseg", 1.0]])),
+                             validation=tuple(t.get("validation_images") or t.get("validation") or tr.DEFAULT_VALIDATION))
+        _, val_s = tr.split_validation(tr.load_training_samples(cfg, data_root), cfg)
+        if not val_s:
+            raise WsiNucleiError(f"{model}: its card names no validation images found under {data_root}")
+        card = replace(card, tta=tta or card.tta)
+        post, per_method = tr.tune_postprocess(net, card, val_s, card.tta)
+        val = tr.validate(net, replace(card, postprocess=post), val_s)
+        command = f"wsi-nuclei tune --model {model} --data-root {data_root}" + (f" --tta {tta}" if tta else "")
+        card = replace(card, postprocess=post, metrics={"epoch": card.metrics.get("epoch"), "val_aji": card.metrics.get("val_aji"),
+                                                         "val": val, "val_aji_by_method": per_method},
+                       training={**card.training, "tune_command": command})
+        save_model(net, card, model)
+    except WsiNucleiError as err:
+        _fail(err)
+        return
+    typer.echo(json.dumps({"postprocess": post.__dict__, "tta": card.tta, "val": val, "val_aji_by_method": per_method}))
+
+
+@app.command()
 def evaluate(
     path: Path = typer.Argument(..., help="Dataset folder."),
     dataset: str = typer.Option(..., "--dataset", help="tnbc, monuseg-test, consep-test, monuseg, consep-train or folder."),
