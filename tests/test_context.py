@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -21,8 +23,6 @@ def test_pick_context_needs_every_larger_context_to_pass():
 
 
 def _cmu_window(side: int, card) -> np.ndarray:
-    from pathlib import Path
-
     from wsi_nuclei.slide import open_slide
 
     path = Path(__file__).resolve().parents[1] / "wsi_nuclei" / "data" / "CMU-1-Small-Region.svs"
@@ -63,3 +63,18 @@ def test_the_unet_needs_context_and_more_context_converges():
     assert not by[0].ok and by[0].p999_abs > 0.05  # a bare tile differs at its borders
     assert by[192].max_abs < by[64].max_abs < by[0].max_abs
     assert by[192].aji > by[0].aji and by[192].n_whole > 20
+
+
+def test_segment_takes_the_context_from_the_card_unless_overridden():
+    from dataclasses import replace
+
+    from wsi_nuclei.model import load_card
+    from wsi_nuclei.pipeline import SegmentConfig, slide_tiling
+    from wsi_nuclei.tiling import MODEL_CONTEXT_PX
+
+    card = load_card(Path(__file__).resolve().parents[1] / "wsi_nuclei" / "weights")
+    assert slide_tiling(SegmentConfig(), replace(card, context_px=96)).context == 96
+    assert slide_tiling(SegmentConfig(context=64), replace(card, context_px=96)).context == 64
+    assert slide_tiling(SegmentConfig(), replace(card, context_px=None)).context == MODEL_CONTEXT_PX  # an old card
+    assert card.context_px is not None  # the shipped card carries its measured context
+    assert slide_tiling(SegmentConfig(), card).context == card.context_px

@@ -19,7 +19,8 @@ def test_shipped_model_loads_with_a_complete_card():
     model, card = load_model()
     assert card.outputs[0] == "nucleus" and card.mpp == 0.5
     assert card.weights_sha256 and card.training.get("command", "").startswith("wsi-nuclei train")
-    assert {"tnbc", "monuseg-test"} <= set(card.metrics)
+    assert {"tnbc", "monuseg-test", "consep-test"} <= set(card.metrics)
+    assert card.context_px is not None and card.tta in ("none", "flip4", "dihedral8")
     assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 30 * 2**20
 
 
@@ -45,7 +46,7 @@ def test_evaluate_table_output(shared_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,sub", [("tnbc", "tnbc"), ("monuseg-test", "monuseg/test")])
+@pytest.mark.parametrize("kind,sub", [("tnbc", "tnbc"), ("monuseg-test", "monuseg/test"), ("consep-test", "consep")])
 def test_model_card_metrics_are_reproduced(shared_data, kind, sub):
     """The numbers in the shipped card (and README) are what `evaluate` measures now."""
     card = load_card(DEFAULT_MODEL_DIR)
