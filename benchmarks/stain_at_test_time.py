@@ -1,0 +1,56 @@
+"""Does deterministic Macenko normalisation at test time help? Measured on validation images only.
+
+For a model folder, loads its validation images (named in its card), and prints the mean AJI, Dice
+and PQ of the model's own post-processing with (a) the images as they are and (b) every image
+re-stained to a reference: the median H and E vectors and concentrations of the model's training
+images (the reference a card would store). Test sets are not touched.
+Run: .venv/bin/python benchmarks/stain_at_test_time.py --model runs/NAME/best [--data-root ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    import numpy as np
+    import torch
+
+    from wsi_nuclei import train as tr
+    from wsi_nuclei.datasets import Sample
+    from wsi_nuclei.model import load_model
+    from wsi_nuclei.stain import StainRef, macenko_stains, normalise
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    net, card = load_model(args.model)
+    t = card.training
+    cfg = tr.TrainConfig(out=args.model, data=tuple((n, float(w)) for n, w in t.get("data", [["monuseg", 1.0]])),
+                         validation=tuple(t.get("validation_images") or tr.DEFAULT_VALIDATION))
+    train_s, val_s = tr.split_validation(tr.load_training_samples(cfg, args.data_root), cfg)
+    refs = [r for r in (macenko_stains(s.image) for s in train_s) if r is not None]
+    mats = np.median(np.stack([r.matrix for r in refs]), axis=0)
+    mats /= np.linalg.norm(mats, axis=1, keepdims=True)
+    conc = np.median(np.array([r.max_conc for r in refs]), axis=0)
+    ref = StainRef((tuple(mats[0]), tuple(mats[1])), (float(conc[0]), float(conc[1])))  # type: ignore[arg-type]
+    normed = [Sample(s.name, normalise(s.image, ref), s.labels, s.mpp, s.group, s.dataset) for s in val_s]
+    plain = tr.validate(net, card, val_s)
+    macenko = tr.validate(net, card, normed)
+    print(f"model {card.name}@{card.weights_sha256[:12]}, {len(val_s)} validation images; reference stains from {len(refs)} training images")
+    print(f"reference H {np.round(mats[0], 4).tolist()} E {np.round(mats[1], 4).tolist()} max conc {np.round(conc, 4).tolist()}")
+    print(f"{'input':<22}{'val AJI':>9}{'Dice':>8}{'PQ':>8}")
+    for name, m in (("as scanned", plain), ("Macenko to reference", macenko)):
+        print(f"{name:<22}{m['aji']:>9.4f}{m['dice']:>8.4f}{m['pq']:>8.4f}")
+    print(f"ratio (Macenko / as scanned) AJI {macenko['aji'] / plain['aji']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
