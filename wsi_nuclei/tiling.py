@@ -23,8 +23,10 @@ __all__ = ["Tiling", "Chunk", "derive_tiling", "plan_chunks", "STRIDE"]
 STRIDE = 32
 #: Largest nucleus diameter the halo must hold (µm); tumour nuclei reach ~25 µm.
 MAX_NUCLEUS_UM = 30.0
-#: Context each model tile needs on every side (working px; 160 µm at 0.5 µm/px), measured: with it the
-#: tiled probabilities match a whole-image run within 1e-3 (benchmarks/model_context.py, tests/test_pipeline.py).
+#: Context for a model card without a measured ``context_px`` (cards older than model v2): 320 px,
+#: where the v1 model's tiled probabilities matched a whole-image run within 1e-3
+#: (benchmarks/model_context.py). Current cards carry their own value, measured by
+#: ``wsi-nuclei measure-context`` (wsi_nuclei/context.py).
 MODEL_CONTEXT_PX = 320
 
 
