@@ -4,7 +4,9 @@ For a model folder, loads its validation images (named in its card), and prints 
 and PQ of the model's own post-processing with (a) the images as they are and (b) every image
 re-stained to a reference: the median H and E vectors and concentrations of the model's training
 images (the reference a card would store). Test sets are not touched.
-Run: .venv/bin/python benchmarks/stain_at_test_time.py --model runs/NAME/best [--data-root ../shared/data]
+``--validation-from DIR`` takes the data and validation images from another model's card (to score
+an older model on a newer model's validation set: the "as scanned" row is then its validation AJI).
+Run: .venv/bin/python benchmarks/stain_at_test_time.py --model runs/NAME/best [--validation-from DIR] [--data-root ../shared/data]
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--validation-from", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from wsi_nuclei.model import load_card
+
     net, card = load_model(args.model)
-    t = card.training
+    t = load_card(args.validation_from).training if args.validation_from else card.training
     cfg = tr.TrainConfig(out=args.model, data=tuple((n, float(w)) for n, w in t.get("data", [["monuseg", 1.0]])),
                          validation=tuple(t.get("validation_images") or tr.DEFAULT_VALIDATION))
     train_s, val_s = tr.split_validation(tr.load_training_samples(cfg, args.data_root), cfg)
