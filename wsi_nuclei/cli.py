@@ -248,6 +248,8 @@ def measure_context_cmd(
         path = slide or Path(__file__).parent / "data" / "CMU-1-Small-Region.svs"
         side = tiles * 256 + 2 * max(CANDIDATES)
         with open_slide(path) as s:
+            if s.info.mpp is None:
+                raise WsiNucleiError(f"{path}: the slide has no mpp metadata; measure on a slide that has it (e.g. the bundled sample)")
             img = s.read_working((x, y, side, side), card.mpp / s.info.mpp)
         predict, _ = make_predictor(net, card, "torch", "cpu")
         rows = measure_context(predict, card, img)
