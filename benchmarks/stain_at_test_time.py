@@ -6,7 +6,7 @@ re-stained to a reference: the median H and E vectors and concentrations of the 
 images (the reference a card would store). Test sets are not touched.
 ``--validation-from DIR`` takes the data and validation images from another model's card (to score
 an older model on a newer model's validation set: the "as scanned" row is then its validation AJI).
-Run: .venv/bin/python benchmarks/stain_at_test_time.py --model runs/NAME/best [--validation-from DIR] [--data-root ../shared/data]
+Run: .venv/bin/python benchmarks/stain_at_test_time.py --model runs/NAME/best [--validation-from DIR] [--data-root DIR]
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ def main() -> None:
     from wsi_nuclei.datasets import Sample
     from wsi_nuclei.model import load_model
     from wsi_nuclei.stain import StainRef, macenko_stains, normalise
+    from wsi_nuclei.trainset import card_split, data_root
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--data-root", type=Path, default=None, help="default: $WSI_NUCLEI_DATA")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--validation-from", type=Path, default=None)
     args = ap.parse_args()
@@ -37,10 +38,7 @@ def main() -> None:
     from wsi_nuclei.model import load_card
 
     net, card = load_model(args.model)
-    t = load_card(args.validation_from).training if args.validation_from else card.training
-    cfg = tr.TrainConfig(out=args.model, data=tuple((n, float(w)) for n, w in t.get("data", [["monuseg", 1.0]])),
-                         validation=tuple(t.get("validation_images") or tr.DEFAULT_VALIDATION))
-    train_s, val_s = tr.split_validation(tr.load_training_samples(cfg, args.data_root), cfg)
+    train_s, val_s = card_split(load_card(args.validation_from) if args.validation_from else card, data_root(args.data_root))
     refs = [r for r in (macenko_stains(s.image) for s in train_s) if r is not None]
     mats = np.median(np.stack([r.matrix for r in refs]), axis=0)
     mats /= np.linalg.norm(mats, axis=1, keepdims=True)

@@ -78,3 +78,21 @@ def test_segment_takes_the_context_from_the_card_unless_overridden():
     assert slide_tiling(SegmentConfig(), replace(card, context_px=None)).context == MODEL_CONTEXT_PX  # an old card
     assert card.context_px is not None  # the shipped card carries its measured context
     assert slide_tiling(SegmentConfig(), card).context == card.context_px
+
+
+@pytest.mark.slow
+def test_measure_on_slide_writes_the_card(tmp_path):
+    """The library call behind `measure-context`: on the bundled sample, one tile and a few
+    candidates, the chosen context lands in a copy of the shipped card."""
+    import shutil
+
+    from wsi_nuclei import context
+    from wsi_nuclei.model import DEFAULT_MODEL_DIR, load_card
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(DEFAULT_MODEL_DIR, model_dir)
+    result = context.measure_on_slide(model_dir, x=600, y=1000, tiles=1, write=True)
+    assert result.region[2] == 256 + 2 * max(context.CANDIDATES) and result.slide.endswith("CMU-1-Small-Region.svs")
+    assert [r.context for r in result.rows] == sorted(context.CANDIDATES)
+    assert result.context_px == context.pick_context(result.rows) == load_card(model_dir).context_px
+    assert result.as_dict()["rows"][0]["context"] == 0

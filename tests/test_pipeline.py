@@ -177,6 +177,11 @@ def test_geojson_is_qupath_importable_and_outputs_complete(shared_data, tmp_path
     assert {p.name for p in d.iterdir()} >= {"mask.zarr", "nuclei.geojson", "summary.json", "overlay.png"}
     summary = json.loads((d / "summary.json").read_text())
     assert 1000 < summary["nuclei"] < 20000 and summary["tissue_mm2"] > 0.1
+    from wsi_nuclei.model import DEFAULT_MODEL_DIR, load_card
+
+    card = load_card(DEFAULT_MODEL_DIR)  # options left unset are recorded with the card's values, as they ran
+    assert summary["parameters"]["context"] == card.context_px == summary["tiling"]["context"]
+    assert summary["parameters"]["tta"] == card.tta
     run = json.loads((out / "run.json").read_text())
     assert run["slides"][0]["status"] == "ok"
 

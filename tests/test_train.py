@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from wsi_nuclei.datasets import load_monuseg
 from wsi_nuclei.errors import ConfigError
-from wsi_nuclei.train import PAPER_RECIPE, TrainConfig, split_validation, train
+from wsi_nuclei.train import PAPER_RECIPE, TrainConfig, train
+from wsi_nuclei.trainset import split_validation
 
 pytestmark = pytest.mark.slow  # real training steps and tuning
 
@@ -89,7 +91,7 @@ def _fake(name: str, dataset: str):
 def test_sampler_draws_datasets_by_weight():
     import numpy as np
 
-    from wsi_nuclei.train import draw_image, prepare
+    from wsi_nuclei.trainset import draw_image, prepare
 
     samples = [_fake(f"m{i}", "monuseg") for i in range(3)] + [_fake(f"c{i}", "consep") for i in range(9)]
     cfg = TrainConfig(out=None, data=(("monuseg", 3.0), ("consep", 1.0)), outputs=("nucleus",), stain_augment="none")  # type: ignore[arg-type]
@@ -103,7 +105,7 @@ def test_sampler_draws_datasets_by_weight():
 
 
 def test_data_spec_and_missing_dataset_are_checked():
-    from wsi_nuclei.train import parse_data, prepare
+    from wsi_nuclei.trainset import parse_data, prepare
 
     assert parse_data("monuseg,consep:0.5") == (("monuseg", 1.0), ("consep", 0.5))
     with pytest.raises(ConfigError, match="unknown dataset 'tnbc'"):
@@ -116,7 +118,7 @@ def test_data_spec_and_missing_dataset_are_checked():
 
 
 def test_training_never_loads_a_test_split(shared_data):
-    from wsi_nuclei.train import CONSEP_VALIDATION, DEFAULT_VALIDATION, load_training_samples
+    from wsi_nuclei.trainset import CONSEP_VALIDATION, DEFAULT_VALIDATION, load_training_samples
 
     cfg = TrainConfig(out=None, data=(("consep", 1.0),), validation=DEFAULT_VALIDATION + CONSEP_VALIDATION)  # type: ignore[arg-type]
     samples = load_training_samples(cfg, shared_data)
@@ -153,3 +155,45 @@ def test_tune_cli_stores_post_processing_chosen_on_validation(tmp_path, shared_d
     assert after.training["tune_command"].startswith("wsi-nuclei tune")
     _, reloaded = load_model(model_dir)  # weights and card still belong together
     assert reloaded.postprocess == after.postprocess
+
+
+def test_training_data_folder_is_explicit(tmp_path, monkeypatch):
+    """No hidden default: --data-root, else $WSI_NUCLEI_DATA, else one line saying both."""
+    from typer.testing import CliRunner
+
+    from wsi_nuclei.cli import app
+    from wsi_nuclei.trainset import DATA_ROOT_ENV, data_root
+
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    with pytest.raises(ConfigError, match="--data-root DIR .* or set WSI_NUCLEI_DATA"):
+        data_root(None)
+    with pytest.raises(ConfigError, match="not found"):
+        data_root(tmp_path / "missing")
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
+    assert data_root(None) == tmp_path
+    assert data_root(tmp_path / ".") == tmp_path
+    monkeypatch.delenv(DATA_ROOT_ENV)
+    result = CliRunner().invoke(app, ["train", "-o", str(tmp_path / "run"), "--epochs", "1"])
+    assert result.exit_code == 2 and "WSI_NUCLEI_DATA" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # nothing written before the data are found
+
+
+def test_build_config_from_options():
+    from wsi_nuclei.model import DEFAULT_MODEL_DIR, load_card
+    from wsi_nuclei.train import build_config
+    from wsi_nuclei.trainset import CONSEP_VALIDATION, DEFAULT_VALIDATION
+
+    cfg = build_config(Path("o"), {"epochs": 3, "lr": None})
+    assert cfg.epochs == 3 and cfg.lr == TrainConfig(out=Path("o")).lr and cfg.validation == DEFAULT_VALIDATION
+    assert build_config(Path("o"), {}, data="monuseg,consep:0.5").validation == DEFAULT_VALIDATION + CONSEP_VALIDATION
+    assert build_config(Path("o"), {}, data="consep", validation="train_1, train_3").validation == ("train_1", "train_3")
+    paper = build_config(Path("o"), {"epochs": 2}, recipe="paper")
+    assert paper.outputs == ("nucleus",) and paper.loss == "dice" and paper.epochs == 2
+    assert build_config(Path("o"), {"encoder": "efficientnet-b0"}).pretrained is False  # no offline ImageNet weights
+    card = load_card(DEFAULT_MODEL_DIR)
+    tuned = build_config(Path("o"), {}, init=DEFAULT_MODEL_DIR)
+    assert tuned.encoder == card.encoder and tuned.postprocess == card.postprocess and tuned.init == str(DEFAULT_MODEL_DIR)
+    with pytest.raises(ConfigError, match="recipe"):
+        build_config(Path("o"), {}, recipe="mine")
+    with pytest.raises(ConfigError, match="crop"):
+        build_config(Path("o"), {"crop": 100})

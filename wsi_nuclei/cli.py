@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # annotations only: the CLI imports its heavy modules inside 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Nuclei segmentation for H&E images with EfficientUnet++.")
 _state = {"debug": False}
+DATA_ROOT_HELP = "Folder holding monuseg/train and consep (default: $WSI_NUCLEI_DATA)."
 
 
 def _fail(err: BaseException) -> None:
@@ -47,7 +48,7 @@ def _main(
 def train(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for checkpoints, log.jsonl and the best model."),
     data: str = typer.Option("monuseg", help="Training datasets with optional sampling weights, e.g. monuseg,consep:0.5 (train splits only), or a MoNuSeg-layout folder."),
-    data_root: Path = typer.Option(Path("../shared/data"), help="Folder holding monuseg/train and consep (as ../shared/data)."),
+    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
     stain_augment: str = typer.Option("hed", help="Stain augmentation: none, hed (HED jitter), macenko (random Macenko re-staining) or both."),
     init: Optional[Path] = typer.Option(None, help="Start from this model folder's weights (fine-tuning), e.g. wsi_nuclei/weights."),
     validation: Optional[str] = typer.Option(None, help="Comma-separated held-out training image ids (default: 5 MoNuSeg, plus 3 CoNSeP train when CoNSeP trains)."),
@@ -67,70 +68,30 @@ def train(
     resume: bool = typer.Option(False, help="Continue from OUT/state.pt."),
     tune: bool = typer.Option(True, help="After training, tune post-processing thresholds on the validation images."),
 ) -> None:
-    """Train EfficientUnet++ on MoNuSeg train, selecting on held-out MoNuSeg train images."""
-    from dataclasses import fields
-
+    """Train EfficientUnet++ on MoNuSeg (and CoNSeP) train, selecting on held-out training images."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from . import train as tr
+    from . import trainset
 
     try:
-        base = dict(tr.PAPER_RECIPE) if recipe == "paper" else {}
-        if recipe not in ("ours", "paper"):
-            raise WsiNucleiError(f"unknown --recipe {recipe!r}; use ours or paper")
-        given = dict(encoder=encoder, mpp=mpp, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                     crop=crop, lr=lr, lr_drop_epoch=lr_drop_epoch)
-        base.update({k: v for k, v in given.items() if v is not None})
-        if pretrained is not None:
-            base["pretrained"] = pretrained
-        elif "encoder" in base and not str(base["encoder"]).startswith("tu-tf_efficientnet_lite"):
-            base["pretrained"] = False
-        if exclude_organ:
-            base["exclude_groups"] = tuple(exclude_organ)
+        options = dict(encoder=encoder, pretrained=pretrained, mpp=mpp, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                       batch_size=batch_size, crop=crop, lr=lr, lr_drop_epoch=lr_drop_epoch, stain_augment=stain_augment,
+                       exclude_groups=tuple(exclude_organ) or None, seed=seed, threads=threads)
+        cfg = tr.build_config(out, options, recipe=recipe, data=data, init=init, validation=validation)
         folder = Path(data) if Path(data).is_dir() else None
-        sources = (("monuseg", 1.0),) if folder else tr.parse_data(data)
-        base["data"] = sources
-        base["stain_augment"] = stain_augment
-        if validation is not None:
-            base["validation"] = tuple(v.strip() for v in validation.split(",") if v.strip())
-        elif any(n == "consep" for n, _ in sources):
-            base["validation"] = tr.DEFAULT_VALIDATION + tr.CONSEP_VALIDATION
-        if init is not None:
-            from .model import load_card
-
-            init_card = load_card(init)
-            base["init"] = str(init)
-            base.setdefault("encoder", init_card.encoder)
-            base["outputs"] = tuple(init_card.outputs)
-            base["mpp"] = base.get("mpp", init_card.mpp)
-            base["postprocess"] = init_card.postprocess
-            if init_card.training.get("decoder_channels"):
-                base["decoder_channels"] = tuple(init_card.training["decoder_channels"])
-        valid = {f.name for f in fields(tr.TrainConfig)}
-        cfg = tr.TrainConfig(out=out, seed=seed, threads=threads, **{k: v for k, v in base.items() if k in valid})
-        cfg.check()
-        samples = tr.load_training_samples(cfg, data_root, folder)
-        train_s, val_s = tr.split_validation(samples, cfg)
+        root = folder or trainset.data_root(data_root)
+        train_s, val_s = trainset.split_validation(trainset.load_training_samples(cfg, root, folder), cfg)
         command = " ".join(["wsi-nuclei", *sys.argv[1:]])
         with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
                       TimeRemainingColumn(), disable=not sys.stderr.isatty()) as bar:
             task = bar.add_task("train", total=cfg.epochs * cfg.steps_per_epoch, loss=0.0)
-            card = tr.train(cfg, train_s, val_s, resume=resume,
-                            progress=lambda i, n, loss: bar.update(task, completed=i, loss=loss),
-                            extra_card={"command": command,
-                                        "dataset": ", ".join(f"{n} train (weight {w})" for n, w in sources) + f" under {folder or data_root}",
-                                        "validation_images": sorted(s.name for s in val_s)})
+            tr.train(cfg, train_s, val_s, resume=resume, progress=lambda i, n, loss: bar.update(task, completed=i, loss=loss),
+                     extra_card={"command": command,
+                                 "dataset": ", ".join(f"{n} train (weight {w})" for n, w in cfg.data) + f" under {root}",
+                                 "validation_images": sorted(s.name for s in val_s)})
         if tune and val_s:
-            from dataclasses import replace
-
-            from .model import load_model, save_model
-
-            model, card = load_model(out / "best")
-            post, per_method = tr.tune_postprocess(model, card, val_s)
-            val = tr.validate(model, card, val_s, post)
-            card = replace(card, postprocess=post, metrics={**card.metrics, "val": val, "val_aji_by_method": per_method})
-            save_model(model, card, out / "best")
-            typer.echo(json.dumps({"postprocess": post.__dict__, "val": val, "val_aji_by_method": per_method}))
+            typer.echo(json.dumps(tr.tune_model(out / "best", val_s)))
         typer.echo(f"best model: {out / 'best'}")
     except WsiNucleiError as err:
         _fail(err)
@@ -139,44 +100,36 @@ def train(
 @app.command()
 def tune(
     model: Path = typer.Option(..., "--model", help="A model folder written by `wsi-nuclei train`."),
-    data_root: Path = typer.Option(Path("../shared/data"), help="Folder holding monuseg/train and consep (as ../shared/data)."),
+    data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
     tta: Optional[str] = typer.Option(None, "--tta", help="Tune (and store) for this test-time augmentation: none, flip4 or dihedral8."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: default)."),
 ) -> None:
     """Tune post-processing on the model's own validation images (from its card) and store it."""
-    from dataclasses import replace
-
     from . import train as tr
-    from .model import load_model, save_model
+    from . import trainset
+    from .model import load_card
 
     try:
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+        _threads(threads)
         if tta is not None:
             from .tta import check_tta
 
             check_tta(tta)
-        net, card = load_model(model)
-        t = card.training
-        cfg = tr.TrainConfig(out=model, data=tuple((n, float(w)) for n, w in t.get("data", [["monuseg", 1.0]])),
-                             validation=tuple(t.get("validation_images") or t.get("validation") or tr.DEFAULT_VALIDATION))
-        _, val_s = tr.split_validation(tr.load_training_samples(cfg, data_root), cfg)
-        if not val_s:
-            raise WsiNucleiError(f"{model}: its card names no validation images found under {data_root}")
-        card = replace(card, tta=tta or card.tta)
-        post, per_method = tr.tune_postprocess(net, card, val_s, card.tta)
-        val = tr.validate(net, replace(card, postprocess=post), val_s)
-        command = f"wsi-nuclei tune --model {model} --data-root {data_root}" + (f" --tta {tta}" if tta else "")
-        card = replace(card, postprocess=post, metrics={"epoch": card.metrics.get("epoch"), "val_aji": card.metrics.get("val_aji"),
-                                                         "val": val, "val_aji_by_method": per_method},
-                       training={**card.training, "tune_command": command})
-        save_model(net, card, model)
+        root = trainset.data_root(data_root)
+        samples = trainset.validation_samples(load_card(model), root)
+        command = f"wsi-nuclei tune --model {model} --data-root {root}" + (f" --tta {tta}" if tta else "")
+        result = tr.tune_model(model, samples, tta, command)
     except WsiNucleiError as err:
         _fail(err)
         return
-    typer.echo(json.dumps({"postprocess": post.__dict__, "tta": card.tta, "val": val, "val_aji_by_method": per_method}))
+    typer.echo(json.dumps(result))
+
+
+def _threads(n: int) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 @app.command()
@@ -234,40 +187,21 @@ def measure_context_cmd(
 ) -> None:
     """Measure the model's context: the smallest tile context (multiple of 32) for which a tiled run
     equals a whole-image run (instance AJI >= 0.995, no unmatched nuclei, |Δp| 99.9th pct <= 0.05)."""
-    from .backends import make_predictor
-    from .context import CANDIDATES, measure_context, pick_context
-    from .model import DEFAULT_MODEL_DIR, load_model, update_card
-    from .slide import open_slide
+    from .context import measure_on_slide
 
     try:
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        net, card = load_model(model)
-        path = slide or Path(__file__).parent / "data" / "CMU-1-Small-Region.svs"
-        side = tiles * 256 + 2 * max(CANDIDATES)
-        with open_slide(path) as s:
-            if s.info.mpp is None:
-                raise WsiNucleiError(f"{path}: the slide has no mpp metadata; measure on a slide that has it (e.g. the bundled sample)")
-            img = s.read_working((x, y, side, side), card.mpp / s.info.mpp)
-        predict, _ = make_predictor(net, card, "torch", "cpu")
-        rows = measure_context(predict, card, img)
-        best = pick_context(rows)
-        if write:
-            if best is None:
-                raise WsiNucleiError(f"no tried context up to {max(CANDIDATES)} px passes; the card is unchanged")
-            update_card(model or DEFAULT_MODEL_DIR, context_px=best)
+        _threads(threads)
+        result = measure_on_slide(model, slide, x, y, tiles, write)
     except WsiNucleiError as err:
         _fail(err)
         return
     if as_json:
-        typer.echo(json.dumps({"context_px": best, "slide": str(path), "region": [x, y, side, side], "rows": [r.as_dict() for r in rows]}))
+        typer.echo(json.dumps(result.as_dict()))
         return
     typer.echo(f"{'context':>8}{'max|dp|':>10}{'p99.9|dp|':>11}{'AJI':>8}{'unmatched':>10}{'nuclei':>8}  ok")
-    for r in rows:
+    for r in result.rows:
         typer.echo(f"{r.context:>8}{r.max_abs:>10.4f}{r.p999_abs:>11.4f}{r.aji:>8.4f}{r.unmatched:>10}{r.n_whole:>8}  {'yes' if r.ok else 'no'}")
-    typer.echo(f"context_px = {best}" + (" (written to the card)" if write else ""))
+    typer.echo(f"context_px = {result.context_px}" + (" (written to the card)" if write else ""))
 
 
 @app.command("segment-image")

@@ -19,12 +19,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .model import ModelCard
 
-__all__ = ["ContextRow", "measure_context", "pick_context", "AJI_MIN", "PROB_TOL"]
+__all__ = ["ContextRow", "ContextMeasurement", "measure_context", "measure_on_slide", "pick_context", "AJI_MIN", "PROB_TOL"]
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +108,46 @@ def pick_context(rows: Sequence[ContextRow]) -> int | None:
             break
         best = row.context
     return best
+
+
+@dataclass(frozen=True)
+class ContextMeasurement:
+    """:func:`measure_on_slide`'s result: the rows, the chosen context and where it was measured."""
+
+    rows: list[ContextRow]
+    context_px: int | None
+    slide: str
+    region: tuple[int, int, int, int]  # x, y, width, height in working px
+
+    def as_dict(self) -> dict[str, object]:
+        return {"context_px": self.context_px, "slide": self.slide, "region": list(self.region), "rows": [r.as_dict() for r in self.rows]}
+
+
+def measure_on_slide(
+    model_dir: Path | str | None = None, slide: Path | str | None = None, x: int = 600, y: int = 1000, tiles: int = 3,
+    write: bool = False,
+) -> ContextMeasurement:
+    """:func:`measure_context` for the model in ``model_dir`` (default: the shipped one) on a
+    square of ``tiles`` x 256 working px (plus the widest candidate context on every side) whose
+    top left is (``x``, ``y``) in working px of ``slide`` (default: the bundled CMU sample).
+    ``write`` stores the result as ``context_px`` in the model's card."""
+    from .backends import make_predictor
+    from .errors import ConfigError
+    from .model import DEFAULT_MODEL_DIR, load_model, update_card
+    from .slide import open_slide
+
+    net, card = load_model(model_dir)
+    path = Path(slide) if slide is not None else Path(__file__).parent / "data" / "CMU-1-Small-Region.svs"
+    side = tiles * 256 + 2 * max(CANDIDATES)
+    with open_slide(path) as s:
+        if s.info.mpp is None:
+            raise ConfigError(f"{path}: the slide has no mpp metadata; measure on a slide that has it (e.g. the bundled sample)")
+        img = s.read_working((x, y, side, side), card.mpp / s.info.mpp)
+    predict, _ = make_predictor(net, card, "torch", "cpu")
+    rows = measure_context(predict, card, img)
+    best = pick_context(rows)
+    if write:
+        if best is None:
+            raise ConfigError(f"no tried context up to {max(CANDIDATES)} px passes; the card is unchanged")
+        update_card(model_dir or DEFAULT_MODEL_DIR, context_px=best)
+    return ContextMeasurement(rows, best, str(path), (x, y, side, side))

@@ -134,6 +134,7 @@ class SlidePlan:
     info: dict[str, Any]
     model: str  # card name @ sha256 prefix
     fingerprint: str
+    tta: str = "none"  # the test-time augmentation in effect (the option, else the card's)
 
     @property
     def work(self) -> Path:
@@ -275,7 +276,8 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig) -> tuple[SlidePlan
            "tta": cfg.tta or card.tta}
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     plan = SlidePlan(str(path), str(out_dir), scale, (height, width), tiling, tuple(chunks), grid, shift,
-                     f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}", round(tissue_mm2, 4), info.as_dict(), model, fingerprint)
+                     f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}", round(tissue_mm2, 4), info.as_dict(), model, fingerprint,
+                     cfg.tta or card.tta)
     return plan, thumb, tissue
 
 
@@ -374,7 +376,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> dict[str
     waited = gate_wait_seconds()
     from .tta import with_tta
 
-    probs = tile_probabilities(with_tta(predict, cfg.tta or card.tta), len(card.outputs), rgb, fp.tile, tiling.context, fp.batch)
+    probs = tile_probabilities(with_tta(predict, plan.tta), len(card.outputs), rgb, fp.tile, tiling.context, fp.batch)
     probs = probs[:, :win, :win]
     t2 = time.perf_counter()
     waited = gate_wait_seconds() - waited
@@ -558,7 +560,8 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
                            for f, k in sorted(forwards.items())],
         "seconds": {**{k: round(v, 3) for k, v in totals.items()}, "write": round(t_written - t_write, 3),
                     "assemble": round(time.perf_counter() - t0, 3), "wall": round(float(run.get("wall", 0.0)), 3)},
-        "parameters": asdict(cfg), "tiling": asdict(tiling), "slide_info": plan.info,
+        # the options as given, context and tta resolved (an option left unset takes the card's value)
+        "parameters": {**asdict(cfg), "context": tiling.context, "tta": plan.tta}, "tiling": asdict(tiling), "slide_info": plan.info,
         "model": plan.model, "versions": _versions(),
         "outputs": {"mask": "mask.zarr", "geojson": geo_path.name, "overlay": "overlay.png"},
     }

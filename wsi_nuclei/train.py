@@ -1,9 +1,7 @@
 """Train EfficientUnet++ on one or more datasets at the working resolution, with resume.
 
-Data at native resolution are resampled once to the working mpp; each crop first picks a
-dataset by its sampling weight (``TrainConfig.data``), then an image of it, then a random
-position; crops get dihedral + stain-colour augmentation (HED jitter and/or randomised Macenko
-re-staining, ``TrainConfig.stain_augment``). Validation runs the exact post-processing of the
+The data side (which images, resampling, weighted crops, augmentation) is :mod:`.trainset`.
+Validation runs the exact post-processing of the
 pipeline (:func:`wsi_nuclei.infer.segment_image`) on held-out training images and the best
 epoch by validation AJI is kept. TNBC, MoNuSeg test and CoNSeP test are never touched here.
 
@@ -27,24 +25,12 @@ import numpy as np
 from .datasets import Sample
 from .errors import ConfigError
 from .model import ModelCard, PostProcess
+from .trainset import DEFAULT_VALIDATION, make_batch, prepare
 
-__all__ = ["TrainConfig", "PAPER_RECIPE", "prepare", "train", "validate", "tune_postprocess", "split_validation",
-           "parse_data", "load_training_samples", "draw_image", "DATA_SOURCES", "CONSEP_VALIDATION"]
+__all__ = ["TrainConfig", "PAPER_RECIPE", "STAIN_AUGMENTS", "train", "validate", "tune_postprocess", "tune_model"]
 
 log = logging.getLogger(__name__)
 
-#: Held-out MoNuSeg training images for model selection: one per organ (5 organs).
-DEFAULT_VALIDATION = (
-    "TCGA-AR-A1AS-01Z-00-DX1",  # breast
-    "TCGA-B0-5710-01Z-00-DX1",  # kidney
-    "TCGA-21-5786-01Z-00-DX1",  # liver
-    "TCGA-G9-6363-01Z-00-DX1",  # prostate
-    "TCGA-RD-A8N9-01A-01-TS1",  # stomach
-)
-#: Held-out CoNSeP *train* images (293, 749 and 1242 nuclei), validation when CoNSeP trains.
-CONSEP_VALIDATION = ("train_2", "train_13", "train_23")
-#: Datasets ``--data`` names, their folders under the data root, and their loaders' split.
-DATA_SOURCES = {"monuseg": "monuseg/train", "consep": "consep"}
 STAIN_AUGMENTS = ("none", "hed", "macenko", "both")
 
 
@@ -112,109 +98,6 @@ PAPER_RECIPE: dict[str, Any] = dict(
     loss="dice",
     postprocess=PostProcess(method="threshold", fg_threshold=0.7),
 )
-
-
-@dataclass
-class _Prepared:
-    images: list[np.ndarray]
-    targets: list[np.ndarray]
-    #: per dataset (in ``TrainConfig.data`` order): its sampling weight and its image indices
-    groups: list[tuple[float, list[int]]]
-    #: per image: its Macenko stains (None when not estimated or too little tissue)
-    stains: list[Any]
-
-
-def parse_data(spec: str) -> tuple[tuple[str, float], ...]:
-    """``"monuseg,consep:0.5"`` -> ``(("monuseg", 1.0), ("consep", 0.5))``: dataset names of
-    :data:`DATA_SOURCES`, each with an optional sampling weight (default 1)."""
-    out = []
-    for item in (x.strip() for x in spec.split(",") if x.strip()):
-        name, _, weight = item.partition(":")
-        if name not in DATA_SOURCES:
-            raise ConfigError(f"--data: unknown dataset {name!r}; use {', '.join(DATA_SOURCES)} (e.g. --data monuseg,consep:0.5)")
-        try:
-            w = float(weight) if weight else 1.0
-        except ValueError:
-            raise ConfigError(f"--data: weight of {name} must be a number, got {weight!r}") from None
-        out.append((name, w))
-    if not out or len({n for n, _ in out}) != len(out):
-        raise ConfigError(f"--data must name each dataset once, got {spec!r}")
-    return tuple(out)
-
-
-def load_training_samples(cfg: TrainConfig, root: Path | str, monuseg_dir: Path | str | None = None) -> list[Sample]:
-    """All images of the datasets in ``cfg.data`` (training *splits* only): MoNuSeg train from
-    ``monuseg_dir`` (default ``root/monuseg/train``), CoNSeP train from ``root/consep``."""
-    from .datasets import load_consep, load_monuseg
-
-    samples: list[Sample] = []
-    for name, _ in cfg.data:
-        if name == "monuseg":
-            samples += load_monuseg(Path(monuseg_dir) if monuseg_dir else Path(root) / DATA_SOURCES["monuseg"])
-        elif name == "consep":
-            samples += load_consep(Path(root) / DATA_SOURCES["consep"], "train")
-    return samples
-
-
-def split_validation(samples: list[Sample], cfg: TrainConfig) -> tuple[list[Sample], list[Sample]]:
-    """Split into (train, validation) by ``cfg.validation`` names; drops ``cfg.exclude_groups``."""
-    names = set(cfg.validation)
-    train = [s for s in samples if s.name not in names and s.group not in cfg.exclude_groups]
-    val = [s for s in samples if s.name in names]
-    if not train:
-        raise ConfigError("no training images left after removing validation images and excluded groups")
-    return train, val
-
-
-def prepare(samples: list[Sample], cfg: TrainConfig) -> _Prepared:
-    """Resample samples to ``cfg.mpp``, compute their targets (and Macenko stains) once, and
-    group them by dataset for the weighted sampler. A sample's dataset is ``Sample.dataset``
-    ("" counts as the first dataset of ``cfg.data``)."""
-    from .infer import resize_image, resize_labels, working_shape
-    from .stain import macenko_stains
-    from .targets import make_targets
-
-    names = [name for name, _ in cfg.data]
-    images, targets, stains = [], [], []
-    members: dict[str, list[int]] = {n: [] for n in names}
-    for i, s in enumerate(samples):
-        key = s.dataset or names[0]
-        if key not in members:
-            raise ConfigError(f"training image {s.name} is from dataset {key!r}, which --data does not list ({', '.join(names)})")
-        members[key].append(i)
-        shape = working_shape(s.labels.shape, s.mpp, cfg.mpp)
-        images.append(resize_image(s.image, shape))
-        targets.append(make_targets(resize_labels(s.labels, shape), cfg.outputs))
-        stains.append(macenko_stains(images[-1]) if cfg.stain_augment in ("macenko", "both") else None)
-    empty = [n for n in names if not members[n]]
-    if empty:
-        raise ConfigError(f"--data lists {', '.join(empty)} but no training image of it is left")
-    return _Prepared(images, targets, [(w, members[n]) for n, w in cfg.data], stains)
-
-
-def draw_image(data: _Prepared, rng: np.random.Generator) -> int:
-    """Index of a training image: a dataset by weight, then one of its images uniformly."""
-    weights = np.array([w for w, _ in data.groups], dtype=np.float64)
-    g = int(rng.choice(len(weights), p=weights / weights.sum()))
-    members = data.groups[g][1]
-    return members[int(rng.integers(len(members)))]
-
-
-def _batch(data: _Prepared, cfg: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    from .stain import random_restain
-    from .targets import augment, random_crop
-
-    pool = [s for s in data.stains if s is not None]
-    xs, ys = [], []
-    for _ in range(cfg.batch_size):
-        i = draw_image(data, rng)
-        img, tgt = random_crop(data.images[i], data.targets[i], cfg.crop, rng)
-        if cfg.stain_augment in ("macenko", "both") and rng.random() < 0.5:
-            img = random_restain(img, data.stains[i], rng, pool)
-        img, tgt = augment(img, tgt, rng, colour=cfg.colour_augment, hed=cfg.stain_augment in ("hed", "both"))
-        xs.append(img)
-        ys.append(tgt)
-    return np.stack(xs), np.stack(ys)
 
 
 def _loss(logits: Any, target: Any, cfg: TrainConfig) -> Any:
@@ -294,6 +177,71 @@ def tune_postprocess(
     return best[1], per_method
 
 
+def tune_model(model_dir: Path | str, samples: list[Sample], tta: str | None = None, command: str | None = None) -> dict[str, Any]:
+    """Tune the post-processing of the model in ``model_dir`` on ``samples`` (its validation
+    images, see :func:`.trainset.validation_samples`) and store it in the card, for ``tta``
+    (default: the card's). Test-set metrics recorded in the card are dropped: they were measured
+    with the old setting. Returns what was chosen and the validation metrics."""
+    from .model import load_model, save_model
+
+    if not samples:
+        raise ConfigError(f"{model_dir}: no validation images to tune on")
+    net, card = load_model(model_dir)
+    card = replace(card, tta=tta or card.tta)
+    post, per_method = tune_postprocess(net, card, samples, card.tta)
+    val = validate(net, replace(card, postprocess=post), samples)
+    metrics = {"epoch": card.metrics.get("epoch"), "val_aji": card.metrics.get("val_aji"), "val": val, "val_aji_by_method": per_method}
+    training = {**card.training, "tune_command": command} if command else card.training
+    save_model(net, replace(card, postprocess=post, metrics=metrics, training=training), model_dir)
+    return {"postprocess": asdict(post), "tta": card.tta, "val": val, "val_aji_by_method": per_method}
+
+
+def build_config(out: Path, options: dict[str, Any], recipe: str = "ours", data: str = "monuseg", init: Path | None = None,
+                 validation: str | None = None) -> TrainConfig:
+    """A checked :class:`TrainConfig` from command-line style options: ``recipe`` (ours or
+    paper) gives the defaults, ``options`` (None = not given) override them, ``data`` is a
+    :func:`.trainset.parse_data` spec (or a MoNuSeg-layout folder), ``init`` a model folder to
+    fine-tune (its encoder, outputs, decoder and post-processing are kept), ``validation`` a
+    comma-separated list of held-out image ids (default: 5 MoNuSeg, plus 3 CoNSeP train images
+    when CoNSeP trains)."""
+    from dataclasses import fields
+
+    from .trainset import CONSEP_VALIDATION, parse_data
+
+    if recipe not in ("ours", "paper"):
+        raise ConfigError(f"unknown --recipe {recipe!r}; use ours or paper")
+    base: dict[str, Any] = dict(PAPER_RECIPE) if recipe == "paper" else {}
+    base.update({k: v for k, v in options.items() if v is not None and k != "pretrained"})
+    if options.get("pretrained") is not None:
+        base["pretrained"] = options["pretrained"]
+    elif "encoder" in base and not str(base["encoder"]).startswith("tu-tf_efficientnet_lite"):
+        base["pretrained"] = False
+    sources = (("monuseg", 1.0),) if Path(data).is_dir() else parse_data(data)
+    base["data"] = sources
+    if validation is not None:
+        base["validation"] = tuple(v.strip() for v in validation.split(",") if v.strip())
+    elif any(n == "consep" for n, _ in sources):
+        base["validation"] = DEFAULT_VALIDATION + CONSEP_VALIDATION
+    if init is not None:
+        from .model import load_card
+
+        init_card = load_card(init)
+        base["init"] = str(init)
+        base.setdefault("encoder", init_card.encoder)
+        base["outputs"] = tuple(init_card.outputs)
+        base.setdefault("mpp", init_card.mpp)
+        base["postprocess"] = init_card.postprocess
+        if init_card.training.get("decoder_channels"):
+            base["decoder_channels"] = tuple(init_card.training["decoder_channels"])
+    valid = {f.name for f in fields(TrainConfig)}
+    unknown = set(base) - valid
+    if unknown:
+        raise ConfigError(f"unknown training options: {', '.join(sorted(unknown))}")
+    cfg = TrainConfig(out=Path(out), **base)
+    cfg.check()
+    return cfg
+
+
 def _card(cfg: TrainConfig, extra: dict[str, Any]) -> ModelCard:
     training = {k: (_listify(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "postprocess"}
     training["out"] = str(cfg.out)
@@ -367,7 +315,7 @@ def train(
             model.train()
             t0, losses = time.time(), []
             for step in range(cfg.steps_per_epoch):
-                x, y = _batch(data, cfg, rng)
+                x, y = make_batch(data, cfg, rng)
                 xt = _to_input(x, card).contiguous(memory_format=torch.channels_last)
                 loss = _loss(model(xt), torch.from_numpy(y), cfg)
                 opt.zero_grad(set_to_none=True)
