@@ -30,9 +30,9 @@ def forward_seconds(n: int = 5) -> float:
     """Median forward time of one 1792 px window in the calling process (after one warm-up)."""
     import numpy as np
 
-    from wsi_nuclei import pipeline
+    from wsi_nuclei import worker_cache
 
-    predict, _, _ = pipeline._predictor(None, "cpu", "onnx", 2)
+    predict, _, _ = worker_cache.predictor(None, "cpu", "onnx", 2)
     x = np.random.default_rng(0).integers(0, 255, (1, 1792, 1792, 3), dtype=np.uint8)
     predict(x)
     times = []

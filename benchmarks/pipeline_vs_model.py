@@ -35,12 +35,12 @@ def model_only(plan, cfg, predict, n_outputs: int) -> float:  # noqa: ANN001
     the same function (infer.tile_probabilities) with the same arguments, only ``predict`` timed;
     the reads are done first and not timed."""
     from wsi_nuclei.infer import tile_probabilities
-    from wsi_nuclei.pipeline import _forward_plan
     from wsi_nuclei.slide import open_slide
+    from wsi_nuclei.worker_cache import forward_plan
 
     t = plan.tiling
     margin = t.halo + t.context
-    fp = _forward_plan(cfg, t)  # the pipeline's own plan: the same forward passes
+    fp = forward_plan(cfg, t)  # the pipeline's own plan: the same forward passes
     read = fp.read_size(t.window, t.context)
     spent = [0.0]
 
@@ -74,7 +74,8 @@ def main() -> None:
 
     from wsi_nuclei.backends import make_predictor
     from wsi_nuclei.model import load_model
-    from wsi_nuclei.pipeline import SegmentConfig, plan_slide, segment_many
+    from wsi_nuclei.pipeline import SegmentConfig, segment_many
+    from wsi_nuclei.plan import plan_slide
 
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ def main() -> None:
     normed = [Sample(s.name, normalise(s.image, ref), s.labels, s.mpp, s.group, s.dataset) for s in val_s]
     plain = tr.validate(net, card, val_s)
     macenko = tr.validate(net, card, normed)
-    print(f"model {card.name}@{card.weights_sha256[:12]}, {len(val_s)} validation images; reference stains from {len(refs)} training images")
+    print(f"model {card.model_id}, {len(val_s)} validation images; reference stains from {len(refs)} training images")
     print(f"reference H {np.round(mats[0], 4).tolist()} E {np.round(mats[1], 4).tolist()} max conc {np.round(conc, 4).tolist()}")
     print(f"{'input':<22}{'val AJI':>9}{'Dice':>8}{'PQ':>8}")
     for name, m in (("as scanned", plain), ("Macenko to reference", macenko)):

@@ -60,12 +60,12 @@ def test_two_threads_building_the_predictor_at_once(tmp_path, monkeypatch):
     """A Dask worker runs two chunk tasks at once: the first ONNX export must not race."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from wsi_nuclei import pipeline
+    from wsi_nuclei import worker_cache
 
     monkeypatch.setenv("WSI_NUCLEI_CACHE", str(tmp_path))  # nothing exported yet
-    monkeypatch.setattr(pipeline, "_CACHE", {})
+    monkeypatch.setattr(worker_cache, "_CACHE", {})
     with ThreadPoolExecutor(2) as pool:
-        got = list(pool.map(lambda _: pipeline._predictor(None, "cpu", "onnx", 1), range(2)))
+        got = list(pool.map(lambda _: worker_cache.predictor(None, "cpu", "onnx", 1), range(2)))
     assert got[0] is got[1] and got[0][2] == "onnx"
     assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
 

@@ -69,7 +69,8 @@ def test_segment_takes_the_context_from_the_card_unless_overridden():
     from dataclasses import replace
 
     from wsi_nuclei.model import load_card
-    from wsi_nuclei.pipeline import SegmentConfig, slide_tiling
+    from wsi_nuclei.pipeline import SegmentConfig
+    from wsi_nuclei.plan import slide_tiling
     from wsi_nuclei.tiling import MODEL_CONTEXT_PX
 
     card = load_card(Path(__file__).resolve().parents[1] / "wsi_nuclei" / "weights")

@@ -314,9 +314,9 @@ def test_unreachable_scheduler(tmp_path):
 
 def _install_failing_chunk(index: int, counter: str) -> None:
     """Run inside a Dask worker: chunk ``index`` of slide 'a.tif' raises, counting attempts."""
-    from wsi_nuclei import pipeline
+    from wsi_nuclei import chunk as chunk_module
 
-    real = pipeline.segment_chunk
+    real = chunk_module.segment_chunk
 
     def failing(plan, chunk, cfg):
         if chunk.index == index and plan.path.endswith("a.tif"):
@@ -325,13 +325,13 @@ def _install_failing_chunk(index: int, counter: str) -> None:
             raise RuntimeError("simulated crash in a chunk")
         return real(plan, chunk, cfg)
 
-    pipeline.segment_chunk = failing
+    chunk_module.segment_chunk = failing
 
 
 @pytest.mark.slow
 def test_chunk_that_keeps_raising_fails_only_its_slide(tmp_path):
+    from wsi_nuclei.batch import TASK_RETRIES
     from wsi_nuclei.cluster import ClusterConfig, close_client, make_client
-    from wsi_nuclei.scheduler import TASK_RETRIES
 
     (tmp_path / "in").mkdir()
     disc_slide(tmp_path / "in" / "a.tif", (512, 512), seed=11)

@@ -76,10 +76,11 @@ def test_cgroup_limits_v2_and_v1(tmp_path):
 
 
 def _plan_in_worker(window: int, context: int):  # noqa: ANN202
-    from wsi_nuclei.pipeline import SegmentConfig, _make_forward_plan
+    from wsi_nuclei.pipeline import SegmentConfig
     from wsi_nuclei.tiling import Tiling
+    from wsi_nuclei.worker_cache import make_forward_plan
 
-    return _make_forward_plan(SegmentConfig(), Tiling(window - 128, 64, context))
+    return make_forward_plan(SegmentConfig(), Tiling(window - 128, 64, context))
 
 
 def test_a_dask_workers_memory_limit_is_the_limit():

@@ -275,9 +275,9 @@ def test_snakemake_workflow_segments_every_slide(slides, reference, tmp_path):
 def test_one_chunk_at_a_time_equals_the_overlapped_default(slides, reference, tmp_path, monkeypatch):
     """Without Dask, CPU_TASKS chunks run at once (their forward passes take turns, the rest
     overlaps, as in a LocalCluster worker): one chunk at a time gives the same bytes."""
-    import wsi_nuclei.scheduler as scheduler
+    import wsi_nuclei.batch as batch
 
-    monkeypatch.setattr(scheduler, "CPU_TASKS", 1)
+    monkeypatch.setattr(batch, "CPU_TASKS", 1)
     out = tmp_path / "one_at_a_time"
     results = segment_many([slides], out, SegmentConfig(**OPTS), max_slides=1)
     assert [r.status for r in results] == ["ok"] * 3

@@ -23,7 +23,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,8 +134,10 @@ def export_onnx(model: Any, card: Any, path: Path) -> Path:
             return torch.sigmoid(self.net(x))
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     import copy
+    import warnings
+
+    from . import atomic
 
     # a copy in the default memory format: exporting a channels_last module gives wrong outputs
     net = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
@@ -144,17 +145,12 @@ def export_onnx(model: Any, card: Any, path: Path) -> Path:
     dummy = torch.zeros(1, 3, 256, 256)
     axes = {"input": {0: "n", 2: "h", 3: "w"}, "prob": {0: "n", 2: "h", 3: "w"}}
     try:
-        import warnings
-
-        with warnings.catch_warnings():
+        with atomic.replacing(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapped, (dummy,), str(tmp), input_names=["input"], output_names=["prob"], dynamic_axes=axes,
                               opset_version=17, dynamo=False)
-        os.replace(tmp, path)
     except Exception as err:
         raise ModelError(f"cannot export the model to ONNX ({type(err).__name__}: {err}); use --backend torch") from err
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("exported %s to %s", card.name, path)
     return path
 

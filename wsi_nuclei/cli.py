@@ -249,7 +249,7 @@ def segment_image_cmd(
             Image.fromarray(labels.astype(np.uint16)).save(out / f"{path.stem}_labels.png")
             Image.fromarray(draw_outlines(image, labels)).save(out / f"{path.stem}_overlay.png")
             summary = {"image": str(path), "mpp": mpp, "nuclei": n, "seconds": round(seconds, 3),
-                       "model": f"{card.name}@{card.weights_sha256[:12]}", "device": dev}
+                       "model": card.model_id, "device": dev}
             (out / f"{path.stem}_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
             typer.echo(f"{path.name}: {n} nuclei in {seconds:.2f} s -> {out / (path.stem + '_overlay.png')}")
     except WsiNucleiError as err:
@@ -469,7 +469,7 @@ def _forward_line(cfg: SegmentConfig, ccfg: ClusterConfig) -> str | None:
 
     from .cluster import CPU_TASKS
     from .memory import describe, memory_limit, plan_forward, worker_budget
-    from .pipeline import _card, slide_tiling
+    from .plan import model_card, slide_tiling
 
     if ccfg.scheduler or ccfg.gpus or cfg.device.startswith("cuda"):
         return None
@@ -481,7 +481,7 @@ def _forward_line(cfg: SegmentConfig, ccfg: ClusterConfig) -> str | None:
         per_worker = memory_limit()[0] // max(1, ccfg.workers if ccfg.kind == "local" else 1)
         tasks = CPU_TASKS
         fix = "use fewer --workers or a machine with more memory"
-    tiling = slide_tiling(cfg, _card(cfg))
+    tiling = slide_tiling(cfg, model_card(cfg))
     budget = cfg.forward_memory or worker_budget(per_worker, tasks, tiling.window + 2 * tiling.context)
     fp = plan_forward(tiling.window, tiling.context, budget, batch=cfg.batch_size)
     line = f"{describe(fp, tiling.window, tiling.context)}, with {per_worker / 1e9:.1f} GB per worker"
@@ -493,7 +493,8 @@ def _forward_line(cfg: SegmentConfig, ccfg: ClusterConfig) -> str | None:
 def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterConfig, max_slides: int) -> None:
     """Print the SLURM job script (for --cluster slurm) and the plan; runs and writes nothing."""
     from .cluster import slurm_job_script
-    from .pipeline import find_slides, plan_slide, slide_jobs
+    from .pipeline import find_slides, slide_jobs
+    from .plan import model_card, plan_slide
 
     if ccfg.kind == "slurm" and not ccfg.scheduler:
         typer.echo(f"# SLURM job script (one per job; scaled adaptively {ccfg.min_jobs}..{ccfg.max_jobs} jobs)")
@@ -507,15 +508,16 @@ def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterCon
     typer.echo(f"# plan: {len(slides)} slides -> {out} ({max_slides} in flight)")
     typer.echo("slide\tsize_level0\tmpp\tchunks\tgrid\ttissue_mm2\toutput\tnote")
     total_chunks, total_mm2 = 0, 0.0
+    card = model_card(cfg)
     for path, out_dir in slide_jobs(slides, out):
         try:
-            plan, _, _ = plan_slide(path, out_dir, cfg)
+            plan, _, _ = plan_slide(path, out_dir, cfg, card)
         except WsiNucleiError as err:
             typer.echo(f"{path}\t\t\t\t\t\t{out_dir}\terror: {err}")
             continue
-        d = plan.info["dimensions"]
+        d = plan.info.dimensions
         state = "finished" if (out_dir / "summary.json").exists() else ("interrupted" if (out_dir / ".partial").exists() else "")
-        typer.echo(f"{path}\t{d[0]}x{d[1]}\t{plan.info['mpp']:.4g}\t{len(plan.chunks)}\t{plan.grid[0]}x{plan.grid[1]}\t"
+        typer.echo(f"{path}\t{d[0]}x{d[1]}\t{plan.info.mpp or 0:.4g}\t{len(plan.chunks)}\t{plan.grid[0]}x{plan.grid[1]}\t"
                    f"{plan.tissue_mm2:.2f}\t{out_dir}\t{state}")
         total_chunks += len(plan.chunks)
         total_mm2 += plan.tissue_mm2

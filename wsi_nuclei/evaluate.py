@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import atomic
 from .datasets import DATASET_KINDS
 from .errors import ConfigError
 
@@ -83,7 +84,7 @@ def evaluate_dataset(
     report.update(
         dataset=kind,
         path=str(path),
-        model=f"{card.name}@{card.weights_sha256[:12]}",
+        model=card.model_id,
         postprocess=card.postprocess.__dict__,
         tta=tta or card.tta,
         seconds_per_image=round(seconds / max(1, len(samples)), 4),
@@ -101,7 +102,7 @@ def record_in_card(report: dict[str, Any], model_dir: Path | str | None = None) 
 
     directory = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
     card = load_card(directory)
-    if report["model"] != f"{card.name}@{card.weights_sha256[:12]}":
+    if report["model"] != card.model_id:
         raise ConfigError(f"{directory}: the report was made with model {report['model']}, not this one")
     keys = ("dice", "iou", "aji", "pq", "dq", "sq", "f1", "precision", "recall", "n_images", "seconds_per_image")
     entry = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items() if k in keys}
@@ -109,6 +110,4 @@ def record_in_card(report: dict[str, Any], model_dir: Path | str | None = None) 
     extra = f" --tta {entry['tta']}" if entry["tta"] != card.tta else ""
     entry["command"] = f"wsi-nuclei evaluate {report['path']} --dataset {report['dataset']}{extra} --json"
     card = replace(card, metrics={**card.metrics, report["dataset"]: entry})
-    tmp = directory / (CARD_FILE + ".tmp")
-    tmp.write_text(card.to_json() + "\n", encoding="utf-8")
-    tmp.replace(directory / CARD_FILE)
+    atomic.write_text(directory / CARD_FILE, card.to_json() + "\n")

@@ -7,13 +7,15 @@ watershed inside the foreground, so touching nuclei are separated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import ConfigError
 from .model import PostProcess
 
-__all__ = ["probabilities_to_instances", "remove_small", "relabel_sequential"]
+__all__ = ["probabilities_to_instances", "remove_small", "relabel_sequential", "own_by_centroid", "Owned", "IDS_PER_CHUNK"]
 
 _FOUR = ndi.generate_binary_structure(2, 1)
 
@@ -96,3 +98,49 @@ def probabilities_to_instances(
     if n_orphans:
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
     return relabel_sequential(remove_small(labels.astype(np.int32), min_px))
+
+
+#: A chunk's nuclei get ids ``chunk index * 2**16 + local id`` (local ids 1..65535): unique over
+#: the slide, uint32, and deterministic (they do not depend on which run computed the chunk).
+IDS_PER_CHUNK = 2**16
+
+
+@dataclass(frozen=True)
+class Owned:
+    """The nuclei a chunk owns (:func:`own_by_centroid`)."""
+
+    labels: np.ndarray  # (H, W) uint32: globally unique ids of the owned nuclei, 0 elsewhere
+    count: int
+    cut: int  # owned nuclei that reach the window's edge: the halo was too small for them
+
+
+def own_by_centroid(labels: np.ndarray, halo: int, core: int, origin: tuple[int, int], limit: tuple[int, int], index: int) -> Owned:
+    """The ownership rule that makes chunks tile the slide without duplicates or gaps.
+
+    ``labels`` is the instance map of a chunk window whose ``core`` x ``core`` core starts at
+    (``halo``, ``halo``); ``origin`` is the core's top left (y, x) in slide working px and
+    ``limit`` the slide's (height, width). A nucleus belongs to this chunk when its centroid lies
+    in the core (half-open: a centroid exactly on the boundary between two cores belongs to the
+    lower/right one) and inside the slide. Every centroid lies in exactly one core, so as long as
+    both chunks see a nucleus whole and alike, exactly one of them keeps it. Owned nuclei get ids
+    ``index * IDS_PER_CHUNK + 1, + 2, ...`` in label order; the others become 0.
+    """
+    n = int(labels.max(initial=0))
+    if not n:
+        return Owned(np.zeros(labels.shape, dtype=np.uint32), 0, 0)
+    ys, xs = np.nonzero(labels)
+    lab = labels[ys, xs]
+    cnt = np.bincount(lab, minlength=n + 1)
+    cy = np.bincount(lab, weights=ys, minlength=n + 1) / np.maximum(cnt, 1)
+    cx = np.bincount(lab, weights=xs, minlength=n + 1) / np.maximum(cnt, 1)
+    gy, gx = cy - halo + origin[0], cx - halo + origin[1]  # centroid in slide working px
+    own = (cy >= halo) & (cy < halo + core) & (cx >= halo) & (cx < halo + core) & (gy < limit[0]) & (gx < limit[1]) & (cnt > 0)
+    own[0] = False
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    cut = int(own[edge[edge > 0]].sum())
+    ids = np.flatnonzero(own)
+    if len(ids) >= IDS_PER_CHUNK:
+        raise OverflowError(f"{len(ids)} nuclei in one chunk, more than {IDS_PER_CHUNK - 1}")
+    lut = np.zeros(n + 1, dtype=np.uint32)
+    lut[ids] = index * IDS_PER_CHUNK + np.arange(1, len(ids) + 1, dtype=np.uint32)
+    return Owned(lut[labels], len(ids), cut)

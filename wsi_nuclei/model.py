@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import atomic
 from .errors import ModelError
 
 if TYPE_CHECKING:  # torch is imported lazily so that `import wsi_nuclei` stays light
@@ -95,6 +96,11 @@ class ModelCard:
     context_px: int | None = None
     #: Test-time augmentation the model is meant to run with: none, flip4 or dihedral8.
     tta: str = "none"
+
+    @property
+    def model_id(self) -> str:
+        """``name@<first 12 hex of the weights' sha256>``: how outputs name the model that made them."""
+        return f"{self.name}@{self.weights_sha256[:12]}"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -220,13 +226,10 @@ def save_model(model: torch.nn.Module, card: ModelCard, directory: Path | str) -
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"encoder": card.encoder, "outputs": ",".join(card.outputs)})
-    tmp.replace(directory / WEIGHTS_FILE)
+    with atomic.replacing(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"encoder": card.encoder, "outputs": ",".join(card.outputs)})
     card = replace(card, weights_sha256=_sha256(directory / WEIGHTS_FILE))
-    tmp_card = directory / (CARD_FILE + ".tmp")
-    tmp_card.write_text(card.to_json() + "\n", encoding="utf-8")
-    tmp_card.replace(directory / CARD_FILE)
+    atomic.write_text(directory / CARD_FILE, card.to_json() + "\n")
     return card
 
 
@@ -250,9 +253,7 @@ def update_card(directory: Path | str, **changes: Any) -> ModelCard:
 
     directory = Path(directory)
     card = replace(load_card(directory), **changes)
-    tmp = directory / (CARD_FILE + ".tmp")
-    tmp.write_text(card.to_json() + "\n", encoding="utf-8")
-    tmp.replace(directory / CARD_FILE)
+    atomic.write_text(directory / CARD_FILE, card.to_json() + "\n")
     return card
 
 

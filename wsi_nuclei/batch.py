@@ -1,4 +1,4 @@
-"""Batch scheduling: chunks of several slides in flight at once, bounded, with resume.
+"""Batch scheduling (the driver loop): chunks of several slides in flight at once, bounded, with resume.
 
 The driver loop keeps at most ``max_slides`` slides open and at most ``max_pending`` tasks
 submitted (about two per worker thread), so the cluster never idles between slides and the
@@ -17,23 +17,18 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .assemble import assemble_slide
+from .chunk import chunk_task
 from .cluster import CPU_TASKS
+from .config import SegmentConfig
 from .errors import WsiNucleiError
-from .pipeline import (
-    ChunkDone,
-    SegmentConfig,
-    SlidePlan,
-    SlideResult,
-    assemble_slide,
-    check_outputs,
-    chunk_task,
-    plan_slide,
-    start_slide,
-)
+from .model import ModelCard
+from .plan import SlidePlan, check_outputs, model_card, plan_slide, start_slide
+from .results import ChunkDone, SlideResult
 from .tiling import Chunk
 
 __all__ = ["run_batch", "TASK_RETRIES"]
@@ -148,17 +143,21 @@ def run_batch(
         if on_slide:
             on_slide(res)
 
+    card: ModelCard | None = None  # the model card: read once, when the first slide is planned
+
     def admit() -> None:
+        nonlocal card
         while queue and len(active) < max_slides:
             i, (path, out_dir) = queue.popleft()
             t0 = time.perf_counter()
             try:
                 skipped = check_outputs(out_dir, cfg)
                 if skipped is not None:
-                    skipped.slide = str(path)
-                    finish(i, skipped)
+                    finish(i, replace(skipped, slide=str(path)))
                     continue
-                plan, thumb, tissue = plan_slide(path, out_dir, cfg)
+                if card is None:
+                    card = model_card(cfg)
+                plan, thumb, tissue = plan_slide(path, out_dir, cfg, card)
                 todo = start_slide(plan, thumb, tissue, cfg)
             except WsiNucleiError as err:
                 finish(i, SlideResult(str(path), "failed", str(out_dir), reason=str(err), seconds=round(time.perf_counter() - t0, 2)), err)
@@ -241,9 +240,8 @@ def run_batch(
                         on_chunk(progress["done"], progress["total"])
                 else:
                     res: SlideResult = value
-                    res.seconds = round(time.perf_counter() - st.t0, 2)
-                    res.extra.update({"chunks_computed": st.computed, "chunks_reused": st.reused})
-                    finish(i, res)
+                    finish(i, replace(res, seconds=round(time.perf_counter() - st.t0, 2),
+                                      extra={**res.extra, "chunks_computed": st.computed, "chunks_reused": st.reused}))
     except BaseException:
         ex.cancel(list(pending))
         raise

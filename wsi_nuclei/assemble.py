@@ -1,0 +1,161 @@
+"""Stage 3, one Dask task per slide: chunk files -> ``mask.zarr``, GeoJSON, overlay, ``summary.json``.
+
+The chunk files are replayed in chunk order (so outputs do not depend on which run computed a
+chunk: a resumed run is byte-identical to an uninterrupted one), one chunk in memory at a time.
+Each output is written under a temporary name and renamed; ``summary.json`` comes last (its
+presence means "this slide is finished"), then the chunk files are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, atomic
+from .chunk import read_chunk_file
+from .config import SegmentConfig
+from .errors import OutputError, WsiNucleiError
+from .plan import SlidePlan
+from .results import SlideResult
+
+__all__ = ["assemble_slide"]
+
+log = logging.getLogger(__name__)
+
+
+def assemble_slide(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None = None) -> SlideResult:
+    """Write the slide's final outputs from its chunk files, in chunk order (deterministic), each
+    under a temporary name first; ``summary.json`` last. Holds one chunk in memory at a time.
+    A failure (full disk, damaged chunk file) returns a "failed" result, leaves no partial file
+    and keeps the chunk files, so ``--resume`` can assemble again without recomputing."""
+    out_dir = Path(plan.out_dir)
+    try:
+        return _assemble(plan, cfg, run)
+    except WsiNucleiError as err:
+        reason = str(err)
+    except OSError as err:
+        reason = f"{out_dir}: writing the outputs failed ({err.strerror or err}); free disk space or choose another -o folder, then run again with --resume"
+    for leftover in (out_dir / "mask.zarr.partial", out_dir / f"nuclei.{cfg.geojson_format}.partial"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return SlideResult(plan.path, "failed", str(out_dir), reason=reason)
+
+
+def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -> SlideResult:
+    from .export import GeoJSONWriter
+    from .store import LabelCanvas, build_pyramids, create_store, open_array
+
+    t0 = time.perf_counter()
+    out_dir = Path(plan.out_dir)
+    card = plan.card
+    geo_path = out_dir / f"nuclei.{cfg.geojson_format}"
+    zarr_path = out_dir / "mask.zarr"
+    tmp_zarr = out_dir / "mask.zarr.partial"
+    shutil.rmtree(tmp_zarr, ignore_errors=True)
+    tiling = plan.tiling
+    attrs = {"slide": plan.path, "slide_info": plan.info.as_dict(), "mpp": card.mpp, "level0_per_working_px": plan.scale,
+             "tiling": asdict(tiling), "model_card": json.loads(card.to_json()), "version": __version__,
+             "geojson_shift": list(plan.shift)}
+    create_store(tmp_zarr, plan.size, tiling.chunk, card.mpp, attrs)
+    probability = open_array(tmp_zarr, "probability", 0, mode="r+")
+    labels = LabelCanvas(tmp_zarr, tiling.chunk)
+    height, width = plan.size
+    totals = {"read": 0.0, "waiting": 0.0, "inference": 0.0, "instances": 0.0, "polygons": 0.0}
+    cut = 0
+    forwards: dict[tuple[int, ...], int] = {}
+    t_write = time.perf_counter()
+    with GeoJSONWriter(geo_path) as writer:
+        for ch in plan.chunks:
+            part = read_chunk_file(plan.chunk_file(ch))
+            if part.meta.get("fingerprint") != plan.fingerprint:
+                raise OutputError(f"{plan.chunk_file(ch)}: chunk file from another run's settings; run again with --overwrite")
+            core = part.probability[: height - ch.y, : width - ch.x]  # a core is one Zarr chunk, clipped at the slide edge
+            probability[ch.y : ch.y + core.shape[0], ch.x : ch.x + core.shape[1]] = core
+            labels.paste(ch.row, ch.col, ch.y - tiling.halo, ch.x - tiling.halo, part.owned)
+            writer.write_encoded(part.features, int(part.meta["nuclei"]))
+            cut += int(part.meta["cut"])
+            fwd = tuple(part.meta["forward"])
+            forwards[fwd] = forwards.get(fwd, 0) + 1
+            for k in totals:
+                totals[k] += float(part.meta["times"].get(k, 0.0))
+        n_nuclei = writer.count
+    labels.close()
+    build_pyramids(tmp_zarr, tiling.chunk)
+    if zarr_path.exists():
+        shutil.rmtree(zarr_path)
+    os.replace(tmp_zarr, zarr_path)
+    t_written = time.perf_counter()
+    if cut:
+        log.warning("%s: %d nuclei reached the edge of their chunk window; raise --halo", plan.path, cut)
+    thumb = np.load(plan.work / "thumbnail.npy")
+    tissue_file = plan.work / "tissue.npy"
+    tissue = np.load(tissue_file) if tissue_file.exists() else None
+    _overlay(zarr_path, thumb, tissue, out_dir / "overlay.png")
+    run = run or {}
+    summary = {
+        "slide": plan.path, "nuclei": n_nuclei, "tissue_mm2": plan.tissue_mm2,
+        "chunks": {"processed": len(plan.chunks), "grid": list(plan.grid), "computed_this_run": run.get("computed", len(plan.chunks)),
+                   "reused": run.get("reused", 0)},
+        "cut_nuclei": cut,
+        # how the chunk windows were inferred (planned from each worker's memory, see memory.py)
+        "forward_passes": [{"tile_px": f[0] + 2 * tiling.context, "core_px": f[0], "per_call": f[1], "chunks": k}
+                           for f, k in sorted(forwards.items())],
+        "seconds": {**{k: round(v, 3) for k, v in totals.items()}, "write": round(t_written - t_write, 3),
+                    "assemble": round(time.perf_counter() - t0, 3), "wall": round(float(run.get("wall", 0.0)), 3)},
+        # the options as given, context and tta resolved (an option left unset takes the card's value)
+        "parameters": {**asdict(cfg), "context": tiling.context, "tta": plan.tta}, "tiling": asdict(tiling), "slide_info": plan.info.as_dict(),
+        "model": plan.model, "versions": _versions(),
+        "outputs": {"mask": "mask.zarr", "geojson": geo_path.name, "overlay": "overlay.png"},
+    }
+    atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    if not cfg.keep_chunks:
+        shutil.rmtree(plan.work, ignore_errors=True)
+    return SlideResult(plan.path, "ok", str(out_dir), n_nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)})
+
+
+def _overlay(zarr_path: Path, thumb: np.ndarray, tissue: np.ndarray | None, out: Path) -> None:
+    from PIL import Image
+
+    from .infer import resize_labels
+    from .overlay import inner_boundaries
+    from .store import open_array
+
+    labels_level = None
+    for k in range(8):
+        try:
+            arr = open_array(zarr_path, "labels", k)
+        except Exception:
+            break
+        labels_level = arr
+        if arr.shape[0] <= 2 * thumb.shape[0]:
+            break
+    img = thumb.copy()
+    if labels_level is not None:
+        lab = resize_labels(np.asarray(labels_level[:]), thumb.shape[:2])
+        img[inner_boundaries(lab)] = (0, 255, 0)
+    if tissue is not None:
+        img[inner_boundaries(tissue)] = (0, 0, 255)
+    with atomic.replacing(out) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG", compress_level=1)  # a quick look: fast beats small (default level 6)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"wsi-nuclei": __version__}
+    for pkg in ("torch", "segmentation-models-pytorch", "timm", "openslide-python", "tiffslide", "zarr", "dask", "shapely"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

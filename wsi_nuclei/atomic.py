@@ -1,0 +1,49 @@
+"""Atomic writes: a file appears under its final name only when it is complete.
+
+Every writer of the package goes through here. A file is written under a temporary name in the
+same folder (``<name>.<random hex>.tmp``: two writers never share one) and renamed over the
+final name with :func:`os.replace`, which is atomic on POSIX file systems. On any error the
+temporary file is removed and the error is raised; the final name keeps its old content.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["temp_path", "replacing", "write_bytes", "write_text"]
+
+
+def temp_path(path: Path | str) -> Path:
+    """A fresh temporary name beside ``path``: ``<name>.<32 hex>.tmp``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+@contextmanager
+def replacing(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path to write; on leaving the block it replaces ``path``. On an error
+    inside the block the temporary file is removed and ``path`` is untouched."""
+    target = Path(path)
+    tmp = temp_path(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: Path | str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,183 @@
+"""Stage 1, on the driver: plan a slide (tiling, tissue, chunks, fingerprint) and prepare its folder.
+
+:func:`plan_slide` reads the slide and writes nothing; :func:`check_outputs` applies
+``--resume`` / ``--overwrite`` to an existing output folder; :func:`start_slide` prepares the
+folder and returns the chunks still to compute (under ``--resume``, those without a chunk file
+from an earlier run with the same plan fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, atomic
+from .config import WORK_DIR, SegmentConfig
+from .errors import OutputError, SlideError
+from .model import ModelCard
+from .results import SlideResult
+from .slide import SlideInfo
+from .tiling import Chunk, Tiling
+
+__all__ = ["SlidePlan", "model_card", "slide_tiling", "plan_slide", "check_outputs", "start_slide"]
+
+log = logging.getLogger(__name__)
+
+#: The chunk-file format (:mod:`wsi_nuclei.chunk`); part of the fingerprint, so files of another
+#: format are recomputed, never misread.
+CHUNK_FILE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """Everything a chunk or assembly task needs about one slide (small and picklable)."""
+
+    path: str
+    out_dir: str
+    scale: float  # level-0 px per working px
+    size: tuple[int, int]  # (height, width) in working px
+    tiling: Tiling
+    chunks: tuple[Chunk, ...]
+    grid: tuple[int, int]
+    shift: tuple[float, float]  # subtracted from level-0 coordinates in the GeoJSON
+    slide_key: str
+    tissue_mm2: float
+    info: SlideInfo
+    card: ModelCard  # read once per run, on the driver
+    fingerprint: str
+    tta: str = "none"  # the test-time augmentation in effect (the option, else the card's)
+
+    @property
+    def model(self) -> str:
+        return self.card.model_id
+
+    @property
+    def work(self) -> Path:
+        return Path(self.out_dir) / WORK_DIR
+
+    def chunk_file(self, chunk: Chunk) -> Path:
+        return self.work / "chunks" / f"{chunk.index}.npz"
+
+
+def model_card(cfg: SegmentConfig) -> ModelCard:
+    """The card of the model ``cfg`` names (default: the shipped model)."""
+    from .model import DEFAULT_MODEL_DIR, load_card
+
+    return load_card(cfg.model_dir or DEFAULT_MODEL_DIR)
+
+
+def slide_tiling(cfg: SegmentConfig, card: ModelCard) -> Tiling:
+    """The chunk tiling of ``cfg`` for the model ``card`` (context: the option, else the card's)."""
+    from .tiling import derive_tiling
+
+    return derive_tiling(card.mpp, cfg.chunk_size, cfg.halo, cfg.context if cfg.context is not None else card.context_px)
+
+
+def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | None = None) -> tuple[SlidePlan, np.ndarray, np.ndarray | None]:
+    """Open ``path``, derive tiling and tissue, list the chunks. Returns the plan, the thumbnail
+    and the tissue mask (thumbnail grid). ``card``: the model's card, read once per run by the
+    caller (default: read here). Reads the slide; writes nothing."""
+    from .backends import resolve_backend
+    from .slide import open_slide
+    from .tiling import plan_chunks
+    from .tissue import looks_greyscale, tissue_mask
+
+    card = card or model_card(cfg)
+    with open_slide(path, cfg.reader, cfg.mpp) as slide:
+        info = slide.info
+        if info.mpp is None:
+            raise SlideError(f"{path}: no resolution (mpp) in the slide metadata; pass --mpp, e.g. --mpp 0.25 for 40x or 0.5 for 20x")
+        scale = card.mpp / info.mpp
+        width, height = math.ceil(info.dimensions[0] / scale), math.ceil(info.dimensions[1] / scale)
+        tiling = slide_tiling(cfg, card)
+        thumb, thumb_scale = slide.thumbnail(2048)
+    if looks_greyscale(thumb):
+        raise SlideError(f"{path}: the slide has no colour (greyscale); the model segments H&E-stained RGB slides")
+    tissue = tissue_mask(thumb) if cfg.tissue_mask else None
+    chunks, grid = plan_chunks(width, height, tiling, tissue, thumb_scale / scale)
+    shift = (0.0, 0.0) if cfg.raw_coordinates or info.bounds is None else (float(info.bounds[0]), float(info.bounds[1]))
+    if tissue is not None:
+        tissue_mm2 = float(tissue.sum()) * (thumb_scale * info.mpp / 1000) ** 2
+    else:
+        tissue_mm2 = width * height * (card.mpp / 1000) ** 2
+    stat = Path(path).stat()
+    # What makes a chunk file reusable: same slide file, model and everything that changes pixels.
+    key = {"slide": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "model": card.weights_sha256,
+           "card": card.to_json(), "tiling": asdict(tiling), "mpp": info.mpp, "reader": cfg.reader,
+           "backend": resolve_backend(cfg.backend, cfg.device), "batch": cfg.batch_size,
+           "device": cfg.device, "shift": shift, "version": __version__, "chunk_file": CHUNK_FILE_VERSION,
+           "tta": cfg.tta or card.tta}
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    plan = SlidePlan(str(path), str(out_dir), scale, (height, width), tiling, tuple(chunks), grid, shift,
+                     f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}", round(tissue_mm2, 4), info, card, fingerprint,
+                     cfg.tta or card.tta)
+    return plan, thumb, tissue
+
+
+def check_outputs(out_dir: Path, cfg: SegmentConfig) -> SlideResult | None:
+    """Apply --resume / --overwrite to an existing output folder. Returns a "skipped" result for a
+    finished slide under --resume; raises OutputError for existing outputs without either flag."""
+    summary = out_dir / "summary.json"
+    work = out_dir / WORK_DIR
+    if summary.exists():
+        if cfg.resume:
+            try:
+                done = json.loads(summary.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                done = {}
+            return SlideResult(str(done.get("slide", out_dir)), "skipped", str(out_dir), int(done.get("nuclei", 0)),
+                               "finished in an earlier run (--resume)")
+        if not cfg.overwrite:
+            raise OutputError(f"{out_dir}: outputs exist; pass --resume to skip finished slides or --overwrite to replace them")
+    elif work.exists() and not (cfg.resume or cfg.overwrite):
+        raise OutputError(f"{out_dir}: an interrupted run left unfinished outputs; pass --resume to continue it or --overwrite to start over")
+    return None
+
+
+def start_slide(plan: SlidePlan, thumb: np.ndarray, tissue: np.ndarray | None, cfg: SegmentConfig) -> list[Chunk]:
+    """Prepare ``plan.out_dir`` for the chunk tasks; returns the chunks still to compute (all of
+    them, or under --resume those without a chunk file from an earlier run with the same plan)."""
+    out_dir = Path(plan.out_dir)
+    work = plan.work
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"{out_dir}: cannot write outputs ({err.strerror}); choose a writable -o folder") from err
+    if cfg.overwrite:
+        for name in ("summary.json", "mask.zarr", "nuclei.geojson", "nuclei.geojson.gz", "overlay.png"):
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    plan_file = work / "plan.json"
+    if work.exists():
+        old = None
+        try:
+            old = json.loads(plan_file.read_text(encoding="utf-8")).get("fingerprint")
+        except (OSError, ValueError):
+            pass
+        if cfg.overwrite or old != plan.fingerprint:
+            if not cfg.overwrite:
+                log.warning("%s: chunk files of an earlier run were made with other settings; recomputing them", plan.path)
+            shutil.rmtree(work)
+    (work / "chunks").mkdir(parents=True, exist_ok=True)
+    # kept for the overlay at assembly; .npy: temporary files need no PNG encoder
+    np.save(work / "thumbnail.npy", thumb)
+    if tissue is not None:
+        np.save(work / "tissue.npy", tissue)
+    else:
+        (work / "tissue.npy").unlink(missing_ok=True)
+    atomic.write_text(plan_file, json.dumps({"fingerprint": plan.fingerprint, "slide": plan.path, "chunks": len(plan.chunks)}) + "\n")
+    return [ch for ch in plan.chunks if not plan.chunk_file(ch).exists()]
