@@ -23,14 +23,14 @@ demo: $(STAMP)
 	$(VENV)/bin/wsi-nuclei segment-image wsi_nuclei/data/cmu1_crop_x900_y720.png --mpp 0.499 -o $(DEMO_OUT)/crop
 	@echo "outputs: $(DEMO_OUT)/CMU-1-Small-Region/{mask.zarr,nuclei.geojson.gz,summary.json,overlay.png}"
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check wsi_nuclei tests
+	$(VENV)/bin/ruff check wsi_nuclei tests benchmarks
 	$(VENV)/bin/mypy wsi_nuclei
 
 clean:

@@ -26,7 +26,8 @@ def main() -> None:
     from wsi_nuclei.datasets import Sample
     from wsi_nuclei.model import load_model
     from wsi_nuclei.stain import StainRef, macenko_stains, normalise
-    from wsi_nuclei.trainset import card_split, data_root
+    from wsi_nuclei.train import card_split
+    from wsi_nuclei.trainset import data_root
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, required=True)

@@ -21,14 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> None:
     import torch
 
+    from wsi_nuclei.backends import make_predictor, to_tensor
     from wsi_nuclei.datasets import load_tnbc
-    from wsi_nuclei.infer import (
-        predict_probabilities,
-        resize_image,
-        segment_image,
-        to_tensor,
-        working_shape,
-    )
+    from wsi_nuclei.infer import predict_probabilities, resize_image, segment_image, working_shape
     from wsi_nuclei.model import load_model
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -40,19 +35,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model, card = load_model()
+    predict, _ = make_predictor(model, card, "torch", "cpu")  # the pipeline's torch path (channels_last)
     sample = load_tnbc(args.data, limit=1)[0]
     work = resize_image(sample.image, working_shape(sample.image.shape[:2], sample.mpp, card.mpp))
-    x = to_tensor(work[None], card)
+    x = to_tensor(work[None], card).contiguous(memory_format=torch.channels_last)
 
     def bare() -> None:
         with torch.inference_mode():
             model(x)
 
     def ours() -> None:
-        segment_image(model, card, sample.image, sample.mpp)
+        segment_image(predict, card, sample.image, sample.mpp)
 
     def forward_only() -> None:
-        predict_probabilities(model, card, work)
+        predict_probabilities(predict, card, work)
 
     stages = (("bare model forward", bare), ("predict_probabilities", forward_only), ("segment_image (all)", ours))
     times: dict[str, list[float]] = {name: [] for name, _ in stages}

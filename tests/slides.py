@@ -43,11 +43,14 @@ def disc_image(shape: tuple[int, int], centres: list[tuple[float, float]], radiu
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def cmu_crop_slide(shared: Path, path: Path, box: tuple[int, int, int, int]) -> Path:
-    """A 1-level... 2-level pyramid from a region (x, y, w, h) of CMU-1-Small-Region.svs (0.499 µm/px)."""
+def cmu_crop_slide(path: Path, box: tuple[int, int, int, int]) -> Path:
+    """A 2-level pyramid from a region (x, y, w, h) of the bundled CMU-1-Small-Region.svs
+    (0.499 µm/px; the same file as ../shared/data/wsi), so it needs no data folder."""
     import openslide
 
-    with openslide.OpenSlide(str(shared / "wsi" / "CMU-1-Small-Region.svs")) as s:
+    from wsi_nuclei.api import SAMPLE_SLIDE
+
+    with openslide.OpenSlide(str(SAMPLE_SLIDE)) as s:
         region = np.asarray(s.read_region(box[:2], 0, box[2:]).convert("RGB"))
     return write_pyramid(path, region, 0.499, levels=2)
 

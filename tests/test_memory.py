@@ -108,3 +108,33 @@ def test_cuda_budget_is_the_free_gpu_memory_shared_by_the_tasks(monkeypatch):
     budget, how = forward_budget(2, 1792, "cuda:1")
     assert budget == int(40e9 * USABLE_FRACTION / 2) and asked == ["cuda:1"] and "cuda:1" in how
     assert plan_forward(WINDOW, CONTEXT, budget).tile == WINDOW  # a 1792 px window fits easily
+
+
+def _default_plan_in_worker():  # noqa: ANN202
+    from wsi_nuclei.memory import _rss
+    from wsi_nuclei.pipeline import SegmentConfig
+    from wsi_nuclei.plan import model_card, slide_tiling
+    from wsi_nuclei.worker_cache import make_forward_plan
+
+    cfg = SegmentConfig()
+    fp = make_forward_plan(cfg, slide_tiling(cfg, model_card(cfg)))
+    return fp, _rss()
+
+
+def test_the_dry_run_plans_what_a_worker_plans():
+    """`--dry-run --cluster slurm --memory 2GB --cores 2` prints the plan a 2 GB, 2-thread worker
+    makes: the same budget and plan functions, given what the worker holds."""
+    from distributed import Client, LocalCluster
+
+    from wsi_nuclei.cluster import ClusterConfig
+    from wsi_nuclei.launch import dry_forward
+    from wsi_nuclei.pipeline import SegmentConfig
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, memory_limit="2GB", dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            worker_plan, held = client.submit(_default_plan_in_worker).result()
+    dry = dry_forward(SegmentConfig(), ClusterConfig(kind="slurm", memory="2GB", cores=2, processes=1), held=held)
+    assert dry is not None and dry.worker_bytes == 2_000_000_000
+    assert (dry.plan.tile, dry.plan.batch) == (worker_plan.tile, worker_plan.batch)
+    assert abs(dry.plan.budget - worker_plan.budget) < 50_000_000  # the worker's own memory moved a little in between
+    assert worker_plan.tile < 1024 + 2 * 64  # 2 GB cannot hold the whole window: the split is what is compared

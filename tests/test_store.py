@@ -80,3 +80,29 @@ def test_inner_boundaries_equal_skimage():
     for lab in (labels, labels > 1):
         expected = find_boundaries(lab, connectivity=1, mode="inner")
         assert expected.any() and np.array_equal(inner_boundaries(lab), expected)
+
+
+def test_readme_recipes_open_mask_zarr(tmp_path):
+    """The README's ome-zarr-py and dask snippets, run as written on a store written by store.py."""
+    import re
+
+    from wsi_nuclei.store import build_pyramids
+
+    path = tmp_path / "OUT" / "slide" / "mask.zarr"
+    create_store(path, (600, 700), 256, 0.5, {})
+    ref = np.zeros((600, 700), np.uint32)
+    ref[100:140, 200:260], ref[500:520, 650:690] = 7, 2**16 + 3
+    open_array(path, "labels", 0, mode="r+")[:] = ref
+    open_array(path, "probability", 0, mode="r+")[:] = 200
+    build_pyramids(path, 256)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "ome_zarr" in b]
+    scope: dict[str, object] = {}
+    exec(snippet.replace('"OUT/', f'"{tmp_path}/OUT/'), scope)
+    labels = scope["labels"]
+    assert np.array_equal(np.asarray(labels), ref)
+    (line,) = [ln for ln in readme.splitlines() if "dask.array.from_zarr(" in ln]
+    call = re.search(r"`(dask\.array\.from_zarr\(.*?\))`", line).group(1)
+    import dask.array  # noqa: F401
+
+    assert np.array_equal(np.asarray(eval(call.replace('"OUT/', f'"{tmp_path}/OUT/'))), ref)

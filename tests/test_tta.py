@@ -55,12 +55,14 @@ def test_dihedral8_makes_any_model_equivariant():
 
 def test_segment_image_honours_tta(shared_data):
     torch = pytest.importorskip("torch")
+    from wsi_nuclei.backends import make_predictor
     from wsi_nuclei.datasets import load_tnbc
     from wsi_nuclei.infer import predict_probabilities, resize_image, working_shape
     from wsi_nuclei.model import load_model
 
     torch.set_num_threads(1)
-    model, card = load_model()
+    net, card = load_model()
+    model, _ = make_predictor(net, card, "torch", "cpu")
     s = load_tnbc(shared_data / "tnbc", limit=1)[0]
     img = resize_image(s.image[:256, :256], working_shape((256, 256), s.mpp, card.mpp))
     plain = predict_probabilities(model, card, img)

@@ -1,18 +1,91 @@
 """wsi-nuclei: nuclei segmentation for H&E whole-slide images with EfficientUnet++.
 
-The public API is listed in ``__all__``; importing the package does not import torch.
+The public API is ``__all__``. Names are imported on first use, so ``import wsi_nuclei`` is
+quick and does not import torch.
+
+>>> import wsi_nuclei as wn
+>>> with wn.open_slide(wn.SAMPLE_SLIDE) as slide:
+...     print(slide.info.dimensions, round(slide.info.mpp, 3))
+(2220, 2967) 0.499
+>>> result = wn.segment_slide(wn.SAMPLE_SLIDE, "out/CMU-1", wn.SegmentConfig(overwrite=True))
+>>> result.status, result.nuclei > 1000
+('ok', True)
+>>> import numpy as np
+>>> from PIL import Image
+>>> image = np.asarray(Image.open("out/CMU-1/overlay.png").convert("RGB"))[:256, :256]
+>>> labels = wn.segment_image(image, mpp=2.0)  # any RGB array with its µm/px
+>>> labels.shape == image.shape[:2]
+True
 """
 
 from __future__ import annotations
 
-from .errors import ConfigError, DatasetError, ModelError, WsiNucleiError
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, DatasetError, ModelError, OutputError, SlideError, WsiNucleiError
 
 __version__ = "0.1.0"
 
+#: public name -> the module that defines it (imported on first use)
+_LAZY = {
+    "open_slide": "slide",
+    "Slide": "slide",
+    "SlideInfo": "slide",
+    "segment_slide": "pipeline",
+    "segment_many": "pipeline",
+    "find_slides": "pipeline",
+    "SegmentConfig": "config",
+    "SlideResult": "results",
+    "ClusterConfig": "cluster",
+    "make_client": "cluster",
+    "close_client": "cluster",
+    "segment_image": "api",
+    "SAMPLE_SLIDE": "api",
+    "evaluate_dataset": "evaluate",
+    "load_model": "model",
+    "load_card": "model",
+    "ModelCard": "model",
+    "PostProcess": "model",
+    "TrainConfig": "train",
+    "measure_on_slide": "context",
+}
+
 __all__ = [
     "__version__",
-    "WsiNucleiError",
-    "DatasetError",
-    "ModelError",
-    "ConfigError",
+    # slides
+    "open_slide", "Slide", "SlideInfo", "SAMPLE_SLIDE",
+    # segmentation
+    "segment_slide", "segment_many", "find_slides", "segment_image", "SegmentConfig", "SlideResult",
+    # clusters
+    "ClusterConfig", "make_client", "close_client",
+    # models
+    "load_model", "load_card", "ModelCard", "PostProcess", "evaluate_dataset", "TrainConfig", "measure_on_slide",
+    # errors
+    "WsiNucleiError", "DatasetError", "ModelError", "ConfigError", "SlideError", "OutputError",
 ]
+
+if TYPE_CHECKING:
+    from .api import SAMPLE_SLIDE, segment_image
+    from .cluster import ClusterConfig, close_client, make_client
+    from .config import SegmentConfig
+    from .context import measure_on_slide
+    from .evaluate import evaluate_dataset
+    from .model import ModelCard, PostProcess, load_card, load_model
+    from .pipeline import find_slides, segment_many, segment_slide
+    from .results import SlideResult
+    from .slide import Slide, SlideInfo, open_slide
+    from .train import TrainConfig
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wsi_nuclei' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

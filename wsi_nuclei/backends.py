@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import ConfigError, ModelError
 
-__all__ = ["Predictor", "make_predictor", "onnx_available", "resolve_backend", "BACKENDS", "cache_dir", "MODEL_GATE", "gate_wait_seconds"]
+__all__ = ["Predictor", "make_predictor", "to_tensor", "onnx_available", "resolve_backend", "BACKENDS", "cache_dir", "MODEL_GATE", "gate_wait_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,19 @@ def _normalise(tiles: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarr
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def _torch_predictor(model: Any, card: Any, device: str) -> Predictor:
+def to_tensor(images: np.ndarray, card: Any) -> Any:
+    """(N, H, W, 3) uint8 -> the model's input: normalised (N, 3, H, W) float32 torch tensor
+    (the one input normalisation; ONNX Runtime gets the same values from ``_normalise``)."""
     import torch
 
-    from .infer import to_tensor
+    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(card.input_mean).view(1, 3, 1, 1)
+    std = torch.tensor(card.input_std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _torch_predictor(model: Any, card: Any, device: str) -> Predictor:
+    import torch
 
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True

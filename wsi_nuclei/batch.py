@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Times Dask re-runs a task that raised (a worker that died is handled by Dask itself).
 TASK_RETRIES = 2
+#: Seconds between checks of ``run_batch``'s ``stop`` while tasks run.
+STOP_POLL_S = 0.2
 
 
 class _Local:
@@ -50,8 +52,8 @@ class _Local:
     def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> cf.Future[Any]:
         return self.pool.submit(fn, *args)
 
-    def wait(self, futures: list[Any]) -> list[Any]:
-        return list(cf.wait(futures, return_when=cf.FIRST_COMPLETED).done)
+    def wait(self, futures: list[Any], timeout: float | None = None) -> list[Any]:
+        return list(cf.wait(futures, timeout=timeout, return_when=cf.FIRST_COMPLETED).done)
 
     def capacity(self) -> int:
         return self.n
@@ -74,10 +76,13 @@ class _Dask:
     def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
         return self.client.submit(fn, *args, pure=False, retries=TASK_RETRIES, priority=priority)
 
-    def wait(self, futures: list[Any]) -> list[Any]:
+    def wait(self, futures: list[Any], timeout: float | None = None) -> list[Any]:
         from dask.distributed import wait
 
-        return list(wait(futures, return_when="FIRST_COMPLETED").done)
+        try:
+            return list(wait(futures, timeout=timeout, return_when="FIRST_COMPLETED").done)
+        except TimeoutError:
+            return []
 
     def capacity(self) -> int:
         threads, when = self._threads
@@ -118,6 +123,7 @@ def run_batch(
     max_slides: int = 2,
     raise_errors: bool = False,
     min_pending: int = 0,
+    stop: Callable[[], bool] | None = None,
 ) -> list[SlideResult]:
     """Segment each (slide, output folder) of ``jobs``; results in the order of ``jobs``.
 
@@ -125,6 +131,9 @@ def run_batch(
     slide's result when it is known. With ``raise_errors`` the first failure is raised instead of
     recorded (used by :func:`wsi_nuclei.pipeline.segment_slide`). ``min_pending`` keeps at least
     that many tasks queued (for adaptive clusters, which add workers only for queued work).
+    ``stop()`` is polled a few times a second: when it turns true, queued tasks are cancelled,
+    running ones finish (each writes its chunk file whole) and KeyboardInterrupt is raised here,
+    in this loop, never inside a library call (how ``segment`` handles Ctrl-C).
     """
     ex: _Local | _Dask = _Dask(client, min_pending) if client is not None else _Local(CPU_TASKS)
     results: dict[int, SlideResult] = {}
@@ -192,11 +201,13 @@ def run_batch(
 
     try:
         while queue or active:
+            if stop is not None and stop():
+                raise KeyboardInterrupt
             admit()
             submit_work()
             if not pending:
                 continue
-            for fut in ex.wait(list(pending)):
+            for fut in ex.wait(list(pending), timeout=None if stop is None else STOP_POLL_S):
                 i, kind, ch = pending.pop(fut)
                 st = active[i]
                 st.futures.discard(fut)

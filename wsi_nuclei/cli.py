@@ -19,6 +19,7 @@ from .errors import WsiNucleiError
 if TYPE_CHECKING:  # annotations only: the CLI imports its heavy modules inside the commands
     from .cluster import ClusterConfig
     from .pipeline import SegmentConfig
+    from .results import SlideResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Nuclei segmentation for H&E images with EfficientUnet++.")
 _state = {"debug": False}
@@ -116,7 +117,7 @@ def tune(
 
             check_tta(tta)
         root = trainset.data_root(data_root)
-        samples = trainset.validation_samples(load_card(model), root)
+        samples = tr.validation_samples(load_card(model), root)
         command = f"wsi-nuclei tune --model {model} --data-root {root}" + (f" --tta {tta}" if tta else "")
         result = tr.tune_model(model, samples, tta, command)
     except WsiNucleiError as err:
@@ -144,12 +145,14 @@ def evaluate(
     threads: int = typer.Option(0, help="Torch CPU threads (0: default)."),
     record: bool = typer.Option(False, "--record", help="For model authors: store the means in the model card under metrics.<dataset>."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
+    backend: str = typer.Option("auto", help="Inference: auto (ONNX Runtime on a CPU when installed), torch or onnx: as the slide pipeline."),
 ) -> None:
     """Pixel Dice/IoU, AJI, PQ (DQ, SQ) and object F1 of a model on an annotated dataset."""
     from .evaluate import evaluate_dataset
 
     try:
-        report = evaluate_dataset(dataset, path, model_dir=model, mpp=mpp, limit=limit, device=device, threads=threads, tta=tta)
+        report = evaluate_dataset(dataset, path, model_dir=model, mpp=mpp, limit=limit, device=device, threads=threads, tta=tta,
+                                  backend=backend)
         if record:
             from .evaluate import record_in_card
 
@@ -212,46 +215,19 @@ def segment_image_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
+    backend: str = typer.Option("auto", help="Inference: auto (ONNX Runtime on a CPU when installed), torch or onnx."),
 ) -> None:
     """Segment nuclei in plain images: writes <name>_labels.png (16-bit ids), <name>_overlay.png
     and <name>_summary.json per image."""
-    import time
-
-    import numpy as np
-    from PIL import Image
-
-    from .datasets import read_rgb
-    from .infer import segment_image, select_device
-    from .model import load_model
-    from .overlay import draw_outlines
+    from .api import segment_image_files
 
     try:
-        if not mpp > 0:
-            raise WsiNucleiError(f"--mpp must be > 0 µm/px, got {mpp}")
         if tta is not None:
             from .tta import check_tta
 
             check_tta(tta)
-        dev = select_device(device)
-        net, card = load_model(model)
-        net = net.to(dev)
-        out.mkdir(parents=True, exist_ok=True)
-        for path in images:
-            if not path.is_file():
-                raise WsiNucleiError(f"{path}: file not found; check the path")
-            image = read_rgb(path)
-            t0 = time.perf_counter()
-            labels = segment_image(net, card, image, mpp, device=dev, tta=tta)
-            seconds = time.perf_counter() - t0
-            n = int(labels.max())
-            if n >= 2**16:
-                raise WsiNucleiError(f"{path}: {n} nuclei do not fit a 16-bit label PNG; split the image")
-            Image.fromarray(labels.astype(np.uint16)).save(out / f"{path.stem}_labels.png")
-            Image.fromarray(draw_outlines(image, labels)).save(out / f"{path.stem}_overlay.png")
-            summary = {"image": str(path), "mpp": mpp, "nuclei": n, "seconds": round(seconds, 3),
-                       "model": card.model_id, "device": dev}
-            (out / f"{path.stem}_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-            typer.echo(f"{path.name}: {n} nuclei in {seconds:.2f} s -> {out / (path.stem + '_overlay.png')}")
+        for r in segment_image_files(images, mpp, out, model, device, tta, backend):
+            typer.echo(f"{Path(r.image).name}: {r.nuclei} nuclei in {r.seconds:.2f} s -> {r.overlay}")
     except WsiNucleiError as err:
         _fail(err)
 
@@ -271,18 +247,6 @@ def info(slide: Path = typer.Argument(..., help="Slide file."), reader: str = ty
     typer.echo(f"  objective {i.objective or 'unknown'}\n  bounds   {i.bounds or 'none'}\n  associated {', '.join(i.associated) or 'none'}")
     for k, (dims, ds) in enumerate(zip(i.level_dimensions, i.level_downsamples)):
         typer.echo(f"  level {k}: {dims[0]} x {dims[1]} px, downsample {ds:g}")
-
-
-def _size(text: str | None, flag: str) -> int | None:
-    """Bytes of a size like "2GB" or "512MiB" (None stays None); a bad value is a one-line error."""
-    if text is None:
-        return None
-    from dask.utils import parse_bytes
-
-    try:
-        return int(parse_bytes(text))
-    except (ValueError, TypeError):
-        raise WsiNucleiError(f"{flag} {text!r} is not a size; use e.g. 2GB or 512MB") from None
 
 
 @app.command()
@@ -329,51 +293,26 @@ def segment(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or table."),
 ) -> None:
     """Segment nuclei in whole slides: mask.zarr, nuclei.geojson.gz (QuPath), summary.json, overlay.png."""
-    from dataclasses import replace
-
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from .cluster import ClusterConfig, close_client, load_cluster_yaml, make_client, merge
+    from .cluster import close_client, make_client
+    from .launch import configs, parse_size, queue_depth
     from .model import load_model
-    from .pipeline import SegmentConfig, segment_many
+    from .pipeline import segment_many
 
     console = Console(stderr=True, quiet=quiet)
     try:
-        if cluster not in ("local", "slurm", "none"):
-            raise WsiNucleiError(f"--cluster must be local, slurm or none, got {cluster!r}")
         if max_slides <= 0:
             raise WsiNucleiError(f"--max-slides must be > 0, got {max_slides}")
-        dev = _segment_device(device, cluster, scheduler, dry_run)
-        n_gpus = gpus
-        if n_gpus is None and cluster == "local" and dev.startswith("cuda") and dev != "cuda:0" and not scheduler:
-            import torch
-
-            n_gpus = torch.cuda.device_count()
-        cfg = SegmentConfig(model_dir=str(model) if model else None, mpp=mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
-                            batch_size=batch_size, forward_memory=_size(forward_memory, "--forward-memory"), device=dev,
-                            tissue_mask=not no_tissue_mask, reader=reader, backend=backend,
-                            geojson_format=fmt, raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite,
-                            torch_threads=threads or 2, keep_chunks=keep_chunks)
-        cfg.check()
-        from .backends import resolve_backend
-        from .tiling import derive_tiling
-
-        resolve_backend(cfg.backend, cfg.device)
-        derive_tiling(0.5, chunk_size, halo, context)  # check sizes before starting a cluster
-        yaml_options = load_cluster_yaml(cluster_config) if cluster_config else {}
-        if not connect_timeout > 0:
-            raise WsiNucleiError(f"--connect-timeout must be > 0 s, got {connect_timeout}")
-        ccfg = merge(ClusterConfig(kind=cluster, workers=workers, threads=threads or 2, timeout_s=connect_timeout), yaml_options,
-                     {"scheduler": scheduler, "gpus": n_gpus, "queue": queue, "account": account, "walltime": walltime,
-                      "cores": cores, "memory": memory, "processes": processes, "job_extra": tuple(job_extra),
-                      "min_jobs": min_jobs, "max_jobs": max_jobs})
-        if threads is None and ccfg.kind == "slurm" and not ccfg.gpus and not ccfg.scheduler:
-            # a CPU job: each worker's forward passes take turns, so each may use all of the worker's cores
-            threads = max(1, ccfg.cores // max(1, ccfg.processes))
-            ccfg, cfg = replace(ccfg, threads=threads), replace(cfg, torch_threads=threads)
-        ccfg.check()
+        segment_options = dict(model_dir=str(model) if model else None, mpp=mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
+                               batch_size=batch_size, forward_memory=parse_size(forward_memory, "--forward-memory"), device=device,
+                               tissue_mask=not no_tissue_mask, reader=reader, backend=backend, geojson_format=fmt,
+                               raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite, keep_chunks=keep_chunks)
+        slurm = {"queue": queue, "account": account, "walltime": walltime, "cores": cores, "memory": memory, "processes": processes,
+                 "job_extra": tuple(job_extra), "min_jobs": min_jobs, "max_jobs": max_jobs}
+        cfg, ccfg = configs(segment_options, cluster, scheduler, workers, threads, gpus, connect_timeout, cluster_config, slurm, dry_run)
         load_model(model)  # a broken model fails here, once, not on every slide
         if dry_run:
             _dry_run(inputs, out, cfg, ccfg, max_slides)
@@ -386,7 +325,7 @@ def segment(
 
     previous = signal.getsignal(signal.SIGINT)
     interrupted = _trap_ctrl_c()
-    results: list = []
+    results: list[SlideResult] = []
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, disable=quiet) as bar:
@@ -395,12 +334,11 @@ def segment(
             def on_chunk(i: int, n: int) -> None:
                 bar.update(task, completed=i, total=n)
 
-            def on_slide(r: object) -> None:
-                bar.console.print(f"{r.status:7} {r.slide}: {r.nuclei} nuclei" + (f" — {r.reason}" if r.reason else ""))  # type: ignore[attr-defined]
+            def on_slide(r: SlideResult) -> None:
+                bar.console.print(f"{r.status:7} {r.slide}: {r.nuclei} nuclei" + (f" — {r.reason}" if r.reason else ""))
 
-            # SLURM scales on queued tasks: queue enough to fill every job it may start
-            queued = 2 * ccfg.max_jobs * ccfg.cores if ccfg.kind == "slurm" and not ccfg.scheduler else 0
-            results = segment_many(inputs, out, cfg, client, on_slide, on_chunk, max_slides=max_slides, min_pending=queued)
+            results = segment_many(inputs, out, cfg, client, on_slide, on_chunk, max_slides=max_slides, min_pending=queue_depth(ccfg),
+                                   stop=lambda: bool(interrupted))
     except WsiNucleiError as err:
         if not interrupted:
             _fail(err)
@@ -408,13 +346,12 @@ def segment(
     except KeyboardInterrupt:
         interrupted.append(True)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # shutting down: a second Ctrl-C must not cut it short
-        try:
+        try:  # shutting down: a second Ctrl-C is only recorded, it cannot cut this short
             close_client(client)
         finally:
             signal.signal(signal.SIGINT, previous)
     if interrupted:
-        # exit 130 whenever a Ctrl-C arrived, even if a library swallowed its KeyboardInterrupt
+        # exit 130 whenever a Ctrl-C arrived
         typer.echo(f"interrupted: finished chunks and slides are kept in {out}; run the same command with --resume to continue", err=True)
         raise typer.Exit(130)
     if not quiet:
@@ -432,98 +369,45 @@ def segment(
 
 
 def _trap_ctrl_c() -> list[bool]:
-    """Install a SIGINT handler that records the Ctrl-C (in the returned list) and raises
-    KeyboardInterrupt once; later ones only record. The record decides the exit code (130)."""
+    """Install a SIGINT handler that only records the Ctrl-C (in the returned list). The batch
+    loop polls the record and stops itself (``segment_many(stop=...)``), so the interrupt never
+    lands inside Dask's or tornado's code; the record decides the exit code (130)."""
     import signal
 
     hit: list[bool] = []
 
     def handler(signum: int, frame: object) -> None:
-        first = not hit
         hit.append(True)
-        if first:
-            raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)
     return hit
 
 
-def _segment_device(device: str, cluster: str, scheduler: Optional[str], dry_run: bool) -> str:
-    """The device chunk tasks use. Workers elsewhere (SLURM, --scheduler) may have GPUs this
-    machine lacks, so an explicit --device is trusted there; "auto" means cpu unless this
-    machine sees a GPU."""
-    from .infer import select_device
-
-    if (cluster == "slurm" or scheduler or dry_run) and device != "auto":
-        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-            raise WsiNucleiError(f"unknown device {device!r}; use auto, cpu or cuda")
-        return device
-    return select_device(device)
-
-
-def _forward_line(cfg: SegmentConfig, ccfg: ClusterConfig) -> str | None:
-    """How a CPU worker will infer a chunk window with the memory it gets (SLURM: ``--memory /
-    --processes``; local: the machine's or cgroup's memory shared by the workers); None where the
-    workers are not ours to size (``--scheduler``) or plan from GPU memory."""
-    from dask.utils import parse_bytes
-
-    from .cluster import CPU_TASKS
-    from .memory import describe, memory_limit, plan_forward, worker_budget
-    from .plan import model_card, slide_tiling
-
-    if ccfg.scheduler or ccfg.gpus or cfg.device.startswith("cuda"):
-        return None
-    if ccfg.kind == "slurm":
-        per_worker = int(parse_bytes(ccfg.memory)) // max(1, ccfg.processes)
-        tasks = max(1, ccfg.cores // max(1, ccfg.processes))
-        fix = "raise --memory or lower --processes"
-    else:
-        per_worker = memory_limit()[0] // max(1, ccfg.workers if ccfg.kind == "local" else 1)
-        tasks = CPU_TASKS
-        fix = "use fewer --workers or a machine with more memory"
-    tiling = slide_tiling(cfg, model_card(cfg))
-    budget = cfg.forward_memory or worker_budget(per_worker, tasks, tiling.window + 2 * tiling.context)
-    fp = plan_forward(tiling.window, tiling.context, budget, batch=cfg.batch_size)
-    line = f"{describe(fp, tiling.window, tiling.context)}, with {per_worker / 1e9:.1f} GB per worker"
-    if fp.peak_bytes(tiling.context) > budget:
-        return f"{line} -- TOO LITTLE MEMORY, workers may be killed: {fix}"
-    return line
-
-
 def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterConfig, max_slides: int) -> None:
     """Print the SLURM job script (for --cluster slurm) and the plan; runs and writes nothing."""
     from .cluster import slurm_job_script
-    from .pipeline import find_slides, slide_jobs
-    from .plan import model_card, plan_slide
+    from .launch import dry_forward, dry_run_rows
 
     if ccfg.kind == "slurm" and not ccfg.scheduler:
         typer.echo(f"# SLURM job script (one per job; scaled adaptively {ccfg.min_jobs}..{ccfg.max_jobs} jobs)")
         typer.echo(slurm_job_script(ccfg))
     if ccfg.kind != "none" and not ccfg.gpus:
         typer.echo(f"# model: forward passes of {cfg.torch_threads} CPU threads, one at a time per worker (--threads)")
-    forward = _forward_line(cfg, ccfg)
+    forward = dry_forward(cfg, ccfg)
     if forward:
-        typer.echo(f"# forward passes: {forward}")
-    slides, bad = find_slides(inputs)
-    typer.echo(f"# plan: {len(slides)} slides -> {out} ({max_slides} in flight)")
+        typer.echo(f"# forward passes: {forward.line}")
+    rows = dry_run_rows(inputs, out, cfg)
+    planned = [r for r in rows if not r.error or r.out_dir]
+    typer.echo(f"# plan: {len(planned)} slides -> {out} ({max_slides} in flight)")
     typer.echo("slide\tsize_level0\tmpp\tchunks\tgrid\ttissue_mm2\toutput\tnote")
-    total_chunks, total_mm2 = 0, 0.0
-    card = model_card(cfg)
-    for path, out_dir in slide_jobs(slides, out):
-        try:
-            plan, _, _ = plan_slide(path, out_dir, cfg, card)
-        except WsiNucleiError as err:
-            typer.echo(f"{path}\t\t\t\t\t\t{out_dir}\terror: {err}")
-            continue
-        d = plan.info.dimensions
-        state = "finished" if (out_dir / "summary.json").exists() else ("interrupted" if (out_dir / ".partial").exists() else "")
-        typer.echo(f"{path}\t{d[0]}x{d[1]}\t{plan.info.mpp or 0:.4g}\t{len(plan.chunks)}\t{plan.grid[0]}x{plan.grid[1]}\t"
-                   f"{plan.tissue_mm2:.2f}\t{out_dir}\t{state}")
-        total_chunks += len(plan.chunks)
-        total_mm2 += plan.tissue_mm2
-    for p, reason in bad:
-        typer.echo(f"{p}\t\t\t\t\t\t\terror: {reason}")
-    typer.echo(f"total: {len(slides)} slides, {total_chunks} chunks, {total_mm2:.2f} mm² of tissue; nothing was run (--dry-run)")
+    for r in rows:
+        if r.error:
+            typer.echo(f"{r.slide}\t\t\t\t\t\t{r.out_dir}\terror: {r.error}")
+        else:
+            typer.echo(f"{r.slide}\t{r.size[0]}x{r.size[1]}\t{r.mpp:.4g}\t{r.chunks}\t{r.grid[0]}x{r.grid[1]}\t{r.tissue_mm2:.2f}\t{r.out_dir}\t{r.state}")
+    ok = [r for r in rows if not r.error]
+    typer.echo(f"total: {len(planned)} slides, {sum(r.chunks for r in ok)} chunks, {sum(r.tissue_mm2 for r in ok):.2f} mm² of tissue; "
+               "nothing was run (--dry-run)")
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from .errors import DatasetError
+from .instances import relabel_sequential
 
 __all__ = [
     "Sample",
@@ -169,7 +170,7 @@ def _read_label_image(path: Path) -> np.ndarray:
 def _components(binary: np.ndarray) -> np.ndarray:
     """4-connected components of a binary mask as int32 labels."""
     labels, _ = ndi.label(binary, structure=ndi.generate_binary_structure(2, 1))
-    return labels.astype(np.int32)
+    return np.asarray(labels, dtype=np.int32)
 
 
 def _as_instances(mask: np.ndarray, path: Path) -> np.ndarray:
@@ -179,7 +180,7 @@ def _as_instances(mask: np.ndarray, path: Path) -> np.ndarray:
     values = np.unique(mask)
     if len(values) <= 2:
         return _components(mask > 0)
-    return _relabel(mask.astype(np.int32))
+    return relabel_sequential(mask.astype(np.int32))
 
 
 def read_aperio_xml(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -210,16 +211,7 @@ def read_aperio_xml(path: Path, shape: tuple[int, int]) -> np.ndarray:
             continue
         n += 1
         labels[rr, cc] = n
-    return _relabel(labels)
-
-
-def _relabel(labels: np.ndarray) -> np.ndarray:
-    """Renumber labels to 1..N keeping order; drops ids that no longer have pixels."""
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
-    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
-    return lut[labels]
+    return relabel_sequential(labels)
 
 
 def _xml_mpp(path: Path) -> float | None:
@@ -373,7 +365,7 @@ def load_consep(root: Path | str, split: str = "test", names: list[str] | None =
                 raise DatasetError(f"{img_dir / name}_{i:03d}: tile is not {_CONSEP_TILE}², re-copy the dataset")
             image[y : y + _CONSEP_TILE, x : x + _CONSEP_TILE] = tile_img
             inst[y : y + _CONSEP_TILE, x : x + _CONSEP_TILE] = tile_inst
-        out.append(Sample(name, image, _relabel(inst), CONSEP_MPP, "consep", "consep"))
+        out.append(Sample(name, image, relabel_sequential(inst), CONSEP_MPP, "consep", "consep"))
     log.info("loaded %d CoNSeP %s images from %s", len(out), split, base)
     return out
 

@@ -25,6 +25,7 @@ def evaluate_dataset(
     device: str = "auto",
     threads: int = 0,
     tta: str | None = None,
+    backend: str = "auto",
 ) -> dict[str, Any]:
     """Segment every image of a dataset and compare with its annotation.
 
@@ -42,6 +43,8 @@ def evaluate_dataset(
         Evaluate only the first ``limit`` images (sorted by name).
     tta : {"none", "flip4", "dihedral8"}, optional
         Test-time augmentation; default the card's ``tta``.
+    backend : {"auto", "torch", "onnx"}
+        The inference backend, as in the slide pipeline (auto: ONNX Runtime on a CPU when installed).
 
     Returns
     -------
@@ -52,6 +55,7 @@ def evaluate_dataset(
     """
     import torch
 
+    from .backends import make_predictor
     from .datasets import load_dataset
     from .infer import segment_image, select_device
     from .metrics import evaluate_pair, mean_metrics
@@ -69,12 +73,12 @@ def evaluate_dataset(
         torch.set_num_threads(threads)
     dev = select_device(device)
     model, card = load_model(model_dir)
-    model = model.to(dev)
+    predict, backend_name = make_predictor(model, card, backend, dev, threads)
     samples = load_dataset(kind, path, mpp=mpp, limit=limit)
     rows, items, seconds = [], [], 0.0
     for s in samples:
         t0 = time.perf_counter()
-        pred = segment_image(model, card, s.image, s.mpp, device=dev, tta=tta)
+        pred = segment_image(predict, card, s.image, s.mpp, tta=tta)
         seconds += time.perf_counter() - t0
         m = evaluate_pair(s.labels, pred)
         items.append(m)
@@ -87,6 +91,7 @@ def evaluate_dataset(
         model=card.model_id,
         postprocess=card.postprocess.__dict__,
         tta=tta or card.tta,
+        backend=backend_name,
         seconds_per_image=round(seconds / max(1, len(samples)), 4),
         images=rows,
     )

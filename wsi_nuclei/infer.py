@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .backends import Predictor
 from .instances import probabilities_to_instances
 from .model import ModelCard, PostProcess
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "resize_image",
     "resize_labels",
-    "to_tensor",
     "predict_probabilities",
     "segment_image",
     "select_device",
     "predict_region",
-    "predict_tiles",
+    "tile_probabilities",
+    "working_shape",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,7 +64,7 @@ def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         return labels
     rows = ((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0]).astype(np.int64)
     cols = ((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1]).astype(np.int64)
-    return labels[np.minimum(rows, labels.shape[0] - 1)[:, None], np.minimum(cols, labels.shape[1] - 1)[None, :]]
+    return np.asarray(labels[np.minimum(rows, labels.shape[0] - 1)[:, None], np.minimum(cols, labels.shape[1] - 1)[None, :]])
 
 
 def working_shape(shape: tuple[int, int], mpp: float, working_mpp: float) -> tuple[int, int]:
@@ -76,27 +73,14 @@ def working_shape(shape: tuple[int, int], mpp: float, working_mpp: float) -> tup
     return (max(1, int(round(shape[0] * scale))), max(1, int(round(shape[1] * scale))))
 
 
-def to_tensor(images: np.ndarray, card: ModelCard) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) float32 tensor."""
-    import torch
-
-    x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(card.input_mean).view(1, 3, 1, 1)
-    std = torch.tensor(card.input_std).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def predict_probabilities(
-    model: torch.nn.Module, card: ModelCard, image: np.ndarray, device: str = "cpu", tta: str | None = None
-) -> np.ndarray:
+def predict_probabilities(predict: Predictor, card: ModelCard, image: np.ndarray, tta: str | None = None) -> np.ndarray:
     """Sigmoid outputs for one (H, W, 3) uint8 image already at the working mpp.
 
-    The image is reflect-padded to a multiple of 32 (at least 64 px) and the padding is cropped
-    off again. ``tta`` (default the card's) averages the outputs over flips/rotations
-    (:mod:`wsi_nuclei.tta`). Returns (C, H, W) float32 in [0, 1].
+    ``predict`` is a backend predictor (:func:`wsi_nuclei.backends.make_predictor`: the same
+    one the slide pipeline runs). The image is reflect-padded to a multiple of 32 (at least
+    64 px) and the padding is cropped off again. ``tta`` (default the card's) averages the
+    outputs over flips/rotations (:mod:`wsi_nuclei.tta`). Returns (C, H, W) float32 in [0, 1].
     """
-    import torch
-
     from .tta import with_tta
 
     h, w = image.shape[:2]
@@ -104,47 +88,37 @@ def predict_probabilities(
     pw = max(64, -(-w // _STRIDE) * _STRIDE) - w
     pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0))
     padded = np.pad(image, pad, mode="reflect") if ph < h and pw < w else np.pad(image, pad, mode="symmetric")
-
-    def predict(tiles: np.ndarray) -> np.ndarray:
-        x = to_tensor(tiles, card).to(device)
-        with torch.inference_mode():
-            return torch.sigmoid(model(x)).float().cpu().numpy()
-
     probs = with_tta(predict, tta or card.tta)(padded[None])[0]
-    return probs[:, ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
+    return np.asarray(probs[:, ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w])
 
 
 def segment_image(
-    model: torch.nn.Module,
+    predict: Predictor,
     card: ModelCard,
     image: np.ndarray,
     mpp: float,
     post: PostProcess | None = None,
-    device: str = "cpu",
     tta: str | None = None,
 ) -> np.ndarray:
     """Nucleus instances of an (H, W, 3) uint8 RGB image at ``mpp`` µm/px.
 
-    The image is resampled to the model's working mpp, segmented with the card's (or ``post``)
-    post-processing, and the labels are resampled back: returns (H, W) int32 labels. ``tta``:
-    test-time augmentation (default the card's ``tta``).
+    The image is resampled to the model's working mpp, run through ``predict`` (a backend
+    predictor), segmented with the card's (or ``post``) post-processing, and the labels are
+    resampled back: returns (H, W) int32 labels. ``tta``: test-time augmentation (default the
+    card's ``tta``).
     """
     work = working_shape(image.shape[:2], mpp, card.mpp)
-    probs = predict_probabilities(model, card, resize_image(image, work), device, tta)
+    probs = predict_probabilities(predict, card, resize_image(image, work), tta)
     labels = probabilities_to_instances(probs, card.outputs, post or card.postprocess, card.mpp)
     return resize_labels(labels, image.shape[:2])
 
 
-def predict_region(model: torch.nn.Module, card: ModelCard, image: np.ndarray, device: str = "cpu") -> np.ndarray:
+def predict_region(predict: Predictor, image: np.ndarray) -> np.ndarray:
     """Sigmoid outputs (C, H, W) float32 of an (H, W, 3) uint8 image whose sides are multiples of
     32, in one forward pass and without padding (the "whole-image" reference of the tiling tests)."""
-    import torch
-
     if image.shape[0] % _STRIDE or image.shape[1] % _STRIDE:
         raise ValueError(f"image sides {image.shape[:2]} must be multiples of {_STRIDE}")
-    x = to_tensor(image[None], card).to(device)
-    with torch.inference_mode():
-        return torch.sigmoid(model(x))[0].float().cpu().numpy()
+    return np.asarray(predict(image[None])[0])
 
 
 def tile_probabilities(
@@ -170,13 +144,3 @@ def tile_probabilities(
         for (y, x0), p in zip(batch, probs):
             out[:, y : y + tile, x0 : x0 + tile] = p[:, context : context + tile, context : context + tile]
     return out
-
-
-def predict_tiles(
-    model: torch.nn.Module, card: ModelCard, image: np.ndarray, tile: int, context: int, batch_size: int = 4, device: str = "cpu"
-) -> np.ndarray:
-    """:func:`tile_probabilities` with the torch backend (see there)."""
-    from .backends import make_predictor
-
-    predict, _ = make_predictor(model, card, "torch", device)
-    return tile_probabilities(predict, len(card.outputs), image, tile, context, batch_size)

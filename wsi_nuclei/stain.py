@@ -76,18 +76,18 @@ def macenko_stains(image: np.ndarray, beta: float = 0.15, alpha: float = 1.0, mi
     max_c = np.percentile(tissue_conc, 99, axis=0)
     if not (max_c > 1e-6).all():
         return None
-    return StainRef((tuple(h.tolist()), tuple(e.tolist())), (float(max_c[0]), float(max_c[1])))  # type: ignore[arg-type]
+    return StainRef((tuple(h.tolist()), tuple(e.tolist())), (float(max_c[0]), float(max_c[1])))
 
 
 def concentrations(od: np.ndarray, stains: np.ndarray) -> np.ndarray:
     """(N, 2) least-squares stain concentrations of (N, 3) OD rows for a (2, 3) stain matrix."""
     conc, *_ = np.linalg.lstsq(stains.T, od.T, rcond=None)
-    return conc.T
+    return np.asarray(conc.T)
 
 
 def _compose(conc: np.ndarray, stains: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     rgb = _IO * np.exp(-(conc @ stains)) - 1.0
-    return np.clip(rgb, 0, 255).reshape(shape).astype(np.uint8)
+    return np.asarray(np.clip(rgb, 0, 255).reshape(shape).astype(np.uint8))
 
 
 def normalise(image: np.ndarray, target: StainRef = DEFAULT_REF, source: StainRef | None = None) -> np.ndarray:

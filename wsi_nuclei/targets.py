@@ -80,7 +80,7 @@ def _hed_jitter(image: np.ndarray, rng: np.random.Generator, sigma: float = 0.05
     beta = rng.uniform(-bias, bias, size=3).astype(np.float32)
     hed = hed * alpha + beta
     out = np.exp(-(hed @ _RGB_FROM_HED))
-    return np.clip(out * 255.0, 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(out * 255.0, 0, 255), dtype=np.uint8)
 
 
 def augment(

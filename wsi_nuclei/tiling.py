@@ -24,8 +24,8 @@ STRIDE = 32
 #: Largest nucleus diameter the halo must hold (µm); tumour nuclei reach ~25 µm.
 MAX_NUCLEUS_UM = 30.0
 #: Context for a model card without a measured ``context_px`` (cards older than model v2): 320 px,
-#: where the v1 model's tiled probabilities matched a whole-image run within 1e-3
-#: (benchmarks/model_context.py). Current cards carry their own value, measured by
+#: where the v1 model's tiled probabilities matched a whole-image run within 1e-3 (a benchmark
+#: since replaced by ``measure-context``). Current cards carry their own value, measured by
 #: ``wsi-nuclei measure-context`` (wsi_nuclei/context.py).
 MODEL_CONTEXT_PX = 320
 

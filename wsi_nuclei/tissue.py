@@ -36,7 +36,7 @@ def tissue_mask(thumbnail: np.ndarray, min_area_px: int = 16) -> np.ndarray:
         keep = sizes >= min_area_px
         keep[0] = False
         mask = keep[labels]
-    return mask
+    return np.asarray(mask)
 
 
 def looks_greyscale(thumbnail: np.ndarray) -> bool:

@@ -27,7 +27,8 @@ from .errors import ConfigError
 from .model import ModelCard, PostProcess
 from .trainset import DEFAULT_VALIDATION, make_batch, prepare
 
-__all__ = ["TrainConfig", "PAPER_RECIPE", "STAIN_AUGMENTS", "train", "validate", "tune_postprocess", "tune_model"]
+__all__ = ["TrainConfig", "PAPER_RECIPE", "STAIN_AUGMENTS", "train", "validate", "tune_postprocess", "tune_model",
+           "build_config", "card_split", "validation_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +123,13 @@ def _loss(logits: Any, target: Any, cfg: TrainConfig) -> Any:
 
 def validate(model: Any, card: ModelCard, samples: list[Sample], post: PostProcess | None = None) -> dict[str, float | int]:
     """Mean metrics of ``model`` on ``samples`` with the pipeline's post-processing."""
+    from .backends import make_predictor
     from .infer import segment_image
     from .metrics import evaluate_pair, mean_metrics
 
     model.eval()
-    items = [evaluate_pair(s.labels, segment_image(model, card, s.image, s.mpp, post)) for s in samples]
+    predict, _ = make_predictor(model, card, "torch", "cpu")  # the pipeline's torch path (the weights change every epoch)
+    items = [evaluate_pair(s.labels, segment_image(predict, card, s.image, s.mpp, post)) for s in samples]
     return mean_metrics(items)
 
 
@@ -136,15 +139,17 @@ def tune_postprocess(
     """Grid-search method and thresholds on ``samples`` (validation only), then the smallest
     nucleus area at the best thresholds (small pale specks on stroma are the commonest false
     detections); returns the best by mean AJI and the best AJI per method."""
+    from .backends import make_predictor
     from .infer import predict_probabilities, resize_image, resize_labels, working_shape
     from .instances import probabilities_to_instances
     from .metrics import evaluate_pair
 
     model.eval()
+    predict, _ = make_predictor(model, card, "torch", "cpu")
     cached = []
     for s in samples:
         work = working_shape(s.image.shape[:2], s.mpp, card.mpp)
-        cached.append((s, predict_probabilities(model, card, resize_image(s.image, work), tta=tta)))
+        cached.append((s, predict_probabilities(predict, card, resize_image(s.image, work), tta=tta)))
     methods: list[str] = [m for m in ("boundary", "distance") if m in card.outputs] or ["threshold"]
     grid: list[PostProcess] = []
     for method in methods:
@@ -177,9 +182,25 @@ def tune_postprocess(
     return best[1], per_method
 
 
+def card_split(card: ModelCard, root: Path | str) -> tuple[list[Sample], list[Sample]]:
+    """(train, validation) images of the datasets a model card trained on, loaded from ``root``:
+    validation is what the card names (``training.validation_images``, else ``validation``)."""
+    from .trainset import load_training_samples, split_validation
+
+    t = card.training
+    names = tuple(t.get("validation_images") or t.get("validation") or DEFAULT_VALIDATION)
+    cfg = TrainConfig(out=Path("."), data=tuple((str(n), float(w)) for n, w in t.get("data", [["monuseg", 1.0]])), validation=names)
+    return split_validation(load_training_samples(cfg, root), cfg)
+
+
+def validation_samples(card: ModelCard, root: Path | str) -> list[Sample]:
+    """The validation images of a model card (see :func:`card_split`)."""
+    return card_split(card, root)[1]
+
+
 def tune_model(model_dir: Path | str, samples: list[Sample], tta: str | None = None, command: str | None = None) -> dict[str, Any]:
     """Tune the post-processing of the model in ``model_dir`` on ``samples`` (its validation
-    images, see :func:`.trainset.validation_samples`) and store it in the card, for ``tta``
+    images, see :func:`validation_samples`) and store it in the card, for ``tta``
     (default: the card's). Test-set metrics recorded in the card are dropped: they were measured
     with the old setting. Returns what was chosen and the validation metrics."""
     from .model import load_model, save_model
@@ -352,6 +373,6 @@ def _listify(v: Any) -> Any:
 
 
 def _to_input(x: np.ndarray, card: ModelCard) -> Any:
-    from .infer import to_tensor
+    from .backends import to_tensor
 
     return to_tensor(x, card)

@@ -21,11 +21,10 @@ from .datasets import Sample
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .model import ModelCard
     from .train import TrainConfig
 
 __all__ = ["DEFAULT_VALIDATION", "CONSEP_VALIDATION", "DATA_SOURCES", "DATA_ROOT_ENV", "parse_data", "data_root",
-           "load_training_samples", "split_validation", "card_split", "validation_samples", "prepare", "draw_image", "make_batch"]
+           "load_training_samples", "split_validation", "prepare", "draw_image", "make_batch"]
 
 #: Held-out MoNuSeg training images for model selection: one per organ (5 organs).
 DEFAULT_VALIDATION = (
@@ -94,22 +93,6 @@ def split_validation(samples: list[Sample], cfg: TrainConfig) -> tuple[list[Samp
     if not train:
         raise ConfigError("no training images left after removing validation images and excluded groups")
     return train, val
-
-
-def card_split(card: ModelCard, root: Path | str) -> tuple[list[Sample], list[Sample]]:
-    """(train, validation) images of the datasets a model card trained on, loaded from ``root``:
-    validation is what the card names (``training.validation_images``, else ``validation``)."""
-    from .train import TrainConfig
-
-    t = card.training
-    names = tuple(t.get("validation_images") or t.get("validation") or DEFAULT_VALIDATION)
-    cfg = TrainConfig(out=Path("."), data=tuple((str(n), float(w)) for n, w in t.get("data", [["monuseg", 1.0]])), validation=names)
-    return split_validation(load_training_samples(cfg, root), cfg)
-
-
-def validation_samples(card: ModelCard, root: Path | str) -> list[Sample]:
-    """The validation images of a model card (see :func:`card_split`)."""
-    return card_split(card, root)[1]
 
 
 @dataclass

@@ -55,7 +55,8 @@ def forward_plan(cfg: SegmentConfig, tiling: Tiling) -> ForwardPlan:
     with _CACHE_LOCK:
         if key not in _CACHE:
             _CACHE[key] = make_forward_plan(cfg, tiling)
-        return _CACHE[key]
+        plan: ForwardPlan = _CACHE[key]
+        return plan
 
 
 def make_forward_plan(cfg: SegmentConfig, tiling: Tiling) -> ForwardPlan:

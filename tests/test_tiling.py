@@ -1,0 +1,131 @@
+"""Tiled == whole: chunks, halos, split forward passes and tiles give the whole-image result.
+
+On the bundled sample slide (wsi_nuclei/data), so these run on a bare clone without ../shared.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_nuclei.metrics import aji
+from wsi_nuclei.pipeline import SegmentConfig, segment_slide
+from wsi_nuclei.store import open_array
+
+from .slides import cmu_crop_slide
+
+
+@pytest.fixture(scope="module")
+def crop_slide(tmp_path_factory) -> Path:
+    """768 x 768 px of epidermis and dermis from the CMU sample slide, as a 2-level TIFF."""
+    return cmu_crop_slide(tmp_path_factory.mktemp("slides") / "cmu_crop.tif", (900, 700, 768, 768))
+
+
+@pytest.fixture(scope="module")
+def whole_run(crop_slide, tmp_path_factory) -> Path:
+    """One chunk covering the whole crop: the whole-image reference."""
+    out = tmp_path_factory.mktemp("whole")
+    segment_slide(crop_slide, out, SegmentConfig(chunk_size=1024, tissue_mask=False))
+    return out
+
+
+def _labels(out: Path) -> np.ndarray:
+    return np.asarray(open_array(out / "mask.zarr", "labels", 0)[:])
+
+
+def _features(out: Path) -> list[dict]:
+    with gzip.open(out / "nuclei.geojson.gz", "rt", encoding="utf-8") as fh:
+        return json.load(fh)["features"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk,halo", [(256, 64), (384, 96)])
+def test_tiled_equals_whole(crop_slide, whole_run, tmp_path, chunk, halo):
+    """Chunked runs reproduce the one-chunk run: probabilities within 1/255 (uint8 storage) and
+    instances with AJI >= 0.99; no duplicated nuclei and none cut at chunk borders."""
+    segment_slide(crop_slide, tmp_path, SegmentConfig(chunk_size=chunk, halo=halo, tissue_mask=False))
+    p_whole = np.asarray(open_array(whole_run / "mask.zarr", "probability", 0)[:]).astype(int)
+    p_tiled = np.asarray(open_array(tmp_path / "mask.zarr", "probability", 0)[:]).astype(int)
+    assert np.abs(p_whole - p_tiled).max() <= 1
+    assert aji(_labels(whole_run).astype(np.int64), _labels(tmp_path).astype(np.int64)) >= 0.99
+
+    import shapely
+    from shapely.geometry import Polygon
+
+    polys = [Polygon(f["geometry"]["coordinates"][0]) for f in _features(tmp_path)]
+    assert len(polys) > 100
+    tree = shapely.STRtree(polys)
+    for i, p in enumerate(polys):
+        for j in tree.query(p, predicate="intersects"):
+            if j != i:
+                inter = p.intersection(polys[j]).area
+                assert inter / p.union(polys[j]).area <= 0.1
+    # A polygon with an edge along a chunk border is a cut nucleus unless the whole-image run
+    # has the same outline (straight pixel outlines occur by chance): check each one.
+    whole_polys = [Polygon(f["geometry"]["coordinates"][0]) for f in _features(whole_run)]
+    whole_tree = shapely.STRtree(whole_polys)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    level0_per_px = 0.5 / summary["slide_info"]["mpp"]
+    borders = [k * chunk * level0_per_px for k in range(1, 4)]
+    checked = 0
+    for p in polys:
+        xy = np.asarray(p.exterior.coords)
+        on_border = any(((np.abs(xy[:-1, a] - b) < 0.02) & (np.abs(xy[1:, a] - b) < 0.02)).any() for b in borders for a in (0, 1))
+        if on_border:
+            checked += 1
+            best = max((p.intersection(whole_polys[j]).area / p.union(whole_polys[j]).area
+                        for j in whole_tree.query(p, predicate="intersects")), default=0.0)
+            assert best >= 0.9, f"nucleus at {p.centroid} is cut at a chunk border"
+
+
+def test_window_split_to_fit_memory_equals_one_forward_pass(crop_slide, whole_run, tmp_path):
+    """With too little memory for one forward pass of the window, each chunk window (1152 px) is
+    inferred as 2x2 tiles of 576 px + the model's context and the outputs match the one-pass run."""
+    from wsi_nuclei.memory import FORWARD_BYTES_PER_PX
+    from wsi_nuclei.model import load_card
+
+    ctx = load_card(Path(__file__).resolve().parents[1] / "wsi_nuclei" / "weights").context_px
+    tile, whole_px = 576 + 2 * ctx, 1152 + 2 * ctx
+    budget = int(tile**2 * FORWARD_BYTES_PER_PX * 1.1)
+    segment_slide(crop_slide, tmp_path, SegmentConfig(chunk_size=1024, tissue_mask=False, forward_memory=budget))
+    split = json.loads((tmp_path / "summary.json").read_text())["forward_passes"]
+    whole = json.loads((whole_run / "summary.json").read_text())["forward_passes"]
+    assert split == [{"tile_px": tile, "core_px": 576, "per_call": 1, "chunks": 1}]
+    assert whole == [{"tile_px": whole_px, "core_px": 1152, "per_call": 1, "chunks": 1}]
+    p_whole = np.asarray(open_array(whole_run / "mask.zarr", "probability", 0)[:]).astype(int)
+    p_split = np.asarray(open_array(tmp_path / "mask.zarr", "probability", 0)[:]).astype(int)
+    # within the tolerance the card's context_px was measured with (context.PROB_TOL, 99.9th pct)
+    from wsi_nuclei.context import PROB_TOL
+
+    d = np.abs(p_whole - p_split)
+    assert np.percentile(d, 99.9) <= 255 * PROB_TOL and d.max() <= 255 * 0.1
+    assert aji(_labels(whole_run).astype(np.int64), _labels(tmp_path).astype(np.int64)) >= 0.99
+
+
+def test_tiles_match_whole_image_probabilities():
+    """The model-level invariant: with the card's measured context, batched tiles agree with one
+    forward pass within the tolerance the measurement uses (context.PROB_TOL at the 99.9th pct)."""
+    from wsi_nuclei.api import SAMPLE_SLIDE
+    from wsi_nuclei.backends import make_predictor
+    from wsi_nuclei.context import PROB_TOL
+    from wsi_nuclei.infer import predict_region, tile_probabilities
+    from wsi_nuclei.model import load_model
+    from wsi_nuclei.slide import open_slide
+
+    net, card = load_model()
+    predict, _ = make_predictor(net, card, "torch", "cpu")
+    ctx = card.context_px
+    assert ctx is not None
+    with open_slide(SAMPLE_SLIDE) as s:
+        img = s.read_working((900 - ctx, 900 - ctx, 256 + 2 * ctx, 256 + 2 * ctx), card.mpp / s.info.mpp)
+    whole = predict_region(predict, img)[:, ctx:-ctx, ctx:-ctx]
+    tiled = tile_probabilities(predict, len(card.outputs), img, 128, ctx, batch_size=4)
+    diff = np.abs(whole - tiled)
+    assert np.percentile(diff[0], 99.9) <= PROB_TOL and diff.max() < 0.1
+    # and less context is measurably worse: the context matters
+    small = img[ctx - 64 : -(ctx - 64), ctx - 64 : -(ctx - 64)]
+    assert np.abs(tile_probabilities(predict, len(card.outputs), small, 128, 64, batch_size=4) - whole).max() > 2 * diff.max()
