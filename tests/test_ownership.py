@@ -85,3 +85,43 @@ def test_nothing_outside_the_slide_is_owned_and_ids_overflow_is_refused():
     many = np.arange(1, 256 * 257 + 1, dtype=np.int64).reshape(256, 257)  # 65,792 one-pixel nuclei
     with pytest.raises(OverflowError, match="more than 65535"):
         own_by_centroid(many, 0, 256, (0, 0), (256, 257), 0)
+
+
+def test_overlapping_finds_the_later_version_of_a_nucleus():
+    from wsi_nuclei.instances import overlapping
+
+    under = np.zeros((20, 20), np.uint32)
+    under[2:8, 2:8] = 5  # an earlier chunk's nucleus
+    window = np.zeros_like(under)
+    window[3:9, 3:9] = 70000  # the same nucleus, predicted a pixel off by the later chunk
+    window[12:16, 12:16] = 70001  # a nucleus only the later chunk has
+    window[8:10, 2:4] = 70002  # touching the earlier nucleus without sharing a pixel
+    assert overlapping(window, under).tolist() == [70000]
+    assert overlapping(np.zeros_like(window), under).size == 0
+
+
+def test_canvas_shows_what_earlier_windows_painted(tmp_path):
+    from wsi_nuclei.store import LabelCanvas, create_store
+
+    create_store(tmp_path / "m.zarr", (300, 300), 100, 0.5, {})
+    canvas = LabelCanvas(tmp_path / "m.zarr", 100)
+    first = np.zeros((140, 140), np.uint32)  # chunk (0, 0): core 100 + halo 20
+    first[100:130, 90:110] = 9  # reaches into chunk (0, 1)'s and (1, 0)'s cores
+    canvas.paste(0, 0, -20, -20, first)
+    seen = canvas.under(-20, 80, (140, 140))  # chunk (0, 1)'s window
+    assert seen.shape == (140, 140) and set(np.unique(seen).tolist()) == {0, 9}
+    assert (seen == 9).sum() == (first == 9)[:, 100:].sum()  # the part inside (0, 1)'s window, x >= 80
+    assert not canvas.under(180, 180, (140, 140)).any()  # nothing painted there
+
+
+def test_drop_features_removes_exactly_those_ids():
+    from wsi_nuclei.export import drop_features, encode_nuclei
+    from wsi_nuclei.polygons import PolygonFrame, label_polygons
+
+    labels = np.zeros((40, 40), np.uint32)
+    labels[2:10, 2:10], labels[15:25, 15:25], labels[30:36, 5:12] = 7, 8, 9
+    blob = b",\n".join(encode_nuclei(label_polygons(labels, PolygonFrame(0, 0, 1.0, 0.5)), "s"))
+    kept, removed = drop_features(blob, "s", [8, 123])
+    assert removed == 1 and kept.count(b'"type":"Feature"') == 2
+    assert drop_features(kept, "s", [7, 9]) == (b"", 2)
+    assert drop_features(blob, "s", []) == (blob, 0)

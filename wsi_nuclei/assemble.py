@@ -52,7 +52,8 @@ def assemble_slide(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | No
 
 
 def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -> SlideResult:
-    from .export import GeoJSONWriter
+    from .export import GeoJSONWriter, drop_features
+    from .instances import overlapping
     from .store import LabelCanvas, build_pyramids, create_store, open_array
 
     t0 = time.perf_counter()
@@ -71,7 +72,7 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
     labels = LabelCanvas(tmp_zarr, tiling.chunk)
     height, width = plan.size
     totals = {"read": 0.0, "waiting": 0.0, "inference": 0.0, "instances": 0.0, "polygons": 0.0}
-    cut = 0
+    cut = dropped = 0
     forwards: dict[tuple[int, ...], int] = {}
     t_write = time.perf_counter()
     with GeoJSONWriter(geo_path) as writer:
@@ -81,8 +82,16 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
                 raise OutputError(f"{plan.chunk_file(ch)}: chunk file from another run's settings; run again with --overwrite")
             core = part.probability[: height - ch.y, : width - ch.x]  # a core is one Zarr chunk, clipped at the slide edge
             probability[ch.y : ch.y + core.shape[0], ch.x : ch.x + core.shape[1]] = core
-            labels.paste(ch.row, ch.col, ch.y - tiling.halo, ch.x - tiling.halo, part.owned)
-            writer.write_encoded(part.features, int(part.meta["nuclei"]))
+            y0, x0 = ch.y - tiling.halo, ch.x - tiling.halo
+            owned, features, count = part.owned, part.features, int(part.meta["nuclei"])
+            twice = overlapping(owned, labels.under(y0, x0, owned.shape))  # a nucleus two chunks both kept
+            if len(twice):
+                owned = np.where(np.isin(owned, twice), np.uint32(0), owned)
+                features, removed = drop_features(features, plan.slide_key, twice.tolist())
+                count -= removed
+                dropped += removed
+            labels.paste(ch.row, ch.col, y0, x0, owned)
+            writer.write_encoded(features, count)
             cut += int(part.meta["cut"])
             fwd = tuple(part.meta["forward"])
             forwards[fwd] = forwards.get(fwd, 0) + 1
@@ -97,6 +106,9 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
     t_written = time.perf_counter()
     if cut:
         log.warning("%s: %d nuclei reached the edge of their chunk window; raise --halo", plan.path, cut)
+    if dropped:
+        log.warning("%s: %d nuclei were kept by two chunks in versions that overlap; the later one was dropped "
+                    "(a context below the model's measured context_px does this)", plan.path, dropped)
     thumb = np.load(plan.work / "thumbnail.npy")
     tissue_file = plan.work / "tissue.npy"
     tissue = np.load(tissue_file) if tissue_file.exists() else None
@@ -107,6 +119,7 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
         "chunks": {"processed": len(plan.chunks), "grid": list(plan.grid), "computed_this_run": run.get("computed", len(plan.chunks)),
                    "reused": run.get("reused", 0)},
         "cut_nuclei": cut,
+        "overlaps_dropped": dropped,  # nuclei a later chunk kept over an earlier chunk's (see instances.overlapping)
         # how the chunk windows were inferred (planned from each worker's memory, see memory.py)
         "forward_passes": [{"tile_px": f[0] + 2 * tiling.context, "core_px": f[0], "per_call": f[1], "chunks": k}
                            for f, k in sorted(forwards.items())],

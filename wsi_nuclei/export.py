@@ -90,6 +90,19 @@ _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 _ID_COLUMNS = np.array([i for i in range(36) if i not in (8, 13, 18, 23)])
 
 
+def drop_features(blob: bytes, slide_key: str, labels: Sequence[int]) -> tuple[bytes, int]:
+    """``blob`` (encoded features joined by ",\\n", as a chunk file stores them) without the
+    features of ``labels``; returns the new blob and how many features were removed. An encoded
+    feature holds no newline, and its id is the 36-byte :func:`feature_id` of its label."""
+    if not len(labels):
+        return blob, 0
+    ids = feature_ids(slide_key, [int(v) for v in labels])
+    gone = {ids[36 * i : 36 * i + 36] for i in range(len(labels))}
+    parts = blob.split(b",\n") if blob else []
+    kept = [f for f in parts if f[len(_HEAD) : len(_HEAD) + 36] not in gone]
+    return b",\n".join(kept), len(parts) - len(kept)
+
+
 def encode_nuclei(nuclei: Sequence[Nucleus], slide_key: str) -> list[bytes]:
     """``[encode_feature(feature(n, slide_key)) for n in nuclei]``, byte for byte (a test checks
     it), without building a dict per feature: the constant parts are encoded once, the ids are

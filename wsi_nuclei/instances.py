@@ -15,7 +15,7 @@ from scipy import ndimage as ndi
 from .errors import ConfigError
 from .model import PostProcess
 
-__all__ = ["probabilities_to_instances", "remove_small", "relabel_sequential", "own_by_centroid", "Owned", "IDS_PER_CHUNK"]
+__all__ = ["probabilities_to_instances", "remove_small", "relabel_sequential", "own_by_centroid", "Owned", "IDS_PER_CHUNK", "overlapping"]
 
 _FOUR = ndi.generate_binary_structure(2, 1)
 
@@ -144,3 +144,13 @@ def own_by_centroid(labels: np.ndarray, halo: int, core: int, origin: tuple[int,
     lut = np.zeros(n + 1, dtype=np.uint32)
     lut[ids] = index * IDS_PER_CHUNK + np.arange(1, len(ids) + 1, dtype=np.uint32)
     return Owned(lut[labels], len(ids), cut)
+
+
+def overlapping(window: np.ndarray, under: np.ndarray) -> np.ndarray:
+    """The geometric safety net behind :func:`own_by_centroid`: ids of ``window`` (the owned
+    nuclei of a later chunk) that share a pixel with ``under`` (what earlier chunks kept on the
+    same pixels). The centroid rule keeps a nucleus once when both chunks see it alike; when they
+    predict it slightly differently (too little context), each may own a version. The pipeline
+    drops the later chunk's version, so overlapping nuclei never both reach the outputs."""
+    hit = (window > 0) & (under > 0)
+    return np.unique(window[hit]) if hit.any() else np.zeros(0, window.dtype)

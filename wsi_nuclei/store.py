@@ -115,6 +115,24 @@ class LabelCanvas:
                 np.copyto(view, part, where=part > 0)
         self._flush(lambda r, k: (r + 1) * self.cols + (k + 1) <= order)
 
+    def under(self, y: int, x: int, shape: tuple[int, int]) -> np.ndarray:
+        """What earlier windows painted on the region (top-left (y, x), may be negative) of a window
+        about to be pasted (0 outside the array and where nothing is). Every block such a window
+        reaches is still held (see the class docstring), so nothing is read back from disk."""
+        out = np.zeros(shape, np.uint32)
+        h, w = self.arr.shape
+        c = self.chunk
+        for r in range(max(0, y // c), min(-(-h // c), -(-(y + shape[0]) // c))):
+            for k in range(max(0, x // c), min(self.cols, -(-(x + shape[1]) // c))):
+                block = self.blocks.get((r, k))
+                if block is None:
+                    continue
+                y0, x0 = max(y, r * c), max(x, k * c)
+                y1, x1 = min(y + shape[0], r * c + block.shape[0]), min(x + shape[1], k * c + block.shape[1])
+                if y1 > y0 and x1 > x0:
+                    out[y0 - y : y1 - y, x0 - x : x1 - x] = block[y0 - r * c : y1 - r * c, x0 - k * c : x1 - k * c]
+        return out
+
     def close(self) -> None:
         """Write every block still held."""
         self._flush(lambda r, k: True)
