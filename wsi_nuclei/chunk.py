@@ -74,7 +74,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     from .tta import with_tta
 
     tiling = plan.tiling
-    predict, card, _ = predictor(cfg.model_dir, cfg.device, cfg.backend, cfg.torch_threads)
+    predict, card, _ = predictor(cfg.model_dir, cfg.device, plan.backend, cfg.torch_threads)
     slide = slide_handle(plan.path, cfg.reader, cfg.mpp)
     h, c, ctx, win = tiling.halo, tiling.chunk, tiling.context, tiling.window
     t0 = time.perf_counter()

@@ -15,6 +15,7 @@ import numpy as np
 from .backends import Predictor
 from .instances import probabilities_to_instances
 from .model import ModelCard, PostProcess
+from .tiling import STRIDE  # UNet++ with a 5-stage encoder needs H and W divisible by it
 
 __all__ = [
     "resize_image",
@@ -29,8 +30,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: UNet++ with a 5-stage encoder needs H and W divisible by 32.
-_STRIDE = 32
 
 
 def select_device(device: str = "auto") -> str:
@@ -84,8 +83,8 @@ def predict_probabilities(predict: Predictor, card: ModelCard, image: np.ndarray
     from .tta import with_tta
 
     h, w = image.shape[:2]
-    ph = max(64, -(-h // _STRIDE) * _STRIDE) - h
-    pw = max(64, -(-w // _STRIDE) * _STRIDE) - w
+    ph = max(64, -(-h // STRIDE) * STRIDE) - h
+    pw = max(64, -(-w // STRIDE) * STRIDE) - w
     pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0))
     padded = np.pad(image, pad, mode="reflect") if ph < h and pw < w else np.pad(image, pad, mode="symmetric")
     probs = with_tta(predict, tta or card.tta)(padded[None])[0]
@@ -116,8 +115,8 @@ def segment_image(
 def predict_region(predict: Predictor, image: np.ndarray) -> np.ndarray:
     """Sigmoid outputs (C, H, W) float32 of an (H, W, 3) uint8 image whose sides are multiples of
     32, in one forward pass and without padding (the "whole-image" reference of the tiling tests)."""
-    if image.shape[0] % _STRIDE or image.shape[1] % _STRIDE:
-        raise ValueError(f"image sides {image.shape[:2]} must be multiples of {_STRIDE}")
+    if image.shape[0] % STRIDE or image.shape[1] % STRIDE:
+        raise ValueError(f"image sides {image.shape[:2]} must be multiples of {STRIDE}")
     return np.asarray(predict(image[None])[0])
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import atomic
 from .errors import ModelError
+from .tiling import STRIDE
 
 if TYPE_CHECKING:  # torch is imported lazily so that `import wsi_nuclei` stays light
     import torch
@@ -125,7 +126,7 @@ class ModelCard:
         if card.tta not in ("none", "flip4", "dihedral8"):
             raise ModelError(f"{source}: tta must be none, flip4 or dihedral8, got {card.tta!r}")
         if card.context_px is not None and (isinstance(card.context_px, bool) or not isinstance(card.context_px, int)
-                                            or card.context_px < 0 or card.context_px % 32):
+                                            or card.context_px < 0 or card.context_px % STRIDE):
             raise ModelError(f"{source}: context_px must be a multiple of 32 px >= 0, got {card.context_px!r}; "
                              "measure it with `wsi-nuclei measure-context`")
         return card

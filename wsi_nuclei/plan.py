@@ -54,6 +54,7 @@ class SlidePlan:
     card: ModelCard  # read once per run, on the driver
     fingerprint: str
     tta: str = "none"  # the test-time augmentation in effect (the option, else the card's)
+    backend: str = "torch"  # the inference backend resolved on the driver (part of the fingerprint)
 
     @property
     def model(self) -> str:
@@ -108,17 +109,18 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | 
         tissue_mm2 = float(tissue.sum()) * (thumb_scale * info.mpp / 1000) ** 2
     else:
         tissue_mm2 = width * height * (card.mpp / 1000) ** 2
+    backend = resolve_backend(cfg.backend, cfg.device)
     stat = Path(path).stat()
     # What makes a chunk file reusable: same slide file, model and everything that changes pixels.
     key = {"slide": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "model": card.weights_sha256,
            "card": card.to_json(), "tiling": asdict(tiling), "mpp": info.mpp, "reader": cfg.reader,
-           "backend": resolve_backend(cfg.backend, cfg.device), "batch": cfg.batch_size,
+           "backend": backend, "batch": cfg.batch_size,
            "device": cfg.device, "shift": shift, "version": __version__, "chunk_file": CHUNK_FILE_VERSION,
            "tta": cfg.tta or card.tta}
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     plan = SlidePlan(str(path), str(out_dir), scale, (height, width), tiling, tuple(chunks), grid, shift,
                      f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}", round(tissue_mm2, 4), info, card, fingerprint,
-                     cfg.tta or card.tta)
+                     cfg.tta or card.tta, backend)
     return plan, thumb, tissue
 
 
