@@ -1,20 +1,18 @@
-"""Nucleus datasets: MoNuSeg, TNBC and a generic "folder of images + instance masks".
+"""Nucleus datasets: MoNuSeg, TNBC and a generic "folder of images + instance masks" (CoNSeP:
+:mod:`wsi_nuclei.consep`; any of them by kind: :func:`wsi_nuclei.evaluate.load_dataset`).
 
 Every loader returns :class:`Sample` values: an RGB image and an instance label map of the same
 (H, W), at the image's native resolution (``mpp`` µm per pixel). Resampling to the model's
 working resolution happens elsewhere (:func:`wsi_nuclei.imageops.rescale_sample`).
 
-Layouts (as in ``../shared/data``; see its PROVENANCE.md):
+Layouts:
 
 - MoNuSeg: ``<root>/images/<id>.tif`` with either ``<root>/instances/<id>.png`` (16-bit instance
   maps, the training split) or ``<root>/annotations/<id>.xml[.gz]`` (Aperio XML polygons, the test
   split). Instance maps win when both exist.
 - TNBC: ``<root>/images/<SS>_<k>.png`` and ``<root>/masks/<SS>_<k>.png`` (binary 0/255); instances
   are the 4-connected components of the mask (touching nuclei stay merged, as in the dataset).
-- CoNSeP (a re-tiled copy): ``<root>/{images,instances,types}/<split>/<split>_<k>_<iii>.*``, 16
-  tiles of 256² per 1000×1000 image (JPEG images, 16-bit instance maps); tiles are pasted back at
-  their positions, so a sample is the whole original image. ``root`` is the dataset folder (holding
-  ``images/``), or its ``train``/``test`` split given as ``kind``.
+- CoNSeP: see :mod:`wsi_nuclei.consep`.
 - Folder: ``<root>/images/<stem>.<ext>`` and ``<root>/masks/<stem>.<ext>``; a mask is an integer
   instance map, or a binary mask that is split into connected components.
 """
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +40,11 @@ __all__ = [
     "tcga_organ",
     "read_rgb",
     "read_aperio_xml",
+    "read_label_image",
+    "list_images",
     "load_monuseg",
     "load_tnbc",
-    "load_consep",
-    "CONSEP_MPP",
-    "DATASET_KINDS",
     "load_folder",
-    "load_dataset",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,16 +54,6 @@ IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 MONUSEG_MPP = 0.25
 #: TNBC (Naylor et al.) is 40x as well.
 TNBC_MPP = 0.25
-#: CoNSeP is 40x (Graham et al. 2019: ~0.25 µm/px; InstanSeg uses 0.275).
-CONSEP_MPP = 0.25
-#: CoNSeP tiles: top-left corners (y, x) of the 16 tiles of 256² in a 1000×1000 image (its README).
-_CONSEP_P = (0, 256, 512, 744)
-CONSEP_TILE_ORIGINS = tuple([(y, x) for y in _CONSEP_P for x in _CONSEP_P[:3]] + [(y, 744) for y in _CONSEP_P])
-_CONSEP_TILE = 256
-_CONSEP_SIDE = 1000
-#: Dataset kinds that :func:`load_dataset` reads.
-DATASET_KINDS = ("tnbc", "monuseg-test", "monuseg", "consep-test", "consep-train", "folder")
-
 # TCGA tissue source site (the 2 characters after "TCGA-") -> organ, for the MoNuSeg images.
 # Organ names follow the MoNuSeg release (Kumar et al. 2017 call the 18/21/38/49/50 sites "liver").
 _TSS_ORGAN: dict[str, str] = {
@@ -151,7 +136,7 @@ def read_rgb(path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
-def _read_label_image(path: Path) -> np.ndarray:
+def read_label_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             arr = np.asarray(im)
@@ -231,7 +216,7 @@ def _require_dir(path: Path, what: str) -> None:
         raise DatasetError(f"{path}: {what} folder not found; check the dataset path")
 
 
-def _images_in(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
@@ -251,7 +236,7 @@ def load_monuseg(root: Path | str, names: list[str] | None = None) -> list[Sampl
     root = Path(root)
     _require_dir(root / "images", "MoNuSeg images/")
     out = []
-    for img_path in _images_in(root / "images"):
+    for img_path in list_images(root / "images"):
         stem = img_path.stem
         if names is not None and stem not in names:
             continue
@@ -260,7 +245,7 @@ def load_monuseg(root: Path | str, names: list[str] | None = None) -> list[Sampl
         xmls = [root / "annotations" / f"{stem}.xml.gz", root / "annotations" / f"{stem}.xml"]
         xml = next((p for p in xmls if p.is_file()), None)
         if inst.is_file():
-            labels = _read_label_image(inst).astype(np.int32)
+            labels = read_label_image(inst).astype(np.int32)
         elif xml is not None:
             labels = read_aperio_xml(xml, image.shape[:2])
         else:
@@ -282,9 +267,9 @@ def load_monuseg(root: Path | str, names: list[str] | None = None) -> list[Sampl
 def _paired(root: Path, mask_dir: str) -> list[tuple[Path, Path]]:
     _require_dir(root / "images", "images/")
     _require_dir(root / mask_dir, f"{mask_dir}/")
-    masks = {p.stem: p for p in _images_in(root / mask_dir)}
+    masks = {p.stem: p for p in list_images(root / mask_dir)}
     pairs = []
-    for img in _images_in(root / "images"):
+    for img in list_images(root / "images"):
         if img.stem not in masks:
             raise DatasetError(f"{img}: no mask {mask_dir}/{img.stem}.* for this image; add it or remove the image")
         pairs.append((img, masks.pop(img.stem)))
@@ -303,70 +288,10 @@ def load_tnbc(root: Path | str, limit: int | None = None) -> list[Sample]:
     out = []
     for img_path, mask_path in _paired(root, "masks")[:limit]:
         image = read_rgb(img_path)
-        labels = _components(_read_label_image(mask_path) > 0)
+        labels = _components(read_label_image(mask_path) > 0)
         if labels.shape != image.shape[:2]:
             raise DatasetError(f"{mask_path}: mask {labels.shape} and image {image.shape[:2]} differ in size")
         out.append(Sample(img_path.stem, image, labels, TNBC_MPP, img_path.stem.split("_")[0], "tnbc"))
-    return out
-
-
-def _consep_root(root: Path, split: str) -> Path:
-    """The dataset folder: ``root`` itself, or its parent when ``root`` is ``.../images/<split>``
-    or a split-named folder was given."""
-    for cand in (root, root.parent, root.parent.parent):
-        if (cand / "images" / split).is_dir() and (cand / "instances" / split).is_dir():
-            return cand
-    raise DatasetError(f"{root}: no CoNSeP images/{split}/ and instances/{split}/ here; pass the consep folder (as in ../shared/data/consep)")
-
-
-def load_consep(root: Path | str, split: str = "test", names: list[str] | None = None, limit: int | None = None) -> list[Sample]:
-    """Load a CoNSeP split from its 256² tiles, stitched back to 1000×1000 images.
-
-    Parameters
-    ----------
-    root : path
-        The CoNSeP folder holding ``images/``, ``instances/`` (and ``types/``).
-    split : {"train", "test"}
-    names : list of str, optional
-        Image ids to load (``"train_3"``); default all, in numeric order.
-    limit : int, optional
-        Only the first ``limit`` images.
-
-    Overlapping tile strips must agree (they do in the shipped copy); instance ids are renumbered
-    1..N in order of the original ids. ``group`` is ``"consep"``.
-    """
-    if split not in ("train", "test"):
-        raise DatasetError(f"CoNSeP split must be train or test, got {split!r}")
-    base = _consep_root(Path(root), split)
-    img_dir, inst_dir = base / "images" / split, base / "instances" / split
-    ids: dict[str, set[int]] = {}
-    for p in img_dir.iterdir():
-        m = re.fullmatch(rf"({split}_\d+)_(\d{{3}})\.jpg", p.name)
-        if m:
-            ids.setdefault(m.group(1), set()).add(int(m.group(2)))
-    if not ids:
-        raise DatasetError(f"{img_dir}: no CoNSeP tiles ({split}_<k>_<iii>.jpg) found")
-    order = sorted(ids, key=lambda n: int(n.rsplit("_", 1)[1]))
-    if names is not None:
-        missing = sorted(set(names) - set(ids))
-        if missing:
-            raise DatasetError(f"{img_dir}: CoNSeP images not found: {', '.join(missing)}")
-        order = [n for n in order if n in set(names)]
-    out = []
-    for name in order[:limit]:
-        if ids[name] != set(range(len(CONSEP_TILE_ORIGINS))):
-            raise DatasetError(f"{img_dir}: {name} has tiles {sorted(ids[name])}, expected 000..015; re-copy the dataset")
-        image = np.zeros((_CONSEP_SIDE, _CONSEP_SIDE, 3), np.uint8)
-        inst = np.zeros((_CONSEP_SIDE, _CONSEP_SIDE), np.int32)
-        for i, (y, x) in enumerate(CONSEP_TILE_ORIGINS):
-            tile_img = read_rgb(img_dir / f"{name}_{i:03d}.jpg")
-            tile_inst = _read_label_image(inst_dir / f"{name}_{i:03d}.png").astype(np.int32)
-            if tile_img.shape[:2] != (_CONSEP_TILE, _CONSEP_TILE) or tile_inst.shape != (_CONSEP_TILE, _CONSEP_TILE):
-                raise DatasetError(f"{img_dir / name}_{i:03d}: tile is not {_CONSEP_TILE}², re-copy the dataset")
-            image[y : y + _CONSEP_TILE, x : x + _CONSEP_TILE] = tile_img
-            inst[y : y + _CONSEP_TILE, x : x + _CONSEP_TILE] = tile_inst
-        out.append(Sample(name, image, relabel_sequential(inst), CONSEP_MPP, "consep", "consep"))
-    log.info("loaded %d CoNSeP %s images from %s", len(out), split, base)
     return out
 
 
@@ -378,25 +303,8 @@ def load_folder(root: Path | str, mpp: float, limit: int | None = None) -> list[
     out = []
     for img_path, mask_path in _paired(root, "masks")[:limit]:
         image = read_rgb(img_path)
-        labels = _as_instances(_read_label_image(mask_path), mask_path)
+        labels = _as_instances(read_label_image(mask_path), mask_path)
         if labels.shape != image.shape[:2]:
             raise DatasetError(f"{mask_path}: mask {labels.shape} and image {image.shape[:2]} differ in size")
         out.append(Sample(img_path.stem, image, labels, mpp, "", "folder"))
     return out
-
-
-def load_dataset(kind: str, root: Path | str, mpp: float | None = None, limit: int | None = None) -> list[Sample]:
-    """Load ``kind`` (one of :data:`DATASET_KINDS`) from ``root``."""
-    if kind in ("monuseg", "monuseg-test", "monuseg-train"):
-        root = Path(root)
-        if limit is not None and (root / "images").is_dir():
-            names = [p.stem for p in _images_in(root / "images")][:limit]
-            return load_monuseg(root, names=names)
-        return load_monuseg(root)
-    if kind == "tnbc":
-        return load_tnbc(root, limit)
-    if kind in ("consep-test", "consep-train"):
-        return load_consep(root, kind.split("-")[1], limit=limit)
-    if kind == "folder":
-        return load_folder(root, mpp or MONUSEG_MPP, limit)
-    raise DatasetError(f"unknown dataset kind {kind!r}; use one of {', '.join(DATASET_KINDS)}")

@@ -8,12 +8,35 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
-from .datasets import DATASET_KINDS
-from .errors import ConfigError
+from .datasets import MONUSEG_MPP, Sample, list_images, load_folder, load_monuseg, load_tnbc
+from .errors import ConfigError, DatasetError
 
-__all__ = ["evaluate_dataset", "record_in_card", "DATASET_KINDS"]
+__all__ = ["evaluate_dataset", "record_in_card", "load_dataset", "DATASET_KINDS"]
 
 log = logging.getLogger(__name__)
+
+
+#: Dataset kinds that :func:`load_dataset` reads.
+DATASET_KINDS = ("tnbc", "monuseg-test", "monuseg", "consep-test", "consep-train", "folder")
+
+
+def load_dataset(kind: str, root: Path | str, mpp: float | None = None, limit: int | None = None) -> list[Sample]:
+    """Load ``kind`` (one of :data:`DATASET_KINDS`) from ``root``."""
+    if kind in ("monuseg", "monuseg-test", "monuseg-train"):
+        root = Path(root)
+        if limit is not None and (root / "images").is_dir():
+            names = [p.stem for p in list_images(root / "images")][:limit]
+            return load_monuseg(root, names=names)
+        return load_monuseg(root)
+    if kind == "tnbc":
+        return load_tnbc(root, limit)
+    if kind in ("consep-test", "consep-train"):
+        from .consep import load_consep
+
+        return load_consep(root, kind.split("-")[1], limit=limit)
+    if kind == "folder":
+        return load_folder(root, mpp or MONUSEG_MPP, limit)
+    raise DatasetError(f"unknown dataset kind {kind!r}; use one of {', '.join(DATASET_KINDS)}")
 
 
 def evaluate_dataset(
@@ -56,7 +79,6 @@ def evaluate_dataset(
     import torch
 
     from .backends import make_predictor
-    from .datasets import load_dataset
     from .infer import segment_image, select_device
     from .metrics import evaluate_pair, mean_metrics
     from .model import load_model

@@ -74,7 +74,8 @@ def parse_data(spec: str) -> tuple[tuple[str, float], ...]:
 def load_training_samples(cfg: TrainConfig, root: Path | str, monuseg_dir: Path | str | None = None) -> list[Sample]:
     """All images of the datasets in ``cfg.data`` (training *splits* only): MoNuSeg train from
     ``monuseg_dir`` (default ``root/monuseg/train``), CoNSeP train from ``root/consep``."""
-    from .datasets import load_consep, load_monuseg
+    from .consep import load_consep
+    from .datasets import load_monuseg
 
     samples: list[Sample] = []
     for name, _ in cfg.data:

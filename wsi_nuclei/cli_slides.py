@@ -1,0 +1,194 @@
+"""Slide commands: info, and segment (options -> configs -> one batch call -> exit code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import typer
+
+from .cli_common import app, fail
+from .errors import WsiNucleiError
+
+if TYPE_CHECKING:  # annotations only: the commands import their heavy modules inside
+    from .cluster import ClusterConfig
+    from .pipeline import SegmentConfig
+    from .results import SlideResult
+
+
+@app.command()
+def info(slide: Path = typer.Argument(..., help="Slide file."), reader: str = typer.Option("auto", help="Slide reader: auto, openslide or tiffslide.")) -> None:
+    """Vendor, size per level, resolution, objective, bounds and associated images of a slide."""
+    from .slide import open_slide
+
+    try:
+        with open_slide(slide, reader) as s:
+            i = s.info
+    except WsiNucleiError as err:
+        fail(err)
+        return
+    typer.echo(f"{i.path}\n  backend  {i.backend}\n  vendor   {i.vendor}\n  mpp      {i.mpp if i.mpp else 'unknown (pass --mpp to segment)'}")
+    typer.echo(f"  objective {i.objective or 'unknown'}\n  bounds   {i.bounds or 'none'}\n  associated {', '.join(i.associated) or 'none'}")
+    for k, (dims, ds) in enumerate(zip(i.level_dimensions, i.level_downsamples)):
+        typer.echo(f"  level {k}: {dims[0]} x {dims[1]} px, downsample {ds:g}")
+
+
+@app.command()
+def segment(
+    inputs: list[Path] = typer.Argument(..., help="Slide files and/or folders (searched recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: OUT/<slide>/ per slide and OUT/run.json."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
+    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel, for slides without metadata."),
+    chunk_size: int = typer.Option(1024, help="Chunk core size in working px (multiple of 32)."),
+    halo: Optional[int] = typer.Option(None, help="Instance halo in working px (default: largest nucleus, from the model)."),
+    context: Optional[int] = typer.Option(None, help="Model context in working px (default: the model card's measured context_px)."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
+    batch_size: Optional[int] = typer.Option(None, help="Tiles per model call when a window is split (default: as many as fit in memory)."),
+    forward_memory: Optional[str] = typer.Option(None, help="Memory a forward pass may use, e.g. 2GB (default: from the worker's memory "
+                                                 "limit, cgroup or RAM). A chunk window that does not fit is inferred in tiles."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Skip finished slides and reuse finished chunks of interrupted ones."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    keep_chunks: bool = typer.Option(False, "--keep-chunks", help="Keep the per-chunk result files after a slide finishes."),
+    max_slides: int = typer.Option(2, help="Slides in flight at once (their chunks are scheduled together)."),
+    no_tissue_mask: bool = typer.Option(False, "--no-tissue-mask", help="Process every chunk, not only tissue."),
+    fmt: str = typer.Option("geojson.gz", "--format", help="geojson.gz or geojson."),
+    raw_coordinates: bool = typer.Option(False, "--raw-coordinates", help="Keep raw level-0 coordinates (no bounds shift)."),
+    reader: str = typer.Option("auto", help="Slide reader: auto, openslide or tiffslide."),
+    backend: str = typer.Option("auto", help="Inference: auto (ONNX Runtime on CPU, torch on GPU), torch or onnx."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (and the SLURM job script) without running."),
+    cluster: str = typer.Option("local", help="local (Dask LocalCluster), slurm (dask-jobqueue) or none (this process).", rich_help_panel="Cluster"),
+    scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler (tcp://host:port).", rich_help_panel="Cluster"),
+    connect_timeout: float = typer.Option(30.0, help="Seconds to wait for --scheduler before giving up.", rich_help_panel="Cluster"),
+    workers: int = typer.Option(1, help="Local worker processes (0: run in this process).", rich_help_panel="Cluster"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads of a forward pass (default 2; on SLURM without GPUs, --cores / --processes). "
+                                          "A worker runs two chunks at once and their forward passes take turns.", rich_help_panel="Cluster"),
+    gpus: Optional[int] = typer.Option(None, help="GPUs: local: one worker per GPU (default: all visible when --device is cuda); slurm: GPUs per job.", rich_help_panel="Cluster"),
+    cluster_config: Optional[Path] = typer.Option(None, help="YAML file of SLURM options (e.g. workflows/jobqueue.yaml); flags override it.", rich_help_panel="SLURM"),
+    queue: Optional[str] = typer.Option(None, help="SLURM partition.", rich_help_panel="SLURM"),
+    account: Optional[str] = typer.Option(None, help="SLURM account.", rich_help_panel="SLURM"),
+    walltime: Optional[str] = typer.Option(None, help="Walltime per job, e.g. 04:00:00.", rich_help_panel="SLURM"),
+    cores: Optional[int] = typer.Option(None, help="Cores per job.", rich_help_panel="SLURM"),
+    memory: Optional[str] = typer.Option(None, help="Memory per job, e.g. 32GB.", rich_help_panel="SLURM"),
+    processes: Optional[int] = typer.Option(None, help="Worker processes per job (default 1, or one per GPU).", rich_help_panel="SLURM"),
+    job_extra: list[str] = typer.Option([], help="Extra #SBATCH directive, repeatable, e.g. --job-extra=--qos=long.", rich_help_panel="SLURM"),
+    min_jobs: Optional[int] = typer.Option(None, help="Adaptive scaling: fewest jobs.", rich_help_panel="SLURM"),
+    max_jobs: Optional[int] = typer.Option(None, help="Adaptive scaling: most jobs.", rich_help_panel="SLURM"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or table."),
+) -> None:
+    """Segment nuclei in whole slides: mask.zarr, nuclei.geojson.gz (QuPath), summary.json, overlay.png."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .cluster import close_client, make_client
+    from .launch import configs, parse_size, queue_depth
+    from .model import load_model
+    from .pipeline import segment_many
+
+    console = Console(stderr=True, quiet=quiet)
+    try:
+        if max_slides <= 0:
+            raise WsiNucleiError(f"--max-slides must be > 0, got {max_slides}")
+        segment_options = dict(model_dir=str(model) if model else None, mpp=mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
+                               batch_size=batch_size, forward_memory=parse_size(forward_memory, "--forward-memory"), device=device,
+                               tissue_mask=not no_tissue_mask, reader=reader, backend=backend, geojson_format=fmt,
+                               raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite, keep_chunks=keep_chunks)
+        slurm = {"queue": queue, "account": account, "walltime": walltime, "cores": cores, "memory": memory, "processes": processes,
+                 "job_extra": tuple(job_extra), "min_jobs": min_jobs, "max_jobs": max_jobs}
+        cfg, ccfg = configs(segment_options, cluster, scheduler, workers, threads, gpus, connect_timeout, cluster_config, slurm, dry_run)
+        load_model(model)  # a broken model fails here, once, not on every slide
+        if dry_run:
+            _dry_run(inputs, out, cfg, ccfg, max_slides)
+            return
+        client = make_client(ccfg)
+    except WsiNucleiError as err:
+        fail(err)
+        return
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    interrupted = _trap_ctrl_c()
+    results: list[SlideResult] = []
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, disable=quiet) as bar:
+            task = bar.add_task("chunks", total=None)
+
+            def on_chunk(i: int, n: int) -> None:
+                bar.update(task, completed=i, total=n)
+
+            def on_slide(r: SlideResult) -> None:
+                bar.console.print(f"{r.status:7} {r.slide}: {r.nuclei} nuclei" + (f" — {r.reason}" if r.reason else ""))
+
+            results = segment_many(inputs, out, cfg, client, on_slide, on_chunk, max_slides=max_slides, min_pending=queue_depth(ccfg),
+                                   stop=lambda: bool(interrupted))
+    except WsiNucleiError as err:
+        if not interrupted:
+            fail(err)
+            return
+    except KeyboardInterrupt:
+        interrupted.append(True)
+    finally:
+        try:  # shutting down: a second Ctrl-C is only recorded, it cannot cut this short
+            close_client(client)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        # exit 130 whenever a Ctrl-C arrived
+        typer.echo(f"interrupted: finished chunks and slides are kept in {out}; run the same command with --resume to continue", err=True)
+        raise typer.Exit(130)
+    if not quiet:
+        table = Table(title=f"wsi-nuclei segment → {out}")
+        for col in ("slide", "status", "nuclei", "seconds", "note"):
+            table.add_column(col)
+        for r in results:
+            table.add_row(Path(r.slide).name, r.status, str(r.nuclei), f"{r.seconds:.1f}", r.reason[:80])
+        console.print(table)
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        typer.echo(f"error: {r.reason}" if r.slide in r.reason else f"error: {r.slide}: {r.reason}", err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _trap_ctrl_c() -> list[bool]:
+    """Install a SIGINT handler that only records the Ctrl-C (in the returned list). The batch
+    loop polls the record and stops itself (``segment_many(stop=...)``), so the interrupt never
+    lands inside Dask's or tornado's code; the record decides the exit code (130)."""
+    import signal
+
+    hit: list[bool] = []
+
+    def handler(signum: int, frame: object) -> None:
+        hit.append(True)
+
+    signal.signal(signal.SIGINT, handler)
+    return hit
+
+
+def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterConfig, max_slides: int) -> None:
+    """Print the SLURM job script (for --cluster slurm) and the plan; runs and writes nothing."""
+    from .cluster import slurm_job_script
+    from .launch import dry_forward, dry_run_rows
+
+    if ccfg.kind == "slurm" and not ccfg.scheduler:
+        typer.echo(f"# SLURM job script (one per job; scaled adaptively {ccfg.min_jobs}..{ccfg.max_jobs} jobs)")
+        typer.echo(slurm_job_script(ccfg))
+    if ccfg.kind != "none" and not ccfg.gpus:
+        typer.echo(f"# model: forward passes of {cfg.torch_threads} CPU threads, one at a time per worker (--threads)")
+    forward = dry_forward(cfg, ccfg)
+    if forward:
+        typer.echo(f"# forward passes: {forward.line}")
+    rows = dry_run_rows(inputs, out, cfg)
+    planned = [r for r in rows if not r.error or r.out_dir]
+    typer.echo(f"# plan: {len(planned)} slides -> {out} ({max_slides} in flight)")
+    typer.echo("slide\tsize_level0\tmpp\tchunks\tgrid\ttissue_mm2\toutput\tnote")
+    for r in rows:
+        if r.error:
+            typer.echo(f"{r.slide}\t\t\t\t\t\t{r.out_dir}\terror: {r.error}")
+        else:
+            typer.echo(f"{r.slide}\t{r.size[0]}x{r.size[1]}\t{r.mpp:.4g}\t{r.chunks}\t{r.grid[0]}x{r.grid[1]}\t{r.tissue_mm2:.2f}\t{r.out_dir}\t{r.state}")
+    ok = [r for r in rows if not r.error]
+    typer.echo(f"total: {len(planned)} slides, {sum(r.chunks for r in ok)} chunks, {sum(r.tissue_mm2 for r in ok):.2f} mm² of tissue; "
+               "nothing was run (--dry-run)")
