@@ -7,7 +7,6 @@ pipeline as ``wsi-nuclei segment``); this module adds what a plain image needs.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,24 +24,15 @@ __all__ = ["segment_image", "segment_image_files", "ImageResult", "predictor", "
 #: The bundled sample slide (OpenSlide test data CMU-1-Small-Region, CC0, 2220 x 2967 px at 0.499 µm/px).
 SAMPLE_SLIDE = Path(__file__).parent / "data" / "CMU-1-Small-Region.svs"
 
-_PREDICTORS: dict[tuple[str, str, str], tuple[Predictor, ModelCard]] = {}
-_LOCK = threading.Lock()
-
-
 def predictor(model: Path | str | None = None, device: str = "auto", backend: str = "auto") -> tuple[Predictor, ModelCard]:
     """The backend predictor (what the slide pipeline runs) and card of a model folder (default:
-    the shipped model), built once per process, device and backend."""
-    from .backends import make_predictor
+    the shipped model), built once per process, device and backend: the chunk tasks' own cache
+    (:func:`wsi_nuclei.worker_cache.predictor`)."""
     from .infer import select_device
-    from .model import DEFAULT_MODEL_DIR, load_model
+    from .worker_cache import predictor as cached
 
-    dev = select_device(device)
-    key = (str(Path(model or DEFAULT_MODEL_DIR).resolve()), dev, backend)
-    with _LOCK:
-        if key not in _PREDICTORS:
-            net, card = load_model(model)
-            _PREDICTORS[key] = (make_predictor(net, card, backend, dev)[0], card)
-        return _PREDICTORS[key]
+    predict, card, _ = cached(str(model) if model is not None else None, select_device(device), backend, 0)
+    return predict, card
 
 
 def segment_image(
@@ -113,6 +103,10 @@ def segment_image_files(
 
     if not mpp > 0:
         raise ConfigError(f"--mpp must be > 0 µm/px, got {mpp}")
+    if tta is not None:
+        from .tta import check_tta
+
+        check_tta(tta)
     dev = select_device(device)
     _, card = predictor(model, dev, backend)  # a broken model fails before any image
     out = Path(out)

@@ -79,7 +79,8 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     h, c, ctx, win = tiling.halo, tiling.chunk, tiling.context, tiling.window
     t0 = time.perf_counter()
     fp = forward_plan(cfg, tiling)  # the whole window in one pass, or tiles that fit memory
-    rgb = slide.read_working((chunk.x - h - ctx, chunk.y - h - ctx, fp.read_size(win, ctx), fp.read_size(win, ctx)), plan.scale)
+    side = fp.read_size(win, ctx)
+    rgb = slide.read_working((chunk.x - h - ctx, chunk.y - h - ctx, side, side), plan.scale)
     t1 = time.perf_counter()
     waited = gate_wait_seconds()
     probs = tile_probabilities(with_tta(predict, plan.tta), len(card.outputs), rgb, fp.tile, ctx, fp.batch)[:, :win, :win]

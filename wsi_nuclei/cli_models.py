@@ -183,10 +183,6 @@ def segment_image_cmd(
     from .api import segment_image_files
 
     try:
-        if tta is not None:
-            from .tta import check_tta
-
-            check_tta(tta)
         for r in segment_image_files(images, mpp, out, model, device, tta, backend):
             typer.echo(f"{Path(r.image).name}: {r.nuclei} nuclei in {r.seconds:.2f} s -> {r.overlay}")
     except WsiNucleiError as err:

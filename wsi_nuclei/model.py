@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from . import atomic
 from .errors import ModelError
 from .tiling import STRIDE
+from .tta import TTA_MODES
 
 if TYPE_CHECKING:  # torch is imported lazily so that `import wsi_nuclei` stays light
     import torch
@@ -123,7 +124,7 @@ class ModelCard:
             raise ModelError(f"{source}: outputs {list(card.outputs)} must include 'nucleus' and only {list(OUTPUT_NAMES)}")
         if isinstance(card.mpp, bool) or not isinstance(card.mpp, (int, float)) or not card.mpp > 0:
             raise ModelError(f"{source}: mpp must be > 0, got {card.mpp}")
-        if card.tta not in ("none", "flip4", "dihedral8"):
+        if card.tta not in TTA_MODES:
             raise ModelError(f"{source}: tta must be none, flip4 or dihedral8, got {card.tta!r}")
         if card.context_px is not None and (isinstance(card.context_px, bool) or not isinstance(card.context_px, int)
                                             or card.context_px < 0 or card.context_px % STRIDE):
