@@ -137,7 +137,7 @@ def standin_model(folder: Path) -> Path:
     with torch.no_grad():
         net.weight[:] = torch.tensor([-10.0, -10.0, 0.0]).view(1, 3, 1, 1)
         net.bias[:] = 8.0
-    card = ModelCard(encoder="none", outputs=("nucleus",), mpp=0.5, architecture="PixelLinear", input_mean=(0.0, 0.0, 0.0),
+    card = ModelCard(encoder="none", outputs=("nucleus",), working_mpp=0.5, architecture="PixelLinear", input_mean=(0.0, 0.0, 0.0),
                      input_std=(1.0, 1.0, 1.0), postprocess=PostProcess("threshold", 0.5, 0.5, 3.0), name="pixel-linear-standin",
                      context_px=0, license="Apache-2.0", training={"note": "hand-set weights; a benchmark stand-in, not a nuclei model"})
     save_model(net, card, folder)

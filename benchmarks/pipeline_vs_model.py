@@ -50,7 +50,7 @@ def model_only(plan, cfg, predict, n_outputs: int) -> float:  # noqa: ANN001
         spent[0] += time.perf_counter() - t0
         return out
 
-    with open_slide(plan.path, cfg.reader, cfg.mpp) as slide:
+    with open_slide(plan.path, cfg.reader, cfg.level0_mpp) as slide:
         for ch in plan.chunks:
             rgb = slide.read_working((ch.x - margin, ch.y - margin, read, read), plan.scale)
             tile_probabilities(timed, n_outputs, rgb, fp.tile, t.context, fp.batch)

@@ -37,7 +37,7 @@ def main() -> None:
     model, card = load_model()
     predict, _ = make_predictor(model, card, "torch", "cpu")  # the pipeline's torch path (channels_last)
     sample = load_tnbc(args.data, limit=1)[0]
-    work = resize_image(sample.image, working_shape(sample.image.shape[:2], sample.mpp, card.mpp))
+    work = resize_image(sample.image, working_shape(sample.image.shape[:2], sample.mpp, card.working_mpp))
     x = to_tensor(work[None], card).contiguous(memory_format=torch.channels_last)
 
     def bare() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
     rows = {name: statistics.median(ts) for name, ts in times.items()}
     base = rows["bare model forward"]
     print(f"TNBC {sample.name} {sample.image.shape[1]}x{sample.image.shape[0]} px at {sample.mpp} µm/px -> "
-          f"{work.shape[1]}x{work.shape[0]} at {card.mpp} µm/px; torch {torch.__version__}, "
+          f"{work.shape[1]}x{work.shape[0]} at {card.working_mpp} µm/px; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     print(f"{'stage':<26}{'median ms':>12}{'x bare':>10}")
     for name, sec in rows.items():

@@ -16,7 +16,7 @@ def tiles(shared_data) -> np.ndarray:
     from wsi_nuclei.slide import open_slide
 
     with open_slide(shared_data / "wsi" / "CMU-1-Small-Region.svs") as s:
-        scale = 0.5 / s.info.mpp
+        scale = 0.5 / s.info.level0_mpp
         return np.stack([s.read_working((x, 300, 448, 448), scale) for x in (100, 600)])
 
 

@@ -27,7 +27,7 @@ def _cmu_window(side: int, card) -> np.ndarray:
 
     path = Path(__file__).resolve().parents[1] / "wsi_nuclei" / "data" / "CMU-1-Small-Region.svs"
     with open_slide(path) as s:
-        return s.read_working((900, 1300, side, side), card.mpp / s.info.mpp)
+        return s.read_working((900, 1300, side, side), card.working_mpp / s.info.level0_mpp)
 
 
 def test_a_per_pixel_model_needs_no_context():

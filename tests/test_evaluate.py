@@ -17,7 +17,7 @@ KEYS = ("dice", "iou", "aji", "pq", "dq", "sq", "f1", "n_images")
 
 def test_shipped_model_loads_with_a_complete_card():
     model, card = load_model()
-    assert card.outputs[0] == "nucleus" and card.mpp == 0.5
+    assert card.outputs[0] == "nucleus" and card.working_mpp == 0.5
     assert card.weights_sha256 and card.training.get("command", "").startswith("wsi-nuclei train")
     assert {"tnbc", "monuseg-test", "consep-test"} <= set(card.metrics)
     assert card.context_px is not None and card.tta in ("none", "flip4", "dihedral8")

@@ -33,7 +33,7 @@ DECODER = (16, 16, 16, 16, 16)
 def _card(**changes: object) -> ModelCard:
     card = ModelCard(
         encoder=ENCODER,
-        mpp=0.5,
+        working_mpp=0.5,
         name="unit-test-model",
         version="1.2.3",
         postprocess=PostProcess(method="distance", fg_threshold=0.4, seed_threshold=0.6, min_area_um2=5.0),
@@ -232,7 +232,7 @@ def test_card_from_dict_defaults_and_unknown_keys() -> None:
     card = ModelCard.from_dict({"encoder": ENCODER, "outputs": ["nucleus"], "future_field": 1})
     assert card.outputs == ("nucleus",)
     assert card.postprocess == PostProcess()
-    assert card.mpp == 0.5
+    assert card.working_mpp == 0.5
 
 
 def test_build_model_unknown_encoder() -> None:

@@ -105,7 +105,7 @@ def test_geojson_is_qupath_importable_and_outputs_complete(shared_data, tmp_path
         assert ms["version"] == "0.4" and [a["name"] for a in ms["axes"]] == ["y", "x"]
         assert len(ms["datasets"]) >= 2
     assert "image-label" in root["labels"].attrs
-    assert root.attrs["wsi_nuclei"]["mpp"] == 0.5
+    assert root.attrs["wsi_nuclei"]["working_mpp"] == 0.5
     # ids are unique and the labels hold exactly the exported nuclei
     ids = np.unique(np.asarray(root["labels"]["0"][:]))
     assert len(ids) - 1 == summary["nuclei"]
@@ -121,7 +121,7 @@ def test_tcga_slide_needs_mpp(shared_data, tmp_path):
     result = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "c"), "--mpp", "0.25", "--workers", "0", "--quiet"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "c" / "tcga-cr-7395-01a-01-ts1" / "summary.json").read_text())
-    assert summary["nuclei"] > 50 and summary["slide_info"]["mpp"] == 0.25
+    assert summary["nuclei"] > 50 and summary["slide_info"]["level0_mpp"] == 0.25
 
 
 def test_info_command(shared_data):

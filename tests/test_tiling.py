@@ -69,7 +69,7 @@ def test_tiled_equals_whole(crop_slide, whole_run, tmp_path, chunk, halo):
     whole_polys = [Polygon(f["geometry"]["coordinates"][0]) for f in _features(whole_run)]
     whole_tree = shapely.STRtree(whole_polys)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    level0_per_px = 0.5 / summary["slide_info"]["mpp"]
+    level0_per_px = 0.5 / summary["slide_info"]["level0_mpp"]
     borders = [k * chunk * level0_per_px for k in range(1, 4)]
     checked = 0
     for p in polys:
@@ -121,7 +121,7 @@ def test_tiles_match_whole_image_probabilities():
     ctx = card.context_px
     assert ctx is not None
     with open_slide(SAMPLE_SLIDE) as s:
-        img = s.read_working((900 - ctx, 900 - ctx, 256 + 2 * ctx, 256 + 2 * ctx), card.mpp / s.info.mpp)
+        img = s.read_working((900 - ctx, 900 - ctx, 256 + 2 * ctx, 256 + 2 * ctx), card.working_mpp / s.info.level0_mpp)
     whole = predict_region(predict, img)[:, ctx:-ctx, ctx:-ctx]
     tiled = tile_probabilities(predict, len(card.outputs), img, 128, ctx, batch_size=4)
     diff = np.abs(whole - tiled)

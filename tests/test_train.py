@@ -57,7 +57,7 @@ def test_paper_recipe_trains_a_binary_model(tmp_path, samples):
     card = train(cfg, [samples[0]], [samples[1]])
     assert card.outputs == ("nucleus",) and card.postprocess.method == "threshold"
     assert card.postprocess.fg_threshold == 0.7
-    assert abs(card.mpp - 0.9765625) < 1e-9
+    assert abs(card.working_mpp - 0.9765625) < 1e-9
 
 
 def test_bad_config_is_refused(tmp_path):

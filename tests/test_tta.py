@@ -64,7 +64,7 @@ def test_segment_image_honours_tta(shared_data):
     net, card = load_model()
     model, _ = make_predictor(net, card, "torch", "cpu")
     s = load_tnbc(shared_data / "tnbc", limit=1)[0]
-    img = resize_image(s.image[:256, :256], working_shape((256, 256), s.mpp, card.mpp))
+    img = resize_image(s.image[:256, :256], working_shape((256, 256), s.mpp, card.working_mpp))
     plain = predict_probabilities(model, card, img)
     flip = predict_probabilities(model, card, img, tta="flip4")
     def p(v: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ quick and does not import torch.
 
 >>> import wsi_nuclei as wn
 >>> with wn.open_slide(wn.SAMPLE_SLIDE) as slide:
-...     print(slide.info.dimensions, round(slide.info.mpp, 3))
+...     print(slide.info.dimensions, round(slide.info.level0_mpp, 3))
 (2220, 2967) 0.499
 >>> result = wn.segment_slide(wn.SAMPLE_SLIDE, "out/CMU-1", wn.SegmentConfig(overwrite=True))
 >>> result.status, result.nuclei > 1000

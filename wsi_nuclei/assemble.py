@@ -64,10 +64,10 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
     tmp_zarr = out_dir / "mask.zarr.partial"
     shutil.rmtree(tmp_zarr, ignore_errors=True)
     tiling = plan.tiling
-    attrs = {"slide": plan.path, "slide_info": plan.info.as_dict(), "mpp": card.mpp, "level0_per_working_px": plan.scale,
+    attrs = {"slide": plan.path, "slide_info": plan.info.as_dict(), "working_mpp": card.working_mpp, "level0_per_working_px": plan.scale,
              "tiling": asdict(tiling), "model_card": json.loads(card.to_json()), "version": __version__,
              "geojson_shift": list(plan.shift)}
-    create_store(tmp_zarr, plan.size, tiling.chunk, card.mpp, attrs)
+    create_store(tmp_zarr, plan.size, tiling.chunk, card.working_mpp, attrs)
     probability = open_array(tmp_zarr, "probability", 0, mode="r+")
     labels = LabelCanvas(tmp_zarr, tiling.chunk)
     height, width = plan.size

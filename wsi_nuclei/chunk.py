@@ -75,7 +75,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
 
     tiling = plan.tiling
     predict, card, _ = predictor(cfg.model_dir, cfg.device, plan.backend, cfg.torch_threads)
-    slide = slide_handle(plan.path, cfg.reader, cfg.mpp)
+    slide = slide_handle(plan.path, cfg.reader, cfg.level0_mpp)
     h, c, ctx, win = tiling.halo, tiling.chunk, tiling.context, tiling.window
     t0 = time.perf_counter()
     fp = forward_plan(cfg, tiling)  # the whole window in one pass, or tiles that fit memory
@@ -86,13 +86,13 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     probs = tile_probabilities(with_tta(predict, plan.tta), len(card.outputs), rgb, fp.tile, ctx, fp.batch)[:, :win, :win]
     t2 = time.perf_counter()
     waited = gate_wait_seconds() - waited
-    labels = probabilities_to_instances(probs, card.outputs, card.postprocess, card.mpp)
+    labels = probabilities_to_instances(probs, card.outputs, card.postprocess, card.working_mpp)
     try:
         owned = own_by_centroid(labels, h, c, (chunk.y, chunk.x), plan.size, chunk.index)
     except OverflowError as err:
         raise SlideError(f"{plan.path}: chunk {chunk.row},{chunk.col} holds {err}; use a smaller --chunk-size") from err
     t3 = time.perf_counter()
-    frame = PolygonFrame(chunk.x - h, chunk.y - h, plan.scale, float(plan.info.mpp or 0.0), *plan.shift)
+    frame = PolygonFrame(chunk.x - h, chunk.y - h, plan.scale, float(plan.info.level0_mpp or 0.0), *plan.shift)
     nuclei = label_polygons(owned.labels, frame, probs[0], rgb[ctx : ctx + win, ctx : ctx + win]) if owned.count else []
     features = encode_nuclei(nuclei, plan.slide_key)
     t4 = time.perf_counter()

@@ -44,7 +44,7 @@ def train(
     from . import trainset
 
     try:
-        options = dict(encoder=encoder, pretrained=pretrained, mpp=mpp, epochs=epochs, steps_per_epoch=steps_per_epoch,
+        options = dict(encoder=encoder, pretrained=pretrained, working_mpp=mpp, epochs=epochs, steps_per_epoch=steps_per_epoch,
                        batch_size=batch_size, crop=crop, lr=lr, lr_drop_epoch=lr_drop_epoch, stain_augment=stain_augment,
                        exclude_groups=tuple(exclude_organ) or None, seed=seed, threads=threads)
         cfg = tr.build_config(out, options, recipe=recipe, data=data, init=init, validation=validation)

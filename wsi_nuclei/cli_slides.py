@@ -27,7 +27,7 @@ def info(slide: Path = typer.Argument(..., help="Slide file."), reader: str = ty
     except WsiNucleiError as err:
         fail(err)
         return
-    typer.echo(f"{i.path}\n  backend  {i.backend}\n  vendor   {i.vendor}\n  mpp      {i.mpp if i.mpp else 'unknown (pass --mpp to segment)'}")
+    typer.echo(f"{i.path}\n  backend  {i.backend}\n  vendor   {i.vendor}\n  mpp      {i.level0_mpp if i.level0_mpp else 'unknown (pass --mpp to segment)'}")
     typer.echo(f"  objective {i.objective or 'unknown'}\n  bounds   {i.bounds or 'none'}\n  associated {', '.join(i.associated) or 'none'}")
     for k, (dims, ds) in enumerate(zip(i.level_dimensions, i.level_downsamples)):
         typer.echo(f"  level {k}: {dims[0]} x {dims[1]} px, downsample {ds:g}")
@@ -90,7 +90,7 @@ def segment(
     try:
         if max_slides <= 0:
             raise WsiNucleiError(f"--max-slides must be > 0, got {max_slides}")
-        segment_options = dict(model_dir=str(model) if model else None, mpp=mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
+        segment_options = dict(model_dir=str(model) if model else None, level0_mpp=mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
                                batch_size=batch_size, forward_memory=parse_size(forward_memory, "--forward-memory"), device=device,
                                tissue_mask=not no_tissue_mask, reader=reader, backend=backend, geojson_format=fmt,
                                raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite, keep_chunks=keep_chunks)
@@ -188,7 +188,7 @@ def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterCon
         if r.error:
             typer.echo(f"{r.slide}\t\t\t\t\t\t{r.out_dir}\terror: {r.error}")
         else:
-            typer.echo(f"{r.slide}\t{r.size[0]}x{r.size[1]}\t{r.mpp:.4g}\t{r.chunks}\t{r.grid[0]}x{r.grid[1]}\t{r.tissue_mm2:.2f}\t{r.out_dir}\t{r.state}")
+            typer.echo(f"{r.slide}\t{r.size[0]}x{r.size[1]}\t{r.level0_mpp:.4g}\t{r.chunks}\t{r.grid[0]}x{r.grid[1]}\t{r.tissue_mm2:.2f}\t{r.out_dir}\t{r.state}")
     ok = [r for r in rows if not r.error]
     typer.echo(f"total: {len(planned)} slides, {sum(r.chunks for r in ok)} chunks, {sum(r.tissue_mm2 for r in ok):.2f} mm² of tissue; "
                "nothing was run (--dry-run)")

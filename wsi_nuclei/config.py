@@ -17,7 +17,7 @@ class SegmentConfig:
     """Options of ``wsi-nuclei segment`` (sizes in working px; None = derived from the model)."""
 
     model_dir: str | None = None
-    mpp: float | None = None
+    level0_mpp: float | None = None  # --mpp: overrides the slide's µm per level-0 px
     chunk_size: int = 1024
     halo: int | None = None
     context: int | None = None
@@ -40,8 +40,8 @@ class SegmentConfig:
             raise ConfigError(f"--batch-size must be > 0, got {self.batch_size}")
         if self.forward_memory is not None and self.forward_memory <= 0:
             raise ConfigError(f"--forward-memory must be > 0, got {self.forward_memory}")
-        if self.mpp is not None and not self.mpp > 0:
-            raise ConfigError(f"--mpp must be > 0 µm/px, got {self.mpp}")
+        if self.level0_mpp is not None and not self.level0_mpp > 0:
+            raise ConfigError(f"--mpp must be > 0 µm/px, got {self.level0_mpp}")
         if self.geojson_format not in ("geojson.gz", "geojson"):
             raise ConfigError(f"--format must be geojson.gz or geojson, got {self.geojson_format!r}")
         if self.tta is not None:

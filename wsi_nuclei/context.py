@@ -83,13 +83,13 @@ def measure_context(
         raise ValueError(f"image {image.shape[:2]} must be square with side n*{tile} + 2*{cmax}")
     n_out = len(card.outputs)
     whole = predict(image[None])[0][:, cmax : cmax + side, cmax : cmax + side]
-    whole_labels = probabilities_to_instances(whole, card.outputs, card.postprocess, card.mpp)
+    whole_labels = probabilities_to_instances(whole, card.outputs, card.postprocess, card.working_mpp)
     rows = []
     for c in sorted(candidates):
         sub = image[cmax - c : cmax + side + c, cmax - c : cmax + side + c]
         tiled = tile_probabilities(predict, n_out, sub, tile, c, batch_size=1)
         diff = np.abs(tiled[0] - whole[0])
-        labels = probabilities_to_instances(tiled, card.outputs, card.postprocess, card.mpp)
+        labels = probabilities_to_instances(tiled, card.outputs, card.postprocess, card.working_mpp)
         m = evaluate_pair(whole_labels, labels)
         tp = round(m.f1 * (m.n_true + m.n_pred) / 2)  # f1 = 2tp / (n_true + n_pred)
         unmatched = m.n_true + m.n_pred - 2 * tp
@@ -140,9 +140,9 @@ def measure_on_slide(
     path = Path(slide) if slide is not None else Path(__file__).parent / "data" / "CMU-1-Small-Region.svs"
     side = tiles * 256 + 2 * max(CANDIDATES)
     with open_slide(path) as s:
-        if s.info.mpp is None:
+        if s.info.level0_mpp is None:
             raise ConfigError(f"{path}: the slide has no mpp metadata; measure on a slide that has it (e.g. the bundled sample)")
-        img = s.read_working((x, y, side, side), card.mpp / s.info.mpp)
+        img = s.read_working((x, y, side, side), card.working_mpp / s.info.level0_mpp)
     predict, _ = make_predictor(net, card, "torch", "cpu")
     rows = measure_context(predict, card, img)
     best = pick_context(rows)

@@ -1,7 +1,7 @@
 """Run the model on RGB images: resampling to the working resolution, padding, batching.
 
 Frames: ``image`` arrays are (H, W, 3) uint8 RGB at their own ``mpp``; probabilities are
-(C, H', W') float32 at the model's working mpp (``card.mpp``); labels returned by
+(C, H', W') float32 at the model's working mpp (``card.working_mpp``); labels returned by
 :func:`segment_image` are back at the image's own resolution.
 """
 
@@ -106,9 +106,9 @@ def segment_image(
     resampled back: returns (H, W) int32 labels. ``tta``: test-time augmentation (default the
     card's ``tta``).
     """
-    work = working_shape(image.shape[:2], mpp, card.mpp)
+    work = working_shape(image.shape[:2], mpp, card.working_mpp)
     probs = predict_probabilities(predict, card, resize_image(image, work), tta)
-    labels = probabilities_to_instances(probs, card.outputs, post or card.postprocess, card.mpp)
+    labels = probabilities_to_instances(probs, card.outputs, post or card.postprocess, card.working_mpp)
     return resize_labels(labels, image.shape[:2])
 
 

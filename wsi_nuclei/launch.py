@@ -142,7 +142,7 @@ class DryRow:
     slide: str
     out_dir: str
     size: tuple[int, int] = (0, 0)
-    mpp: float = 0.0
+    level0_mpp: float = 0.0
     chunks: int = 0
     grid: tuple[int, int] = (0, 0)
     tissue_mm2: float = 0.0
@@ -166,7 +166,7 @@ def dry_run_rows(inputs: Sequence[Path], out: Path, cfg: SegmentConfig) -> list[
             rows.append(DryRow(str(path), str(out_dir), error=str(err)))
             continue
         state = "finished" if (out_dir / "summary.json").exists() else ("interrupted" if (out_dir / WORK_DIR).exists() else "")
-        rows.append(DryRow(str(path), str(out_dir), plan.info.dimensions, plan.info.mpp or 0.0, len(plan.chunks), plan.grid,
+        rows.append(DryRow(str(path), str(out_dir), plan.info.dimensions, plan.info.level0_mpp or 0.0, len(plan.chunks), plan.grid,
                            plan.tissue_mm2, state))
     rows += [DryRow(p, "", error=reason) for p, reason in bad]
     return rows

@@ -82,7 +82,7 @@ class ModelCard:
 
     encoder: str
     outputs: tuple[str, ...] = OUTPUT_NAMES
-    mpp: float = 0.5
+    working_mpp: float = 0.5  # µm per px the model sees (slides are resampled to it)
     architecture: str = "UnetPlusPlus"
     input_mean: tuple[float, float, float] = IMAGENET_MEAN
     input_std: tuple[float, float, float] = IMAGENET_STD
@@ -109,6 +109,8 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: Path | str = "<dict>") -> ModelCard:
+        if "mpp" in data and "working_mpp" not in data:  # older cards name it "mpp"
+            data = {**{k: v for k, v in data.items() if k != "mpp"}, "working_mpp": data["mpp"]}
         try:
             pp = PostProcess(**data.get("postprocess", {}))
             known = {f for f in cls.__dataclass_fields__}
@@ -122,8 +124,8 @@ class ModelCard:
         unknown = set(card.outputs) - set(OUTPUT_NAMES)
         if "nucleus" not in card.outputs or unknown:
             raise ModelError(f"{source}: outputs {list(card.outputs)} must include 'nucleus' and only {list(OUTPUT_NAMES)}")
-        if isinstance(card.mpp, bool) or not isinstance(card.mpp, (int, float)) or not card.mpp > 0:
-            raise ModelError(f"{source}: mpp must be > 0, got {card.mpp}")
+        if isinstance(card.working_mpp, bool) or not isinstance(card.working_mpp, (int, float)) or not card.working_mpp > 0:
+            raise ModelError(f"{source}: working_mpp must be > 0, got {card.working_mpp}")
         if card.tta not in TTA_MODES:
             raise ModelError(f"{source}: tta must be none, flip4 or dihedral8, got {card.tta!r}")
         if card.context_px is not None and (isinstance(card.context_px, bool) or not isinstance(card.context_px, int)

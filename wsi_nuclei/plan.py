@@ -79,7 +79,7 @@ def slide_tiling(cfg: SegmentConfig, card: ModelCard) -> Tiling:
     """The chunk tiling of ``cfg`` for the model ``card`` (context: the option, else the card's)."""
     from .tiling import derive_tiling
 
-    return derive_tiling(card.mpp, cfg.chunk_size, cfg.halo, cfg.context if cfg.context is not None else card.context_px)
+    return derive_tiling(card.working_mpp, cfg.chunk_size, cfg.halo, cfg.context if cfg.context is not None else card.context_px)
 
 
 def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | None = None) -> tuple[SlidePlan, np.ndarray, np.ndarray | None]:
@@ -92,11 +92,11 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | 
     from .tissue import looks_greyscale, tissue_mask
 
     card = card or model_card(cfg)
-    with open_slide(path, cfg.reader, cfg.mpp) as slide:
+    with open_slide(path, cfg.reader, cfg.level0_mpp) as slide:
         info = slide.info
-        if info.mpp is None:
+        if info.level0_mpp is None:
             raise SlideError(f"{path}: no resolution (mpp) in the slide metadata; pass --mpp, e.g. --mpp 0.25 for 40x or 0.5 for 20x")
-        scale = card.mpp / info.mpp
+        scale = card.working_mpp / info.level0_mpp
         width, height = math.ceil(info.dimensions[0] / scale), math.ceil(info.dimensions[1] / scale)
         tiling = slide_tiling(cfg, card)
         thumb, thumb_scale = slide.thumbnail(2048)
@@ -106,14 +106,14 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | 
     chunks, grid = plan_chunks(width, height, tiling, tissue, thumb_scale / scale)
     shift = (0.0, 0.0) if cfg.raw_coordinates or info.bounds is None else (float(info.bounds[0]), float(info.bounds[1]))
     if tissue is not None:
-        tissue_mm2 = float(tissue.sum()) * (thumb_scale * info.mpp / 1000) ** 2
+        tissue_mm2 = float(tissue.sum()) * (thumb_scale * info.level0_mpp / 1000) ** 2
     else:
-        tissue_mm2 = width * height * (card.mpp / 1000) ** 2
+        tissue_mm2 = width * height * (card.working_mpp / 1000) ** 2
     backend = resolve_backend(cfg.backend, cfg.device)
     stat = Path(path).stat()
     # What makes a chunk file reusable: same slide file, model and everything that changes pixels.
     key = {"slide": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "model": card.weights_sha256,
-           "card": card.to_json(), "tiling": asdict(tiling), "mpp": info.mpp, "reader": cfg.reader,
+           "card": card.to_json(), "tiling": asdict(tiling), "level0_mpp": info.level0_mpp, "reader": cfg.reader,
            "backend": backend, "batch": cfg.batch_size,
            "device": cfg.device, "shift": shift, "version": __version__, "chunk_file": CHUNK_FILE_VERSION,
            "tta": cfg.tta or card.tta}

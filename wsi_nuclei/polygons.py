@@ -37,7 +37,7 @@ class PolygonFrame:
     origin_x: int
     origin_y: int
     scale: float
-    mpp: float
+    level0_mpp: float
     shift_x: float = 0.0
     shift_y: float = 0.0
 
@@ -277,7 +277,7 @@ def label_polygons(
         fg = np.asarray(labels).ravel() > 0
         extra["hematoxylin"] = _hematoxylin_od(np.asarray(rgb).reshape(-1, 3)[fg])
     m = _moments(np.asarray(labels), ids, ids[idx], extra)
-    mpp = frame.mpp
+    mpp = frame.level0_mpp
     area_um = np.round(area * mpp * mpp, 3)
     perim_um = np.round(perim * mpp, 3)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -31,7 +31,7 @@ SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".
 class SlideInfo:
     """What a slide is: sizes per level (level-0 px), resolution and metadata.
 
-    ``mpp`` is µm per level-0 pixel (None when the file has no resolution metadata); ``bounds`` is
+    ``level0_mpp`` is µm per level-0 pixel (None when the file has no resolution metadata); ``bounds`` is
     the non-empty region (x, y, width, height) in level-0 px that QuPath crops to, or None.
     """
 
@@ -41,7 +41,7 @@ class SlideInfo:
     dimensions: tuple[int, int]
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
-    mpp: float | None
+    level0_mpp: float | None
     objective: float | None
     bounds: tuple[int, int, int, int] | None
     associated: tuple[str, ...]
@@ -251,7 +251,7 @@ def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None
         dimensions=dims[0],
         level_dimensions=dims,
         level_downsamples=tuple(float(d) for d in handle.level_downsamples),
-        mpp=slide_mpp,
+        level0_mpp=slide_mpp,
         objective=_float(_prop(props, f"{prefix}.objective-power", "openslide.objective-power", "tiffslide.objective-power")),
         bounds=bounds,
         associated=associated,

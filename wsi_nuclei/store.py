@@ -2,7 +2,7 @@
 
 Layout (Zarr v2 format, OME-NGFF 0.4 multiscales so napari / ome-zarr-py open each group)::
 
-    mask.zarr/                 attrs: wsi_nuclei = {slide, mpp, scale, tiling, model card, version}
+    mask.zarr/                 attrs: wsi_nuclei = {slide, working_mpp, scale, tiling, model card, version}
       probability/0, 1, …      uint8 nucleus probability × 255, (y, x) at the working mpp, ×2 pyramid
       labels/0, 1, …           uint32 nucleus ids (globally unique), same grid; NGFF "image-label"
 

@@ -44,7 +44,7 @@ class TrainConfig:
     pretrained: bool = True
     outputs: tuple[str, ...] = ("nucleus", "boundary", "distance")
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)
-    mpp: float = 0.5
+    working_mpp: float = 0.5
     crop: int = 256
     batch_size: int = 8
     epochs: int = 60
@@ -71,8 +71,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.crop % 32:
             raise ConfigError(f"--crop must be a multiple of 32 (UNet++ stride), got {self.crop}")
-        if not self.mpp > 0:
-            raise ConfigError(f"--mpp must be > 0, got {self.mpp}")
+        if not self.working_mpp > 0:
+            raise ConfigError(f"--mpp must be > 0, got {self.working_mpp}")
         if self.loss not in ("dice", "dice_bce"):
             raise ConfigError(f"--loss must be dice or dice_bce, got {self.loss!r}")
         if "nucleus" not in self.outputs:
@@ -92,7 +92,7 @@ PAPER_RECIPE: dict[str, Any] = dict(
     pretrained=True,
     outputs=("nucleus",),
     decoder_channels=(256, 128, 64, 32, 16),
-    mpp=0.25 * 1000 / 256,
+    working_mpp=0.25 * 1000 / 256,
     crop=256,
     lr=1e-4,
     lr_drop_epoch=25,
@@ -148,7 +148,7 @@ def tune_postprocess(
     predict, _ = make_predictor(model, card, "torch", "cpu")
     cached = []
     for s in samples:
-        work = working_shape(s.image.shape[:2], s.mpp, card.mpp)
+        work = working_shape(s.image.shape[:2], s.mpp, card.working_mpp)
         cached.append((s, predict_probabilities(predict, card, resize_image(s.image, work), tta=tta)))
     methods: list[str] = [m for m in ("boundary", "distance") if m in card.outputs] or ["threshold"]
     grid: list[PostProcess] = []
@@ -160,7 +160,7 @@ def tune_postprocess(
     def score(post: PostProcess) -> float:
         ajis = []
         for s, probs in cached:
-            labels = probabilities_to_instances(probs, card.outputs, post, card.mpp)
+            labels = probabilities_to_instances(probs, card.outputs, post, card.working_mpp)
             ajis.append(evaluate_pair(s.labels, resize_labels(labels, s.labels.shape)).aji)
         return float(np.mean(ajis))
 
@@ -250,7 +250,7 @@ def build_config(out: Path, options: dict[str, Any], recipe: str = "ours", data:
         base["init"] = str(init)
         base.setdefault("encoder", init_card.encoder)
         base["outputs"] = tuple(init_card.outputs)
-        base.setdefault("mpp", init_card.mpp)
+        base.setdefault("working_mpp", init_card.working_mpp)
         base["postprocess"] = init_card.postprocess
         if init_card.training.get("decoder_channels"):
             base["decoder_channels"] = tuple(init_card.training["decoder_channels"])
@@ -267,7 +267,7 @@ def _card(cfg: TrainConfig, extra: dict[str, Any]) -> ModelCard:
     training = {k: (_listify(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "postprocess"}
     training["out"] = str(cfg.out)
     training.update(extra)
-    return ModelCard(encoder=cfg.encoder, outputs=cfg.outputs, mpp=cfg.mpp, postprocess=cfg.postprocess, training=training)
+    return ModelCard(encoder=cfg.encoder, outputs=cfg.outputs, working_mpp=cfg.working_mpp, postprocess=cfg.postprocess, training=training)
 
 
 def train(

@@ -111,7 +111,7 @@ class Prepared:
 
 
 def prepare(samples: list[Sample], cfg: TrainConfig) -> Prepared:
-    """Resample samples to ``cfg.mpp``, compute their targets (and Macenko stains) once, and
+    """Resample samples to ``cfg.working_mpp``, compute their targets (and Macenko stains) once, and
     group them by dataset for the weighted sampler. A sample's dataset is ``Sample.dataset``
     ("" counts as the first dataset of ``cfg.data``)."""
     from .infer import resize_image, resize_labels, working_shape
@@ -126,7 +126,7 @@ def prepare(samples: list[Sample], cfg: TrainConfig) -> Prepared:
         if key not in members:
             raise ConfigError(f"training image {s.name} is from dataset {key!r}, which --data does not list ({', '.join(names)})")
         members[key].append(i)
-        shape = working_shape(s.labels.shape, s.mpp, cfg.mpp)
+        shape = working_shape(s.labels.shape, s.mpp, cfg.working_mpp)
         images.append(resize_image(s.image, shape))
         targets.append(make_targets(resize_labels(s.labels, shape), cfg.outputs))
         stains.append(macenko_stains(images[-1]) if cfg.stain_augment in ("macenko", "both") else None)
