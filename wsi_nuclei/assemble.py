@@ -23,6 +23,7 @@ from . import __version__, atomic
 from .chunk import read_chunk_file
 from .config import SegmentConfig
 from .errors import OutputError, WsiNucleiError
+from .outputs import install, shown
 from .plan import SlidePlan
 from .results import SlideResult
 
@@ -36,14 +37,18 @@ def assemble_slide(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | No
     under a temporary name first; ``summary.json`` last. Holds one chunk in memory at a time.
     A failure (full disk, damaged chunk file) returns a "failed" result, leaves no partial file
     and keeps the chunk files, so ``--resume`` can assemble again without recomputing."""
+    from .outputs import shown
+
     out_dir = Path(plan.out_dir)
+    temps: dict[str, Path] = {}
     try:
-        return _assemble(plan, cfg, run)
+        return _assemble(plan, cfg, run, temps)
     except WsiNucleiError as err:
         reason = str(err)
     except OSError as err:
-        reason = f"{out_dir}: writing the outputs failed ({err.strerror or err}); free disk space or choose another -o folder, then run again with --resume"
-    for leftover in (out_dir / "mask.zarr.partial", out_dir / f"nuclei.{cfg.geojson_format}.partial"):
+        reason = (f"{shown(out_dir)}: writing the outputs failed ({err.strerror or err}); free disk space or choose another -o folder, "
+                  "then run again with --resume")
+    for leftover in temps.values():
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
@@ -51,7 +56,7 @@ def assemble_slide(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | No
     return SlideResult(plan.path, "failed", str(out_dir), reason=reason)
 
 
-def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -> SlideResult:
+def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, temps: dict[str, Path]) -> SlideResult:
     from .export import GeoJSONWriter, drop_features
     from .instances import overlapping
     from .store import LabelCanvas, build_pyramids, create_store, open_array
@@ -59,10 +64,10 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
     t0 = time.perf_counter()
     out_dir = Path(plan.out_dir)
     card = plan.card
-    geo_path = out_dir / f"nuclei.{cfg.geojson_format}"
-    zarr_path = out_dir / "mask.zarr"
-    tmp_zarr = out_dir / "mask.zarr.partial"
-    shutil.rmtree(tmp_zarr, ignore_errors=True)
+    geo_name = f"nuclei.{cfg.geojson_format}"
+    # every output under a name of this run only (two runs never share a temporary file)
+    temps.update({name: atomic.temp_path(out_dir / name) for name in ("mask.zarr", geo_name, "overlay.png")})
+    tmp_zarr = temps["mask.zarr"]
     tiling = plan.tiling
     attrs = {"slide": plan.path, "slide_info": plan.info.as_dict(), "working_mpp": card.working_mpp, "level0_per_working_px": plan.scale,
              "tiling": asdict(tiling), "model_card": json.loads(card.to_json()), "version": __version__,
@@ -75,11 +80,9 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
     cut = dropped = 0
     forwards: dict[tuple[int, ...], int] = {}
     t_write = time.perf_counter()
-    with GeoJSONWriter(geo_path) as writer:
+    with GeoJSONWriter(temps[geo_name], gzipped=geo_name.endswith(".gz")) as writer:
         for ch in plan.chunks:
-            part = read_chunk_file(plan.chunk_file(ch))
-            if part.meta.get("fingerprint") != plan.fingerprint:
-                raise OutputError(f"{plan.chunk_file(ch)}: chunk file from another run's settings; run again with --overwrite")
+            part = _read_part(plan, ch)
             core = part.probability[: height - ch.y, : width - ch.x]  # a core is one Zarr chunk, clipped at the slide edge
             probability[ch.y : ch.y + core.shape[0], ch.x : ch.x + core.shape[1]] = core
             y0, x0 = ch.y - tiling.halo, ch.x - tiling.halo
@@ -100,9 +103,6 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
         n_nuclei = writer.count
     labels.close()
     build_pyramids(tmp_zarr, tiling.chunk)
-    if zarr_path.exists():
-        shutil.rmtree(zarr_path)
-    os.replace(tmp_zarr, zarr_path)
     t_written = time.perf_counter()
     if cut:
         log.warning("%s: %d nuclei reached the edge of their chunk window; raise --halo", plan.path, cut)
@@ -112,7 +112,7 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
     thumb = np.load(plan.work / "thumbnail.npy")
     tissue_file = plan.work / "tissue.npy"
     tissue = np.load(tissue_file) if tissue_file.exists() else None
-    _overlay(zarr_path, thumb, tissue, out_dir / "overlay.png")
+    _overlay(tmp_zarr, thumb, tissue, temps["overlay.png"])
     run = run or {}
     summary = {
         "slide": plan.path, "nuclei": n_nuclei, "tissue_mm2": plan.tissue_mm2,
@@ -128,12 +128,31 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None) -
         # the options as given, context and tta resolved (an option left unset takes the card's value)
         "parameters": {**asdict(cfg), "context": tiling.context, "tta": plan.tta}, "tiling": asdict(tiling), "slide_info": plan.info.as_dict(),
         "model": plan.model, "versions": _versions(),
-        "outputs": {"mask": "mask.zarr", "geojson": geo_path.name, "overlay": "overlay.png"},
+        "outputs": {"mask": "mask.zarr", "geojson": geo_name, "overlay": "overlay.png"},
+        # what --resume checks before it skips this slide (outputs.finished)
+        "slide_file": plan.slide_file, "output_key": plan.output_key, "fingerprint": plan.fingerprint,
     }
-    atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    os.sync()  # the outputs reach the disk before the summary that declares them finished
+    install(out_dir, temps, stale=("nuclei.geojson", "nuclei.geojson.gz"))
+    temps.clear()
+    atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n", sync=True)
     if not cfg.keep_chunks:
         shutil.rmtree(plan.work, ignore_errors=True)
     return SlideResult(plan.path, "ok", str(out_dir), n_nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)})
+
+
+def _read_part(plan: SlidePlan, ch: Any) -> Any:
+    """Chunk ``ch``'s file; a damaged one is removed, so that ``--resume`` computes it again."""
+    path = plan.chunk_file(ch)
+    try:
+        part = read_chunk_file(path)
+    except OutputError:
+        path.unlink(missing_ok=True)
+        raise OutputError(f"{shown(path)}: damaged chunk file (removed); run again with --resume to compute chunk {ch.index} again") from None
+    if part.meta.get("fingerprint") != plan.fingerprint:
+        path.unlink(missing_ok=True)
+        raise OutputError(f"{shown(path)}: chunk file made with other settings (removed); run again with --resume to compute it again")
+    return part
 
 
 def _overlay(zarr_path: Path, thumb: np.ndarray, tissue: np.ndarray | None, out: Path) -> None:

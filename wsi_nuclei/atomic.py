@@ -43,7 +43,11 @@ def write_bytes(path: Path | str, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def write_text(path: Path | str, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
+def write_text(path: Path | str, text: str, sync: bool = False) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically; ``sync``: on disk (fsync) before the rename."""
     with replacing(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())

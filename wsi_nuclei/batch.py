@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from .cluster import CPU_TASKS
 from .config import SegmentConfig
 from .errors import WsiNucleiError
 from .model import ModelCard
+from .outputs import SlideLock, shown
 from .plan import SlidePlan, check_outputs, model_card, plan_slide, start_slide
 from .results import ChunkDone, SlideResult
 from .tiling import Chunk
@@ -142,8 +144,14 @@ def run_batch(
     pending: dict[Any, tuple[int, str, Chunk | None]] = {}
     progress = {"done": 0, "total": 0}
     max_slides = max(1, max_slides)
+    locks: dict[int, SlideLock] = {}  # the output folders this run writes (one writer per slide)
+    traces: dict[int, str] = {}  # the traceback of a slide's first failure, for its error.txt
 
     def finish(i: int, res: SlideResult, err: BaseException | None = None) -> None:
+        lock = locks.pop(i, None)
+        if lock is not None:
+            res = _record_error(res, traces.pop(i, ""))  # only into a folder we hold
+            lock.release()
         if err is not None and raise_errors:
             ex.cancel(list(pending))
             raise err
@@ -160,16 +168,24 @@ def run_batch(
             i, (path, out_dir) = queue.popleft()
             t0 = time.perf_counter()
             try:
-                skipped = check_outputs(out_dir, cfg)
+                locks[i] = SlideLock(out_dir).acquire()
+                if card is None:
+                    card = model_card(cfg)
+                skipped = check_outputs(path, out_dir, cfg, card)
                 if skipped is not None:
                     finish(i, replace(skipped, slide=str(path)))
                     continue
-                if card is None:
-                    card = model_card(cfg)
                 plan, thumb, tissue = plan_slide(path, out_dir, cfg, card)
                 todo = start_slide(plan, thumb, tissue, cfg)
-            except WsiNucleiError as err:
-                finish(i, SlideResult(str(path), "failed", str(out_dir), reason=str(err), seconds=round(time.perf_counter() - t0, 2)), err)
+            except Exception as err:  # noqa: BLE001 - whatever goes wrong while a slide starts fails only that slide
+                if isinstance(err, WsiNucleiError):
+                    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                else:
+                    traces[i] = "".join(traceback.format_exception(err))
+                    reason = (f"{shown(path)}: starting the slide failed ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); "
+                              f"the traceback is in {shown(out_dir / 'error.txt')}")
+                wrapped = err if isinstance(err, WsiNucleiError) else WsiNucleiError(reason)
+                finish(i, SlideResult(str(path), "failed", str(out_dir), reason=reason, seconds=round(time.perf_counter() - t0, 2)), wrapped)
                 continue
             reused = len(plan.chunks) - len(todo)
             if reused:
@@ -220,6 +236,8 @@ def run_batch(
                 # failures retrying cannot fix come back as values (no retry storm)
                 if isinstance(value, ChunkDone) and value.error:
                     err = WsiNucleiError(value.error)
+                    if value.trace and i not in traces:
+                        traces[i] = value.trace
                 elif isinstance(value, SlideResult) and value.status == "failed":
                     err = WsiNucleiError(value.reason)
                 if err is not None and not st.failed:
@@ -230,7 +248,9 @@ def run_batch(
                     else:
                         first = (str(err).splitlines() or [""])[0]
                         tries = f" after {TASK_RETRIES} retries" if isinstance(ex, _Dask) else ""
-                        st.failed = f"{st.plan.path}: {where} failed{tries} ({type(err).__name__}: {first}); run again with --resume, or --debug for the traceback"
+                        traces.setdefault(i, "".join(traceback.format_exception(err)))
+                        st.failed = (f"{shown(st.plan.path)}: {where} failed{tries} ({type(err).__name__}: {first}); the traceback is in "
+                                     f"{shown(Path(st.plan.out_dir) / 'error.txt')}; run again with --resume")
                     st.todo.clear()
                     ex.cancel(list(st.futures))
                     for f in list(st.futures):
@@ -258,5 +278,25 @@ def run_batch(
         raise
     finally:
         if isinstance(ex, _Local):
-            ex.close()
+            ex.close()  # running tasks finish first: they write into folders we still hold
+        for lock in locks.values():
+            lock.release()
     return [results[i] for i in sorted(results)]
+
+
+def _record_error(res: SlideResult, trace: str) -> SlideResult:
+    """Keep a failed slide's reason (and traceback) in ``OUT/<slide>/error.txt``; a slide that
+    finished loses the error.txt of an earlier failed run."""
+    if not res.out_dir:
+        return res
+    path = Path(res.out_dir) / "error.txt"
+    if res.status != "failed":
+        path.unlink(missing_ok=True)
+        return res
+    from . import atomic
+
+    try:
+        atomic.write_text(path, res.reason + "\n" + (f"\n{trace}" if trace else ""))
+    except OSError:
+        return res
+    return replace(res, extra={**res.extra, "error_file": str(path)})

@@ -21,6 +21,8 @@ import io
 import json
 import logging
 import time
+import traceback
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +110,7 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
     try:
         res = segment_chunk(plan, chunk, cfg)
     except WsiNucleiError as err:
-        return ChunkDone(chunk.index, 0, 0.0, error=str(err))
+        return ChunkDone(chunk.index, 0, 0.0, error=str(err), trace=traceback.format_exc())
     blob = b",\n".join(res.features)
     meta: dict[str, Any] = {"chunk": asdict(chunk), "nuclei": len(res.features), "cut": res.cut,
             "times": res.times, "forward": list(res.forward), "fingerprint": plan.fingerprint}
@@ -129,8 +131,6 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """An .npz (what ``np.load`` reads) deflated at level 1: a temporary file, written once and
     read once, so compressing it harder (``np.savez_compressed``: level 6) is not worth the time."""
-    import zipfile
-
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for name, arr in arrays.items():
@@ -148,5 +148,5 @@ def read_chunk_file(path: Path) -> StoredChunk:
             base = np.uint32(int(meta["chunk"]["index"]) * IDS_PER_CHUNK)
             owned = np.where(local > 0, local.astype(np.uint32) + base, np.uint32(0))
             return StoredChunk(z["probability"], owned, bytes(z["features"]), meta)
-    except (OSError, ValueError, KeyError) as err:
-        raise OutputError(f"{path}: unreadable chunk file ({err}); delete it and run again with --resume") from err
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise OutputError(f"{path}: unreadable chunk file ({type(err).__name__}: {err})") from err

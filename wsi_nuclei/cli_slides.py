@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from .cli_common import app, fail
+from .cli_common import _state, app, fail
 from .errors import WsiNucleiError
 
 if TYPE_CHECKING:  # annotations only: the commands import their heavy modules inside
@@ -84,6 +84,7 @@ def segment(
     from .cluster import close_client, make_client
     from .launch import configs, parse_size, queue_depth
     from .model import load_model
+    from .outputs import shown
     from .pipeline import segment_many
 
     console = Console(stderr=True, quiet=quiet)
@@ -147,7 +148,12 @@ def segment(
         console.print(table)
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
-        typer.echo(f"error: {r.reason}" if r.slide in r.reason else f"error: {r.slide}: {r.reason}", err=True)
+        if _state["debug"] and r.extra.get("error_file"):
+            try:
+                typer.echo(Path(r.extra["error_file"]).read_text(encoding="utf-8"), err=True)
+            except OSError:
+                pass
+        typer.echo(f"error: {r.reason}" if shown(r.slide) in r.reason else f"error: {shown(r.slide)}: {r.reason}", err=True)
     if failed:
         raise typer.Exit(1)
 

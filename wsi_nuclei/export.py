@@ -20,6 +20,7 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
+from . import atomic
 from .polygons import Nucleus
 
 __all__ = ["GeoJSONWriter", "feature", "encode_feature", "encode_nuclei", "feature_ids", "NUCLEUS_CLASS", "feature_id"]
@@ -129,14 +130,15 @@ def encode_nuclei(nuclei: Sequence[Nucleus], slide_key: str) -> list[bytes]:
 
 
 class GeoJSONWriter:
-    """Stream features to ``path`` (gzip when it ends with .gz); the file appears under its final
+    """Stream features to ``path`` (``gzipped``: default when it ends with .gz); the file appears under its final
     name only when the writer is closed without error (temporary name, then rename)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, gzipped: bool | None = None) -> None:
         self.path = Path(path)
-        self._tmp = self.path.with_name(self.path.name + ".partial")
+        gzipped = self.path.suffix == ".gz" if gzipped is None else gzipped
+        self._tmp = atomic.temp_path(self.path)
         raw: IO[bytes] = open(self._tmp, "wb")
-        self._fh: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=GZIP_LEVEL) if self.path.suffix == ".gz" else raw  # type: ignore[assignment]
+        self._fh: IO[bytes] = gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=GZIP_LEVEL) if gzipped else raw  # type: ignore[assignment]
         self._raw = raw
         self.count = 0
         self._fh.write(b'{"type":"FeatureCollection","features":[')

@@ -153,6 +153,7 @@ class DryRow:
 def dry_run_rows(inputs: Sequence[Path], out: Path, cfg: SegmentConfig) -> list[DryRow]:
     """Plan every slide of ``inputs`` as ``segment`` would; reads the slides, writes nothing."""
     from .config import WORK_DIR
+    from .outputs import finished
     from .pipeline import find_slides, slide_jobs
     from .plan import model_card, plan_slide
 
@@ -165,7 +166,12 @@ def dry_run_rows(inputs: Sequence[Path], out: Path, cfg: SegmentConfig) -> list[
         except WsiNucleiError as err:
             rows.append(DryRow(str(path), str(out_dir), error=str(err)))
             continue
-        state = "finished" if (out_dir / "summary.json").exists() else ("interrupted" if (out_dir / WORK_DIR).exists() else "")
+        if finished(out_dir, plan.slide_file, plan.output_key).done:
+            state = "finished"
+        elif (out_dir / "summary.json").exists():
+            state = "outdated"  # outputs of another model, options or slide version: segmented again
+        else:
+            state = "interrupted" if (out_dir / WORK_DIR).exists() else ""
         rows.append(DryRow(str(path), str(out_dir), plan.info.dimensions, plan.info.level0_mpp or 0.0, len(plan.chunks), plan.grid,
                            plan.tissue_mm2, state))
     rows += [DryRow(p, "", error=reason) for p, reason in bad]

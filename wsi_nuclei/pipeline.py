@@ -58,18 +58,39 @@ def find_slides(inputs: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     return found, bad
 
 
+#: Names in OUT that belong to the tool, never to a slide's folder.
+RESERVED_NAMES = frozenset({"run.json", "report.html"})
+
+
 def _safe_name(path: Path) -> str:
     name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path.stem).strip(".") or "slide"
-    return name
+    return name + "_" if name.lower() in RESERVED_NAMES else name
+
+
+def _taken_by_other(folder: Path, ident: dict[str, Any]) -> bool:
+    from .outputs import folder_owner, same_file
+
+    owner = folder_owner(folder)
+    return owner is not None and not same_file(owner, ident) and owner.get("path") != ident["path"]
 
 
 def slide_jobs(slides: list[Path], out: Path) -> list[tuple[Path, Path]]:
-    """(slide, output folder) pairs: ``out/<safe slide name>``, made unique."""
+    """(slide, output folder) pairs: ``out/<safe slide name>``, made unique. A slide given twice
+    (the same file) is segmented once; a folder holding another slide's outputs (a slide of the
+    same name from another folder) is passed over, so each slide keeps its own folder from run to run."""
+    from .outputs import shown, slide_file
+
     used: set[str] = set()
+    seen: set[str] = set()
     jobs = []
     for path in slides:
+        ident = slide_file(path)
+        if ident["path"] in seen:
+            log.info("%s: given more than once; segmented once", shown(path))
+            continue
+        seen.add(ident["path"])
         name = _safe_name(path)
-        while name in used:
+        while name in used or _taken_by_other(out / name, ident):
             name += "_"
         used.add(name)
         jobs.append((path, out / name))
@@ -105,13 +126,37 @@ def segment_many(
     paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
     slides, bad = find_slides(paths)
     results = [SlideResult(p, "failed", reason=r) for p, r in bad]
-    results += run_batch(slide_jobs(slides, out), cfg, client, on_slide, on_chunk, max_slides, min_pending=min_pending, stop=stop)
+    jobs = slide_jobs(slides, out)
+    done: list[SlideResult] = []
+
+    def record(res: SlideResult) -> None:
+        done.append(res)
+        if on_slide:
+            on_slide(res)
+
+    state = "interrupted"
+    try:
+        done = run_batch(jobs, cfg, client, record, on_chunk, max_slides, min_pending=min_pending, stop=stop)
+        state = "finished"
+    finally:  # run.json is written after a failure or Ctrl-C too: what finished is listed
+        finished = {r.slide for r in done}
+        left = [SlideResult(str(p), "interrupted", str(d), reason="the run stopped before this slide finished; run again with --resume")
+                for p, d in jobs if str(p) not in finished] if state != "finished" else []
+        _write_run_json(out, results + done + left, state)
+    return results + done
+
+
+def _write_run_json(out: Path, results: list[SlideResult], state: str) -> None:
+    from .errors import OutputError
+    from .outputs import shown
+
+    text = json.dumps({"version": __version__, "state": state, "slides": [asdict(r) for r in results]}, indent=2, default=str) + "\n"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(out / "run.json", json.dumps({"version": __version__, "slides": [asdict(r) for r in results]}, indent=2, default=str) + "\n")
+        atomic.write_text(out / "run.json", text)
     except OSError as err:
-        log.error("%s: cannot write run.json (%s)", out, err.strerror)
-    return results
+        raise OutputError(f"{shown(out / 'run.json')}: cannot write the run's report ({err.strerror or err}); "
+                          "the slides' own outputs are kept; free disk space and run again with --resume") from err
 
 
 def segment_slide(

@@ -14,8 +14,9 @@ import logging
 import math
 import shutil
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,11 +24,12 @@ from . import __version__, atomic
 from .config import WORK_DIR, SegmentConfig
 from .errors import OutputError, SlideError
 from .model import ModelCard
+from .outputs import finished, folder_owner, remove_leftovers, same_file, shown, slide_file
 from .results import SlideResult
 from .slide import SlideInfo
 from .tiling import Chunk, Tiling
 
-__all__ = ["SlidePlan", "model_card", "slide_tiling", "plan_slide", "check_outputs", "start_slide"]
+__all__ = ["SlidePlan", "model_card", "slide_tiling", "plan_keys", "plan_slide", "check_outputs", "start_slide"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class SlidePlan:
     fingerprint: str
     tta: str = "none"  # the test-time augmentation in effect (the option, else the card's)
     backend: str = "torch"  # the inference backend resolved on the driver (part of the fingerprint)
+    slide_file: dict[str, Any] = field(default_factory=dict)  # outputs.slide_file: name, size, mtime
+    output_key: str = ""  # what the finished outputs depend on (see plan_keys)
 
     @property
     def model(self) -> str:
@@ -80,6 +84,25 @@ def slide_tiling(cfg: SegmentConfig, card: ModelCard) -> Tiling:
     from .tiling import derive_tiling
 
     return derive_tiling(card.working_mpp, cfg.chunk_size, cfg.halo, cfg.context if cfg.context is not None else card.context_px)
+
+
+def plan_keys(path: Path | str, cfg: SegmentConfig, card: ModelCard, backend: str) -> tuple[dict[str, Any], str, str]:
+    """(slide file record, output key, chunk fingerprint) of segmenting ``path`` with ``cfg`` and
+    ``card``; needs no slide reading. The output key covers what the finished outputs depend on
+    (the slide file, the model, every option that changes a pixel or a coordinate); ``--resume``
+    skips a slide only when its summary has the same. The fingerprint adds how the chunks were
+    computed (backend, batch, device, version, chunk-file format): chunk files are reused only
+    when it matches."""
+    ident = slide_file(path)
+    outputs = {"slide": {k: ident[k] for k in ("name", "bytes", "mtime_ns")}, "model": card.weights_sha256, "card": card.to_json(),
+               "tiling": asdict(slide_tiling(cfg, card)), "level0_mpp": cfg.level0_mpp, "reader": cfg.reader,
+               "raw_coordinates": cfg.raw_coordinates, "tissue_mask": cfg.tissue_mask, "tta": cfg.tta or card.tta,
+               "format": cfg.geojson_format}
+    key = hashlib.sha256(json.dumps(outputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    chunks = {"outputs": key, "backend": backend, "batch": cfg.batch_size, "device": cfg.device, "version": __version__,
+              "chunk_file": CHUNK_FILE_VERSION}
+    fingerprint = hashlib.sha256(json.dumps(chunks, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return ident, key, fingerprint
 
 
 def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | None = None) -> tuple[SlidePlan, np.ndarray, np.ndarray | None]:
@@ -110,38 +133,48 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | 
     else:
         tissue_mm2 = width * height * (card.working_mpp / 1000) ** 2
     backend = resolve_backend(cfg.backend, cfg.device)
-    stat = Path(path).stat()
-    # What makes a chunk file reusable: same slide file, model and everything that changes pixels.
-    key = {"slide": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "model": card.weights_sha256,
-           "card": card.to_json(), "tiling": asdict(tiling), "level0_mpp": info.level0_mpp, "reader": cfg.reader,
-           "backend": backend, "batch": cfg.batch_size,
-           "device": cfg.device, "shift": shift, "version": __version__, "chunk_file": CHUNK_FILE_VERSION,
-           "tta": cfg.tta or card.tta}
-    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    ident, key, fingerprint = plan_keys(path, cfg, card, backend)
     plan = SlidePlan(str(path), str(out_dir), scale, (height, width), tiling, tuple(chunks), grid, shift,
                      f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}", round(tissue_mm2, 4), info, card, fingerprint,
-                     cfg.tta or card.tta, backend)
+                     cfg.tta or card.tta, backend, ident, key)
     return plan, thumb, tissue
 
 
-def check_outputs(out_dir: Path, cfg: SegmentConfig) -> SlideResult | None:
-    """Apply --resume / --overwrite to an existing output folder. Returns a "skipped" result for a
-    finished slide under --resume; raises OutputError for existing outputs without either flag."""
+def check_outputs(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard) -> SlideResult | None:
+    """Apply --resume / --overwrite to an existing output folder (hold its lock). Returns a
+    "skipped" result under --resume for a slide whose outputs are verified finished
+    (:func:`.outputs.finished`); a folder whose outputs are not (another slide version, another
+    model or options, a missing output) is segmented again, its old outputs kept until the new ones
+    are complete. Raises OutputError for existing outputs without either flag, and for a folder
+    holding another slide's outputs."""
     summary = out_dir / "summary.json"
     work = out_dir / WORK_DIR
+    ident = slide_file(path)
+    owner = folder_owner(out_dir)
+    if owner is not None and not same_file(owner, ident) and owner.get("path") != ident["path"] and not cfg.overwrite:
+        raise OutputError(f"{shown(out_dir)}: holds the outputs of another slide ({shown(owner.get('path', '?'))}); "
+                          "choose another -o folder, or pass --overwrite to replace them")
     if summary.exists():
         if cfg.resume:
-            try:
-                done = json.loads(summary.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                done = {}
-            return SlideResult(str(done.get("slide", out_dir)), "skipped", str(out_dir), int(done.get("nuclei", 0)),
-                               "finished in an earlier run (--resume)")
+            from .backends import resolve_backend
+
+            _, key, _ = plan_keys(path, cfg, card, resolve_backend(cfg.backend, cfg.device))
+            verdict = finished(out_dir, ident, key)
+            if verdict.done:
+                return SlideResult(str(path), "skipped", str(out_dir), verdict.nuclei, "finished in an earlier run (--resume)")
+            log.warning("%s: the outputs in %s are not a finished run of this slide with these settings (%s); segmenting it again",
+                        shown(path), shown(out_dir), verdict.why)
+            return None
         if not cfg.overwrite:
-            raise OutputError(f"{out_dir}: outputs exist; pass --resume to skip finished slides or --overwrite to replace them")
+            raise OutputError(f"{shown(out_dir)}: outputs exist; pass --resume to skip finished slides or --overwrite to replace them")
     elif work.exists() and not (cfg.resume or cfg.overwrite):
-        raise OutputError(f"{out_dir}: an interrupted run left unfinished outputs; pass --resume to continue it or --overwrite to start over")
+        raise OutputError(f"{shown(out_dir)}: an interrupted run left unfinished outputs; pass --resume to continue it or --overwrite to start over")
     return None
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic.replacing(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, arr)
 
 
 def start_slide(plan: SlidePlan, thumb: np.ndarray, tissue: np.ndarray | None, cfg: SegmentConfig) -> list[Chunk]:
@@ -156,13 +189,7 @@ def start_slide(plan: SlidePlan, thumb: np.ndarray, tissue: np.ndarray | None, c
         probe.unlink()
     except OSError as err:
         raise OutputError(f"{out_dir}: cannot write outputs ({err.strerror}); choose a writable -o folder") from err
-    if cfg.overwrite:
-        for name in ("summary.json", "mask.zarr", "nuclei.geojson", "nuclei.geojson.gz", "overlay.png"):
-            target = out_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+    remove_leftovers(out_dir)  # temporary files of a run killed while writing (we hold the lock)
     plan_file = work / "plan.json"
     if work.exists():
         old = None
@@ -174,12 +201,43 @@ def start_slide(plan: SlidePlan, thumb: np.ndarray, tissue: np.ndarray | None, c
             if not cfg.overwrite:
                 log.warning("%s: chunk files of an earlier run were made with other settings; recomputing them", plan.path)
             shutil.rmtree(work)
-    (work / "chunks").mkdir(parents=True, exist_ok=True)
-    # kept for the overlay at assembly; .npy: temporary files need no PNG encoder
-    np.save(work / "thumbnail.npy", thumb)
-    if tissue is not None:
-        np.save(work / "tissue.npy", tissue)
-    else:
-        (work / "tissue.npy").unlink(missing_ok=True)
-    atomic.write_text(plan_file, json.dumps({"fingerprint": plan.fingerprint, "slide": plan.path, "chunks": len(plan.chunks)}) + "\n")
-    return [ch for ch in plan.chunks if not plan.chunk_file(ch).exists()]
+    try:
+        (work / "chunks").mkdir(parents=True, exist_ok=True)
+        # kept for the overlay at assembly; .npy: temporary files need no PNG encoder
+        _save_npy(work / "thumbnail.npy", thumb)
+        if tissue is not None:
+            _save_npy(work / "tissue.npy", tissue)
+        else:
+            (work / "tissue.npy").unlink(missing_ok=True)
+        atomic.write_text(plan_file, json.dumps({"fingerprint": plan.fingerprint, "slide": plan.path, "slide_file": plan.slide_file,
+                                                 "chunks": len(plan.chunks)}) + "\n")
+    except OSError as err:
+        raise OutputError(f"{shown(out_dir)}: cannot write outputs ({err.strerror or err}); free disk space or choose another -o folder, "
+                          "then run again with --resume") from err
+    return [ch for ch in plan.chunks if not usable_chunk_file(plan, ch)]
+
+
+def usable_chunk_file(plan: SlidePlan, chunk: Chunk) -> bool:
+    """Whether ``chunk``'s file from an earlier run can be reused: it exists, every member passes
+    its CRC and it was made with this plan's fingerprint. A damaged one is removed (a warning
+    names it) so the chunk is computed again."""
+    import zipfile
+
+    path = plan.chunk_file(chunk)
+    if not path.exists():
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            member = zf.testzip()  # reads every member, checking its CRC
+        if member is not None:
+            raise ValueError(f"bad CRC in {member}")
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+        bad = None if isinstance(meta, dict) and meta.get("fingerprint") == plan.fingerprint else "made with other settings"
+    except (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError) as err:
+        bad = f"{type(err).__name__}: {err}"
+    if bad is not None:
+        log.warning("%s: damaged chunk file (%s); computing chunk %d again", shown(path), bad, chunk.index)
+        path.unlink(missing_ok=True)
+        return False
+    return True

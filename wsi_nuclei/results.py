@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 __all__ = ["SlideResult", "ChunkDone", "Status"]
 
-#: ok: outputs written; skipped: finished in an earlier run (--resume); failed: see ``reason``.
-Status = Literal["ok", "skipped", "failed"]
+#: ok: outputs written; skipped: finished in an earlier run (--resume); failed: see ``reason``;
+#: interrupted: not reached before Ctrl-C or a stop (``run.json`` only).
+Status = Literal["ok", "skipped", "failed", "interrupted"]
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,4 @@ class ChunkDone:
     #: set when the chunk failed for a reason that retrying cannot fix (a damaged region, a full
     #: disk): the slide fails at once instead of Dask retrying the task
     error: str = ""
+    trace: str = ""  # the traceback behind ``error``, for the slide's error.txt

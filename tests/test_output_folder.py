@@ -1,0 +1,410 @@
+"""A slide's output folder is never wrong in silence (fault catalogue, issue 14): one writer per
+folder, ``--resume`` verifies before it skips, ``--overwrite`` replaces only on success, damaged
+chunk files are recomputed, every failure is that slide's one line with its traceback kept, and
+names never collide."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from wsi_nuclei.cli import app
+from wsi_nuclei.outputs import LOCK_NAME, SlideLock
+from wsi_nuclei.pipeline import WORK_DIR, SegmentConfig, segment_many
+
+from .slides import disc_slide
+
+runner = CliRunner()
+OPTS = {"chunk_size": 256, "halo": 32, "context": 64}
+FLAGS = ["--chunk-size", "256", "--halo", "32", "--context", "64", "--workers", "0", "--quiet"]
+OUTPUTS = ("summary.json", "nuclei.geojson.gz", "overlay.png")
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative name -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _clean(folder: Path) -> None:
+    """A finished slide's folder holds its outputs only: no work files, lock or temporary files."""
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["mask.zarr", "nuclei.geojson.gz", "overlay.png", "summary.json"], names
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory) -> Path:
+    return disc_slide(tmp_path_factory.mktemp("slides") / "s.tif", (512, 512), seed=21)
+
+
+@pytest.fixture(scope="module")
+def reference(slide, tmp_path_factory) -> Path:
+    """An uninterrupted run of ``slide``: the outputs every other run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    (res,) = segment_many([slide], out, SegmentConfig(**OPTS))
+    assert res.status == "ok" and res.nuclei > 20
+    _clean(out / "s")
+    return out / "s"
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    for name in ("nuclei.geojson.gz", "overlay.png"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ta = {k: v for k, v in _tree(a / "mask.zarr").items()}
+    assert ta == _tree(b / "mask.zarr")
+
+
+# 1: one writer per slide -----------------------------------------------------------------------
+
+def test_a_live_lock_fails_the_slide_at_once_naming_the_other_run(slide, tmp_path):
+    out = tmp_path / "out"
+    with SlideLock(out / "s"):  # this process is alive: as if another run held the folder
+        result = runner.invoke(app, ["segment", str(slide), "-o", str(out), *FLAGS])
+        assert result.exit_code == 1
+        errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "another run is writing" in errors[0] and f"pid {os.getpid()}" in errors[0]
+        assert socket.gethostname() in errors[0] and LOCK_NAME in errors[0]
+        assert sorted(p.name for p in (out / "s").iterdir()) == [LOCK_NAME]  # nothing of the other run touched
+    run = json.loads((out / "run.json").read_text())
+    assert run["slides"][0]["status"] == "failed"
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(slide, reference, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    folder = tmp_path / "out" / "s"
+    folder.mkdir(parents=True)
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": "earlier"}))
+    (res,) = segment_many([slide], tmp_path / "out", SegmentConfig(**OPTS))
+    assert res.status == "ok"
+    _clean(folder)
+    _same_outputs(folder, reference)
+
+
+def test_a_lock_of_another_host_is_respected(slide, tmp_path):
+    folder = tmp_path / "out" / "s"
+    folder.mkdir(parents=True)
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "node-that-is-not-this-one", "since": "earlier"}))
+    (res,) = segment_many([slide], tmp_path / "out", SegmentConfig(**OPTS))
+    assert res.status == "failed" and "node-that-is-not-this-one" in res.reason and "delete" in res.reason
+    assert (folder / LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_into_one_out_never_leave_a_broken_finished_slide(tmp_path):
+    """Whatever the timing, every run that exits 0 leaves verified outputs, and a run that loses
+    the race says so in one line; afterwards the folder equals a single run's."""
+    big = disc_slide(tmp_path / "big.tif", (1024, 1024), seed=22)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "wsi_nuclei.cli", "segment", str(big), "-o", str(out), "--threads", "1", "--resume", *FLAGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    outs = [(p.wait(timeout=600), p.stdout.read()) for p in procs]  # type: ignore[union-attr]
+    for rc, text in outs:
+        assert "Traceback" not in text
+        assert rc == 0 or (rc == 1 and "another run is writing" in text), text
+    assert any(rc == 0 for rc, _ in outs)
+    _clean(out / "big")
+    (again,) = segment_many([big], out, SegmentConfig(**OPTS, resume=True))
+    assert again.status == "skipped"  # verified finished
+    (ref,) = segment_many([big], tmp_path / "ref", SegmentConfig(**OPTS))
+    _same_outputs(out / "big", tmp_path / "ref" / "big")
+
+
+# 2, 3: --resume verifies ----------------------------------------------------------------------
+
+def test_another_slide_with_the_same_name_gets_its_own_folder(slide, tmp_path):
+    a = tmp_path / "A"
+    b = tmp_path / "B"
+    a.mkdir()
+    b.mkdir()
+    shutil.copy(slide, a / "x.tif")
+    disc_slide(b / "x.tif", (512, 512), seed=23)  # another slide, same name
+    out = tmp_path / "out"
+    (ra,) = segment_many([a / "x.tif"], out, SegmentConfig(**OPTS))
+    before = _tree(out / "x")
+    (rb,) = segment_many([b / "x.tif"], out, SegmentConfig(**OPTS, resume=True))
+    assert ra.status == rb.status == "ok" and Path(rb.out_dir).name == "x_"
+    assert _tree(out / "x") == before  # A's outputs untouched
+    assert json.loads((out / "x_" / "summary.json").read_text())["slide"] == str(b / "x.tif")
+    (again,) = segment_many([b / "x.tif"], out, SegmentConfig(**OPTS, resume=True))  # B alone, later: finds its folder
+    assert again.status == "skipped" and Path(again.out_dir).name == "x_"
+    both = segment_many([a / "x.tif", b / "x.tif"], out, SegmentConfig(**OPTS, resume=True))
+    assert [r.status for r in both] == ["skipped", "skipped"]
+
+
+def test_an_explicit_folder_of_another_slide_is_a_one_line_error(slide, tmp_path):
+    from wsi_nuclei.errors import OutputError
+    from wsi_nuclei.pipeline import segment_slide
+
+    other = disc_slide(tmp_path / "other.tif", (256, 256), seed=24)
+    segment_slide(slide, tmp_path / "here", SegmentConfig(**OPTS))
+    with pytest.raises(OutputError, match="holds the outputs of another slide"):
+        segment_slide(other, tmp_path / "here", SegmentConfig(**OPTS, resume=True))
+
+
+def test_a_replaced_slide_file_is_segmented_again(tmp_path):
+    src = disc_slide(tmp_path / "x.tif", (512, 512), seed=25)
+    out = tmp_path / "out"
+    (first,) = segment_many([src], out, SegmentConfig(**OPTS))
+    disc_slide(src, (512, 512), seed=26)  # same path, new content
+    os.utime(src, ns=(os.stat(src).st_atime_ns, os.stat(src).st_mtime_ns + 10**9))
+    (second,) = segment_many([src], out, SegmentConfig(**OPTS, resume=True))
+    assert second.status == "ok" and second.extra["chunks_computed"] > 0
+    (ref,) = segment_many([src], tmp_path / "ref", SegmentConfig(**OPTS))
+    _same_outputs(out / "x", tmp_path / "ref" / "x")
+
+
+@pytest.mark.parametrize("change", [{"halo": 64}, {"tta": "flip4"}, {"raw_coordinates": True}])
+def test_other_settings_are_segmented_again_not_skipped(slide, reference, tmp_path, change):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out / "s")
+    (res,) = segment_many([slide], out, SegmentConfig(**{**OPTS, **change}, resume=True))
+    assert res.status == "ok"
+    summary = json.loads((out / "s" / "summary.json").read_text())
+    for k, v in change.items():
+        assert summary["parameters"][k] == v
+
+
+def test_another_model_is_segmented_again(slide, reference, tmp_path):
+    from wsi_nuclei.model import DEFAULT_MODEL_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    card = json.loads((model / "model.json").read_text())
+    card["postprocess"]["fg_threshold"] = 0.6
+    (model / "model.json").write_text(json.dumps(card))
+    out = tmp_path / "out"
+    shutil.copytree(reference, out / "s")
+    (res,) = segment_many([slide], out, SegmentConfig(**OPTS, model_dir=str(model), resume=True))
+    assert res.status == "ok" and json.loads((out / "s" / "summary.json").read_text())["parameters"]["model_dir"] == str(model)
+
+
+@pytest.mark.parametrize("damage", ["no-mask", "no-geojson", "empty-summary", "summary-not-json", "empty-geojson"])
+def test_damaged_finished_outputs_are_made_again(slide, reference, tmp_path, damage):
+    out = tmp_path / "out"
+    folder = out / "s"
+    shutil.copytree(reference, folder)
+    if damage == "no-mask":
+        shutil.rmtree(folder / "mask.zarr")
+    elif damage == "no-geojson":
+        (folder / "nuclei.geojson.gz").unlink()
+    elif damage == "empty-summary":
+        (folder / "summary.json").write_text("")
+    elif damage == "summary-not-json":
+        (folder / "summary.json").write_text("{broken")
+    else:
+        (folder / "nuclei.geojson.gz").write_bytes(b"")
+    (res,) = segment_many([slide], out, SegmentConfig(**OPTS, resume=True))
+    assert res.status == "ok" and res.nuclei > 20
+    _clean(folder)
+    _same_outputs(folder, reference)
+
+
+def test_resume_of_a_verified_slide_skips_it(slide, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out / "s")
+    (res,) = segment_many([slide], out, SegmentConfig(**OPTS, resume=True))
+    assert res.status == "skipped" and res.nuclei == json.loads((reference / "summary.json").read_text())["nuclei"]
+
+
+# 4: --overwrite replaces on success -------------------------------------------------------------
+
+def test_overwrite_keeps_the_old_outputs_until_the_new_ones_are_complete(slide, reference, tmp_path, monkeypatch):
+    from wsi_nuclei import export
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out / "s")
+    before = _tree(out / "s")
+    real = export.GeoJSONWriter.write_encoded
+    calls = {"n": 0}
+
+    def full_disk(self, blob, count):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, blob, count)
+
+    monkeypatch.setattr(export.GeoJSONWriter, "write_encoded", full_disk)
+    (res,) = segment_many([slide], out, SegmentConfig(**{**OPTS, "halo": 64}, overwrite=True))
+    assert res.status == "failed" and "No space left" in res.reason
+    after = {k: v for k, v in _tree(out / "s").items() if not k.startswith(WORK_DIR) and k != "error.txt"}
+    assert after == before  # the finished outputs of the earlier run, byte for byte
+    monkeypatch.setattr(export.GeoJSONWriter, "write_encoded", real)
+    (ok,) = segment_many([slide], out, SegmentConfig(**{**OPTS, "halo": 64}, overwrite=True))
+    assert ok.status == "ok" and json.loads((out / "s" / "summary.json").read_text())["parameters"]["halo"] == 64
+    _clean(out / "s")
+
+
+def test_overwrite_with_a_failing_start_keeps_the_old_outputs(slide, reference, tmp_path, monkeypatch):
+    from wsi_nuclei import plan
+
+    def full_disk(path, arr):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plan, "_save_npy", full_disk)  # the disk fills while the thumbnail is saved
+    out = tmp_path / "out"
+    shutil.copytree(reference, out / "s")
+    before = _tree(out / "s")
+    (res,) = segment_many([slide], out, SegmentConfig(**OPTS, overwrite=True))
+    assert res.status == "failed" and "No space left on device" in res.reason and "free disk space" in res.reason
+    assert {k: v for k, v in _tree(out / "s").items() if k != "error.txt"} == before
+
+
+# 8: damaged chunk files ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["truncated", "bad-crc", "empty"])
+def test_damaged_chunk_files_are_computed_again_under_resume(slide, reference, tmp_path, damage, caplog):
+    out = tmp_path / "out"
+    (res,) = segment_many([slide], out, SegmentConfig(**OPTS, keep_chunks=True))
+    folder = out / "s"
+    (folder / "summary.json").unlink()  # as if killed before the summary
+    chunk = folder / WORK_DIR / "chunks" / "2.npz"
+    data = chunk.read_bytes()
+    if damage == "truncated":
+        chunk.write_bytes(data[: len(data) // 2])
+    elif damage == "bad-crc":
+        buf = bytearray(data)
+        buf[len(buf) // 3] ^= 0xFF
+        chunk.write_bytes(bytes(buf))
+    else:
+        chunk.write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        (again,) = segment_many([slide], out, SegmentConfig(**OPTS, resume=True))
+    assert again.status == "ok" and again.extra["chunks_computed"] == 1
+    assert "damaged chunk file" in caplog.text and "2.npz" in caplog.text
+    _clean(folder)
+    _same_outputs(folder, reference)
+
+
+def test_a_chunk_file_damaged_after_the_start_is_removed_so_resume_recovers(slide, reference, tmp_path, monkeypatch):
+    from wsi_nuclei import plan
+
+    out = tmp_path / "out"
+    segment_many([slide], out, SegmentConfig(**OPTS, keep_chunks=True))
+    folder = out / "s"
+    (folder / "summary.json").unlink()
+    chunk = folder / WORK_DIR / "chunks" / "3.npz"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    monkeypatch.setattr(plan, "usable_chunk_file", lambda p, ch: p.chunk_file(ch).exists())  # damage after the check
+    (res,) = segment_many([slide], out, SegmentConfig(**OPTS, resume=True))
+    assert res.status == "failed" and "damaged chunk file" in res.reason and "--resume" in res.reason
+    assert not chunk.exists()
+    monkeypatch.undo()
+    (again,) = segment_many([slide], out, SegmentConfig(**OPTS, resume=True))
+    assert again.status == "ok" and again.extra["chunks_computed"] == 1
+    _same_outputs(folder, reference)
+
+
+# 5, 10: any failure is that slide's, with its traceback kept -------------------------------------
+
+def test_an_unexpected_error_while_a_slide_starts_fails_only_that_slide(slide, tmp_path, monkeypatch):
+    from wsi_nuclei import batch
+
+    good = disc_slide(tmp_path / "good.tif", (256, 256), seed=27)
+    real = batch.plan_slide
+
+    def broken(path, *a, **k):
+        if Path(path).name == "s.tif":
+            raise ZeroDivisionError("float division by zero")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(batch, "plan_slide", broken)
+    out = tmp_path / "out"
+    res = segment_many([slide, good], out, SegmentConfig(**OPTS))
+    assert [r.status for r in res] == ["failed", "ok"]
+    assert "ZeroDivisionError" in res[0].reason and "error.txt" in res[0].reason and "\n" not in res[0].reason
+    text = (out / "s" / "error.txt").read_text()
+    assert "Traceback" in text and "float division by zero" in text
+    run = json.loads((out / "run.json").read_text())
+    assert [s["status"] for s in run["slides"]] == ["failed", "ok"] and run["state"] == "finished"
+    assert not (out / "s" / LOCK_NAME).exists()
+
+
+def test_debug_prints_the_traceback_of_a_slide_failure(slide, tmp_path, monkeypatch):
+    from wsi_nuclei import batch
+
+    monkeypatch.setattr(batch, "plan_slide", lambda *a, **k: 1 / 0)
+    result = runner.invoke(app, ["--debug", "segment", str(slide), "-o", str(tmp_path / "out"), *FLAGS])
+    assert result.exit_code == 1
+    assert "Traceback" in result.output and "ZeroDivisionError" in result.output
+    quiet = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "out2"), *FLAGS])
+    assert "Traceback" not in quiet.output and "error.txt" in quiet.output
+
+
+def test_run_json_that_cannot_be_written_is_an_error_line(slide, tmp_path):
+    out = tmp_path / "out"
+    (out / "run.json").mkdir(parents=True)  # a folder where the report goes
+    result = runner.invoke(app, ["segment", str(slide), "-o", str(out), *FLAGS])
+    assert result.exit_code == 2 and "run.json" in result.output and "Traceback" not in result.output
+    assert (out / "s" / "summary.json").exists()  # the slide's own outputs are kept
+
+
+# names -----------------------------------------------------------------------------------------
+
+def test_the_same_slide_given_twice_is_segmented_once(slide, tmp_path):
+    res = segment_many([slide, slide, slide.parent], tmp_path / "out", SegmentConfig(**OPTS))
+    assert [r.status for r in res] == ["ok"] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.json", "s"]
+
+
+@pytest.mark.parametrize("name", ["run.json.tif", "report.html.tif", "line\nbreak.tif", "tab\there.tif"])
+def test_names_never_collide_with_the_tools_files_and_messages_stay_on_one_line(tmp_path, name):
+    src = disc_slide(tmp_path / name, (256, 256), seed=28)
+    out = tmp_path / "out"
+    (res,) = segment_many([src], out, SegmentConfig(**OPTS))
+    assert res.status == "ok" and Path(res.out_dir).parent == out
+    assert json.loads((out / "run.json").read_text())["slides"][0]["status"] == "ok"
+    assert Path(res.out_dir).name not in ("run.json", "report.html")
+    again = runner.invoke(app, ["segment", str(src), "-o", str(out), *FLAGS])  # outputs exist: the error names it
+    errors = [ln for ln in again.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "--resume" in errors[0]
+    assert "\n" not in errors[0] and "\t" not in errors[0]
+
+
+def test_interrupted_run_json_lists_every_slide(slide, tmp_path):
+    other = disc_slide(tmp_path / "o.tif", (256, 256), seed=29)
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 1
+
+    with pytest.raises(KeyboardInterrupt):
+        segment_many([slide, other], tmp_path / "out", SegmentConfig(**OPTS), max_slides=1, stop=stop)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["state"] == "interrupted" and len(run["slides"]) == 2
+    assert {s["status"] for s in run["slides"]} <= {"ok", "interrupted"} and "interrupted" in {s["status"] for s in run["slides"]}
+    assert not any((tmp_path / "out").rglob(LOCK_NAME))
+
+
+def test_lock_is_o_excl(tmp_path):
+    first = SlideLock(tmp_path).acquire()
+    with pytest.raises(Exception, match="another run"):
+        SlideLock(tmp_path).acquire()
+    first.release()
+    SlideLock(tmp_path).acquire().release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_an_empty_lock_is_stale_only_when_old(tmp_path):
+    lock = tmp_path / LOCK_NAME
+    lock.write_text("")
+    with pytest.raises(Exception, match="another run"):
+        SlideLock(tmp_path).acquire()
+    old = lock.stat().st_mtime - 3600
+    os.utime(lock, (old, old))
+    SlideLock(tmp_path).acquire().release()
+
+
+def test_outputs_arrays_unchanged(reference):
+    import zarr
+
+    g = zarr.open_group(str(reference / "mask.zarr"), mode="r")
+    assert np.asarray(g["labels"]["0"]).max() > 0
