@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .config import check_mpp
+
 if TYPE_CHECKING:
     from .backends import Predictor
     from .model import ModelCard
@@ -65,8 +67,7 @@ def segment_image(
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ConfigError(f"image must be an (H, W, 3) uint8 RGB array, got {getattr(image, 'shape', type(image))} "
                           f"{getattr(image, 'dtype', '')}; convert it with np.asarray(PIL.Image.open(f).convert('RGB'))")
-    if not mpp > 0:
-        raise ConfigError(f"mpp must be > 0 µm/px, got {mpp}")
+    check_mpp(mpp, "mpp")
     if tta is not None:
         from .tta import check_tta
 
@@ -101,8 +102,7 @@ def segment_image_files(
     from .infer import select_device
     from .overlay import draw_outlines
 
-    if not mpp > 0:
-        raise ConfigError(f"--mpp must be > 0 µm/px, got {mpp}")
+    check_mpp(mpp, "--mpp")
     if tta is not None:
         from .tta import check_tta
 

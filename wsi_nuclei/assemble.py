@@ -37,8 +37,6 @@ def assemble_slide(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | No
     under a temporary name first; ``summary.json`` last. Holds one chunk in memory at a time.
     A failure (full disk, damaged chunk file) returns a "failed" result, leaves no partial file
     and keeps the chunk files, so ``--resume`` can assemble again without recomputing."""
-    from .outputs import shown
-
     out_dir = Path(plan.out_dir)
     temps: dict[str, Path] = {}
     try:

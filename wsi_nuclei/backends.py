@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import ConfigError, ModelError
 
-__all__ = ["Predictor", "make_predictor", "to_tensor", "onnx_available", "resolve_backend", "BACKENDS", "cache_dir", "MODEL_GATE", "gate_wait_seconds"]
+__all__ = ["Predictor", "make_predictor", "to_tensor", "onnx_available", "resolve_backend", "BACKENDS", "cache_dir", "usable_cache_dir", "MODEL_GATE", "gate_wait_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,37 @@ def resolve_backend(backend: str, device: str) -> str:
 
 
 def cache_dir() -> Path:
+    """The folder of exported models: ``$WSI_NUCLEI_CACHE``, else ``~/.cache/wsi-nuclei``."""
     return Path(os.environ.get("WSI_NUCLEI_CACHE") or Path.home() / ".cache" / "wsi-nuclei")
+
+
+_usable: dict[str, Path] = {}
+
+
+def usable_cache_dir() -> Path:
+    """:func:`cache_dir` if this process can write it, else a folder under the system's temporary
+    folder (with one warning that names the cause and the fix). A read-only ``$HOME`` is common on
+    compute nodes: the run goes on, exporting the model once per node instead of once."""
+    import tempfile
+
+    wanted = cache_dir()
+    if str(wanted) in _usable:
+        return _usable[str(wanted)]
+    try:
+        (wanted / "onnx").mkdir(parents=True, exist_ok=True)
+        probe = wanted / "onnx" / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        found = wanted
+    except OSError as err:
+        found = Path(tempfile.gettempdir()) / f"wsi-nuclei-cache-{os.getuid()}"
+        (found / "onnx").mkdir(parents=True, exist_ok=True)
+        log.warning("cannot write the model cache %s (%s); using %s instead (set WSI_NUCLEI_CACHE to a writable folder to keep it)",
+                    wanted, err.strerror or err, found)
+        os.environ["WSI_NUCLEI_CACHE"] = str(found)  # workers started from here inherit it
+        _usable[str(found)] = found
+    _usable[str(wanted)] = found
+    return found
 
 
 def _normalise(tiles: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -168,7 +198,7 @@ def onnx_path(card: Any) -> Path:
     import torch
 
     key = card.weights_sha256[:16] or "unhashed"
-    return cache_dir() / "onnx" / f"{key}-torch{torch.__version__.split('+')[0]}.onnx"
+    return usable_cache_dir() / "onnx" / f"{key}-torch{torch.__version__.split('+')[0]}.onnx"
 
 
 def _onnx_predictor(model: Any, card: Any, threads: int) -> Predictor:

@@ -70,7 +70,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     excludes the wait for another chunk's forward pass, which is ``waiting``. Reads the slide only."""
     from .backends import gate_wait_seconds
     from .export import encode_nuclei
-    from .infer import tile_probabilities
+    from .infer import check_finite, tile_probabilities
     from .instances import own_by_centroid, probabilities_to_instances
     from .polygons import PolygonFrame, label_polygons
     from .tta import with_tta
@@ -88,6 +88,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     probs = tile_probabilities(with_tta(predict, plan.tta), len(card.outputs), rgb, fp.tile, ctx, fp.batch)[:, :win, :win]
     t2 = time.perf_counter()
     waited = gate_wait_seconds() - waited
+    check_finite(probs, f"{plan.path}, chunk {chunk.index} (row {chunk.row}, col {chunk.col})")
     labels = probabilities_to_instances(probs, card.outputs, card.postprocess, card.working_mpp)
     try:
         owned = own_by_centroid(labels, h, c, (chunk.y, chunk.x), plan.size, chunk.index)

@@ -38,7 +38,8 @@ def segment(
     inputs: list[Path] = typer.Argument(..., help="Slide files and/or folders (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: OUT/<slide>/ per slide and OUT/run.json."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
-    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel, for slides without metadata."),
+    mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel, for slides without metadata (overrides it)."),
+    unusual_mpp: bool = typer.Option(False, "--unusual-mpp", help="Accept a resolution outside 0.05-20 µm/px (from --mpp or the slide)."),
     chunk_size: int = typer.Option(1024, help="Chunk core size in working px (multiple of 32)."),
     halo: Optional[int] = typer.Option(None, help="Instance halo in working px (default: largest nucleus, from the model)."),
     context: Optional[int] = typer.Option(None, help="Model context in working px (default: the model card's measured context_px)."),
@@ -82,16 +83,16 @@ def segment(
     from rich.table import Table
 
     from .cluster import close_client, make_client
+    from .errors import shown
     from .launch import configs, parse_size, queue_depth
     from .model import load_model
-    from .outputs import shown
     from .pipeline import segment_many
 
     console = Console(stderr=True, quiet=quiet)
     try:
         if max_slides <= 0:
             raise WsiNucleiError(f"--max-slides must be > 0, got {max_slides}")
-        segment_options = dict(model_dir=str(model) if model else None, level0_mpp=mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
+        segment_options = dict(model_dir=str(model) if model else None, level0_mpp=mpp, unusual_mpp=unusual_mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
                                batch_size=batch_size, forward_memory=parse_size(forward_memory, "--forward-memory"), device=device,
                                tissue_mask=not no_tissue_mask, reader=reader, backend=backend, geojson_format=fmt,
                                raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite, keep_chunks=keep_chunks)

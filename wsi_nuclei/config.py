@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["SegmentConfig", "WORK_DIR"]
+__all__ = ["SegmentConfig", "WORK_DIR", "PLAUSIBLE_MPP", "check_mpp"]
+
+#: µm per level-0 px a slide plausibly has (0.25 at 40x, 0.5 at 20x; 10 would be a 1x overview):
+#: outside it, mm or nm were most likely typed for µm. ``--unusual-mpp`` accepts any finite value.
+PLAUSIBLE_MPP = (0.05, 20.0)
+
+
+def check_mpp(value: float, where: str, unusual: bool = False) -> None:
+    """Refuse a resolution that is not a finite number > 0, or (unless ``unusual``) outside
+    :data:`PLAUSIBLE_MPP`; ``where`` names its source in the message ("--mpp", a slide file)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+        raise ConfigError(f"{where}: {value!r} is not a resolution; give µm per pixel as a number > 0, e.g. --mpp 0.25 for 40x or 0.5 for 20x")
+    lo, hi = PLAUSIBLE_MPP
+    if not unusual and not lo <= value <= hi:
+        raise ConfigError(f"{where}: {value:g} µm/px is outside the {lo:g}-{hi:g} µm/px of slides (0.25 at 40x, 0.5 at 20x; "
+                          "was it typed in mm or nm?); pass the right --mpp, or --unusual-mpp if the value is right")
+
+
+def _int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
 
 #: Per-slide folder of an unfinished slide: plan, thumbnail, chunk files. Removed when finished.
 WORK_DIR = ".partial"
@@ -34,14 +55,22 @@ class SegmentConfig:
     torch_threads: int = 0
     keep_chunks: bool = False
     tta: str | None = None  # test-time augmentation: none, flip4, dihedral8; None: the model card's
+    unusual_mpp: bool = False  # accept resolutions outside PLAUSIBLE_MPP (--mpp and slide metadata)
 
     def check(self) -> None:
-        if self.batch_size is not None and self.batch_size <= 0:
-            raise ConfigError(f"--batch-size must be > 0, got {self.batch_size}")
-        if self.forward_memory is not None and self.forward_memory <= 0:
-            raise ConfigError(f"--forward-memory must be > 0, got {self.forward_memory}")
-        if self.level0_mpp is not None and not self.level0_mpp > 0:
-            raise ConfigError(f"--mpp must be > 0 µm/px, got {self.level0_mpp}")
+        """Every option for type, finiteness and range; raises ConfigError with one line."""
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0 or self.chunk_size % 32:
+            raise ConfigError(f"--chunk-size must be > 0 and a multiple of 32, got {self.chunk_size!r}")
+        for name, value in (("--halo", self.halo), ("--context", self.context)):
+            if value is not None:
+                _int(name, value, 0)
+        if self.batch_size is not None:
+            _int("--batch-size", self.batch_size, 1)
+        if self.forward_memory is not None:
+            _int("--forward-memory", self.forward_memory, 1)
+        _int("--threads", self.torch_threads, 0)
+        if self.level0_mpp is not None:
+            check_mpp(self.level0_mpp, "--mpp", self.unusual_mpp)
         if self.geojson_format not in ("geojson.gz", "geojson"):
             raise ConfigError(f"--format must be geojson.gz or geojson, got {self.geojson_format!r}")
         if self.tta is not None:

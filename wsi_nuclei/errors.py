@@ -38,3 +38,9 @@ class SlideError(WsiNucleiError):
 
 class OutputError(WsiNucleiError):
     """Outputs cannot be written, or exist already without --resume/--overwrite."""
+
+
+def shown(path: object) -> str:
+    """``path`` for a one-line message: control characters (a newline in a file name) escaped."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)[1:-1]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .backends import Predictor
+from .errors import ModelError
 from .instances import probabilities_to_instances
 from .model import ModelCard, PostProcess
 from .tiling import STRIDE  # UNet++ with a 5-stage encoder needs H and W divisible by it
@@ -22,6 +23,7 @@ __all__ = [
     "resize_labels",
     "predict_probabilities",
     "segment_image",
+    "check_finite",
     "select_device",
     "predict_region",
     "tile_probabilities",
@@ -108,8 +110,16 @@ def segment_image(
     """
     work = working_shape(image.shape[:2], mpp, card.working_mpp)
     probs = predict_probabilities(predict, card, resize_image(image, work), tta)
+    check_finite(probs, "the image")
     labels = probabilities_to_instances(probs, card.outputs, post or card.postprocess, card.working_mpp)
     return resize_labels(labels, image.shape[:2])
+
+
+def check_finite(probs: np.ndarray, where: str) -> None:
+    """NaN or infinite probabilities are an error, never "0 nuclei"."""
+    if not np.isfinite(probs).all():
+        raise ModelError(f"the model gave NaN or infinite probabilities on {where}; its weights or the input are damaged "
+                         "(re-copy the model; check the slide)")
 
 
 def predict_region(predict: Predictor, image: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ same budget and plan functions as a worker (:mod:`wsi_nuclei.memory`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -68,8 +69,12 @@ def configs(
 
     if cluster not in ("local", "slurm", "none"):
         raise ConfigError(f"--cluster must be local, slurm or none, got {cluster!r}")
-    if not connect_timeout > 0:
-        raise ConfigError(f"--connect-timeout must be > 0 s, got {connect_timeout}")
+    if not (math.isfinite(connect_timeout) and connect_timeout > 0):
+        raise ConfigError(f"--connect-timeout must be a finite number of seconds > 0, got {connect_timeout}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    if workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {workers}")
     dev = segment_device(str(segment.get("device", "auto")), cluster, scheduler, dry_run)
     n_gpus = gpus
     if n_gpus is None and cluster == "local" and dev.startswith("cuda") and dev != "cuda:0" and not scheduler:
@@ -78,7 +83,10 @@ def configs(
         n_gpus = torch.cuda.device_count()
     cfg = SegmentConfig(**{**segment, "device": dev, "torch_threads": threads or DEFAULT_THREADS})
     cfg.check()
-    resolve_backend(cfg.backend, cfg.device)
+    if resolve_backend(cfg.backend, cfg.device) == "onnx":
+        from .backends import usable_cache_dir
+
+        usable_cache_dir()  # checked (or replaced, with a warning) before any worker starts
     derive_tiling(0.5, cfg.chunk_size, cfg.halo, cfg.context)  # check sizes before starting a cluster
     yaml_options = load_cluster_yaml(cluster_yaml) if cluster_yaml else {}
     ccfg = merge(ClusterConfig(kind=cluster, workers=workers, threads=threads or DEFAULT_THREADS, timeout_s=connect_timeout), yaml_options,

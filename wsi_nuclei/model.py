@@ -15,9 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from . import atomic
 from .errors import ModelError
@@ -128,11 +131,67 @@ class ModelCard:
             raise ModelError(f"{source}: working_mpp must be > 0, got {card.working_mpp}")
         if card.tta not in TTA_MODES:
             raise ModelError(f"{source}: tta must be none, flip4 or dihedral8, got {card.tta!r}")
+        _check_values(card, source)
         if card.context_px is not None and (isinstance(card.context_px, bool) or not isinstance(card.context_px, int)
                                             or card.context_px < 0 or card.context_px % STRIDE):
             raise ModelError(f"{source}: context_px must be a multiple of 32 px >= 0, got {card.context_px!r}; "
                              "measure it with `wsi-nuclei measure-context`")
         return card
+
+
+#: Post-processing methods of :func:`wsi_nuclei.instances.probabilities_to_instances`.
+POSTPROCESS_METHODS = ("boundary", "distance", "threshold")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_values(card: ModelCard, source: Path | str) -> None:
+    """Every value of the card for type, finiteness and range (one line naming the card and the field)."""
+    bad: list[str] = []
+    for name in ("input_mean", "input_std"):
+        v = getattr(card, name)
+        if len(v) != 3 or not all(_number(x) for x in v):
+            bad.append(f"{name} must be 3 finite numbers, got {list(v)!r}")
+        elif name == "input_std" and not all(x > 0 for x in v):
+            bad.append(f"input_std must be > 0, got {list(v)!r}")
+    pp = card.postprocess
+    if pp.method not in POSTPROCESS_METHODS:
+        bad.append(f"postprocess.method must be {', '.join(POSTPROCESS_METHODS)}, got {pp.method!r}")
+    for name in ("fg_threshold", "seed_threshold"):
+        v = getattr(pp, name)
+        if not _number(v) or not 0 < v < 1:
+            bad.append(f"postprocess.{name} must be a probability in (0, 1), got {v!r}")
+    if not _number(pp.min_area_um2) or pp.min_area_um2 < 0:
+        bad.append(f"postprocess.min_area_um2 must be a number >= 0, got {pp.min_area_um2!r}")
+    if not 0.05 <= card.working_mpp <= 20:
+        bad.append(f"working_mpp must be a resolution in 0.05-20 µm/px, got {card.working_mpp!r}")
+    if not isinstance(card.weights_sha256, str) or (card.weights_sha256 and len(card.weights_sha256) != 64):
+        bad.append(f"weights_sha256 must be the 64 hex digits of the weights' sha256, got {card.weights_sha256!r}")
+    if bad:
+        raise ModelError(f"{source}: invalid model card: {'; '.join(bad)}; compare it with a card written by `wsi-nuclei train`")
+
+
+def check_model(model: torch.nn.Module, card: ModelCard, source: Path | str) -> None:
+    """Refuse weights that cannot segment: a tensor that is not finite, or one small forward pass
+    whose output is not finite or does not depend on the image (all-zero or constant weights)."""
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(f"{source}: weights tensor {name} holds NaN or infinite values; the weights are damaged, re-copy or re-train the model")
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 1, (1, 3, 64, 64)).astype(np.float32)
+    img[:, :, 16:48, 16:48] *= 0.3  # a dark blob on a light ground
+    mean = np.asarray(card.input_mean, np.float32)[None, :, None, None]
+    std = np.asarray(card.input_std, np.float32)[None, :, None, None]
+    with torch.inference_mode():
+        out = model(torch.from_numpy((img - mean) / std)).float()
+    if not bool(torch.isfinite(out).all()):
+        raise ModelError(f"{source}: the model's output is NaN or infinite on a test image; the weights are damaged, re-copy or re-train the model")
+    if float(out.std(dim=(2, 3)).max()) < 1e-6:
+        raise ModelError(f"{source}: the model's output does not depend on the image (constant weights?); re-copy or re-train the model")
 
 
 def build_model(encoder: str, n_outputs: int, decoder_channels: tuple[int, ...] | None = None, architecture: str = "UnetPlusPlus") -> torch.nn.Module:
@@ -283,7 +342,10 @@ def load_model(directory: Path | str | None = None, check_hash: bool = True) -> 
     is_safetensors = head[8:9] == b"{"
     if not is_safetensors and (head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05")):
         raise ModelError(f"{wpath}: this is a pickle/zip (torch.save) file, which is never loaded; convert it to safetensors")
-    if check_hash and card.weights_sha256 and _sha256(wpath) != card.weights_sha256:
+    if check_hash and not card.weights_sha256:
+        raise ModelError(f"{directory / CARD_FILE}: weights_sha256 is missing; the card must name its weights "
+                         f"(`wsi-nuclei train` writes it; sha256sum {WEIGHTS_FILE} gives it)")
+    if check_hash and _sha256(wpath) != card.weights_sha256:
         raise ModelError(f"{wpath}: sha256 differs from the model card; the weights and {CARD_FILE} do not belong together")
     if not is_safetensors:
         raise ModelError(f"{wpath}: not a safetensors file (corrupt or another format); re-copy or re-train the model")
@@ -298,6 +360,7 @@ def load_model(directory: Path | str | None = None, check_hash: bool = True) -> 
         first = str(err).splitlines()[0]
         raise ModelError(f"{wpath}: weights do not fit encoder {card.encoder!r} with {len(card.outputs)} outputs ({first})") from err
     model.eval()
+    check_model(model, card, wpath)
     return model, card
 
 

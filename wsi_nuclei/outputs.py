@@ -28,7 +28,7 @@ from typing import Any
 
 from . import atomic
 from .config import WORK_DIR
-from .errors import OutputError
+from .errors import OutputError, shown
 
 __all__ = ["LOCK_NAME", "SlideLock", "slide_file", "same_file", "Verdict", "finished", "folder_owner", "install", "remove_leftovers", "shown"]
 
@@ -38,12 +38,6 @@ LOCK_NAME = ".lock"
 #: A lock file still empty after this long was left by a run killed while creating it.
 EMPTY_LOCK_S = 10.0
 _TEMP = re.compile(r"\.[0-9a-f]{32}\.tmp$")
-
-
-def shown(path: Path | str) -> str:
-    """``path`` for a one-line message: control characters (a newline in a file name) escaped."""
-    text = str(path)
-    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _start_time(pid: int) -> str:

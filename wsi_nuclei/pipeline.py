@@ -147,8 +147,7 @@ def segment_many(
 
 
 def _write_run_json(out: Path, results: list[SlideResult], state: str) -> None:
-    from .errors import OutputError
-    from .outputs import shown
+    from .errors import OutputError, shown
 
     text = json.dumps({"version": __version__, "state": state, "slides": [asdict(r) for r in results]}, indent=2, default=str) + "\n"
     try:

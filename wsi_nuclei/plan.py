@@ -14,15 +14,15 @@ import logging
 import math
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import __version__, atomic
-from .config import WORK_DIR, SegmentConfig
-from .errors import OutputError, SlideError
+from .config import WORK_DIR, SegmentConfig, check_mpp
+from .errors import ConfigError, OutputError, SlideError
 from .model import ModelCard
 from .outputs import finished, folder_owner, remove_leftovers, same_file, shown, slide_file
 from .results import SlideResult
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 #: The chunk-file format (:mod:`wsi_nuclei.chunk`); part of the fingerprint, so files of another
 #: format are recomputed, never misread.
 CHUNK_FILE_VERSION = 2
+#: Working pixels no slide exceeds (a 2 m² section at 0.5 µm/px would be 8e12): a larger plan is
+#: a wrong resolution, refused before any chunk is listed.
+MAX_WORKING_PX = 10**13
 
 
 @dataclass(frozen=True)
@@ -118,10 +121,21 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | 
     with open_slide(path, cfg.reader, cfg.level0_mpp) as slide:
         info = slide.info
         if info.level0_mpp is None:
-            raise SlideError(f"{path}: no resolution (mpp) in the slide metadata; pass --mpp, e.g. --mpp 0.25 for 40x or 0.5 for 20x")
+            raise SlideError(f"{shown(path)}: no resolution (mpp) in the slide metadata; pass --mpp, e.g. --mpp 0.25 for 40x or 0.5 for 20x")
+        if cfg.level0_mpp is None:
+            try:
+                check_mpp(info.level0_mpp, f"{shown(path)}: the slide's metadata says", cfg.unusual_mpp)
+            except ConfigError as err:
+                raise SlideError(str(err)) from None
         scale = card.working_mpp / info.level0_mpp
         width, height = math.ceil(info.dimensions[0] / scale), math.ceil(info.dimensions[1] / scale)
+        if width * height > MAX_WORKING_PX:
+            raise SlideError(f"{shown(path)}: at {info.level0_mpp:g} µm/px the slide is {width:.3g} x {height:.3g} px at the model's "
+                             f"{card.working_mpp:g} µm/px, more than any slide; check --mpp")
         tiling = slide_tiling(cfg, card)
+        needed = max(-(-max(width, height) // 32) * 32, (tiling.halo // 32 + 1) * 32)  # a core still larger than the halo
+        if tiling.chunk > needed:  # a chunk larger than the slide: clipped to it
+            tiling = slide_tiling(replace(cfg, chunk_size=needed), card)
         thumb, thumb_scale = slide.thumbnail(2048)
     if looks_greyscale(thumb):
         raise SlideError(f"{path}: the slide has no colour (greyscale); the model segments H&E-stained RGB slides")

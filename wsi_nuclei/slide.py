@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SlideError
+from .errors import SlideError, shown
+from .pixels import PixelFormat, UnsupportedPixels, pixel_format, to_rgba8
 
 __all__ = ["SlideInfo", "Slide", "open_slide", "composite_on_white", "SLIDE_EXTENSIONS"]
 
@@ -68,12 +69,18 @@ def _float(value: str | None) -> float | None:
     return out if out is not None and math.isfinite(out) and out > 0 else None
 
 
+#: Level pixels a thumbnail reads at once (64 MB as RGBA): larger levels are read in tiles.
+THUMBNAIL_READ_PX = 16_000_000
+
+
 class Slide:
     """An open slide. Use :func:`open_slide`; close with :meth:`close` or a ``with`` block."""
 
-    def __init__(self, handle: Any, info: SlideInfo) -> None:
+    def __init__(self, handle: Any, info: SlideInfo, pixels: PixelFormat | None = None, raw: bool = False) -> None:
         self._h = handle
         self.info = info
+        self._pixels = pixels  # the file's pixel format (TIFF), decided once
+        self._raw = raw  # the handle returns raw samples (tiffslide), converted with ``_pixels``
 
     def __enter__(self) -> Slide:
         return self
@@ -92,13 +99,25 @@ class Slide:
                 best = i
         return best
 
-    def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
-        """RGB thumbnail (H, W, 3) uint8 no larger than ``max_size`` and its level-0 px per thumbnail px."""
+    def thumbnail(self, max_size: int = 2048, read_px: int = THUMBNAIL_READ_PX) -> tuple[np.ndarray, float]:
+        """RGB thumbnail (H, W, 3) uint8 no larger than ``max_size`` and its level-0 px per thumbnail px.
+
+        Read from the pyramid level nearest above its resolution; when that level is far larger
+        (a slide without a pyramid), it is read in tiles of at most ``read_px`` level pixels, each
+        downsampled as it comes, so memory stays flat in the slide's size."""
         w0, h0 = self.info.dimensions
         scale = max(w0, h0) / max_size if max(w0, h0) > max_size else 1.0
-        box = (0.0, 0.0, w0 / scale, h0 / scale)
-        shape = (max(1, int(round(box[3]))), max(1, int(round(box[2]))))
-        return self.read_working((0, 0, shape[1], shape[0]), scale), scale
+        out_h, out_w = max(1, int(round(h0 / scale))), max(1, int(round(w0 / scale)))
+        ratio = scale / self.info.level_downsamples[self.best_level(scale)]  # level px per thumbnail px
+        if out_w * out_h * ratio * ratio <= read_px:
+            return self.read_working((0, 0, out_w, out_h), scale), scale
+        step = max(8, int(math.sqrt(read_px) / ratio))  # thumbnail px per tile side
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        for ty in range(0, out_h, step):
+            for tx in range(0, out_w, step):
+                th, tw = min(step, out_h - ty), min(step, out_w - tx)
+                out[ty : ty + th, tx : tx + tw] = self.read_working((tx, ty, tw, th), scale)
+        return out, scale
 
     def read_working(self, box: tuple[int, int, int, int], scale: float) -> np.ndarray:
         """Read ``box`` = (x, y, width, height) in working px, one working px = ``scale`` level-0 px.
@@ -146,17 +165,21 @@ class Slide:
     def _read(self, level: int, ds: float, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB of a level region (level px), transparent pixels composited onto white."""
         try:
-            region = self._h.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
+            at = (int(round(x * ds)), int(round(y * ds)))
+            if self._raw and self._pixels is not None and not self._pixels.plain:
+                region = to_rgba8(np.asarray(self._h.read_region(at, level, (w, h), as_array=True)), self._pixels)
+            else:
+                region = self._h.read_region(at, level, (w, h))
+        except MemoryError:
+            raise
         except Exception as err:  # the backends raise their own error types
             raise SlideError(
                 f"{self.info.path}: cannot read region x={int(x * ds)} y={int(y * ds)} w={w} h={h} at level {level} "
                 f"({type(err).__name__}: {err}); the file is damaged, re-export or re-scan it"
             ) from err
         arr = np.asarray(region)
-        if arr.ndim == 2:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-        if arr.dtype != np.uint8:
-            arr = (arr / (arr.max() or 1) * 255).astype(np.uint8) if arr.dtype.kind in "fu" else arr.astype(np.uint8)
+        if arr.ndim == 2 or arr.dtype != np.uint8 or arr.shape[2] not in (3, 4):  # a format the file check let through
+            raise SlideError(f"{shown(self.info.path)}: read {arr.shape} {arr.dtype} pixels where RGB was expected; convert the slide to 8-bit RGB")
         return composite_on_white(arr)
 
 
@@ -234,6 +257,18 @@ def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None
             errors.append(f"{opener.__name__[6:]}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     else:
         raise SlideError(f"{path}: cannot open as a slide ({'; '.join(errors)}); {_open_hint(path)}")
+    try:
+        pixels = _tiff_pixels(path)
+    except UnsupportedPixels as err:
+        handle.close()
+        raise SlideError(f"{shown(path)}: {err}; convert it to 8-bit RGB (e.g. vips, QuPath or Fiji) and segment that") from None
+    if name == "openslide" and pixels is not None and not pixels.plain:
+        # libtiff's RGBA reader, behind OpenSlide, misreads some of these (tiled grey + alpha and
+        # 16-bit grey lose rows; float cannot be read): tiffslide reads the samples, converted here
+        handle.close()
+        if backend != "auto":
+            raise SlideError(f"{shown(path)}: OpenSlide does not read {pixels.note} correctly; use --reader tiffslide (or auto)")
+        handle, props, name = _open_tiffslide(path)
     prefix = name
     slide_mpp = mpp or _float(_prop(props, f"{prefix}.mpp-x", "openslide.mpp-x", "tiffslide.mpp-x"))
     bx, by = _prop(props, f"{prefix}.bounds-x", "openslide.bounds-x"), _prop(props, f"{prefix}.bounds-y", "openslide.bounds-y")
@@ -259,4 +294,21 @@ def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None
     if min(info.dimensions) <= 0:
         handle.close()
         raise SlideError(f"{path}: slide has an empty level 0 {info.dimensions}")
-    return Slide(handle, info)
+    return Slide(handle, info, pixels, raw=name == "tiffslide")
+
+
+def _tiff_pixels(path: Path) -> PixelFormat | None:
+    """The pixel format of a TIFF's level 0 from its tags (None for other files: their reader
+    returns RGB(A)); raises UnsupportedPixels for samples that are not an RGB or grey image."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.series[0].keyframe
+            photometric = tifffile.PHOTOMETRIC(page.photometric).name
+            samples, extra, dtype, bits = int(page.samplesperpixel), len(page.extrasamples), page.dtype, int(page.bitspersample)
+    except Exception:  # not a TIFF (or not one tifffile parses): the slide reader decides
+        return None
+    if dtype is None:
+        return None
+    return pixel_format(photometric, samples, extra, dtype, bits)

@@ -1,0 +1,304 @@
+"""Every input value checked once (fault catalogue, issue 14): resolutions, the model, the cache,
+every pixel format a slide can carry, and memory of single-level slides. Each case is a class
+(several examples), never read as something else and never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from wsi_nuclei.cli import app
+from wsi_nuclei.errors import SlideError
+from wsi_nuclei.pipeline import SegmentConfig, segment_many
+from wsi_nuclei.slide import open_slide
+
+from .slides import disc_image, disc_slide, write_pyramid
+
+runner = CliRunner()
+FLAGS = ["--chunk-size", "256", "--halo", "32", "--context", "64", "--workers", "0", "--quiet"]
+OPTS = {"chunk_size": 256, "halo": 32, "context": 64}
+
+
+def _errors(output: str) -> list[str]:
+    assert "Traceback" not in output
+    return [ln for ln in output.splitlines() if ln.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory) -> Path:
+    return disc_slide(tmp_path_factory.mktemp("in") / "s.tif", (256, 256), seed=31)
+
+
+# 6: resolutions ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mpp, words", [
+    ("0.00025", ["outside", "mm or nm", "--unusual-mpp"]),  # mm typed for µm
+    ("250", ["outside", "--unusual-mpp"]),  # nm typed for µm
+    ("1e300", ["outside"]),
+    ("inf", ["not a resolution"]),
+    ("nan", ["not a resolution"]),
+    ("-0.5", ["not a resolution"]),
+])
+def test_implausible_mpp_is_refused_at_once(slide, tmp_path, mpp, words):
+    t0 = time.time()
+    result = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "out"), "--mpp", mpp, *FLAGS])
+    assert time.time() - t0 < 20
+    assert result.exit_code == 2
+    errors = _errors(result.output)
+    assert len(errors) == 1 and "--mpp" in errors[0], result.output
+    for w in words:
+        assert w in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_unusual_mpp_is_accepted_when_asked_and_a_huge_plan_is_refused(slide, tmp_path):
+    ok = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "a"), "--mpp", "0.04", "--unusual-mpp", *FLAGS])
+    assert ok.exit_code == 0, ok.output
+    t0 = time.time()
+    huge = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "b"), "--mpp", "1e300", "--unusual-mpp", *FLAGS])
+    assert time.time() - t0 < 20 and huge.exit_code == 1  # the slide fails, quickly: no endless planning
+    errors = _errors(huge.output)
+    assert len(errors) == 1 and "more than any slide" in errors[0] and "--mpp" in errors[0]
+
+
+@pytest.mark.parametrize("meta_mpp", [1e-5, 0.01, 30.0, 100.0])
+def test_implausible_slide_metadata_is_refused_with_the_fix(tmp_path, meta_mpp):
+    img = disc_image((256, 256), [(64, 64), (180, 150)], 8, seed=32)
+    path = write_pyramid(tmp_path / "m.tif", img, meta_mpp, levels=1)
+    (res,) = segment_many([path], tmp_path / "out", SegmentConfig(**OPTS))
+    assert res.status == "failed" and "m.tif" in res.reason and "metadata" in res.reason
+    assert "--mpp" in res.reason and "--unusual-mpp" in res.reason and "\n" not in res.reason
+    (fixed,) = segment_many([path], tmp_path / "out2", SegmentConfig(**OPTS, level0_mpp=0.5))
+    assert fixed.status == "ok"
+
+
+def test_a_chunk_larger_than_the_slide_is_clipped(slide, tmp_path):
+    (res,) = segment_many([slide], tmp_path / "out", SegmentConfig(chunk_size=32768, halo=32, context=64))
+    assert res.status == "ok"
+    summary = json.loads((tmp_path / "out" / "s" / "summary.json").read_text())
+    assert summary["tiling"]["chunk"] <= 256
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--connect-timeout", "inf"], ["--connect-timeout", "finite"]),
+    (["--connect-timeout", "nan"], ["--connect-timeout"]),
+    (["--threads", "0"], ["--threads"]),
+    (["--halo", "-32"], ["--halo"]),
+    (["--context", "-64"], ["--context"]),
+    (["--forward-memory", "lots"], ["--forward-memory", "size"]),
+])
+def test_every_option_is_checked_once(tmp_path, args, words):
+    result = runner.invoke(app, ["segment", str(tmp_path), "-o", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2
+    errors = _errors(result.output)
+    assert len(errors) == 1, result.output
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+
+
+# 7: the model, checked once, up front -----------------------------------------------------------
+
+def _model(tmp_path: Path, card_change: dict | None = None, weights=None) -> Path:
+    """A copy of the shipped model with ``card_change`` merged into its card and ``weights``
+    (a function of the state dict) applied, the card's sha256 updated to match."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from wsi_nuclei.model import DEFAULT_MODEL_DIR
+
+    dst = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, dst)
+    card = json.loads((dst / "model.json").read_text())
+    if weights is not None:
+        state = load_file(str(dst / "model.safetensors"))
+        save_file(weights(state), str(dst / "model.safetensors"))
+        card["weights_sha256"] = hashlib.sha256((dst / "model.safetensors").read_bytes()).hexdigest()
+    for key, value in (card_change or {}).items():
+        if isinstance(value, dict):
+            card[key] = {**card.get(key, {}), **value}
+        elif value is None:
+            card.pop(key, None)
+        else:
+            card[key] = value
+    (dst / "model.json").write_text(json.dumps(card))
+    return dst
+
+
+def _nan(state):
+    k = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 100)
+    state[k] = state[k].clone()
+    state[k].view(-1)[0] = float("nan")
+    return state
+
+
+def _zeros(state):
+    return {k: v * 0 if v.is_floating_point() else v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("card_change, weights, words", [
+    (None, _nan, ["NaN", "model.safetensors"]),
+    (None, _zeros, ["does not depend on the image"]),
+    ({"postprocess": {"fg_threshold": 2}}, None, ["fg_threshold", "model.json"]),
+    ({"postprocess": {"seed_threshold": -1}}, None, ["seed_threshold"]),
+    ({"postprocess": {"method": "magic"}}, None, ["postprocess.method", "magic"]),
+    ({"postprocess": {"min_area_um2": float("nan")}}, None, ["min_area_um2"]),
+    ({"input_std": [0, 0, 0]}, None, ["input_std", "> 0"]),
+    ({"input_mean": ["a", "b", "c"]}, None, ["input_mean"]),
+    ({"context_px": -32}, None, ["context_px"]),
+    ({"working_mpp": 0}, None, ["working_mpp"]),
+    ({"weights_sha256": None}, None, ["weights_sha256", "missing"]),
+])
+def test_a_broken_model_is_refused_once_naming_its_file(slide, tmp_path, card_change, weights, words):
+    model = _model(tmp_path, card_change, weights)
+    result = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "out"), "--model", str(model), *FLAGS])
+    assert result.exit_code == 2, result.output
+    errors = _errors(result.output)
+    assert len(errors) == 1, result.output
+    for w in words:
+        assert w in errors[0], (w, errors[0])
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_probabilities_are_an_error_not_zero_nuclei():
+    from wsi_nuclei.errors import ModelError
+    from wsi_nuclei.infer import check_finite
+
+    probs = np.zeros((3, 64, 64), np.float32)
+    check_finite(probs, "x")
+    probs[1, 5, 5] = np.nan
+    with pytest.raises(ModelError, match="NaN"):
+        check_finite(probs, "chunk 3")
+
+
+# 9: the model cache -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["a-file", "read-only"])
+def test_an_unwritable_cache_falls_back_with_one_warning(slide, tmp_path, kind):
+    cache = tmp_path / "cache"
+    if kind == "a-file":
+        cache.write_text("not a folder")
+    else:
+        cache.mkdir()
+        cache.chmod(0o500)
+    env = {**os.environ, "WSI_NUCLEI_CACHE": str(cache / "sub" if kind == "a-file" else cache), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    cmd = [sys.executable, "-m", "wsi_nuclei.cli", "segment", str(slide), "-o", str(tmp_path / "out"), "--backend", "onnx",
+           "--threads", "1", *FLAGS]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        cache.chmod(0o700) if cache.is_dir() else None
+    if kind == "read-only" and os.access(cache, os.W_OK) and os.geteuid() == 0:
+        # root writes anyway: the cache is usable, nothing to fall back from
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("cannot write the model cache") == 1 and "WSI_NUCLEI_CACHE" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list((tmp_path / "tmp").glob("wsi-nuclei-cache-*/onnx/*.onnx"))
+
+
+# pixel formats: every class converted to RGB or refused with one line ---------------------------
+
+def _rgb() -> np.ndarray:
+    return disc_image((320, 320), [(x, y) for y in range(20, 320, 40) for x in range(20, 320, 40)], 7, seed=33)
+
+
+def _write(path: Path, arr: np.ndarray, tiled: bool, **kw) -> Path:
+    import tifffile
+
+    extra = {"tile": (256, 256)} if tiled else {}
+    tifffile.imwrite(path, arr, resolution=(2e4, 2e4), resolutionunit="CENTIMETER", **kw, **extra)
+    return path
+
+
+FORMATS = {
+    # name: (samples from the RGB reference, tifffile options, what a reader must give)
+    "rgb": (lambda c: c, {"photometric": "rgb"}, "rgb"),
+    "rgba": (lambda c: np.dstack([c, np.full(c.shape[:2], 255, np.uint8)]), {"photometric": "rgb", "extrasamples": [2]}, "rgb"),
+    "rgb16": (lambda c: c.astype(np.uint16) * 257, {"photometric": "rgb"}, "rgb"),
+    "rgba16": (lambda c: np.dstack([c, np.full(c.shape[:2], 255, np.uint8)]).astype(np.uint16) * 257,
+               {"photometric": "rgb", "extrasamples": [2]}, "rgb"),
+    "rgb-float": (lambda c: c.astype(np.float32) / 255, {"photometric": "rgb"}, "rgb"),
+    "cmyk": (lambda c: np.dstack([255 - c, np.zeros(c.shape[:2], np.uint8)]), {"photometric": "separated"}, "rgb"),
+    "grey": (lambda c: c[:, :, 1], {"photometric": "minisblack"}, "grey"),
+    "grey-alpha": (lambda c: np.dstack([c[:, :, 1], np.full(c.shape[:2], 255, np.uint8)]), {"photometric": "minisblack", "extrasamples": [2]}, "grey"),
+    "grey16": (lambda c: c[:, :, 1].astype(np.uint16) * 257, {"photometric": "minisblack"}, "grey"),
+    "min-is-white": (lambda c: 255 - c[:, :, 1], {"photometric": "miniswhite"}, "grey"),
+    "five-samples": (lambda c: np.dstack([c, c[:, :, :2]]), {"photometric": "minisblack", "planarconfig": "contig"}, "refused"),
+    "signed16": (lambda c: c[:, :, 1].astype(np.int16), {"photometric": "minisblack"}, "refused"),
+    "rgb-two-alpha": (lambda c: np.dstack([c, c[:, :, :2]]), {"photometric": "rgb", "extrasamples": [2, 0]}, "refused"),
+}
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["strip", "tiled"])
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("reader", ["auto", "tiffslide"])
+def test_every_pixel_format_is_rgb_or_refused(tmp_path, name, tiled, reader):
+    make, kw, expect = FORMATS[name]
+    rgb = _rgb()
+    path = _write(tmp_path / f"{name}.tif", make(rgb), tiled, **kw)
+    if expect == "refused":
+        with pytest.raises(SlideError) as err:
+            with open_slide(path, reader) as s:
+                s.read_working((0, 0, 64, 64), 1.0)
+        msg = str(err.value)
+        assert path.name in msg and "\n" not in msg and "convert it to 8-bit RGB" in msg
+        return
+    with open_slide(path, reader) as s:
+        got = s.read_working((0, 0, 320, 320), 1.0)
+        thumb, _ = s.thumbnail(128)
+    assert got.shape == (320, 320, 3) and got.dtype == np.uint8 and thumb.dtype == np.uint8
+    want = rgb if expect == "rgb" else np.repeat(rgb[:, :, 1:2], 3, axis=2)
+    assert np.abs(got.astype(int) - want).max() <= 2  # the same pixels, whatever the container
+
+
+def test_a_refused_format_is_one_line_in_a_batch(tmp_path):
+    bad = _write(tmp_path / "five.tif", np.dstack([_rgb(), _rgb()[:, :, :2]]), False, photometric="minisblack", planarconfig="contig")
+    good = disc_slide(tmp_path / "good.tif", (256, 256), seed=34)
+    res = segment_many([bad, good], tmp_path / "out", SegmentConfig(**OPTS))
+    assert [r.status for r in res] == ["failed", "ok"]
+    assert "5 samples per pixel" in res[0].reason and "\n" not in res[0].reason
+
+
+# 11: single-level slides: memory flat ----------------------------------------------------------
+
+def test_thumbnail_in_tiles_equals_one_read(tmp_path):
+    img = disc_image((1500, 1300), [(x, y) for y in range(30, 1500, 90) for x in range(30, 1300, 90)], 12, seed=35)
+    path = write_pyramid(tmp_path / "flat.tif", img, 0.25, levels=1)
+    with open_slide(path) as s:
+        whole, scale = s.thumbnail(300)
+        tiled, scale2 = s.thumbnail(300, read_px=40_000)  # tiles of ~200 level px
+    assert scale == scale2 and whole.shape == tiled.shape
+    assert np.abs(whole.astype(int) - tiled).mean() < 1.0 and np.abs(whole.astype(int) - tiled).max() <= 40
+
+
+@pytest.mark.slow
+def test_thumbnail_of_a_slide_without_a_pyramid_has_bounded_memory(tmp_path):
+    """A 12,288² single-level slide (604 MB as RGBA in one read): the thumbnail's peak memory
+    stays near the tile budget (64 MB), not the level's size."""
+    import tifffile
+
+    tile = disc_image((512, 512), [(x, y) for y in range(16, 512, 48) for x in range(16, 512, 48)], 9, seed=36)
+    n = 24
+    with tifffile.TiffWriter(tmp_path / "flat.tif") as tif:
+        tif.write((tile for _ in range(n * n)), shape=(512 * n, 512 * n, 3), dtype=np.uint8, tile=(512, 512), compression="jpeg",
+                  photometric="rgb", resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    code = ("import resource, sys; from wsi_nuclei.slide import open_slide\n"
+            "s = open_slide(sys.argv[1]); s.read_working((0, 0, 64, 64), 1.0)\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "t, _ = s.thumbnail(2048)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024, t.shape)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "flat.tif")], capture_output=True, text=True, timeout=300, check=True)
+    grown_mb = int(done.stdout.split()[0])
+    assert grown_mb < 300, done.stdout  # one read of level 0 would take > 600 MB
