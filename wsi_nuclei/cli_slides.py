@@ -90,15 +90,14 @@ def segment(
 
     console = Console(stderr=True, quiet=quiet)
     try:
-        if max_slides <= 0:
-            raise WsiNucleiError(f"--max-slides must be > 0, got {max_slides}")
         segment_options = dict(model_dir=str(model) if model else None, level0_mpp=mpp, unusual_mpp=unusual_mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
                                batch_size=batch_size, forward_memory=parse_size(forward_memory, "--forward-memory"), device=device,
                                tissue_mask=not no_tissue_mask, reader=reader, backend=backend, geojson_format=fmt,
                                raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite, keep_chunks=keep_chunks)
         slurm = {"queue": queue, "account": account, "walltime": walltime, "cores": cores, "memory": memory, "processes": processes,
                  "job_extra": tuple(job_extra), "min_jobs": min_jobs, "max_jobs": max_jobs}
-        cfg, ccfg = configs(segment_options, cluster, scheduler, workers, threads, gpus, connect_timeout, cluster_config, slurm, dry_run)
+        cfg, ccfg = configs(segment_options, cluster, scheduler, workers, threads, gpus, connect_timeout, cluster_config, slurm, dry_run,
+                            max_slides)
         load_model(model)  # a broken model fails here, once, not on every slide
         if dry_run:
             _dry_run(inputs, out, cfg, ccfg, max_slides)
@@ -135,7 +134,8 @@ def segment(
         try:  # shutting down: a second Ctrl-C is only recorded, it cannot cut this short
             close_client(client)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            if not interrupted:  # after a Ctrl-C the handler stays: more of them only add to the record
+                signal.signal(signal.SIGINT, previous)
     if interrupted:
         # exit 130 whenever a Ctrl-C arrived
         typer.echo(f"interrupted: finished chunks and slides are kept in {out}; run the same command with --resume to continue", err=True)

@@ -12,13 +12,15 @@ __all__ = ["SegmentConfig", "WORK_DIR", "PLAUSIBLE_MPP", "check_mpp"]
 #: µm per level-0 px a slide plausibly has (0.25 at 40x, 0.5 at 20x; 10 would be a 1x overview):
 #: outside it, mm or nm were most likely typed for µm. ``--unusual-mpp`` accepts any finite value.
 PLAUSIBLE_MPP = (0.05, 20.0)
+#: Largest chunk core (working px): a chunk window and its arrays are held in memory whole.
+MAX_CHUNK = 16384
 
 
 def check_mpp(value: float, where: str, unusual: bool = False) -> None:
     """Refuse a resolution that is not a finite number > 0, or (unless ``unusual``) outside
     :data:`PLAUSIBLE_MPP`; ``where`` names its source in the message ("--mpp", a slide file)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
-        raise ConfigError(f"{where}: {value!r} is not a resolution; give µm per pixel as a number > 0, e.g. --mpp 0.25 for 40x or 0.5 for 20x")
+        raise ConfigError(f"{where} must be > 0 µm/px and finite, got {value!r}; e.g. --mpp 0.25 for 40x or 0.5 for 20x")
     lo, hi = PLAUSIBLE_MPP
     if not unusual and not lo <= value <= hi:
         raise ConfigError(f"{where}: {value:g} µm/px is outside the {lo:g}-{hi:g} µm/px of slides (0.25 at 40x, 0.5 at 20x; "
@@ -27,7 +29,7 @@ def check_mpp(value: float, where: str, unusual: bool = False) -> None:
 
 def _int(name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+        raise ConfigError(f"{name} must be {'> 0' if low == 1 else f'>= {low}'} (a whole number), got {value!r}")
 
 #: Per-slide folder of an unfinished slide: plan, thumbnail, chunk files. Removed when finished.
 WORK_DIR = ".partial"
@@ -61,6 +63,8 @@ class SegmentConfig:
         """Every option for type, finiteness and range; raises ConfigError with one line."""
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0 or self.chunk_size % 32:
             raise ConfigError(f"--chunk-size must be > 0 and a multiple of 32, got {self.chunk_size!r}")
+        if self.chunk_size > MAX_CHUNK:
+            raise ConfigError(f"--chunk-size {self.chunk_size} is larger than {MAX_CHUNK} px: a chunk is held in memory whole; use the default 1024")
         for name, value in (("--halo", self.halo), ("--context", self.context)):
             if value is not None:
                 _int(name, value, 0)

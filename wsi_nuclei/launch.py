@@ -53,7 +53,7 @@ def segment_device(device: str, cluster: str, scheduler: str | None, dry_run: bo
 def configs(
     segment: dict[str, Any], cluster: str = "local", scheduler: str | None = None, workers: int = 1, threads: int | None = None,
     gpus: int | None = None, connect_timeout: float = 30.0, cluster_yaml: Path | None = None, slurm: dict[str, Any] | None = None,
-    dry_run: bool = False,
+    dry_run: bool = False, max_slides: int = 2,
 ) -> tuple[SegmentConfig, ClusterConfig]:
     """Checked (:class:`SegmentConfig`, :class:`ClusterConfig`) for ``segment``'s options.
 
@@ -73,6 +73,8 @@ def configs(
         raise ConfigError(f"--connect-timeout must be a finite number of seconds > 0, got {connect_timeout}")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
+    if max_slides < 1:
+        raise ConfigError(f"--max-slides must be > 0, got {max_slides}")
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {workers}")
     dev = segment_device(str(segment.get("device", "auto")), cluster, scheduler, dry_run)

@@ -122,6 +122,7 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | 
         info = slide.info
         if info.level0_mpp is None:
             raise SlideError(f"{shown(path)}: no resolution (mpp) in the slide metadata; pass --mpp, e.g. --mpp 0.25 for 40x or 0.5 for 20x")
+        thumb, thumb_scale = slide.thumbnail(2048)  # first: a damaged file says so before anything else
         if cfg.level0_mpp is None:
             try:
                 check_mpp(info.level0_mpp, f"{shown(path)}: the slide's metadata says", cfg.unusual_mpp)
@@ -134,9 +135,8 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | 
                              f"{card.working_mpp:g} µm/px, more than any slide; check --mpp")
         tiling = slide_tiling(cfg, card)
         needed = max(-(-max(width, height) // 32) * 32, (tiling.halo // 32 + 1) * 32)  # a core still larger than the halo
-        if tiling.chunk > needed:  # a chunk larger than the slide: clipped to it
+        if tiling.chunk > 2 * needed:  # a chunk far larger than the slide (memory for nothing): clipped to it
             tiling = slide_tiling(replace(cfg, chunk_size=needed), card)
-        thumb, thumb_scale = slide.thumbnail(2048)
     if looks_greyscale(thumb):
         raise SlideError(f"{path}: the slide has no colour (greyscale); the model segments H&E-stained RGB slides")
     tissue = tissue_mask(thumb) if cfg.tissue_mask else None
