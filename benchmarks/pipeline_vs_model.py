@@ -7,7 +7,11 @@ and each inference backend:
   (b) pipeline_s: `segment` of the same slide, in this process after a warm-up (model loaded,
                   ONNX export cached): read/decode, inference, instances, polygons, assembly;
   ratio = (b) / (a), and the stage seconds from summary.json, seconds per mm² of tissue at
-0.5 µm/px, the tissue fraction and the time a run without the tissue mask takes (synthetic slide).
+0.5 µm/px, the tissue fraction and the time a run without the tissue mask takes (synthetic slide);
+  limit_s: the physical limit, the bare forward pass over only the 256 px tiles that touch the
+           tissue mask, no context, no halo, batched (8 per call), same backend and threads;
+  ratio_to_limit = pipeline_s / limit_s; amplification = pixels given to the model / tissue pixels
+  (summary.json ``amplification``).
 The last line is a JSON object with model_s, pipeline_s and ratio of the default backend on the
 real slide, then every row.
 
@@ -34,7 +38,7 @@ def model_only(plan, cfg, predict, n_outputs: int) -> float:  # noqa: ANN001
     """Seconds of ``predict`` alone over exactly the model calls the pipeline makes for ``plan``:
     the same function (infer.tile_probabilities) with the same arguments, only ``predict`` timed;
     the reads are done first and not timed."""
-    from wsi_nuclei.infer import tile_probabilities
+    from wsi_nuclei.infer import window_probabilities
     from wsi_nuclei.slide import open_slide
     from wsi_nuclei.worker_cache import forward_plan
 
@@ -53,8 +57,37 @@ def model_only(plan, cfg, predict, n_outputs: int) -> float:  # noqa: ANN001
     with open_slide(plan.path, cfg.reader, cfg.level0_mpp) as slide:
         for ch in plan.chunks:
             rgb = slide.read_working((ch.x - margin, ch.y - margin, read, read), plan.scale)
-            tile_probabilities(timed, n_outputs, rgb, fp.tile, t.context, fp.batch)
+            window_probabilities(timed, n_outputs, rgb, fp.tile, t.context, fp.batch, ch.infer)
     return spent[0]
+
+
+def limit_only(plan, tissue, thumb_scale: float, cfg, predict, tile: int = 256, batch: int = 8) -> tuple[float, int]:  # noqa: ANN001
+    """The physical limit: seconds of ``predict`` over the 256 px tiles of the working grid whose
+    area touches the tissue mask, without context or halo, ``batch`` tiles per call (the reads are
+    done first and not timed). Returns (seconds, tiles)."""
+    import math
+
+    import numpy as np
+
+    from wsi_nuclei.slide import open_slide
+
+    h, w = plan.size
+    per = thumb_scale / plan.scale  # working px per tissue-mask pixel
+    boxes = []
+    for y in range(0, h, tile):
+        for x in range(0, w, tile):
+            part = tissue[int(y / per) : int(math.ceil((y + tile) / per)), int(x / per) : int(math.ceil((x + tile) / per))]
+            if part.any():
+                boxes.append((x, y))
+    spent = 0.0
+    with open_slide(plan.path, cfg.reader, cfg.level0_mpp) as slide:
+        tiles = [slide.read_working((x, y, tile, tile), plan.scale) for x, y in boxes]
+        for i in range(0, len(tiles), batch):
+            group = np.stack(tiles[i : i + batch])
+            t0 = time.perf_counter()
+            predict(group)
+            spent += time.perf_counter() - t0
+    return spent, len(boxes)
 
 
 def main() -> None:
@@ -91,8 +124,13 @@ def main() -> None:
         # warm-up: the pipeline's own model cache, the ONNX export, first-call allocations
         segment_many([slides["CMU-1-Small-Region (real)"]], args.work / "warmup", cfg)
         for label, path in slides.items():
-            plan, _, _ = plan_slide(path, args.work / "plan", cfg)
+            plan, thumb, tissue = plan_slide(path, args.work / "plan", cfg)
             model_s = model_only(plan, cfg, predict, len(card.outputs))
+            from wsi_nuclei.slide import open_slide
+
+            with open_slide(path) as sl:
+                _, thumb_scale = sl.thumbnail(2048)
+            limit_s, limit_tiles = limit_only(plan, tissue, thumb_scale, cfg, predict)
             out = args.work / f"out_{name}"
             t0 = time.perf_counter()
             res = segment_many([path], out, cfg)[0]
@@ -101,7 +139,8 @@ def main() -> None:
             row = {"slide": label, "backend": name, "chunks": len(plan.chunks), "nuclei": res.nuclei,
                    "tissue_mm2": summary["tissue_mm2"], "model_s": round(model_s, 2), "pipeline_s": round(pipeline_s, 2),
                    "ratio": round(pipeline_s / model_s, 3), "s_per_mm2": round(pipeline_s / max(summary["tissue_mm2"], 1e-9), 2),
-                   "stages": summary["seconds"]}
+                   "limit_s": round(limit_s, 2), "limit_tiles": limit_tiles, "ratio_to_limit": round(pipeline_s / limit_s, 3),
+                   "amplification": summary["amplification"], "stages": summary["seconds"]}
             if args.dask:
                 from wsi_nuclei.cluster import ClusterConfig, close_client, make_client
 
@@ -127,13 +166,16 @@ def main() -> None:
     gpu = f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""
     print(f"\npipeline vs bare model — {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, "
           f"{args.threads} threads, chunk {cfg.chunk_size} px, torch {torch.__version__}, in-process (no Dask)")
-    print(f"{'slide':<36} {'backend':>7} {'chunks':>6} {'nuclei':>7} {'tissue mm²':>10} {'model s':>8} {'pipeline s':>10} "
-          f"{'ratio':>6} {'s/mm²':>6}  stages (s): read / inference / instances / polygons / assembly")
+    print(f"{'slide':<36} {'backend':>7} {'chunks':>6} {'nuclei':>7} {'tissue mm²':>10} {'limit s':>7} {'model s':>8} {'pipeline s':>10} "
+          f"{'ratio':>6} {'to limit':>8} {'ampl.':>6} {'s/mm²':>6}  stages (s): read / inference / instances / polygons / assembly")
     for r in rows:
         st = r["stages"]
-        print(f"{r['slide']:<36} {r['backend']:>7} {r['chunks']:>6} {r['nuclei']:>7} {r['tissue_mm2']:>10.3f} {r['model_s']:>8.1f} "
-              f"{r['pipeline_s']:>10.1f} {r['ratio']:>6.2f} {r['s_per_mm2']:>6.1f}  {st['read']:.1f} / {st['inference']:.1f} / "
-              f"{st['instances']:.1f} / {st['polygons']:.1f} / {st['assemble']:.1f}")
+        print(f"{r['slide']:<36} {r['backend']:>7} {r['chunks']:>6} {r['nuclei']:>7} {r['tissue_mm2']:>10.3f} {r['limit_s']:>7.1f} "
+              f"{r['model_s']:>8.1f} {r['pipeline_s']:>10.1f} {r['ratio']:>6.2f} {r['ratio_to_limit']:>8.2f} {r['amplification']:>6.2f} "
+              f"{r['s_per_mm2']:>6.1f}  {st['read']:.1f} / {st['inference']:.1f} / {st['instances']:.1f} / {st['polygons']:.1f} / "
+              f"{st['assemble']:.1f}")
+    print("limit s: the bare model over the 256 px tiles touching tissue (no context, no halo); to limit = pipeline s / limit s; "
+          "ampl. = pixels given to the model / tissue pixels")
     for r in rows:
         if "dask_s" in r:
             print(f"{r['slide']} ({r['backend']}), default set-up (LocalCluster, 1 worker, 2 chunks whose forward passes take turns, "
@@ -144,6 +186,8 @@ def main() -> None:
                   f"vs {r['all_chunks_s']:.1f} s for every chunk ({1 - r['pipeline_s'] / r['all_chunks_s']:.0%} saved)")
     main_row = next((r for r in rows if r["slide"].startswith("CMU") and r["backend"] == "onnx"), rows[0])
     print(json.dumps({"model_s": main_row["model_s"], "pipeline_s": main_row["pipeline_s"], "ratio": main_row["ratio"],
+                      "limit_s": main_row["limit_s"], "ratio_to_limit": main_row["ratio_to_limit"],
+                      "amplification": main_row["amplification"], "s_per_mm2": main_row["s_per_mm2"],
                       "backend": main_row["backend"], "rows": rows}))
 
 

@@ -75,7 +75,7 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
     labels = LabelCanvas(tmp_zarr, tiling.chunk)
     height, width = plan.size
     totals = {"read": 0.0, "waiting": 0.0, "inference": 0.0, "instances": 0.0, "polygons": 0.0}
-    cut = dropped = 0
+    cut = dropped = inferred = 0
     forwards: dict[tuple[int, ...], int] = {}
     t_write = time.perf_counter()
     with GeoJSONWriter(temps[geo_name], gzipped=geo_name.endswith(".gz")) as writer:
@@ -94,6 +94,7 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
             labels.paste(ch.row, ch.col, y0, x0, owned)
             writer.write_encoded(features, count)
             cut += int(part.meta["cut"])
+            inferred += int(part.meta.get("inferred_px", 0))
             fwd = tuple(part.meta["forward"])
             forwards[fwd] = forwards.get(fwd, 0) + 1
             for k in totals:
@@ -117,6 +118,9 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
         "chunks": {"processed": len(plan.chunks), "grid": list(plan.grid), "computed_this_run": run.get("computed", len(plan.chunks)),
                    "reused": run.get("reused", 0)},
         "cut_nuclei": cut,
+        # pixels the model was given, and per pixel of tissue (at the model's resolution)
+        "inferred_px": inferred,
+        "amplification": round(inferred / max(1.0, plan.tissue_mm2 / (card.working_mpp / 1000) ** 2), 3),
         "overlaps_dropped": dropped,  # nuclei a later chunk kept over an earlier chunk's (see instances.overlapping)
         # how the chunk windows were inferred (planned from each worker's memory, see memory.py)
         "forward_passes": [{"tile_px": f[0] + 2 * tiling.context, "core_px": f[0], "per_call": f[1], "chunks": k}

@@ -53,6 +53,7 @@ class ChunkResult:
     cut: int  # owned nuclei that reached the window edge (halo too small)
     forward: tuple[int, int]  # (tile core px, tiles per call) of the forward passes
     times: dict[str, float]  # seconds: read, waiting, inference, instances, polygons
+    inferred_px: int = 0  # pixels the model was given (the window's tissue box and its context)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     excludes the wait for another chunk's forward pass, which is ``waiting``. Reads the slide only."""
     from .backends import gate_wait_seconds
     from .export import encode_nuclei
-    from .infer import check_finite, tile_probabilities
+    from .infer import check_finite, window_probabilities
     from .instances import own_by_centroid, probabilities_to_instances
     from .polygons import PolygonFrame, label_polygons
     from .tta import with_tta
@@ -85,7 +86,8 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     rgb = slide.read_working((chunk.x - h - ctx, chunk.y - h - ctx, side, side), plan.scale)
     t1 = time.perf_counter()
     waited = gate_wait_seconds()
-    probs = tile_probabilities(with_tta(predict, plan.tta), len(card.outputs), rgb, fp.tile, ctx, fp.batch)[:, :win, :win]
+    probs, inferred = window_probabilities(with_tta(predict, plan.tta), len(card.outputs), rgb, fp.tile, ctx, fp.batch, chunk.infer)
+    probs = probs[:, :win, :win]
     t2 = time.perf_counter()
     waited = gate_wait_seconds() - waited
     check_finite(probs, f"{plan.path}, chunk {chunk.index} (row {chunk.row}, col {chunk.col})")
@@ -101,7 +103,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     t4 = time.perf_counter()
     core_prob = np.round(probs[0, h : h + c, h : h + c] * 255).astype(np.uint8)
     times = {"read": t1 - t0, "waiting": waited, "inference": t2 - t1 - waited, "instances": t3 - t2, "polygons": t4 - t3}
-    return ChunkResult(core_prob, owned.labels, features, owned.cut, (fp.tile, fp.batch), times)
+    return ChunkResult(core_prob, owned.labels, features, owned.cut, (fp.tile, fp.batch), times, inferred)
 
 
 def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
@@ -114,7 +116,7 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
         return ChunkDone(chunk.index, 0, 0.0, error=str(err), trace=traceback.format_exc())
     blob = b",\n".join(res.features)
     meta: dict[str, Any] = {"chunk": asdict(chunk), "nuclei": len(res.features), "cut": res.cut,
-            "times": res.times, "forward": list(res.forward), "fingerprint": plan.fingerprint}
+            "times": res.times, "forward": list(res.forward), "fingerprint": plan.fingerprint, "inferred_px": res.inferred_px}
     # ids are chunk.index * 2**16 + local id: store the local part (uint16, half the bytes)
     local = (res.owned & np.uint32(IDS_PER_CHUNK - 1)).astype(np.uint16)
     data = _npz_bytes({"probability": res.probability, "owned_local": local,

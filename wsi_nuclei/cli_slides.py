@@ -53,6 +53,7 @@ def segment(
     keep_chunks: bool = typer.Option(False, "--keep-chunks", help="Keep the per-chunk result files after a slide finishes."),
     max_slides: int = typer.Option(2, help="Slides in flight at once (their chunks are scheduled together)."),
     no_tissue_mask: bool = typer.Option(False, "--no-tissue-mask", help="Process every chunk, not only tissue."),
+    whole_windows: bool = typer.Option(False, "--whole-windows", help="Infer each chunk window whole, glass included (default: only its tissue, dilated)."),
     fmt: str = typer.Option("geojson.gz", "--format", help="geojson.gz or geojson."),
     raw_coordinates: bool = typer.Option(False, "--raw-coordinates", help="Keep raw level-0 coordinates (no bounds shift)."),
     reader: str = typer.Option("auto", help="Slide reader: auto, openslide or tiffslide."),
@@ -92,7 +93,7 @@ def segment(
     try:
         segment_options = dict(model_dir=str(model) if model else None, level0_mpp=mpp, unusual_mpp=unusual_mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
                                batch_size=batch_size, forward_memory=parse_size(forward_memory, "--forward-memory"), device=device,
-                               tissue_mask=not no_tissue_mask, reader=reader, backend=backend, geojson_format=fmt,
+                               tissue_mask=not no_tissue_mask, whole_windows=whole_windows, reader=reader, backend=backend, geojson_format=fmt,
                                raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite, keep_chunks=keep_chunks)
         slurm = {"queue": queue, "account": account, "walltime": walltime, "cores": cores, "memory": memory, "processes": processes,
                  "job_extra": tuple(job_extra), "min_jobs": min_jobs, "max_jobs": max_jobs}

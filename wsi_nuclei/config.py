@@ -58,6 +58,7 @@ class SegmentConfig:
     keep_chunks: bool = False
     tta: str | None = None  # test-time augmentation: none, flip4, dihedral8; None: the model card's
     unusual_mpp: bool = False  # accept resolutions outside PLAUSIBLE_MPP (--mpp and slide metadata)
+    whole_windows: bool = False  # infer every chunk window whole, glass included (default: its tissue box)
 
     def check(self) -> None:
         """Every option for type, finiteness and range; raises ConfigError with one line."""

@@ -27,6 +27,7 @@ __all__ = [
     "select_device",
     "predict_region",
     "tile_probabilities",
+    "window_probabilities",
     "working_shape",
 ]
 
@@ -153,3 +154,34 @@ def tile_probabilities(
         for (y, x0), p in zip(batch, probs):
             out[:, y : y + tile, x0 : x0 + tile] = p[:, context : context + tile, context : context + tile]
     return out
+
+
+def window_probabilities(
+    predict: Callable[[np.ndarray], np.ndarray], n_outputs: int, image: np.ndarray, tile: int, context: int, batch_size: int = 4,
+    box: tuple[int, int, int, int] | None = None,
+) -> tuple[np.ndarray, int]:
+    """:func:`tile_probabilities` over only ``box`` = (x0, y0, x1, y1) of the centre (multiples of
+    32; None: all of it), 0 elsewhere; also returns the pixels the model was given. With one tile
+    per side the box is one forward pass of (y1 - y0 + 2·context) × (x1 - x0 + 2·context) px; with
+    several, the tiles that meet the box. Inside the box the result equals the full run's (each
+    pixel sees the same context on the same stride-32 grid)."""
+    side = image.shape[0] - 2 * context
+    size = tile + 2 * context
+    if box is None:
+        n = side // tile
+        return tile_probabilities(predict, n_outputs, image, tile, context, batch_size), n * n * size * size
+    x0, y0, x1, y1 = box
+    if x0 % STRIDE or y0 % STRIDE or x1 % STRIDE or y1 % STRIDE or not (0 <= x0 < x1 <= side and 0 <= y0 < y1 <= side):
+        raise ValueError(f"box {box} is not inside a {side} px window on the {STRIDE} px grid")
+    out = np.zeros((n_outputs, side, side), dtype=np.float32)
+    if side == tile:  # one pass: the box and its context
+        p = predict(np.ascontiguousarray(image[None, y0 : y1 + 2 * context, x0 : x1 + 2 * context]))[0]
+        out[:, y0:y1, x0:x1] = p[:, context : context + y1 - y0, context : context + x1 - x0]
+        return out, (y1 - y0 + 2 * context) * (x1 - x0 + 2 * context)
+    origins = [(r, c) for r in range(0, side, tile) for c in range(0, side, tile) if r < y1 and r + tile > y0 and c < x1 and c + tile > x0]
+    for i in range(0, len(origins), batch_size):
+        group = origins[i : i + batch_size]
+        probs = predict(np.stack([image[y : y + size, x : x + size] for y, x in group]))
+        for (y, x), q in zip(group, probs):
+            out[:, y : y + tile, x : x + tile] = q[:, context : context + tile, context : context + tile]
+    return out, len(origins) * size * size

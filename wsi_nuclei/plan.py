@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 #: The chunk-file format (:mod:`wsi_nuclei.chunk`); part of the fingerprint, so files of another
 #: format are recomputed, never misread.
-CHUNK_FILE_VERSION = 2
+CHUNK_FILE_VERSION = 3
 #: Working pixels no slide exceeds (a 2 m² section at 0.5 µm/px would be 8e12): a larger plan is
 #: a wrong resolution, refused before any chunk is listed.
 MAX_WORKING_PX = 10**13
@@ -99,7 +99,7 @@ def plan_keys(path: Path | str, cfg: SegmentConfig, card: ModelCard, backend: st
     ident = slide_file(path)
     outputs = {"slide": {k: ident[k] for k in ("name", "bytes", "mtime_ns")}, "model": card.weights_sha256, "card": card.to_json(),
                "tiling": asdict(slide_tiling(cfg, card)), "level0_mpp": cfg.level0_mpp, "reader": cfg.reader,
-               "raw_coordinates": cfg.raw_coordinates, "tissue_mask": cfg.tissue_mask, "tta": cfg.tta or card.tta,
+               "raw_coordinates": cfg.raw_coordinates, "tissue_mask": cfg.tissue_mask, "whole_windows": cfg.whole_windows, "tta": cfg.tta or card.tta,
                "format": cfg.geojson_format}
     key = hashlib.sha256(json.dumps(outputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
     chunks = {"outputs": key, "backend": backend, "batch": cfg.batch_size, "device": cfg.device, "version": __version__,
@@ -141,6 +141,8 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | 
         raise SlideError(f"{path}: the slide has no colour (greyscale); the model segments H&E-stained RGB slides")
     tissue = tissue_mask(thumb) if cfg.tissue_mask else None
     chunks, grid = plan_chunks(width, height, tiling, tissue, thumb_scale / scale)
+    if cfg.whole_windows:
+        chunks = [replace(ch, infer=None) for ch in chunks]
     shift = (0.0, 0.0) if cfg.raw_coordinates or info.bounds is None else (float(info.bounds[0]), float(info.bounds[1]))
     if tissue is not None:
         tissue_mm2 = float(tissue.sum()) * (thumb_scale * info.level0_mpp / 1000) ** 2

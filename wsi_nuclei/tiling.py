@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["Tiling", "Chunk", "derive_tiling", "plan_chunks", "STRIDE"]
+__all__ = ["Tiling", "Chunk", "derive_tiling", "plan_chunks", "tissue_box", "STRIDE"]
 
 STRIDE = 32
 #: Largest nucleus diameter the halo must hold (µm); tumour nuclei reach ~25 µm.
@@ -78,12 +78,16 @@ class Chunk:
     x: int
     y: int
     index: int
+    #: The part of the window the model infers, (x0, y0, x1, y1) in window px (multiples of 32):
+    #: the tissue in the window dilated by the halo and one tissue-mask cell; None: all of it.
+    infer: tuple[int, int, int, int] | None = None
 
 
 def plan_chunks(width: int, height: int, tiling: Tiling, tissue: np.ndarray | None = None, tissue_scale: float = 1.0) -> tuple[list[Chunk], tuple[int, int]]:
     """Chunks (row-major) of a ``width`` × ``height`` working-px image whose window touches tissue.
 
     ``tissue`` is a boolean mask where one pixel covers ``tissue_scale`` working px; None keeps all.
+    Each kept chunk carries the box of its window the model must infer (:func:`tissue_box`).
     Returns the chunks and the grid shape (rows, cols).
     """
     rows, cols = math.ceil(height / tiling.chunk), math.ceil(width / tiling.chunk)
@@ -91,6 +95,7 @@ def plan_chunks(width: int, height: int, tiling: Tiling, tissue: np.ndarray | No
     for r in range(rows):
         for c in range(cols):
             x, y = c * tiling.chunk, r * tiling.chunk
+            box = None
             if tissue is not None:
                 x0 = max(0, int((x - tiling.halo) / tissue_scale))
                 y0 = max(0, int((y - tiling.halo) / tissue_scale))
@@ -98,5 +103,36 @@ def plan_chunks(width: int, height: int, tiling: Tiling, tissue: np.ndarray | No
                 y1 = int(math.ceil((y + tiling.chunk + tiling.halo) / tissue_scale))
                 if not tissue[y0:y1, x0:x1].any():
                     continue
-            chunks.append(Chunk(r, c, x, y, r * cols + c))
+                box = tissue_box(tissue, tissue_scale, x - tiling.halo, y - tiling.halo, tiling.window, tiling.halo)
+                if box == (0, 0, tiling.window, tiling.window):
+                    box = None
+            chunks.append(Chunk(r, c, x, y, r * cols + c, box))
     return chunks, (rows, cols)
+
+
+def tissue_box(tissue: np.ndarray, scale: float, wx: int, wy: int, window: int, halo: int) -> tuple[int, int, int, int] | None:
+    """The box of the ``window`` px window at (``wx``, ``wy``) working px that holds tissue, or None
+    when none does. ``tissue`` has one pixel per ``scale`` working px. The box is the tissue's
+    bounding box dilated by ``halo`` (a nucleus at the tissue's edge, whole) plus one mask pixel (the
+    mask's own resolution), rounded out to multiples of 32 in window px and clipped to the window."""
+    grow = halo + int(math.ceil(scale))
+    x0, y0 = max(0, int((wx - grow) // scale)), max(0, int((wy - grow) // scale))
+    x1 = int(math.ceil((wx + window + grow) / scale))
+    y1 = int(math.ceil((wy + window + grow) / scale))
+    part = tissue[y0:y1, x0:x1]
+    if not part.any():
+        return None
+    ys, xs = np.nonzero(part.any(axis=1))[0], np.nonzero(part.any(axis=0))[0]
+    # tissue pixels k cover working px [k*scale, (k+1)*scale)
+    bx0, bx1 = (x0 + xs[0]) * scale - grow - wx, (x0 + xs[-1] + 1) * scale + grow - wx
+    by0, by1 = (y0 + ys[0]) * scale - grow - wy, (y0 + ys[-1] + 1) * scale + grow - wy
+    def down(v: float) -> int:
+        return max(0, min(window, int(math.floor(v / STRIDE)) * STRIDE))
+
+    def up(v: float) -> int:
+        return max(0, min(window, int(math.ceil(v / STRIDE)) * STRIDE))
+
+    box = (down(bx0), down(by0), up(bx1), up(by1))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return None
+    return box

@@ -1,0 +1,92 @@
+"""Infer only tissue (issue 15): each chunk window is inferred over its tissue box, the tissue's
+bounding box in the window dilated by the halo (a nucleus at the tissue edge stays whole) and one
+tissue-mask pixel (the mask's own resolution: one thumbnail pixel, up to 2048 per slide side),
+rounded out to the 32 px grid. Outside the box the probability is 0. Inside it the output equals
+the whole-window run's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_nuclei.metrics import aji
+from wsi_nuclei.pipeline import SegmentConfig, segment_slide
+from wsi_nuclei.store import open_array
+from wsi_nuclei.tiling import derive_tiling, plan_chunks, tissue_box
+
+from .slides import disc_image, write_pyramid
+
+
+def test_an_island_smaller_than_a_mask_pixel_gets_a_box_holding_it_and_a_nucleus_around_it():
+    tissue = np.zeros((64, 64), bool)
+    tissue[20, 30] = True  # one mask pixel = 8 working px: working px 240..248 x, 160..168 y
+    box = tissue_box(tissue, 8.0, 0, 0, 512, 64)
+    assert box is not None and all(v % 32 == 0 for v in box)
+    x0, y0, x1, y1 = box
+    assert x0 <= 240 - 64 and x1 >= 248 + 64 and y0 <= 160 - 64 and y1 >= 168 + 64  # the pixel, dilated by the halo
+    assert x1 - x0 <= 8 + 2 * (64 + 8) + 64 and y1 - y0 <= 8 + 2 * (64 + 8) + 64  # and not much more
+
+
+def test_tissue_just_outside_a_window_and_no_tissue():
+    tissue = np.zeros((64, 64), bool)
+    tissue[10, 40] = True  # working x 320..328: 8 px right of a window ending at 312
+    box = tissue_box(tissue, 8.0, 0, 0, 312 // 32 * 32 + 32, 32)
+    assert box is not None and box[2] == 320  # clipped to the window
+    assert tissue_box(np.zeros((64, 64), bool), 8.0, 0, 0, 256, 32) is None
+
+
+def test_plan_chunks_gives_a_box_only_where_it_saves():
+    tiling = derive_tiling(0.5, 256, 32, 64)
+    tissue = np.zeros((40, 40), bool)
+    tissue[:, :] = True
+    chunks, _ = plan_chunks(640, 640, tiling, tissue, 16.0)
+    middle = next(ch for ch in chunks if (ch.row, ch.col) == (1, 1))
+    assert middle.infer is None  # all tissue: the whole window
+    tissue[:] = False
+    tissue[2:4, 2:4] = True  # a small island in the first chunk
+    chunks, _ = plan_chunks(640, 640, tiling, tissue, 16.0)
+    assert [ch.index for ch in chunks] == [0] and chunks[0].infer is not None
+    x0, y0, x1, y1 = chunks[0].infer
+    assert x1 - x0 < tiling.window and y1 - y0 < tiling.window
+
+
+def _edge_slide(path: Path) -> Path:
+    """A tissue patch on glass with nuclei everywhere in it, several of them cut by its edge."""
+    img = np.full((1024, 1024, 3), 242, np.uint8)
+    patch = disc_image((420, 380), [(x, y) for y in range(14, 420, 30) for x in range(14, 380, 30)], 7.0, seed=41)
+    img[300:720, 350:730] = patch
+    # nuclei straddling the patch's left edge: half on tissue, half on glass
+    edge = disc_image((420, 40), [(20, y) for y in range(20, 420, 40)], 7.0, seed=42)
+    img[300:720, 330:370] = np.where(edge.mean(axis=2, keepdims=True) < 200, edge, img[300:720, 330:370])
+    return write_pyramid(path, img, 0.5, levels=2)
+
+
+def _compare(slide: Path, out: Path, **opts) -> tuple[dict, dict]:
+    segment_slide(slide, out / "box", SegmentConfig(**opts))
+    segment_slide(slide, out / "whole", SegmentConfig(**opts, whole_windows=True))
+    box, whole = (json.loads((out / k / "summary.json").read_text()) for k in ("box", "whole"))
+    lb, lw = (np.asarray(open_array(out / k / "mask.zarr", "labels", 0)[:]).astype(np.int64) for k in ("box", "whole"))
+    assert box["nuclei"] == whole["nuclei"] and box["nuclei"] > 0
+    assert aji(lw, lb) >= 0.995
+    pb, pw = (np.asarray(open_array(out / k / "mask.zarr", "probability", 0)[:]).astype(int) for k in ("box", "whole"))
+    inside = lb > 0  # on every nucleus, the probabilities agree within the measured context tolerance
+    assert np.abs(pb - pw)[inside].max() <= 255 * 0.01
+    assert box["inferred_px"] < whole["inferred_px"]
+    return box, whole
+
+
+def test_nuclei_on_the_tissue_edge_are_kept_whole(tmp_path):
+    slide = _edge_slide(tmp_path / "edge.tif")
+    box, whole = _compare(slide, tmp_path, chunk_size=512, halo=32)  # the card's measured context
+    assert box["amplification"] < whole["amplification"]
+
+
+@pytest.mark.slow
+def test_the_bundled_slide_gives_the_same_nuclei_with_tissue_boxes(tmp_path):
+    from wsi_nuclei.api import SAMPLE_SLIDE
+
+    box, whole = _compare(SAMPLE_SLIDE, tmp_path)
+    assert box["inferred_px"] <= 0.8 * whole["inferred_px"]
