@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_nuclei.backends import make_predictor, onnx_available, onnx_path, resolve_backend
+from wsi_nuclei.backends import make_predictor, onnx_available, onnx_path, openvino_available, resolve_backend
 from wsi_nuclei.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not onnx_available(), reason="onnx/onnxruntime not installed (extra [onnx])")
@@ -47,11 +47,29 @@ def test_export_is_cached_and_repaired(tiles):
     assert predict(tiles[:1]).shape == (1, 3, 448, 448)
 
 
+@pytest.mark.skipif(not openvino_available(), reason="openvino not installed (extra [openvino])")
+def test_openvino_equals_onnx_runtime_and_torch(tiles):
+    from wsi_nuclei.model import load_model
+
+    model, card = load_model()
+    ort_predict, _ = make_predictor(model, card, "onnx", "cpu", 2)
+    ov_predict, name = make_predictor(model, card, "openvino", "cpu", 2)
+    torch_predict, _ = make_predictor(model, card, "torch", "cpu")
+    assert name == "openvino"
+    p_ov, p_ort, p_torch = ov_predict(tiles), ort_predict(tiles), torch_predict(tiles)
+    assert p_ov.shape == p_ort.shape == (2, 3, 448, 448) and p_ov.dtype == np.float32
+    assert np.abs(p_ov - p_ort).max() < 1e-4 and np.abs(p_ov - p_torch).max() < 1e-4
+    rect = tiles[:1, :320, :192]  # a tissue box: any size on the 32 px grid
+    assert np.abs(ov_predict(rect) - ort_predict(rect)).max() < 1e-4
+
+
 def test_auto_and_invalid_choices():
-    assert resolve_backend("auto", "cpu") == "onnx"
+    assert resolve_backend("auto", "cpu") == ("openvino" if openvino_available() else "onnx")
     assert resolve_backend("auto", "cuda") == "torch"
     with pytest.raises(ConfigError, match="runs on the CPU"):
         resolve_backend("onnx", "cuda")
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        resolve_backend("openvino", "cuda")
     with pytest.raises(ConfigError, match="unknown --backend"):
         resolve_backend("tensorrt", "cpu")
 
@@ -70,7 +88,7 @@ def test_two_threads_building_the_predictor_at_once(tmp_path, monkeypatch):
     assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx"])
+@pytest.mark.parametrize("backend", ["torch", "onnx", "openvino"])
 def test_cpu_forward_passes_take_turns(backend):
     """Chunk tasks of one process overlap, but a CPU forward pass waits for MODEL_GATE (the model
     already uses every core), and the wait is counted apart from the inference time."""

@@ -106,7 +106,7 @@ def evaluate(
     threads: int = typer.Option(0, help="Torch CPU threads (0: default)."),
     record: bool = typer.Option(False, "--record", help="For model authors: store the means in the model card under metrics.<dataset>."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
-    backend: str = typer.Option("auto", help="Inference: auto (ONNX Runtime on a CPU when installed), torch or onnx: as the slide pipeline."),
+    backend: str = typer.Option("auto", help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU when installed), torch, onnx or openvino: as the slide pipeline."),
 ) -> None:
     """Pixel Dice/IoU, AJI, PQ (DQ, SQ) and object F1 of a model on an annotated dataset."""
     from .evaluate import evaluate_dataset
@@ -176,7 +176,7 @@ def segment_image_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
-    backend: str = typer.Option("auto", help="Inference: auto (ONNX Runtime on a CPU when installed), torch or onnx."),
+    backend: str = typer.Option("auto", help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU when installed), torch, onnx or openvino."),
 ) -> None:
     """Segment nuclei in plain images: writes <name>_labels.png (16-bit ids), <name>_overlay.png
     and <name>_summary.json per image."""

@@ -57,7 +57,7 @@ def segment(
     fmt: str = typer.Option("geojson.gz", "--format", help="geojson.gz or geojson."),
     raw_coordinates: bool = typer.Option(False, "--raw-coordinates", help="Keep raw level-0 coordinates (no bounds shift)."),
     reader: str = typer.Option("auto", help="Slide reader: auto, openslide or tiffslide."),
-    backend: str = typer.Option("auto", help="Inference: auto (ONNX Runtime on CPU, torch on GPU), torch or onnx."),
+    backend: str = typer.Option("auto", help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU; torch on a GPU), torch, onnx or openvino."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (and the SLURM job script) without running."),
     cluster: str = typer.Option("local", help="local (Dask LocalCluster), slurm (dask-jobqueue) or none (this process).", rich_help_panel="Cluster"),
     scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler (tcp://host:port).", rich_help_panel="Cluster"),

@@ -49,7 +49,7 @@ class SegmentConfig:
     device: str = "cpu"
     tissue_mask: bool = True
     reader: str = "auto"  # slide reader: auto, openslide, tiffslide
-    backend: str = "auto"  # inference: auto, torch, onnx (see backends.py)
+    backend: str = "auto"  # inference: auto, torch, onnx, openvino (see backends.py)
     geojson_format: str = "geojson.gz"
     raw_coordinates: bool = False
     resume: bool = False
