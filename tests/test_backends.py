@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_nuclei.backends import make_predictor, onnx_available, onnx_path, openvino_available, resolve_backend
+from wsi_nuclei.backends import (
+    make_predictor,
+    onnx_available,
+    onnx_path,
+    openvino_available,
+    resolve_backend,
+)
 from wsi_nuclei.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not onnx_available(), reason="onnx/onnxruntime not installed (extra [onnx])")
