@@ -12,10 +12,10 @@ and each inference backend:
            tissue mask, no context, no halo, batched (8 per call), same backend and threads;
   ratio_to_limit = pipeline_s / limit_s; amplification = pixels given to the model / tissue pixels
   (summary.json ``amplification``).
-The last line is a JSON object with model_s, pipeline_s and ratio of the default backend on the
-real slide, then every row.
+The last line is a JSON object with model_s, pipeline_s, ratio, limit_s, ratio_to_limit,
+amplification and s_per_mm2 of the default backend (auto) on the real slide, then every row.
 
-Run: .venv/bin/python benchmarks/pipeline_vs_model.py [--threads 2] [--backends torch,onnx]
+Run: .venv/bin/python benchmarks/pipeline_vs_model.py [--threads 2] [--backends torch,onnx,openvino]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def limit_only(plan, tissue, thumb_scale: float, cfg, predict, tile: int = 256, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--backends", default="torch,onnx")
+    ap.add_argument("--backends", default="torch,onnx,openvino")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: torch backend only)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--chunk-size", type=int, default=None, help="working px (default: segment's default)")
@@ -184,7 +184,10 @@ def main() -> None:
         if "all_chunks_s" in r:
             print(f"tissue only ({r['backend']}): {r['chunks']} of {r['all_chunks']} chunks, {r['pipeline_s']:.1f} s "
                   f"vs {r['all_chunks_s']:.1f} s for every chunk ({1 - r['pipeline_s'] / r['all_chunks_s']:.0%} saved)")
-    main_row = next((r for r in rows if r["slide"].startswith("CMU") and r["backend"] == "onnx"), rows[0])
+    from wsi_nuclei.backends import resolve_backend
+
+    default = resolve_backend("auto", args.device)  # the backend `segment` uses here
+    main_row = next((r for r in rows if r["slide"].startswith("CMU") and r["backend"] == default), rows[0])
     print(json.dumps({"model_s": main_row["model_s"], "pipeline_s": main_row["pipeline_s"], "ratio": main_row["ratio"],
                       "limit_s": main_row["limit_s"], "ratio_to_limit": main_row["ratio_to_limit"],
                       "amplification": main_row["amplification"], "s_per_mm2": main_row["s_per_mm2"],

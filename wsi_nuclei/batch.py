@@ -285,13 +285,16 @@ def run_batch(
 
 
 def _record_error(res: SlideResult, trace: str) -> SlideResult:
-    """Keep a failed slide's reason (and traceback) in ``OUT/<slide>/error.txt``; a slide that
-    finished loses the error.txt of an earlier failed run."""
+    """Keep the traceback of a slide that failed unexpectedly (with its reason) in
+    ``OUT/<slide>/error.txt``; a slide that finished loses the error.txt of an earlier run. (A
+    failure of ours is its one-line reason, in ``run.json``.)"""
     if not res.out_dir:
         return res
     path = Path(res.out_dir) / "error.txt"
     if res.status != "failed":
         path.unlink(missing_ok=True)
+        return res
+    if not trace:
         return res
     from . import atomic
 
