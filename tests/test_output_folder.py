@@ -187,7 +187,8 @@ def test_another_model_is_segmented_again(slide, reference, tmp_path):
     assert res.status == "ok" and json.loads((out / "s" / "summary.json").read_text())["parameters"]["model_dir"] == str(model)
 
 
-@pytest.mark.parametrize("damage", ["no-mask", "no-geojson", "empty-summary", "summary-not-json", "empty-geojson"])
+@pytest.mark.parametrize("damage", ["no-mask", "no-geojson", "empty-summary", "summary-not-json", "empty-geojson", "truncated-geojson",
+                                    "no-overlay", "zarr-chunk-gone"])
 def test_damaged_finished_outputs_are_made_again(slide, reference, tmp_path, damage):
     out = tmp_path / "out"
     folder = out / "s"
@@ -200,8 +201,15 @@ def test_damaged_finished_outputs_are_made_again(slide, reference, tmp_path, dam
         (folder / "summary.json").write_text("")
     elif damage == "summary-not-json":
         (folder / "summary.json").write_text("{broken")
-    else:
+    elif damage == "empty-geojson":
         (folder / "nuclei.geojson.gz").write_bytes(b"")
+    elif damage == "truncated-geojson":
+        data = (folder / "nuclei.geojson.gz").read_bytes()
+        (folder / "nuclei.geojson.gz").write_bytes(data[:100])
+    elif damage == "no-overlay":
+        (folder / "overlay.png").unlink()
+    else:
+        next(f for f in sorted((folder / "mask.zarr").rglob("*")) if f.is_file() and f.name not in ("zarr.json", ".zgroup")).unlink()
     (res,) = segment_many([slide], out, SegmentConfig(**OPTS, resume=True))
     assert res.status == "ok" and res.nuclei > 20
     _clean(folder)
@@ -408,3 +416,108 @@ def test_outputs_arrays_unchanged(reference):
 
     g = zarr.open_group(str(reference / "mask.zarr"), mode="r")
     assert np.asarray(g["labels"]["0"]).max() > 0
+
+
+def test_swapped_chunk_files_are_computed_again(slide, reference, tmp_path, caplog):
+    out = tmp_path / "out"
+    segment_many([slide], out, SegmentConfig(**OPTS, keep_chunks=True))
+    folder = out / "s"
+    (folder / "summary.json").unlink()
+    chunks = folder / WORK_DIR / "chunks"
+    a, b = (chunks / "1.npz").read_bytes(), (chunks / "2.npz").read_bytes()
+    (chunks / "1.npz").write_bytes(b)
+    (chunks / "2.npz").write_bytes(a)
+    with caplog.at_level("WARNING"):
+        (res,) = segment_many([slide], out, SegmentConfig(**OPTS, resume=True))
+    assert res.status == "ok" and res.extra["chunks_computed"] == 2 and "another chunk" in caplog.text
+    _same_outputs(folder, reference)
+
+
+def test_a_hard_link_is_the_same_slide(slide, tmp_path):
+    os.link(slide, tmp_path / "linked.tif")
+    res = segment_many([slide, tmp_path / "linked.tif"], tmp_path / "out", SegmentConfig(**OPTS))
+    assert len(res) == 1 and res[0].status == "ok"
+
+
+def test_chunk_failures_finishing_together_fail_only_their_slide(tmp_path):
+    """Every level-0 tile of a long slide damaged: its chunks fail at about the same moment (two
+    at once in this process); the slide fails in one line and the next slide still runs."""
+    import tifffile
+
+    from .slides import disc_slide as make
+
+    bad = make(tmp_path / "bad.tif", (128, 4352), seed=43)
+    with tifffile.TiffFile(bad) as tif:
+        page = tif.pages[0]
+        spans = list(zip(page.dataoffsets, page.databytecounts))
+    with open(bad, "r+b") as fh:
+        for offset, count in spans[1:]:
+            fh.seek(offset + 2)
+            fh.write(b"\0" * (count - 2))
+    good = make(tmp_path / "good.tif", (256, 256), seed=44)
+    for k in range(3):
+        res = segment_many([bad, good], tmp_path / f"out{k}", SegmentConfig(**OPTS))
+        assert [r.status for r in res] == ["failed", "ok"]
+        assert "\n" not in res[0].reason
+
+
+def test_an_unusable_out_is_one_line_before_any_slide(slide, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["segment", str(slide), "-o", str(blocker), *FLAGS])
+    assert result.exit_code == 2
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "a_file" in errors[0] and "choose a writable -o folder" in errors[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args", [["", "-o", "OUT"], ["SLIDE", "-o", ""], ["SLIDE", " ", "-o", "OUT"]])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(slide, tmp_path, args):
+    argv = [str(slide) if a == "SLIDE" else str(tmp_path / "o") if a == "OUT" else a for a in args]
+    result = runner.invoke(app, ["segment", *argv, *FLAGS])
+    assert result.exit_code == 2 and "empty path" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_segment_image_names_stay_apart_and_a_bad_image_does_not_stop_the_others(tmp_path):
+    from PIL import Image
+
+    from .slides import disc_image
+
+    rgb = disc_image((128, 128), [(40, 40), (90, 90)], 8, seed=45)
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    Image.fromarray(rgb[::-1]).save(tmp_path / "x.bmp")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    Image.fromarray(rgb[:, ::-1]).save(tmp_path / "y.png")
+    result = runner.invoke(app, ["segment-image", *(str(tmp_path / n) for n in ("x.png", "broken.png", "x.bmp", "y.png")),
+                                 "--mpp", "0.5", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "broken.png" in errors[0]
+    made = sorted(p.name for p in (tmp_path / "o").glob("*_labels.png"))
+    assert made == ["x_bmp_labels.png", "x_labels.png", "y_labels.png"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_with_run_json_and_no_locks(tmp_path):
+    import signal
+    import time
+
+    big = disc_slide(tmp_path / "t.tif", (1536, 2048), seed=46)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "wsi_nuclei.cli", "segment", str(big), "-o", str(out), "--threads", "1", *FLAGS]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    chunks = out / "t" / WORK_DIR / "chunks"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and len(list(chunks.glob("*.npz")) if chunks.is_dir() else []) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGTERM)  # scancel, or a walltime
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.count("terminated:") == 1 and "--resume" in err and "Traceback" not in err
+    run = json.loads((out / "run.json").read_text())
+    assert run["state"] == "interrupted" and run["slides"][0]["status"] == "interrupted"
+    assert not (out / "t" / LOCK_NAME).exists()
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

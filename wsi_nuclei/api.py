@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .config import check_mpp
+from .errors import WsiNucleiError, shown
 
 if TYPE_CHECKING:
     from .backends import Predictor
@@ -67,7 +68,7 @@ def segment_image(
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ConfigError(f"image must be an (H, W, 3) uint8 RGB array, got {getattr(image, 'shape', type(image))} "
                           f"{getattr(image, 'dtype', '')}; convert it with np.asarray(PIL.Image.open(f).convert('RGB'))")
-    check_mpp(mpp, "mpp")
+    check_mpp(mpp, "mpp", override="")
     if tta is not None:
         from .tta import check_tta
 
@@ -84,6 +85,7 @@ class ImageResult:
     nuclei: int
     seconds: float
     overlay: str
+    error: str = ""  # why the image was not segmented (one line); the others go on
 
 
 def segment_image_files(
@@ -92,17 +94,13 @@ def segment_image_files(
 ) -> Iterator[ImageResult]:
     """Segment image files (PNG, JPEG, TIFF) at ``mpp`` µm/px into ``out``: per image
     ``<name>_labels.png`` (16-bit ids), ``<name>_overlay.png`` and ``<name>_summary.json``, each
-    written atomically; yields one :class:`ImageResult` per image as it is done."""
-    import numpy as np
-    from PIL import Image
-
-    from . import atomic
-    from .datasets import read_rgb
+    written atomically; yields one :class:`ImageResult` per image as it is done (with ``error`` set
+    for an image that could not be segmented: the next one goes on). Images whose names collide
+    get ``<name>_<extension>``."""
     from .errors import ConfigError
     from .infer import select_device
-    from .overlay import draw_outlines
 
-    check_mpp(mpp, "--mpp")
+    check_mpp(mpp, "--mpp", override="")
     if tta is not None:
         from .tta import check_tta
 
@@ -110,20 +108,48 @@ def segment_image_files(
     dev = select_device(device)
     _, card = predictor(model, dev, backend)  # a broken model fails before any image
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{shown(out)}: cannot write outputs ({err.strerror or err}); choose a writable -o folder") from None
+    for path in map(Path, paths):  # a path that is not there is a command-line error: nothing starts
+        if not path.exists():
+            raise ConfigError(f"{shown(path)}: file not found; check the path")
+    used: set[str] = set()
     for path in map(Path, paths):
-        if not path.is_file():
-            raise ConfigError(f"{path}: file not found; check the path")
-        image = read_rgb(path)
-        t0 = time.perf_counter()
-        labels = segment_image(image, mpp, model, dev, tta, backend)
-        seconds = time.perf_counter() - t0
-        n = int(labels.max())
-        if n >= 2**16:
-            raise ConfigError(f"{path}: {n} nuclei do not fit a 16-bit label PNG; split the image")
-        for suffix, pixels in (("labels", labels.astype(np.uint16)), ("overlay", draw_outlines(image, labels))):
-            with atomic.replacing(out / f"{path.stem}_{suffix}.png") as tmp:
-                Image.fromarray(pixels).save(tmp, format="PNG")
-        summary = {"image": str(path), "mpp": mpp, "nuclei": n, "seconds": round(seconds, 3), "model": card.model_id, "device": dev}
-        atomic.write_text(out / f"{path.stem}_summary.json", json.dumps(summary, indent=2) + "\n")
-        yield ImageResult(str(path), n, round(seconds, 3), str(out / f"{path.stem}_overlay.png"))
+        name = path.stem if path.stem not in used else f"{path.stem}_{path.suffix.lstrip('.') or 'image'}"
+        while name in used:
+            name += "_"
+        used.add(name)
+        try:
+            yield _one_image(path, name, mpp, out, model, dev, tta, backend, card.model_id)
+        except WsiNucleiError as err:  # the next image goes on
+            yield ImageResult(str(path), 0, 0.0, "", error=str(err))
+
+
+def _one_image(path: Path, name: str, mpp: float, out: Path, model: Path | str | None, dev: str, tta: str | None, backend: str,
+               model_id: str) -> ImageResult:
+    from PIL import Image
+
+    from . import atomic
+    from .datasets import read_rgb
+    from .errors import ConfigError
+    from .overlay import draw_outlines
+
+    if path.is_dir():
+        raise ConfigError(f"{shown(path)}: is a folder; give the image files (e.g. {shown(path)}/*.png)")
+    if not path.is_file():
+        raise ConfigError(f"{shown(path)}: file not found; check the path")
+    image = read_rgb(path)
+    t0 = time.perf_counter()
+    labels = segment_image(image, mpp, model, dev, tta, backend)
+    seconds = time.perf_counter() - t0
+    n = int(labels.max())
+    if n >= 2**16:
+        raise ConfigError(f"{shown(path)}: {n} nuclei do not fit a 16-bit label PNG; split the image")
+    for suffix, pixels in (("labels", labels.astype(np.uint16)), ("overlay", draw_outlines(image, labels))):
+        with atomic.replacing(out / f"{name}_{suffix}.png") as tmp:
+            Image.fromarray(pixels).save(tmp, format="PNG")
+    summary = {"image": str(path), "mpp": mpp, "nuclei": n, "seconds": round(seconds, 3), "model": model_id, "device": dev}
+    atomic.write_text(out / f"{name}_summary.json", json.dumps(summary, indent=2) + "\n")
+    return ImageResult(str(path), n, round(seconds, 3), str(out / f"{name}_overlay.png"))

@@ -23,7 +23,7 @@ from . import __version__, atomic
 from .chunk import read_chunk_file
 from .config import SegmentConfig
 from .errors import OutputError, WsiNucleiError
-from .outputs import install, shown
+from .outputs import install, output_size, shown
 from .plan import SlidePlan
 from .results import SlideResult
 
@@ -137,6 +137,8 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
     os.sync()  # the outputs reach the disk before the summary that declares them finished
     install(out_dir, temps, stale=("nuclei.geojson", "nuclei.geojson.gz"))
     temps.clear()
+    # --resume checks them: a truncated or replaced output is not a finished slide
+    summary["output_bytes"] = {name: output_size(out_dir / name) for name in ("mask.zarr", geo_name, "overlay.png")}
     atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n", sync=True)
     if not cfg.keep_chunks:
         shutil.rmtree(plan.work, ignore_errors=True)
@@ -151,7 +153,7 @@ def _read_part(plan: SlidePlan, ch: Any) -> Any:
     except OutputError:
         path.unlink(missing_ok=True)
         raise OutputError(f"{shown(path)}: damaged chunk file (removed); run again with --resume to compute chunk {ch.index} again") from None
-    if part.meta.get("fingerprint") != plan.fingerprint:
+    if part.meta.get("fingerprint") != plan.fingerprint or part.meta.get("chunk", {}).get("index") != ch.index:
         path.unlink(missing_ok=True)
         raise OutputError(f"{shown(path)}: chunk file made with other settings (removed); run again with --resume to compute it again")
     return part

@@ -224,6 +224,8 @@ def run_batch(
             if not pending:
                 continue
             for fut in ex.wait(list(pending), timeout=None if stop is None else STOP_POLL_S):
+                if fut not in pending:  # cancelled a moment ago, with the rest of a slide that failed
+                    continue
                 i, kind, ch = pending.pop(fut)
                 st = active[i]
                 st.futures.discard(fut)

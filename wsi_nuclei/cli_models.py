@@ -182,8 +182,16 @@ def segment_image_cmd(
     and <name>_summary.json per image."""
     from .api import segment_image_files
 
+    failed = []
     try:
         for r in segment_image_files(images, mpp, out, model, device, tta, backend):
+            if r.error:
+                failed.append(r.error)
+                continue
             typer.echo(f"{Path(r.image).name}: {r.nuclei} nuclei in {r.seconds:.2f} s -> {r.overlay}")
     except WsiNucleiError as err:
         fail(err)
+    for reason in failed:  # a bad image does not stop the others; each is one line at the end
+        typer.echo(f"error: {reason}", err=True)
+    if failed:
+        raise typer.Exit(1)

@@ -35,8 +35,8 @@ def info(slide: Path = typer.Argument(..., help="Slide file."), reader: str = ty
 
 @app.command()
 def segment(
-    inputs: list[Path] = typer.Argument(..., help="Slide files and/or folders (searched recursively)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: OUT/<slide>/ per slide and OUT/run.json."),
+    input_args: list[str] = typer.Argument(..., metavar="INPUTS", help="Slide files and/or folders (searched recursively)."),
+    out_arg: str = typer.Option(..., "--out", "-o", help="Output folder: OUT/<slide>/ per slide and OUT/run.json."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
     mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel, for slides without metadata (overrides it)."),
     unusual_mpp: bool = typer.Option(False, "--unusual-mpp", help="Accept a resolution outside 0.05-20 µm/px (from --mpp or the slide)."),
@@ -91,6 +91,9 @@ def segment(
 
     console = Console(stderr=True, quiet=quiet)
     try:
+        if not out_arg.strip() or any(not a.strip() for a in input_args):  # "" would mean the current folder
+            raise WsiNucleiError("an input or -o is an empty path (an unset shell variable?); give the slides and the output folder")
+        inputs, out = [Path(a) for a in input_args], Path(out_arg)
         segment_options = dict(model_dir=str(model) if model else None, level0_mpp=mpp, unusual_mpp=unusual_mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
                                batch_size=batch_size, forward_memory=parse_size(forward_memory, "--forward-memory"), device=device,
                                tissue_mask=not no_tissue_mask, whole_windows=whole_windows, reader=reader, backend=backend, geojson_format=fmt,
@@ -109,7 +112,7 @@ def segment(
         return
     import signal
 
-    previous = signal.getsignal(signal.SIGINT)
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     interrupted = _trap_ctrl_c()
     results: list[SlideResult] = []
     try:
@@ -130,17 +133,19 @@ def segment(
             fail(err)
             return
     except KeyboardInterrupt:
-        interrupted.append(True)
+        interrupted.append(signal.SIGINT)
     finally:
         try:  # shutting down: a second Ctrl-C is only recorded, it cannot cut this short
             close_client(client)
         finally:
-            if not interrupted:  # after a Ctrl-C the handler stays: more of them only add to the record
-                signal.signal(signal.SIGINT, previous)
+            if not interrupted:  # after a signal the handlers stay: more of them only add to the record
+                signal.signal(signal.SIGINT, previous[0])
+                signal.signal(signal.SIGTERM, previous[1])
     if interrupted:
-        # exit 130 whenever a Ctrl-C arrived
-        typer.echo(f"interrupted: finished chunks and slides are kept in {out}; run the same command with --resume to continue", err=True)
-        raise typer.Exit(130)
+        # exit 128 + the first signal: 130 for Ctrl-C, 143 for SIGTERM
+        how = "interrupted" if interrupted[0] == signal.SIGINT else "terminated"
+        typer.echo(f"{how}: finished chunks and slides are kept in {out}; run the same command with --resume to continue", err=True)
+        raise typer.Exit(128 + int(interrupted[0]))
     if not quiet:
         table = Table(title=f"wsi-nuclei segment → {out}")
         for col in ("slide", "status", "nuclei", "seconds", "note"):
@@ -160,18 +165,20 @@ def segment(
         raise typer.Exit(1)
 
 
-def _trap_ctrl_c() -> list[bool]:
-    """Install a SIGINT handler that only records the Ctrl-C (in the returned list). The batch
-    loop polls the record and stops itself (``segment_many(stop=...)``), so the interrupt never
-    lands inside Dask's or tornado's code; the record decides the exit code (130)."""
+def _trap_ctrl_c() -> list[int]:
+    """Install SIGINT and SIGTERM handlers that only record the signal (in the returned list). The
+    batch loop polls the record and stops itself (``segment_many(stop=...)``), so the interrupt
+    never lands inside Dask's or tornado's code; the first signal decides the exit code (130 for
+    Ctrl-C, 143 for SIGTERM: SLURM's scancel and walltime)."""
     import signal
 
-    hit: list[bool] = []
+    hit: list[int] = []
 
     def handler(signum: int, frame: object) -> None:
-        hit.append(True)
+        hit.append(signum)
 
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
     return hit
 
 

@@ -16,7 +16,7 @@ PLAUSIBLE_MPP = (0.05, 20.0)
 MAX_CHUNK = 16384
 
 
-def check_mpp(value: float, where: str, unusual: bool = False) -> None:
+def check_mpp(value: float, where: str, unusual: bool = False, override: str = "--unusual-mpp") -> None:
     """Refuse a resolution that is not a finite number > 0, or (unless ``unusual``) outside
     :data:`PLAUSIBLE_MPP`; ``where`` names its source in the message ("--mpp", a slide file)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
@@ -24,7 +24,7 @@ def check_mpp(value: float, where: str, unusual: bool = False) -> None:
     lo, hi = PLAUSIBLE_MPP
     if not unusual and not lo <= value <= hi:
         raise ConfigError(f"{where}: {value:g} µm/px is outside the {lo:g}-{hi:g} µm/px of slides (0.25 at 40x, 0.5 at 20x; "
-                          "was it typed in mm or nm?); pass the right --mpp, or --unusual-mpp if the value is right")
+                          "was it typed in mm or nm?); pass the right --mpp" + (f", or {override} if the value is right" if override else ""))
 
 
 def _int(name: str, value: object, low: int) -> None:
@@ -69,6 +69,9 @@ class SegmentConfig:
         for name, value in (("--halo", self.halo), ("--context", self.context)):
             if value is not None:
                 _int(name, value, 0)
+                if value > MAX_CHUNK // 4:
+                    raise ConfigError(f"{name} {value} px is larger than any model or nucleus needs (at most {MAX_CHUNK // 4}); "
+                                      "leave it unset to use the model's")
         if self.batch_size is not None:
             _int("--batch-size", self.batch_size, 1)
         if self.forward_memory is not None:

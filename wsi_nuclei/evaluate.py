@@ -22,6 +22,10 @@ DATASET_KINDS = ("tnbc", "monuseg-test", "monuseg", "consep-test", "consep-train
 
 def load_dataset(kind: str, root: Path | str, mpp: float | None = None, limit: int | None = None) -> list[Sample]:
     """Load ``kind`` (one of :data:`DATASET_KINDS`) from ``root``."""
+    if mpp is not None:
+        from .config import check_mpp
+
+        check_mpp(mpp, "--mpp", override="")
     if kind in ("monuseg", "monuseg-test", "monuseg-train"):
         root = Path(root)
         if limit is not None and (root / "images").is_dir():
@@ -35,7 +39,7 @@ def load_dataset(kind: str, root: Path | str, mpp: float | None = None, limit: i
 
         return load_consep(root, kind.split("-")[1], limit=limit)
     if kind == "folder":
-        return load_folder(root, mpp or MONUSEG_MPP, limit)
+        return load_folder(root, MONUSEG_MPP if mpp is None else mpp, limit)
     raise DatasetError(f"unknown dataset kind {kind!r}; use one of {', '.join(DATASET_KINDS)}")
 
 

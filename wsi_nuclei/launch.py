@@ -33,7 +33,7 @@ def parse_size(text: str | None, flag: str) -> int | None:
 
     try:
         return int(parse_bytes(text))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise ConfigError(f"{flag} {text!r} is not a size; use e.g. 2GB or 512MB") from None
 
 

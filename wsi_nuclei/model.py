@@ -133,8 +133,8 @@ class ModelCard:
             raise ModelError(f"{source}: tta must be none, flip4 or dihedral8, got {card.tta!r}")
         _check_values(card, source)
         if card.context_px is not None and (isinstance(card.context_px, bool) or not isinstance(card.context_px, int)
-                                            or card.context_px < 0 or card.context_px % STRIDE):
-            raise ModelError(f"{source}: context_px must be a multiple of 32 px >= 0, got {card.context_px!r}; "
+                                            or card.context_px < 0 or card.context_px % STRIDE or card.context_px > 4096):
+            raise ModelError(f"{source}: context_px must be a multiple of 32 px in 0-4096, got {card.context_px!r}; "
                              "measure it with `wsi-nuclei measure-context`")
         return card
 

@@ -30,7 +30,7 @@ from . import atomic
 from .config import WORK_DIR
 from .errors import OutputError, shown
 
-__all__ = ["LOCK_NAME", "SlideLock", "slide_file", "same_file", "Verdict", "finished", "folder_owner", "install", "remove_leftovers", "shown"]
+__all__ = ["LOCK_NAME", "SlideLock", "slide_file", "same_file", "Verdict", "finished", "output_size", "folder_owner", "install", "remove_leftovers", "shown"]
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +173,21 @@ class Verdict:
     nuclei: int = 0
 
 
-def _output_ok(path: Path) -> bool:
-    if path.is_dir():  # a Zarr group: its metadata file must be there
-        return (path / "zarr.json").is_file() or (path / ".zgroup").is_file()
+def output_size(path: Path) -> int:
+    """Bytes of an output: a file's size, or a folder's files summed (a Zarr store); -1 if missing."""
     try:
-        return path.stat().st_size > 0
+        if not path.is_dir():
+            return path.stat().st_size
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     except OSError:
-        return False
+        return -1
+
+
+def _output_ok(path: Path, size: Any) -> bool:
+    if path.is_dir() and not ((path / "zarr.json").is_file() or (path / ".zgroup").is_file()):
+        return False  # a Zarr group: its metadata file must be there
+    have = output_size(path)
+    return have > 0 and (not isinstance(size, int) or have == size)  # truncated or changed: not finished
 
 
 def finished(out_dir: Path, ident: dict[str, Any], output_key: str) -> Verdict:
@@ -194,9 +202,11 @@ def finished(out_dir: Path, ident: dict[str, Any], output_key: str) -> Verdict:
     outputs = summary.get("outputs")
     if not isinstance(outputs, dict) or not outputs:
         return Verdict(False, "its summary.json lists no outputs")
-    missing = [str(name) for name in outputs.values() if not _output_ok(out_dir / str(name))]
+    recorded = summary.get("output_bytes")
+    sizes: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    missing = [str(name) for name in outputs.values() if not _output_ok(out_dir / str(name), sizes.get(str(name)))]
     if missing:
-        return Verdict(False, f"outputs are missing or empty: {', '.join(missing)}")
+        return Verdict(False, f"outputs are missing, empty or changed in size: {', '.join(missing)}")
     try:
         nuclei = int(summary.get("nuclei", 0))
     except (TypeError, ValueError):

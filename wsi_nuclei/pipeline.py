@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -85,10 +86,12 @@ def slide_jobs(slides: list[Path], out: Path) -> list[tuple[Path, Path]]:
     jobs = []
     for path in slides:
         ident = slide_file(path)
-        if ident["path"] in seen:
+        st = path.stat()
+        same = f"{st.st_dev}:{st.st_ino}"  # one file under two paths (a hard link, a symlink)
+        if ident["path"] in seen or same in seen:
             log.info("%s: given more than once; segmented once", shown(path))
             continue
-        seen.add(ident["path"])
+        seen.update((ident["path"], same))
         name = _safe_name(path)
         while name in used or _taken_by_other(out / name, ident):
             name += "_"
@@ -124,6 +127,7 @@ def segment_many(
     cfg.check()
     out = Path(out)
     paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    _check_out(out)
     slides, bad = find_slides(paths)
     results = [SlideResult(p, "failed", reason=r) for p, r in bad]
     jobs = slide_jobs(slides, out)
@@ -135,15 +139,47 @@ def segment_many(
             on_slide(res)
 
     state = "interrupted"
+    started = time.time()
     try:
         done = run_batch(jobs, cfg, client, record, on_chunk, max_slides, min_pending=min_pending, stop=stop)
         state = "finished"
     finally:  # run.json is written after a failure or Ctrl-C too: what finished is listed
-        finished = {r.slide for r in done}
-        left = [SlideResult(str(p), "interrupted", str(d), reason="the run stopped before this slide finished; run again with --resume")
-                for p, d in jobs if str(p) not in finished] if state != "finished" else []
+        known = {r.slide for r in done}
+        left = [_left_behind(p, d, cfg, started) for p, d in jobs if str(p) not in known] if state != "finished" else []
         _write_run_json(out, results + done + left, state)
     return results + done
+
+
+def _left_behind(path: Path, out_dir: Path, cfg: SegmentConfig, started: float) -> SlideResult:
+    """The result of a slide the batch loop did not report before it stopped: "ok" when its
+    assembly finished this run anyway (verified), else "interrupted"."""
+    try:
+        from .backends import resolve_backend
+        from .outputs import finished
+        from .plan import model_card, plan_keys
+
+        ident, key, _ = plan_keys(path, cfg, model_card(cfg), resolve_backend(cfg.backend, cfg.device))
+        verdict = finished(out_dir, ident, key)
+        if verdict.done and (out_dir / "summary.json").stat().st_mtime >= started:
+            return SlideResult(str(path), "ok", str(out_dir), verdict.nuclei, "finished while the run was stopping")
+    except Exception:  # noqa: BLE001 - a best effort while stopping: the slide counts as not finished
+        pass
+    return SlideResult(str(path), "interrupted", str(out_dir), reason="the run stopped before this slide finished; run again with --resume")
+
+
+def _check_out(out: Path) -> None:
+    """``out`` must be a folder this process can write: checked once, before any slide."""
+    import uuid
+
+    from .errors import OutputError, shown
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"{shown(out)}: cannot write outputs ({err.strerror or err}); choose a writable -o folder") from None
 
 
 def _write_run_json(out: Path, results: list[SlideResult], state: str) -> None:

@@ -249,7 +249,8 @@ def usable_chunk_file(plan: SlidePlan, chunk: Chunk) -> bool:
             raise ValueError(f"bad CRC in {member}")
         with np.load(path) as z:
             meta = json.loads(bytes(z["meta"]).decode())
-        bad = None if isinstance(meta, dict) and meta.get("fingerprint") == plan.fingerprint else "made with other settings"
+        ok = isinstance(meta, dict) and meta.get("fingerprint") == plan.fingerprint and meta.get("chunk", {}).get("index") == chunk.index
+        bad = None if ok else "made with other settings or for another chunk"
     except (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError) as err:
         bad = f"{type(err).__name__}: {err}"
     if bad is not None:
