@@ -521,3 +521,31 @@ def test_sigterm_stops_like_ctrl_c_with_run_json_and_no_locks(tmp_path):
     assert not (out / "t" / LOCK_NAME).exists()
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_dry_run_fails_where_the_run_would(slide, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out / "s")  # finished outputs: without --resume the run fails on them
+    damaged = tmp_path / "damaged.svs"
+    damaged.write_text("not a slide")
+    result = runner.invoke(app, ["segment", str(slide), str(damaged), str(tmp_path / "missing.tif"), "-o", str(out), "--dry-run", *FLAGS])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "# plan: 3 slides" in result.output and "outputs exist" in result.output and "3 of 3 slides would fail" in result.output
+    resumed = runner.invoke(app, ["segment", str(slide), "-o", str(out), "--dry-run", "--resume", *FLAGS])
+    assert resumed.exit_code == 0 and "finished" in resumed.output
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    bad_out = runner.invoke(app, ["segment", str(slide), "-o", str(blocker), "--dry-run", *FLAGS])
+    assert bad_out.exit_code == 2 and "choose a writable -o folder" in bad_out.output
+
+
+def test_run_json_keeps_the_slides_of_another_run_into_the_same_out(slide, tmp_path):
+    other = disc_slide(tmp_path / "o.tif", (256, 256), seed=47)
+    out = tmp_path / "out"
+    segment_many([slide], out, SegmentConfig(**OPTS))
+    segment_many([other], out, SegmentConfig(**OPTS))  # as a second terminal or array task would
+    run = json.loads((out / "run.json").read_text())
+    assert [Path(s["slide"]).name for s in run["slides"]] == ["o.tif", "s.tif"]  # this run's first
+    shutil.rmtree(out / "s")
+    segment_many([other], out, SegmentConfig(**OPTS, resume=True))
+    assert [Path(s["slide"]).name for s in json.loads((out / "run.json").read_text())["slides"]] == ["o.tif"]  # gone: dropped

@@ -196,7 +196,7 @@ def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterCon
     if forward:
         typer.echo(f"# forward passes: {forward.line}")
     rows = dry_run_rows(inputs, out, cfg)
-    planned = [r for r in rows if not r.error or r.out_dir]
+    planned = rows
     typer.echo(f"# plan: {len(planned)} slides -> {out} ({max_slides} in flight)")
     typer.echo("slide\tsize_level0\tmpp\tchunks\tgrid\ttissue_mm2\toutput\tnote")
     for r in rows:
@@ -207,3 +207,6 @@ def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterCon
     ok = [r for r in rows if not r.error]
     typer.echo(f"total: {len(planned)} slides, {sum(r.chunks for r in ok)} chunks, {sum(r.tissue_mm2 for r in ok):.2f} mm² of tissue; "
                "nothing was run (--dry-run)")
+    if len(ok) < len(rows):  # the run would fail these: the same exit code as the run
+        typer.echo(f"error: {len(rows) - len(ok)} of {len(rows)} slides would fail (the 'error:' notes above)", err=True)
+        raise typer.Exit(1)

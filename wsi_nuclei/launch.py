@@ -162,16 +162,23 @@ class DryRow:
 
 def dry_run_rows(inputs: Sequence[Path], out: Path, cfg: SegmentConfig) -> list[DryRow]:
     """Plan every slide of ``inputs`` as ``segment`` would; reads the slides, writes nothing."""
+    import os
+
     from .config import WORK_DIR
+    from .errors import OutputError, shown
     from .outputs import finished
     from .pipeline import find_slides, slide_jobs
-    from .plan import model_card, plan_slide
+    from .plan import check_outputs, model_card, plan_slide
 
+    where = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+        raise OutputError(f"{shown(out)}: cannot write outputs ({shown(where)} is not a writable folder); choose a writable -o folder")
     slides, bad = find_slides(list(inputs))
     card = model_card(cfg)
     rows = []
     for path, out_dir in slide_jobs(slides, out):
         try:
+            check_outputs(path, out_dir, cfg, card)  # reads only: what the run would say about the folder
             plan, _, _ = plan_slide(path, out_dir, cfg, card)
         except WsiNucleiError as err:
             rows.append(DryRow(str(path), str(out_dir), error=str(err)))

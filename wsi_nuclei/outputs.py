@@ -65,8 +65,8 @@ class SlideLock:
     """The lock of one output folder; ``acquire`` raises :class:`OutputError` when another live run
     holds it. Use as a context manager or call :meth:`release`."""
 
-    def __init__(self, out_dir: Path | str) -> None:
-        self.path = Path(out_dir) / LOCK_NAME
+    def __init__(self, out_dir: Path | str, name: str = LOCK_NAME) -> None:
+        self.path = Path(out_dir) / name
         self.held = False
 
     def acquire(self) -> SlideLock:

@@ -183,15 +183,39 @@ def _check_out(out: Path) -> None:
 
 
 def _write_run_json(out: Path, results: list[SlideResult], state: str) -> None:
+    """``OUT/run.json``: this run's slides first, then the slides of earlier or concurrent runs into
+    the same OUT that this run did not touch (their folders still there), so two runs into one OUT
+    do not drop each other's slides. Read, merged and replaced under ``OUT/.run.lock``."""
     from .errors import OutputError, shown
+    from .outputs import SlideLock
 
-    text = json.dumps({"version": __version__, "state": state, "slides": [asdict(r) for r in results]}, indent=2, default=str) + "\n"
+    mine = [asdict(r) for r in results]
+    lock = SlideLock(out, name=".run.lock")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            lock.acquire()
+            break
+        except OutputError:
+            if time.monotonic() > deadline:  # another run holds it for long: write ours alone
+                break
+            time.sleep(0.1)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(out / "run.json", text)
-    except OSError as err:
-        raise OutputError(f"{shown(out / 'run.json')}: cannot write the run's report ({err.strerror or err}); "
-                          "the slides' own outputs are kept; free disk space and run again with --resume") from err
+        try:
+            old = json.loads((out / "run.json").read_text(encoding="utf-8")).get("slides", [])
+        except (OSError, ValueError, AttributeError):
+            old = []
+        seen = {(r.get("out_dir") or r.get("slide")) for r in mine}
+        carried = [r for r in old if isinstance(r, dict) and r.get("out_dir") and r["out_dir"] not in seen and Path(r["out_dir"]).is_dir()]
+        text = json.dumps({"version": __version__, "state": state, "slides": mine + carried}, indent=2, default=str) + "\n"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(out / "run.json", text)
+        except OSError as err:
+            raise OutputError(f"{shown(out / 'run.json')}: cannot write the run's report ({err.strerror or err}); "
+                              "the slides' own outputs are kept; free disk space and run again with --resume") from err
+    finally:
+        lock.release()
 
 
 def segment_slide(
