@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/tnbc_image_time.py
 	$(PY) benchmarks/geojson_speed.py
 	$(PY) benchmarks/pipeline_vs_model.py --dask
+	$(PY) benchmarks/amplification.py
 	$(PY) benchmarks/dask_overhead.py
 	$(PY) benchmarks/forward_memory.py
 
