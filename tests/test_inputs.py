@@ -325,3 +325,16 @@ def test_evaluate_checks_the_resolution_too(tmp_path, mpp):
 def test_segment_image_mpp_hint_names_no_missing_option(tmp_path):
     result = runner.invoke(app, ["segment-image", str(tmp_path), "--mpp", "250", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "outside" in result.output and "--unusual-mpp" not in result.output
+
+
+def test_info_on_a_folder_says_what_to_give(tmp_path):
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and "not a file" in result.output and "one slide file" in result.output
+
+
+def test_a_malformed_scheduler_address_does_not_claim_a_wait(tmp_path):
+    result = runner.invoke(app, ["segment", str(tmp_path), "-o", str(tmp_path / "o"), "--scheduler", "foo", "--connect-timeout", "20",
+                                 "--device", "cpu"])
+    errors = _errors(result.output)
+    assert result.exit_code == 2 and len(errors) == 1 and "cannot reach the Dask scheduler at foo" in errors[0]
+    assert "within 20 s" not in errors[0] and "tcp://host:port" in errors[0]

@@ -242,7 +242,7 @@ def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None
     if not path.exists():
         raise SlideError(f"{path}: file not found; check the path")
     if not path.is_file():
-        raise SlideError(f"{path}: not a file")
+        raise SlideError(f"{shown(path)}: not a file (a folder?); give one slide file here (`segment` also takes folders)")
     if backend not in ("auto", "openslide", "tiffslide"):
         raise SlideError(f"unknown slide backend {backend!r}; use auto, openslide or tiffslide")
     openers = {"openslide": [_open_openslide], "tiffslide": [_open_tiffslide], "auto": [_open_openslide, _open_tiffslide]}[backend]
