@@ -338,3 +338,14 @@ def test_a_malformed_scheduler_address_does_not_claim_a_wait(tmp_path):
     errors = _errors(result.output)
     assert result.exit_code == 2 and len(errors) == 1 and "cannot reach the Dask scheduler at foo" in errors[0]
     assert "within 20 s" not in errors[0] and "tcp://host:port" in errors[0]
+
+
+def test_cluster_slurm_without_sbatch_is_one_line_not_a_hang(slide, tmp_path):
+    """Issue 16 item 4 (its first case): no sbatch on PATH. The rest (a rejected submission, jobs
+    pending for too long) needs the real SLURM of issue 16."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python, but no SLURM commands
+    cmd = [sys.executable, "-m", "wsi_nuclei.cli", "segment", str(slide), "-o", str(tmp_path / "o"), "--cluster", "slurm", "--device", "cpu"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    errors = _errors(done.stderr)
+    assert len(errors) == 1 and "sbatch" in errors[0] and "--cluster local" in errors[0]

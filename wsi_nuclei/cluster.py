@@ -248,6 +248,11 @@ def make_client(cfg: ClusterConfig) -> Any:
 
     with dask.config.set(QUIET_DASK):
         if cfg.kind == "slurm":
+            import shutil
+
+            if shutil.which("sbatch") is None:  # else dask-jobqueue waits for ever for workers that never come
+                raise ConfigError("--cluster slurm needs SLURM's sbatch, which is not on PATH; run on a node of the cluster "
+                                  "(module load slurm?), or use --cluster local")
             cluster = slurm_cluster(cfg)
             cluster.adapt(minimum_jobs=cfg.min_jobs, maximum_jobs=cfg.max_jobs)
             log.info("SLURM cluster: adaptive %d..%d jobs; dashboard %s", cfg.min_jobs, cfg.max_jobs, cluster.dashboard_link)
