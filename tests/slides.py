@@ -63,3 +63,19 @@ def disc_slide(path: Path, shape: tuple[int, int], seed: int, mpp: float = 0.5, 
     centres = [(x + rng.uniform(-4, 4), y + rng.uniform(-4, 4))
                for y in range(spacing // 2, h, spacing) for x in range(spacing // 2, w, spacing)]
     return write_pyramid(path, disc_image(shape, centres, radius, seed), mpp, levels=2)
+
+
+def disk_fills_at_second_write(monkeypatch) -> None:  # noqa: ANN001
+    """Fault injection: the GeoJSON writer's second write fails as on a full disk (ENOSPC)."""
+    from wsi_nuclei import export
+
+    real = export.GeoJSONWriter.write_encoded
+    calls = {"n": 0}
+
+    def full_disk(self, blob: bytes, count: int) -> None:  # noqa: ANN001
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        real(self, blob, count)
+
+    monkeypatch.setattr(export.GeoJSONWriter, "write_encoded", full_disk)

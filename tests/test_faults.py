@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from wsi_nuclei.cli import app
 from wsi_nuclei.pipeline import WORK_DIR, SegmentConfig, segment_many
 
-from .slides import disc_image, disc_slide, write_pyramid
+from .slides import disc_image, disc_slide, disk_fills_at_second_write, write_pyramid
 
 runner = CliRunner()
 FLAGS = ["--chunk-size", "256", "--halo", "32", "--context", "64"]
@@ -207,16 +207,8 @@ def test_disk_full_during_assembly_leaves_no_partial_file_and_resumes(tmp_path, 
     from wsi_nuclei import export
 
     slide = disc_slide(tmp_path / "s.tif", (600, 600), seed=9)
-    calls = {"n": 0}
     real = export.GeoJSONWriter.write_encoded
-
-    def full_disk(self, blob, count):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(28, "No space left on device")
-        return real(self, blob, count)
-
-    monkeypatch.setattr(export.GeoJSONWriter, "write_encoded", full_disk)
+    disk_fills_at_second_write(monkeypatch)
     out = tmp_path / "out"
     res = segment_many([slide], out, SegmentConfig(**OPTS))[0]
     assert res.status == "failed" and "No space left on device" in res.reason and "free disk space" in res.reason
@@ -290,6 +282,17 @@ def test_bad_model_is_refused_once(tmp_path, damage, words):
     (["--mpp", "0"], ["--mpp"]),
     (["--resume", "--overwrite"], ["exclude"]),
     (["--cluster", "kubernetes"], ["--cluster"]),
+    # issue 14: every option checked once, for type, finiteness and range
+    (["--connect-timeout", "inf"], ["--connect-timeout", "finite"]),
+    (["--connect-timeout", "nan"], ["--connect-timeout"]),
+    (["--threads", "0"], ["--threads"]),
+    (["--halo", "-32"], ["--halo"]),
+    (["--context", "-64"], ["--context"]),
+    (["--forward-memory", "lots"], ["--forward-memory", "size"]),
+    (["--chunk-size", "65536"], ["--chunk-size", "16384"]),
+    (["--context", "100000000"], ["--context", "larger than"]),
+    (["--forward-memory", "1e999GB"], ["--forward-memory", "size"]),
+    (["--max-slides", "-3"], ["--max-slides"]),
 ])
 def test_invalid_options(tmp_path, args, words):
     result = runner.invoke(app, ["segment", str(tmp_path), "-o", str(tmp_path / "out"), *args])

@@ -86,27 +86,6 @@ def test_a_chunk_larger_than_the_slide_is_clipped(slide, tmp_path):
     assert summary["tiling"]["chunk"] <= 256
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--connect-timeout", "inf"], ["--connect-timeout", "finite"]),
-    (["--connect-timeout", "nan"], ["--connect-timeout"]),
-    (["--threads", "0"], ["--threads"]),
-    (["--halo", "-32"], ["--halo"]),
-    (["--context", "-64"], ["--context"]),
-    (["--forward-memory", "lots"], ["--forward-memory", "size"]),
-    (["--chunk-size", "65536"], ["--chunk-size", "16384"]),
-    (["--context", "100000000"], ["--context", "larger than"]),
-    (["--forward-memory", "1e999GB"], ["--forward-memory", "size"]),
-    (["--max-slides", "-3"], ["--max-slides"]),
-])
-def test_every_option_is_checked_once(tmp_path, args, words):
-    result = runner.invoke(app, ["segment", str(tmp_path), "-o", str(tmp_path / "out"), *args])
-    assert result.exit_code == 2
-    errors = _errors(result.output)
-    assert len(errors) == 1, result.output
-    for w in words:
-        assert w in errors[0], (w, errors[0])
-
-
 # 7: the model, checked once, up front -----------------------------------------------------------
 
 def _model(tmp_path: Path, card_change: dict | None = None, weights=None) -> Path:

@@ -21,7 +21,7 @@ from wsi_nuclei.cli import app
 from wsi_nuclei.outputs import LOCK_NAME, SlideLock
 from wsi_nuclei.pipeline import WORK_DIR, SegmentConfig, segment_many
 
-from .slides import disc_slide
+from .slides import disc_slide, disk_fills_at_second_write
 
 runner = CliRunner()
 OPTS = {"chunk_size": 256, "halo": 32, "context": 64}
@@ -232,15 +232,7 @@ def test_overwrite_keeps_the_old_outputs_until_the_new_ones_are_complete(slide, 
     shutil.copytree(reference, out / "s")
     before = _tree(out / "s")
     real = export.GeoJSONWriter.write_encoded
-    calls = {"n": 0}
-
-    def full_disk(self, blob, count):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(28, "No space left on device")
-        return real(self, blob, count)
-
-    monkeypatch.setattr(export.GeoJSONWriter, "write_encoded", full_disk)
+    disk_fills_at_second_write(monkeypatch)
     (res,) = segment_many([slide], out, SegmentConfig(**{**OPTS, "halo": 64}, overwrite=True))
     assert res.status == "failed" and "No space left" in res.reason
     after = {k: v for k, v in _tree(out / "s").items() if not k.startswith(WORK_DIR) and k != "error.txt"}

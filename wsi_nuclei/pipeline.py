@@ -145,26 +145,35 @@ def segment_many(
         state = "finished"
     finally:  # run.json is written after a failure or Ctrl-C too: what finished is listed
         known = {r.slide for r in done}
-        left = [_left_behind(p, d, cfg, started) for p, d in jobs if str(p) not in known] if state != "finished" else []
+        left = _left_behind([(p, d) for p, d in jobs if str(p) not in known], cfg, started) if state != "finished" else []
         _write_run_json(out, results + done + left, state)
     return results + done
 
 
-def _left_behind(path: Path, out_dir: Path, cfg: SegmentConfig, started: float) -> SlideResult:
-    """The result of a slide the batch loop did not report before it stopped: "ok" when its
+def _left_behind(jobs: list[tuple[Path, Path]], cfg: SegmentConfig, started: float) -> list[SlideResult]:
+    """Results of the slides the batch loop did not report before it stopped: "ok" when a slide's
     assembly finished this run anyway (verified), else "interrupted"."""
-    try:
-        from .backends import resolve_backend
-        from .outputs import finished
-        from .plan import model_card, plan_keys
+    from .backends import resolve_backend
+    from .outputs import finished
+    from .plan import model_card, plan_keys
 
-        ident, key, _ = plan_keys(path, cfg, model_card(cfg), resolve_backend(cfg.backend, cfg.device))
-        verdict = finished(out_dir, ident, key)
-        if verdict.done and (out_dir / "summary.json").stat().st_mtime >= started:
-            return SlideResult(str(path), "ok", str(out_dir), verdict.nuclei, "finished while the run was stopping")
-    except Exception:  # noqa: BLE001 - a best effort while stopping: the slide counts as not finished
-        pass
-    return SlideResult(str(path), "interrupted", str(out_dir), reason="the run stopped before this slide finished; run again with --resume")
+    try:
+        card, backend = model_card(cfg), resolve_backend(cfg.backend, cfg.device)
+    except Exception:  # noqa: BLE001 - a best effort while stopping
+        card = None
+    out = []
+    for path, out_dir in jobs:
+        try:
+            if card is not None:
+                ident, key, _ = plan_keys(path, cfg, card, backend)
+                verdict = finished(out_dir, ident, key)
+                if verdict.done and (out_dir / "summary.json").stat().st_mtime >= started:
+                    out.append(SlideResult(str(path), "ok", str(out_dir), verdict.nuclei, "finished while the run was stopping"))
+                    continue
+        except Exception:  # noqa: BLE001 - the slide then counts as not finished
+            pass
+        out.append(SlideResult(str(path), "interrupted", str(out_dir), reason="the run stopped before this slide finished; run again with --resume"))
+    return out
 
 
 def _check_out(out: Path) -> None:
