@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-fast bench bench-memory lint clean
+.PHONY: demo test test-fast test-slurm bench bench-memory lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# the tests on a real one-node SLURM cluster (tests/slurm/cluster.sh; root; make test runs them too)
+test-slurm: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m slurm
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"

@@ -74,8 +74,37 @@ def test_slurm_job_script_contains_the_flags(tmp_path):
     for text in ("#SBATCH -p gpu-a100", "#SBATCH -A lab42", "#SBATCH -t 02:30:00", "#SBATCH --cpus-per-task=8",
                  "#SBATCH --mem=45G", "#SBATCH --gres=gpu:2", "#SBATCH --qos=long", "module load cuda/12.4",
                  "--nworkers 2", "--preload wsi_nuclei.gpu_pin", sys.executable,
-                 "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"):
+                 "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False",
+                 "--lifetime 8400s --lifetime-stagger 200s"):  # 2:30 h less 10 % (15 min), capped at 10 min
         assert text in script, text
+
+
+def test_walltimes_and_worker_wait_in_slurm_formats():
+    from wsi_nuclei.errors import ConfigError
+    from wsi_nuclei.slurm import parse_wait, parse_walltime, worker_lifetime
+
+    assert [parse_walltime(t) for t in ("30", "00:30", "04:00:00", "1-00", "1-02:03", "2-00:00:05")] == \
+        [1800, 30, 14400, 86400, 86400 + 7200 + 180, 2 * 86400 + 5]
+    for bad in ("", "4h", "00:00:00", "1:2:3:4", "-1"):
+        with pytest.raises(ConfigError, match="walltime"):
+            parse_walltime(bad)
+    # the worker leaves 10 % before the walltime, at least 15 s and at most 10 min before
+    assert worker_lifetime(30) == (15, 3) and worker_lifetime(3600) == (3240, 120) and worker_lifetime(86400) == (85800, 200)
+    assert [parse_wait(t) for t in ("30m", "2h", "90s", "90", 0)] == [1800, 7200, 90, 90, 0]
+    with pytest.raises(ConfigError, match="--worker-wait"):
+        parse_wait("soon")
+    with pytest.raises(ConfigError, match="--worker-wait"):
+        ClusterConfig(kind="slurm", worker_wait_s=float("inf")).check()
+    assert load_cluster_yaml_text("worker-wait: 45m\n")["worker_wait_s"] == 2700
+
+
+def load_cluster_yaml_text(text: str) -> dict:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        return load_cluster_yaml(Path(f.name))
 
 
 def test_job_script_exports_give_workers_the_quiet_dask_settings(tmp_path):

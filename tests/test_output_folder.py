@@ -541,3 +541,30 @@ def test_run_json_keeps_the_slides_of_another_run_into_the_same_out(slide, tmp_p
     shutil.rmtree(out / "s")
     segment_many([other], out, SegmentConfig(**OPTS, resume=True))
     assert [Path(s["slide"]).name for s in json.loads((out / "run.json").read_text())["slides"]] == ["o.tif"]  # gone: dropped
+
+
+def test_an_assembly_task_run_twice_returns_the_finished_slide(tmp_path):
+    """Dask runs a task again when the worker holding its result leaves first (a SLURM job at its
+    walltime): the second assembly finds this run's summary instead of failing on the chunk files
+    the first one removed. Another run's plan of the same slide assembles again."""
+    from dataclasses import replace
+
+    from wsi_nuclei.assemble import assemble_slide
+    from wsi_nuclei.chunk import chunk_task
+    from wsi_nuclei.plan import model_card, plan_slide, start_slide
+
+    slide = disc_slide(tmp_path / "a.tif", (512, 512), seed=4)
+    cfg = SegmentConfig(**OPTS)
+    card = model_card(cfg)
+    out = tmp_path / "out" / "a"
+    plan, thumb, tissue = plan_slide(slide, out, cfg, card)
+    for ch in start_slide(plan, thumb, tissue, cfg):
+        assert not chunk_task(plan, ch, cfg).error
+    first = assemble_slide(plan, cfg)
+    assert first.status == "ok" and first.nuclei > 20 and not (out / WORK_DIR).exists()
+    before = _tree(out)
+    again = assemble_slide(plan, cfg)
+    assert (again.status, again.nuclei) == ("ok", first.nuclei)
+    assert _tree(out) == before  # nothing rewritten
+    other = assemble_slide(replace(plan, run_id="another run"), cfg)
+    assert other.status == "failed" and "damaged chunk file" in other.reason

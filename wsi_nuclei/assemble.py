@@ -38,6 +38,9 @@ def assemble_slide(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | No
     A failure (full disk, damaged chunk file) returns a "failed" result, leaves no partial file
     and keeps the chunk files, so ``--resume`` can assemble again without recomputing."""
     out_dir = Path(plan.out_dir)
+    done = _assembled_already(plan)
+    if done is not None:
+        return done
     temps: dict[str, Path] = {}
     try:
         return _assemble(plan, cfg, run, temps)
@@ -52,6 +55,26 @@ def assemble_slide(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | No
         else:
             leftover.unlink(missing_ok=True)
     return SlideResult(plan.path, "failed", str(out_dir), reason=reason)
+
+
+def _assembled_already(plan: SlidePlan) -> SlideResult | None:
+    """The result of this run's assembly of the slide when it already finished. Dask runs a task
+    again when the worker holding its result leaves before the driver fetched it (a job at its
+    walltime, preempted): the second run must not fail on the chunk files the first removed."""
+    from .outputs import finished
+
+    out_dir = Path(plan.out_dir)
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or not plan.run_id or summary.get("run_id") != plan.run_id:
+        return None
+    verdict = finished(out_dir, plan.slide_file, plan.output_key)
+    if not verdict.done:
+        return None
+    log.info("%s: assembled already by this run (a repeated assembly task)", plan.path)
+    return SlideResult(plan.path, "ok", str(out_dir), verdict.nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)})
 
 
 def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, temps: dict[str, Path]) -> SlideResult:
@@ -133,6 +156,7 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
         "outputs": {"mask": "mask.zarr", "geojson": geo_name, "overlay": "overlay.png"},
         # what --resume checks before it skips this slide (outputs.finished)
         "slide_file": plan.slide_file, "output_key": plan.output_key, "fingerprint": plan.fingerprint,
+        "run_id": plan.run_id,
     }
     os.sync()  # the outputs reach the disk before the summary that declares them finished
     install(out_dir, temps, stale=("nuclei.geojson", "nuclei.geojson.gz"))
@@ -150,9 +174,10 @@ def _read_part(plan: SlidePlan, ch: Any) -> Any:
     path = plan.chunk_file(ch)
     try:
         part = read_chunk_file(path)
-    except OutputError:
+    except OutputError as err:
+        why = str(err).split("unreadable chunk file ", 1)[-1]
         path.unlink(missing_ok=True)
-        raise OutputError(f"{shown(path)}: damaged chunk file (removed); run again with --resume to compute chunk {ch.index} again") from None
+        raise OutputError(f"{shown(path)}: damaged chunk file {why} (removed); run again with --resume to compute chunk {ch.index} again") from None
     if part.meta.get("fingerprint") != plan.fingerprint or part.meta.get("chunk", {}).get("index") != ch.index:
         path.unlink(missing_ok=True)
         raise OutputError(f"{shown(path)}: chunk file made with other settings (removed); run again with --resume to compute it again")

@@ -126,6 +126,7 @@ def run_batch(
     raise_errors: bool = False,
     min_pending: int = 0,
     stop: Callable[[], bool] | None = None,
+    watch: Callable[[], None] | None = None,
 ) -> list[SlideResult]:
     """Segment each (slide, output folder) of ``jobs``; results in the order of ``jobs``.
 
@@ -135,7 +136,9 @@ def run_batch(
     that many tasks queued (for adaptive clusters, which add workers only for queued work).
     ``stop()`` is polled a few times a second: when it turns true, queued tasks are cancelled,
     running ones finish (each writes its chunk file whole) and KeyboardInterrupt is raised here,
-    in this loop, never inside a library call (how ``segment`` handles Ctrl-C).
+    in this loop, never inside a library call (how ``segment`` handles Ctrl-C). ``watch()`` is
+    called as often while tasks are queued; what it raises stops the batch the same way
+    (:class:`wsi_nuclei.slurm.WorkerWatch`: no worker for too long).
     """
     ex: _Local | _Dask = _Dask(client, min_pending) if client is not None else _Local(CPU_TASKS)
     results: dict[int, SlideResult] = {}
@@ -223,7 +226,9 @@ def run_batch(
             submit_work()
             if not pending:
                 continue
-            for fut in ex.wait(list(pending), timeout=None if stop is None else STOP_POLL_S):
+            if watch is not None:
+                watch()
+            for fut in ex.wait(list(pending), timeout=None if stop is None and watch is None else STOP_POLL_S):
                 if fut not in pending:  # cancelled a moment ago, with the rest of a slide that failed
                     continue
                 i, kind, ch = pending.pop(fut)

@@ -76,6 +76,8 @@ def segment(
     job_extra: list[str] = typer.Option([], help="Extra #SBATCH directive, repeatable, e.g. --job-extra=--qos=long.", rich_help_panel="SLURM"),
     min_jobs: Optional[int] = typer.Option(None, help="Adaptive scaling: fewest jobs.", rich_help_panel="SLURM"),
     max_jobs: Optional[int] = typer.Option(None, help="Adaptive scaling: most jobs.", rich_help_panel="SLURM"),
+    worker_wait: Optional[str] = typer.Option(None, help="Stop (exit 75, resumable) after this long without any worker, e.g. jobs "
+                                              "pending in the queue: 30m, 2h, 90s; 0: wait for ever (default 1h).", rich_help_panel="Cluster"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or table."),
 ) -> None:
     """Segment nuclei in whole slides: mask.zarr, nuclei.geojson.gz (QuPath), summary.json, overlay.png."""
@@ -88,6 +90,7 @@ def segment(
     from .launch import configs, parse_size, queue_depth
     from .model import load_model
     from .pipeline import segment_many
+    from .slurm import NoWorkersError, WorkerWatch, parse_wait
 
     console = Console(stderr=True, quiet=quiet)
     try:
@@ -99,7 +102,8 @@ def segment(
                                tissue_mask=not no_tissue_mask, whole_windows=whole_windows, reader=reader, backend=backend, geojson_format=fmt,
                                raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite, keep_chunks=keep_chunks)
         slurm = {"queue": queue, "account": account, "walltime": walltime, "cores": cores, "memory": memory, "processes": processes,
-                 "job_extra": tuple(job_extra), "min_jobs": min_jobs, "max_jobs": max_jobs}
+                 "job_extra": tuple(job_extra), "min_jobs": min_jobs, "max_jobs": max_jobs,
+                 "worker_wait_s": None if worker_wait is None else parse_wait(worker_wait)}
         cfg, ccfg = configs(segment_options, cluster, scheduler, workers, threads, gpus, connect_timeout, cluster_config, slurm, dry_run,
                             max_slides)
         load_model(model)  # a broken model fails here, once, not on every slide
@@ -127,7 +131,11 @@ def segment(
                 bar.console.print(f"{r.status:7} {r.slide}: {r.nuclei} nuclei" + (f" — {r.reason}" if r.reason else ""))
 
             results = segment_many(inputs, out, cfg, client, on_slide, on_chunk, max_slides=max_slides, min_pending=queue_depth(ccfg),
-                                   stop=lambda: bool(interrupted))
+                                   stop=lambda: bool(interrupted), watch=WorkerWatch(client, ccfg.worker_wait_s) if client else None)
+    except NoWorkersError as err:  # EX_TEMPFAIL: nothing is wrong with the command, run it again later
+        if not interrupted:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(75) from None  # the finally below cancels the jobs
     except WsiNucleiError as err:
         if not interrupted:
             fail(err)

@@ -9,6 +9,11 @@ scheduler, or this process.
 - ``slurm``: a ``dask_jobqueue.SLURMCluster`` whose jobs each run ``processes`` workers (one per
   GPU when GPUs are requested), scaled adaptively between ``min_jobs`` and ``max_jobs``.
   Options come from flags or a YAML file (``workflows/jobqueue.yaml``); flags win.
+  Before any job is queued the job script is checked with ``sbatch --test-only``: a refused
+  partition, account, walltime or memory is one line quoting SLURM, with nothing submitted.
+  Each worker leaves gracefully before its job's walltime (``--lifetime``), and adaptive
+  scaling starts the next job. :class:`WorkerWatch` stops a run that has had no worker for
+  ``worker_wait_s`` (jobs pending in the queue), naming the jobs' SLURM states.
 - ``scheduler``: attach to a running cluster (``tcp://host:port``), waiting at most ``timeout_s``.
 """
 
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .slurm import check_submission, parse_wait, parse_walltime, worker_lifetime
 
 __all__ = ["ClusterConfig", "load_cluster_yaml", "make_client", "close_client", "slurm_cluster", "slurm_job_script", "gpu_for_worker"]
 
@@ -103,6 +109,8 @@ class ClusterConfig:
     interface: str | None = None
     python: str | None = None
     timeout_s: float = 30.0
+    #: seconds a run may go without any worker before it stops (0: wait for ever)
+    worker_wait_s: float = 3600.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -116,6 +124,10 @@ class ClusterConfig:
             raise ConfigError(f"need 0 ≤ --min-jobs ≤ --max-jobs and --max-jobs ≥ 1; got {self.min_jobs} and {self.max_jobs}")
         if self.kind == "slurm" and self.gpus and self.cores < self.gpus:
             raise ConfigError(f"--cores {self.cores} must be at least --gpus {self.gpus} (one worker per GPU)")
+        if not (self.worker_wait_s >= 0 and self.worker_wait_s < float("inf")):
+            raise ConfigError(f"--worker-wait must be a finite duration ≥ 0 (e.g. 30m; 0: wait for ever), got {self.worker_wait_s}")
+        if self.kind == "slurm":
+            parse_walltime(self.walltime)
 
 
 def load_cluster_yaml(path: Path) -> dict[str, Any]:
@@ -137,6 +149,9 @@ def load_cluster_yaml(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if name == "worker_wait":
+            out["worker_wait_s"] = parse_wait(value)
+            continue
         if name not in known:
             raise ConfigError(f"{path}: unknown option {key!r}; known: {', '.join(sorted(known - {'extra'}))}")
         out[name] = tuple(value) if name in ("job_extra", "prologue") else value
@@ -154,7 +169,8 @@ def _slurm_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     processes = max(cfg.processes, cfg.gpus) if cfg.gpus else cfg.processes
     directives = list(cfg.job_extra)
     prologue = list(_QUIET_ENV) + list(cfg.prologue)
-    worker_args: list[str] = []
+    lifetime, stagger = worker_lifetime(parse_walltime(cfg.walltime))
+    worker_args: list[str] = ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{stagger}s"]
     if cfg.gpus:
         directives.append(f"--gres=gpu:{cfg.gpus}")
         # one worker per GPU: each pins itself by its index within the job
@@ -254,6 +270,11 @@ def make_client(cfg: ClusterConfig) -> Any:
                 raise ConfigError("--cluster slurm needs SLURM's sbatch, which is not on PATH; run on a node of the cluster "
                                   "(module load slurm?), or use --cluster local")
             cluster = slurm_cluster(cfg)
+            try:
+                check_submission(cluster.job_script())
+            except ConfigError:
+                cluster.close()
+                raise
             cluster.adapt(minimum_jobs=cfg.min_jobs, maximum_jobs=cfg.max_jobs)
             log.info("SLURM cluster: adaptive %d..%d jobs; dashboard %s", cfg.min_jobs, cfg.max_jobs, cluster.dashboard_link)
             return Client(cluster)

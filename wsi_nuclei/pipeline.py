@@ -110,6 +110,7 @@ def segment_many(
     max_slides: int = 2,
     min_pending: int = 0,
     stop: Callable[[], bool] | None = None,
+    watch: Callable[[], None] | None = None,
 ) -> list[SlideResult]:
     """Segment every slide of ``inputs`` (files, and folders searched recursively) into
     ``out/<slide name>/``; a failing slide is recorded and the batch goes on. ``out/run.json``
@@ -120,6 +121,8 @@ def segment_many(
     together); ``min_pending``: tasks kept queued at least (an adaptive cluster scales on queued
     work). ``on_slide(result)`` and ``on_chunk(done, total)`` report progress. When ``stop()``
     turns true the batch stops with KeyboardInterrupt; finished chunks and slides are kept.
+    ``watch()``, called while work is queued, may stop it with an error the same way
+    (:class:`wsi_nuclei.slurm.WorkerWatch`).
     """
     from .batch import run_batch
 
@@ -141,7 +144,7 @@ def segment_many(
     state = "interrupted"
     started = time.time()
     try:
-        done = run_batch(jobs, cfg, client, record, on_chunk, max_slides, min_pending=min_pending, stop=stop)
+        done = run_batch(jobs, cfg, client, record, on_chunk, max_slides, min_pending=min_pending, stop=stop, watch=watch)
         state = "finished"
     finally:  # run.json is written after a failure or Ctrl-C too: what finished is listed
         known = {r.slide for r in done}

@@ -62,6 +62,7 @@ class SlidePlan:
     backend: str = "torch"  # the inference backend resolved on the driver (part of the fingerprint)
     slide_file: dict[str, Any] = field(default_factory=dict)  # outputs.slide_file: name, size, mtime
     output_key: str = ""  # what the finished outputs depend on (see plan_keys)
+    run_id: str = ""  # this run's plan of the slide: an assembly task run twice finds its own summary
 
     @property
     def model(self) -> str:
@@ -152,7 +153,7 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | 
     ident, key, fingerprint = plan_keys(path, cfg, card, backend)
     plan = SlidePlan(str(path), str(out_dir), scale, (height, width), tiling, tuple(chunks), grid, shift,
                      f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}", round(tissue_mm2, 4), info, card, fingerprint,
-                     cfg.tta or card.tta, backend, ident, key)
+                     cfg.tta or card.tta, backend, ident, key, uuid.uuid4().hex)
     return plan, thumb, tissue
 
 

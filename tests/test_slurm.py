@@ -1,0 +1,183 @@
+"""``--cluster slurm`` and the SLURM array route on a real one-node SLURM cluster
+(``tests/slurm/cluster.sh``): outputs compared byte for byte with an in-process run, and SLURM's
+own faults: a refused submission, a job held in the queue, a worker job cancelled, a walltime
+shorter than the work, the driver killed. GPU options are covered by the job-script tests in
+test_cluster.py (there is no GPU here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from wsi_nuclei.pipeline import WORK_DIR
+
+from .slurm_cluster import Slurm, slurm  # noqa: F401 - the session fixture
+from .test_cluster import FLAGS, ROOT, _cli, _digest, reference, slides  # noqa: F401 - shared fixtures
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(600)]
+
+#: one core and 2 GB per worker job: two jobs fit the node at once
+JOB = ["--cluster", "slurm", "--cores", "1", "--memory", "2GB", "--max-jobs", "1"]
+
+
+def _yaml(tmp_path: Path) -> list[str]:
+    """Worker logs and scratch under tmp_path (SLURM would write slurm-<id>.out into the cwd)."""
+    logs = tmp_path / "slurm-logs"
+    logs.mkdir(exist_ok=True)
+    path = tmp_path / "jobqueue.yaml"
+    path.write_text(f"slurm:\n  log-directory: {logs}\n  local-directory: {logs}\n")
+    return ["--cluster-config", str(path)]
+
+
+def _start(slurm: Slurm, tmp_path: Path, *args: str) -> subprocess.Popen[str]:  # noqa: F811
+    return subprocess.Popen(_cli(*args, *JOB, *_yaml(tmp_path)), env=slurm.env, cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _watch(proc: subprocess.Popen[str], slurm: Slurm, until=None, timeout_s: float = 300) -> set[str]:  # noqa: ANN001, F811
+    """Poll the queue while ``proc`` runs; the ids of the wsi-nuclei jobs seen running. Returns
+    early once ``until(seen)`` is true."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        seen |= {j for j, st in slurm.jobs("wsi-nuclei").items() if st == "RUNNING"}
+        if until is not None and until(seen):
+            break
+        time.sleep(0.2)
+    return seen
+
+
+def _finish(proc: subprocess.Popen[str], timeout_s: float = 300) -> str:
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"the run hung:\n{err[-3000:]}")
+    return err
+
+
+def test_worker_jobs_run_in_the_queue_and_give_identical_output(slurm, slides, reference, tmp_path):  # noqa: F811
+    proc = _start(slurm, tmp_path, str(slides / "a.tif"), "-o", str(tmp_path / "out"))
+    seen = _watch(proc, slurm)
+    err = _finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert seen, "no worker job was seen running in squeue"
+    assert _digest(tmp_path / "out" / "a") == _digest(reference / "a")
+    assert slurm.wait_empty(), f"jobs left in the queue: {slurm.jobs()}"
+    assert all(slurm.state(j) in ("CANCELLED", "COMPLETED") for j in seen)
+
+
+def test_refused_submission_is_one_line_quoting_slurm(slurm, slides, tmp_path):  # noqa: F811
+    proc = _start(slurm, tmp_path, str(slides / "b.tif"), "-o", str(tmp_path / "out"), "--queue", "nosuch")
+    err = _finish(proc, 120)
+    assert proc.returncode == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: SLURM refused the worker job: invalid partition specified: nosuch"), err
+    assert "--queue" in lines[0] and not slurm.jobs()
+
+
+def test_a_job_held_in_the_queue_stops_the_run_then_resume_finishes(slurm, slides, reference, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    proc = _start(slurm, tmp_path, str(slides / "b.tif"), "-o", str(out), "--job-extra=--hold", "--worker-wait", "8s")
+    err = _finish(proc, 120)
+    assert proc.returncode == 75, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no Dask worker for" in lines[0] and "PD (JobHeldUser)" in lines[0] and "--resume" in lines[0], err
+    assert slurm.wait_empty(), "the held job was left in the queue"
+    assert json.loads((out / "run.json").read_text())["slides"][0]["status"] == "interrupted"
+    proc = _start(slurm, tmp_path, str(slides / "b.tif"), "-o", str(out), "--resume")
+    err = _finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert _digest(out / "b") == _digest(reference / "b")
+
+
+def test_a_cancelled_worker_job_is_replaced_and_no_chunk_is_lost(slurm, slides, reference, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    chunks = out / "a" / WORK_DIR / "chunks"
+    proc = _start(slurm, tmp_path, str(slides / "a.tif"), "-o", str(out), "--keep-chunks")
+    first = _watch(proc, slurm, until=lambda seen: bool(seen) and chunks.is_dir() and len(list(chunks.glob("*.npz"))) >= 3)
+    assert proc.poll() is None and first, "the run ended before a worker job could be cancelled"
+    slurm.run("scancel", *first)  # as preemption or an admin would
+    seen = first | _watch(proc, slurm)
+    err = _finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert len(seen) >= 2, f"no new worker job after the cancel: {seen}"
+    summary = json.loads((out / "a" / "summary.json").read_text())
+    assert summary["chunks"]["processed"] == len(list(chunks.glob("*.npz")))
+    assert _digest(out / "a") == _digest(reference / "a")
+    assert slurm.wait_empty()
+
+
+def test_a_walltime_shorter_than_the_work_is_survived_through_new_jobs(slurm, slides, reference, tmp_path):  # noqa: F811
+    # 30 s: each worker leaves gracefully after 15 s (wsi_nuclei.slurm.worker_lifetime); SLURM
+    # itself rounds the limit up to a minute, so the worker's lifetime is what ends each job here
+    proc = _start(slurm, tmp_path, str(slides), "-o", str(tmp_path / "out"), "--walltime", "00:30")
+    seen = _watch(proc, slurm)
+    err = _finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert len(seen) >= 2, f"one job did the whole batch ({seen}): the work was shorter than the walltime"
+    for name in ("a", "b", "c"):
+        assert _digest(tmp_path / "out" / name) == _digest(reference / name)
+    assert slurm.wait_empty()
+
+
+def test_the_driver_killed_then_resume_reuses_finished_chunks(slurm, slides, reference, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    chunks = out / "a" / WORK_DIR / "chunks"
+    proc = _start(slurm, tmp_path, str(slides / "a.tif"), "-o", str(out), "--keep-chunks")
+    _watch(proc, slurm, until=lambda seen: chunks.is_dir() and len(list(chunks.glob("*.npz"))) >= 4)
+    assert proc.poll() is None, "the run ended before the driver could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # what a walltime on the driver's own job ends with
+    proc.communicate()
+    before = {p.name: p.stat().st_mtime_ns for p in chunks.glob("*.npz")}
+    assert before and not (out / "a" / "summary.json").exists()
+    try:
+        proc = _start(slurm, tmp_path, str(slides / "a.tif"), "-o", str(out), "--resume", "--keep-chunks")
+        err = _finish(proc)
+        assert proc.returncode == 0, err[-3000:]
+        summary = json.loads((out / "a" / "summary.json").read_text())
+        assert summary["chunks"]["reused"] >= len(before)
+        assert all(p.stat().st_mtime_ns == before[p.name] for p in chunks.glob("*.npz") if p.name in before)
+        assert _digest(out / "a") == _digest(reference / "a")
+    finally:
+        slurm.cancel_all()  # the killed driver's worker job would wait for its scheduler for death_timeout
+
+
+def test_array_route_one_task_per_slide_and_a_failed_task_is_reported(slurm, slides, reference, tmp_path):  # noqa: F811
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a.tif", "b.tif", "c.tif"):
+        shutil.copy(slides / name, folder / name)
+    (folder / "d.tif").write_bytes(b"not a slide")
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    logs.mkdir()
+    env = {**slurm.env, "WSI_NUCLEI": str(Path(sys.executable).with_name("wsi-nuclei"))}
+    submit = subprocess.run(["sbatch", "--parsable", "--array=0-3", "--cpus-per-task=1", "--mem=2G", f"--output={logs}/%A_%a.out",
+                             str(ROOT / "workflows" / "slurm_array.sh"), str(folder), str(out), *FLAGS],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert submit.returncode == 0, submit.stderr
+    array = submit.stdout.strip().split(";")[0]
+    tasks = [f"{array}_{k}" for k in range(4)]
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and any(slurm.state(t) in ("PENDING", "RUNNING", "") for t in tasks):
+        time.sleep(0.5)
+    states = {t: slurm.state(t) for t in tasks}
+    assert [states[t] for t in tasks] == ["COMPLETED", "COMPLETED", "COMPLETED", "FAILED"], states
+    for name in ("a", "b", "c"):  # the same outputs; the mask's attributes name the slide's (copied) path
+        ours, theirs = _digest(out / name), _digest(reference / name)
+        assert {k: v for k, v in ours.items() if k != "mask.zarr/.zattrs"} == {k: v for k, v in theirs.items() if k != "mask.zarr/.zattrs"}
+        attrs = [(root / name / "mask.zarr" / ".zattrs").read_text() for root in (out, reference)]
+        assert str(folder) in attrs[0] and attrs[0].replace(str(folder), str(slides)) == attrs[1]
+    run = {Path(s["slide"]).name: s for s in json.loads((out / "run.json").read_text())["slides"]}
+    assert sorted(run) == ["a.tif", "b.tif", "c.tif", "d.tif"]
+    assert run["d.tif"]["status"] == "failed" and "d.tif" in run["d.tif"]["reason"]
+    assert "d.tif" in (logs / f"{array}_3.out").read_text()
