@@ -293,6 +293,10 @@ def test_bad_model_is_refused_once(tmp_path, damage, words):
     (["--context", "100000000"], ["--context", "larger than"]),
     (["--forward-memory", "1e999GB"], ["--forward-memory", "size"]),
     (["--max-slides", "-3"], ["--max-slides"]),
+    # issue 16: SLURM's time formats
+    (["--worker-wait", "soon"], ["--worker-wait", "duration"]),
+    (["--worker-wait", "-300"], ["--worker-wait", "duration"]),
+    (["--cluster", "slurm", "--walltime", "4h"], ["--walltime", "HH:MM:SS"]),
 ])
 def test_invalid_options(tmp_path, args, words):
     result = runner.invoke(app, ["segment", str(tmp_path), "-o", str(tmp_path / "out"), *args])

@@ -181,3 +181,31 @@ def test_array_route_one_task_per_slide_and_a_failed_task_is_reported(slurm, sli
     assert sorted(run) == ["a.tif", "b.tif", "c.tif", "d.tif"]
     assert run["d.tif"]["status"] == "failed" and "d.tif" in run["d.tif"]["reason"]
     assert "d.tif" in (logs / f"{array}_3.out").read_text()
+
+
+def test_snakemake_slurm_executor_segments_every_slide(slurm, slides, reference, tmp_path):  # noqa: F811
+    """Route 3: workflows/Snakefile with snakemake-executor-plugin-slurm, one SLURM job per slide.
+    This cluster has no accounting (no sacct), so job states come from squeue
+    (``--slurm-status-command squeue``; SLURM keeps ended jobs for MinJobAge = 300 s). The
+    plugin's job step drops every SLURM_* variable, SLURM_CONF included, and srun inside the job
+    would not find this cluster's configuration (a real cluster's is in /etc/slurm): a shim
+    srun on PATH gives it back."""
+    pytest.importorskip("snakemake_executor_plugin_slurm", reason="snakemake-executor-plugin-slurm is in the [dev] extra")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "srun").write_text(f"#!/bin/sh\nexport SLURM_CONF={slurm.env['SLURM_CONF']}\nexec {shutil.which('srun', path=slurm.env['PATH']) or 'srun'} \"$@\"\n")
+    (shim / "srun").chmod(0o755)
+    env = {**slurm.env, "PATH": f"{shim}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{slurm.env['PATH']}"}
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("snakemake")), "-s", str(ROOT / "workflows" / "Snakefile"), "--executor", "slurm",
+           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5", "--jobs", "2",
+           "--set-resources", "segment:mem_mb=2000", "segment:runtime=10", "--set-threads", "segment=1",
+           "--config", f"slides={slides}", f"out={out}", f"args={' '.join(FLAGS)}"]
+    try:
+        run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"snakemake hung:\n{(err.stderr or b'')[-3000:]!r}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("a", "b", "c"):
+        assert _digest(out / name) == _digest(reference / name)
+    assert slurm.wait_empty()
