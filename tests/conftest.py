@@ -28,3 +28,33 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data not found: the real datasets sit beside the repo in CI (see README)")
     return path
+
+
+# The three disc slides of the scale-out tests and their uninterrupted in-process run, shared by
+# test_cluster.py and test_slurm.py (session scope: made once).
+@pytest.fixture(scope="session")
+def slides(tmp_path_factory) -> Path:
+    from .slides import disc_slide
+
+    folder = tmp_path_factory.mktemp("disc_slides")
+    disc_slide(folder / "a.tif", (1024, 1280), seed=1)
+    disc_slide(folder / "b.tif", (768, 768), seed=2)
+    disc_slide(folder / "c.tif", (512, 1024), seed=3)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def reference(slides, tmp_path_factory) -> Path:
+    """The three slides segmented uninterrupted, one after the other, without Dask, in a fresh
+    process (float results depend on torch's thread count, so every run here uses 1 thread)."""
+    import json
+    import subprocess
+
+    from .test_cluster import _cli as _segment_cli
+
+    out = tmp_path_factory.mktemp("reference")
+    subprocess.run(_segment_cli(str(slides), "-o", str(out), "--workers", "0", "--max-slides", "1"), check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run = json.loads((out / "run.json").read_text())["slides"]
+    assert [s["status"] for s in run] == ["ok"] * 3 and all(s["nuclei"] > 300 for s in run)
+    return out

@@ -28,8 +28,6 @@ from wsi_nuclei.cluster import (
 )
 from wsi_nuclei.pipeline import WORK_DIR, SegmentConfig, segment_many
 
-from .slides import disc_slide
-
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 #: small context and chunks: many chunks per slide in a few seconds (equality, not accuracy, is tested)
@@ -43,27 +41,6 @@ def _digest(folder: Path) -> dict[str, str]:
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name not in ("summary.json", "run.json") and WORK_DIR not in p.parts:
             out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-@pytest.fixture(scope="module")
-def slides(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("disc_slides")
-    disc_slide(folder / "a.tif", (1024, 1280), seed=1)
-    disc_slide(folder / "b.tif", (768, 768), seed=2)
-    disc_slide(folder / "c.tif", (512, 1024), seed=3)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def reference(slides, tmp_path_factory) -> Path:
-    """The three slides segmented uninterrupted, one after the other, without Dask, in a fresh
-    process (float results depend on torch's thread count, so every run here uses 1 thread)."""
-    out = tmp_path_factory.mktemp("reference")
-    subprocess.run(_cli(str(slides), "-o", str(out), "--workers", "0", "--max-slides", "1"), check=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    run = json.loads((out / "run.json").read_text())["slides"]
-    assert [s["status"] for s in run] == ["ok"] * 3 and all(s["nuclei"] > 300 for s in run)
     return out
 
 

@@ -20,7 +20,7 @@ import pytest
 from wsi_nuclei.pipeline import WORK_DIR
 
 from .slurm_cluster import Slurm, slurm  # noqa: F401 - the session fixture
-from .test_cluster import FLAGS, ROOT, _cli, _digest, reference, slides  # noqa: F401 - shared fixtures
+from .test_cluster import FLAGS, ROOT, _cli, _digest
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(600)]
 

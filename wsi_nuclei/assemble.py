@@ -175,9 +175,10 @@ def _read_part(plan: SlidePlan, ch: Any) -> Any:
     try:
         part = read_chunk_file(path)
     except OutputError as err:
-        why = str(err).split("unreadable chunk file ", 1)[-1]
+        cause = err.__cause__
+        why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
         path.unlink(missing_ok=True)
-        raise OutputError(f"{shown(path)}: damaged chunk file {why} (removed); run again with --resume to compute chunk {ch.index} again") from None
+        raise OutputError(f"{shown(path)}: damaged chunk file{why} (removed); run again with --resume to compute chunk {ch.index} again") from None
     if part.meta.get("fingerprint") != plan.fingerprint or part.meta.get("chunk", {}).get("index") != ch.index:
         path.unlink(missing_ok=True)
         raise OutputError(f"{shown(path)}: chunk file made with other settings (removed); run again with --resume to compute it again")
