@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/amplification.py
 	$(PY) benchmarks/dask_overhead.py
 	$(PY) benchmarks/forward_memory.py
+	$(PY) benchmarks/int8_gate.py
 
 bench-memory: $(STAMP)
 	$(PY) benchmarks/memory_scaling.py --model shipped --sizes 1,4,16

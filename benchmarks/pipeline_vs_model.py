@@ -15,7 +15,8 @@ and each inference backend:
 The last line is a JSON object with model_s, pipeline_s, ratio, limit_s, ratio_to_limit,
 amplification and s_per_mm2 of the default backend (auto) on the real slide, then every row.
 
-Run: .venv/bin/python benchmarks/pipeline_vs_model.py [--threads 2] [--backends torch,onnx,openvino]
+Run: .venv/bin/python benchmarks/pipeline_vs_model.py [--threads 2] [--backends torch,onnx,openvino,onnx-int8]
+(onnx-int8 is ``segment --precision int8``; its limit_s is the int8 forward pass over the tissue tiles)
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def limit_only(plan, tissue, thumb_scale: float, cfg, predict, tile: int = 256, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--backends", default="torch,onnx,openvino")
+    ap.add_argument("--backends", default="torch,onnx,openvino,onnx-int8", help="comma-separated; onnx-int8 = --precision int8")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: torch backend only)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--chunk-size", type=int, default=None, help="working px (default: segment's default)")
@@ -117,10 +118,12 @@ def main() -> None:
                                                                              args.synthetic_side, tissue=0.25)}
     model, card = load_model()
     rows = []
-    for backend in args.backends.split(","):
-        chunk = {"chunk_size": args.chunk_size} if args.chunk_size else {}
+    for spec in args.backends.split(","):
+        # onnx-int8: `segment --precision int8` (ONNX Runtime on the quantised export)
+        backend, precision = ("onnx", "int8") if spec == "onnx-int8" else (spec, "fp32")
+        chunk = {"chunk_size": args.chunk_size, "precision": precision} if args.chunk_size else {"precision": precision}
         cfg = SegmentConfig(backend=backend, torch_threads=args.threads, overwrite=True, device=args.device, batch_size=args.batch_size, **chunk)
-        predict, name = make_predictor(model, card, backend, args.device, args.threads)
+        predict, name = make_predictor(model, card, backend, args.device, args.threads, precision)
         # warm-up: the pipeline's own model cache, the ONNX export, first-call allocations
         segment_many([slides["CMU-1-Small-Region (real)"]], args.work / "warmup", cfg)
         for label, path in slides.items():
@@ -166,11 +169,11 @@ def main() -> None:
     gpu = f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""
     print(f"\npipeline vs bare model — {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, "
           f"{args.threads} threads, chunk {cfg.chunk_size} px, torch {torch.__version__}, in-process (no Dask)")
-    print(f"{'slide':<36} {'backend':>7} {'chunks':>6} {'nuclei':>7} {'tissue mm²':>10} {'limit s':>7} {'model s':>8} {'pipeline s':>10} "
+    print(f"{'slide':<36} {'backend':>9} {'chunks':>6} {'nuclei':>7} {'tissue mm²':>10} {'limit s':>7} {'model s':>8} {'pipeline s':>10} "
           f"{'ratio':>6} {'to limit':>8} {'ampl.':>6} {'s/mm²':>6}  stages (s): read / inference / instances / polygons / assembly")
     for r in rows:
         st = r["stages"]
-        print(f"{r['slide']:<36} {r['backend']:>7} {r['chunks']:>6} {r['nuclei']:>7} {r['tissue_mm2']:>10.3f} {r['limit_s']:>7.1f} "
+        print(f"{r['slide']:<36} {r['backend']:>9} {r['chunks']:>6} {r['nuclei']:>7} {r['tissue_mm2']:>10.3f} {r['limit_s']:>7.1f} "
               f"{r['model_s']:>8.1f} {r['pipeline_s']:>10.1f} {r['ratio']:>6.2f} {r['ratio_to_limit']:>8.2f} {r['amplification']:>6.2f} "
               f"{r['s_per_mm2']:>6.1f}  {st['read']:.1f} / {st['inference']:.1f} / {st['instances']:.1f} / {st['polygons']:.1f} / "
               f"{st['assemble']:.1f}")

@@ -152,7 +152,7 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
                     "assemble": round(time.perf_counter() - t0, 3), "wall": round(float(run.get("wall", 0.0)), 3)},
         # the options as given, context and tta resolved (an option left unset takes the card's value)
         "parameters": {**asdict(cfg), "context": tiling.context, "tta": plan.tta}, "tiling": asdict(tiling), "slide_info": plan.info.as_dict(),
-        "model": plan.model, "versions": _versions(),
+        "model": plan.model, "backend": plan.backend, "versions": _versions(),
         "outputs": {"mask": "mask.zarr", "geojson": geo_name, "overlay": "overlay.png"},
         # what --resume checks before it skips this slide (outputs.finished)
         "slide_file": plan.slide_file, "output_key": plan.output_key, "fingerprint": plan.fingerprint,

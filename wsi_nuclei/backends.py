@@ -10,6 +10,9 @@
 - ``openvino``: Intel's OpenVINO Runtime on the CPU, running the same cached ONNX export (outputs
   equal ONNX Runtime's within 1e-4, a test; faster on this CPU, docs/performance.md).
 - ``auto``: torch on a GPU; on a CPU OpenVINO when it is installed, else ONNX Runtime, else torch.
+- ``onnx-int8``: what ``--precision int8`` resolves to: ONNX Runtime on the statically quantised
+  export (:mod:`wsi_nuclei.quantize`), cached beside the fp32 one. ONNX Runtime only: OpenVINO ran
+  the same int8 model with less agreement with fp32 (docs/performance.md).
 
 A predictor takes (N, H, W, 3) uint8 tiles (H, W multiples of 32) and returns (N, C, H, W) float32.
 
@@ -34,11 +37,14 @@ import numpy as np
 
 from .errors import ConfigError, ModelError
 
-__all__ = ["Predictor", "make_predictor", "to_tensor", "onnx_available", "openvino_available", "resolve_backend", "BACKENDS", "cache_dir", "usable_cache_dir", "MODEL_GATE", "gate_wait_seconds"]
+__all__ = ["Predictor", "make_predictor", "to_tensor", "onnx_available", "openvino_available", "resolve_backend", "BACKENDS", "cache_dir", "usable_cache_dir", "MODEL_GATE", "gate_wait_seconds", "PRECISIONS", "INT8_BACKEND"]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
+PRECISIONS = ("fp32", "int8")
+#: the concrete backend of ``--precision int8`` (the name in plans, summaries and reports)
+INT8_BACKEND = "onnx-int8"
 Predictor = Callable[[np.ndarray], np.ndarray]
 #: held by a CPU forward pass: one at a time per process (the pre- and post-processing around it is not)
 MODEL_GATE = threading.Lock()
@@ -77,8 +83,21 @@ def openvino_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: str) -> str:
-    """The concrete backend for ``backend`` on ``device``."""
+def resolve_backend(backend: str, device: str, precision: str = "fp32") -> str:
+    """The concrete backend for ``backend`` on ``device`` at ``precision`` (``onnx-int8`` for int8;
+    a concrete name resolves to itself)."""
+    if backend == INT8_BACKEND:
+        backend, precision = "onnx", "int8"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown --precision {precision!r}; use {' or '.join(PRECISIONS)}")
+    if precision == "int8":
+        if device != "cpu":
+            raise ConfigError(f"--precision int8 runs on the CPU (ONNX Runtime); use --precision fp32 with --device {device}")
+        if backend not in ("auto", "onnx"):
+            raise ConfigError(f"--precision int8 runs on ONNX Runtime; use --backend auto or onnx, not {backend}")
+        if not onnx_available():
+            raise ConfigError("--precision int8 needs onnx and onnxruntime: pip install 'wsi-nuclei[onnx]'")
+        return INT8_BACKEND
     if backend not in BACKENDS:
         raise ConfigError(f"unknown --backend {backend!r}; use {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -219,12 +238,20 @@ def onnx_path(card: Any) -> Path:
     return usable_cache_dir() / "onnx" / f"{key}-torch{torch.__version__.split('+')[0]}.onnx"
 
 
-def _onnx_predictor(model: Any, card: Any, threads: int) -> Predictor:
+def _onnx_predictor(model: Any, card: Any, threads: int, int8: bool = False) -> Predictor:
     import onnxruntime as ort
 
-    path = onnx_path(card)
-    if not path.exists() or not card.weights_sha256:
-        export_onnx(model, card, path)
+    def prepare() -> Path:
+        if int8:
+            from .quantize import ensure_int8
+
+            return ensure_int8(model, card)
+        path = onnx_path(card)
+        if not path.exists() or not card.weights_sha256:
+            export_onnx(model, card, path)
+        return path
+
+    path = prepare()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -234,7 +261,10 @@ def _onnx_predictor(model: Any, card: Any, threads: int) -> Predictor:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as err:  # a damaged cache file: export again once
         log.warning("re-exporting the ONNX model (%s)", err)
-        export_onnx(model, card, path)
+        path.unlink(missing_ok=True)
+        if int8:
+            onnx_path(card).unlink(missing_ok=True)
+        path = prepare()
         session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     mean = np.asarray(card.input_mean, np.float32)
     std = np.asarray(card.input_std, np.float32)
@@ -273,11 +303,12 @@ def _openvino_predictor(model: Any, card: Any, threads: int) -> Predictor:
     return predict
 
 
-def make_predictor(model: Any, card: Any, backend: str = "auto", device: str = "cpu", threads: int = 0) -> tuple[Predictor, str]:
+def make_predictor(model: Any, card: Any, backend: str = "auto", device: str = "cpu", threads: int = 0,
+                   precision: str = "fp32") -> tuple[Predictor, str]:
     """A predictor for ``model`` and the name of the backend it uses."""
-    name = resolve_backend(backend, device)
-    if name == "onnx":
-        return _onnx_predictor(model, card, threads), name
+    name = resolve_backend(backend, device, precision)
+    if name in ("onnx", INT8_BACKEND):
+        return _onnx_predictor(model, card, threads, int8=name == INT8_BACKEND), name
     if name == "openvino":
         return _openvino_predictor(model, card, threads), name
     return _torch_predictor(model, card, device), name

@@ -107,13 +107,14 @@ def evaluate(
     record: bool = typer.Option(False, "--record", help="For model authors: store the means in the model card under metrics.<dataset>."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
     backend: str = typer.Option("auto", help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU when installed), torch, onnx or openvino: as the slide pipeline."),
+    precision: str = typer.Option("fp32", help="fp32, or int8 (ONNX Runtime on the quantised model): as the slide pipeline."),
 ) -> None:
     """Pixel Dice/IoU, AJI, PQ (DQ, SQ) and object F1 of a model on an annotated dataset."""
     from .evaluate import evaluate_dataset
 
     try:
         report = evaluate_dataset(dataset, path, model_dir=model, mpp=mpp, limit=limit, device=device, threads=threads, tta=tta,
-                                  backend=backend)
+                                  backend=backend, precision=precision)
         if record:
             from .evaluate import record_in_card
 

@@ -50,6 +50,7 @@ class SegmentConfig:
     tissue_mask: bool = True
     reader: str = "auto"  # slide reader: auto, openslide, tiffslide
     backend: str = "auto"  # inference: auto, torch, onnx, openvino (see backends.py)
+    precision: str = "fp32"  # fp32, or int8 (ONNX Runtime on the quantised model, see quantize.py)
     geojson_format: str = "geojson.gz"
     raw_coordinates: bool = False
     resume: bool = False
@@ -89,7 +90,9 @@ class SegmentConfig:
             raise ConfigError("--resume and --overwrite exclude each other")
         if self.reader not in ("auto", "openslide", "tiffslide"):
             raise ConfigError(f"unknown --reader {self.reader!r}; use auto, openslide or tiffslide")
-        from .backends import BACKENDS
+        from .backends import BACKENDS, PRECISIONS
 
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown --backend {self.backend!r}; use {', '.join(BACKENDS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown --precision {self.precision!r}; use {' or '.join(PRECISIONS)}")

@@ -53,6 +53,7 @@ def evaluate_dataset(
     threads: int = 0,
     tta: str | None = None,
     backend: str = "auto",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Segment every image of a dataset and compare with its annotation.
 
@@ -72,6 +73,8 @@ def evaluate_dataset(
         Test-time augmentation; default the card's ``tta``.
     backend : {"auto", "torch", "onnx"}
         The inference backend, as in the slide pipeline (auto: ONNX Runtime on a CPU when installed).
+    precision : {"fp32", "int8"}
+        As ``wsi-nuclei segment --precision`` (int8: ONNX Runtime on the quantised model).
 
     Returns
     -------
@@ -99,7 +102,7 @@ def evaluate_dataset(
         torch.set_num_threads(threads)
     dev = select_device(device)
     model, card = load_model(model_dir)
-    predict, backend_name = make_predictor(model, card, backend, dev, threads)
+    predict, backend_name = make_predictor(model, card, backend, dev, threads, precision)
     samples = load_dataset(kind, path, mpp=mpp, limit=limit)
     rows, items, seconds = [], [], 0.0
     for s in samples:

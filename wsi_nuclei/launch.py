@@ -85,7 +85,7 @@ def configs(
         n_gpus = torch.cuda.device_count()
     cfg = SegmentConfig(**{**segment, "device": dev, "torch_threads": threads or DEFAULT_THREADS})
     cfg.check()
-    if resolve_backend(cfg.backend, cfg.device) == "onnx":
+    if resolve_backend(cfg.backend, cfg.device, cfg.precision) in ("onnx", "onnx-int8"):
         from .backends import usable_cache_dir
 
         usable_cache_dir()  # checked (or replaced, with a warning) before any worker starts

@@ -161,7 +161,7 @@ def _left_behind(jobs: list[tuple[Path, Path]], cfg: SegmentConfig, started: flo
     from .plan import model_card, plan_keys
 
     try:
-        card, backend = model_card(cfg), resolve_backend(cfg.backend, cfg.device)
+        card, backend = model_card(cfg), resolve_backend(cfg.backend, cfg.device, cfg.precision)
     except Exception:  # noqa: BLE001 - a best effort while stopping
         card = None
     out = []

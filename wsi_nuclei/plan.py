@@ -101,7 +101,9 @@ def plan_keys(path: Path | str, cfg: SegmentConfig, card: ModelCard, backend: st
     outputs = {"slide": {k: ident[k] for k in ("name", "bytes", "mtime_ns")}, "model": card.weights_sha256, "card": card.to_json(),
                "tiling": asdict(slide_tiling(cfg, card)), "level0_mpp": cfg.level0_mpp, "reader": cfg.reader,
                "raw_coordinates": cfg.raw_coordinates, "tissue_mask": cfg.tissue_mask, "whole_windows": cfg.whole_windows, "tta": cfg.tta or card.tta,
-               "format": cfg.geojson_format}
+               "format": cfg.geojson_format,
+               # int8 changes the probabilities (fp32 backends agree within 1e-4): only then part of the key
+               **({"precision": cfg.precision} if cfg.precision != "fp32" else {})}
     key = hashlib.sha256(json.dumps(outputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
     chunks = {"outputs": key, "backend": backend, "batch": cfg.batch_size, "device": cfg.device, "version": __version__,
               "chunk_file": CHUNK_FILE_VERSION}
@@ -149,7 +151,7 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | 
         tissue_mm2 = float(tissue.sum()) * (thumb_scale * info.level0_mpp / 1000) ** 2
     else:
         tissue_mm2 = width * height * (card.working_mpp / 1000) ** 2
-    backend = resolve_backend(cfg.backend, cfg.device)
+    backend = resolve_backend(cfg.backend, cfg.device, cfg.precision)
     ident, key, fingerprint = plan_keys(path, cfg, card, backend)
     plan = SlidePlan(str(path), str(out_dir), scale, (height, width), tiling, tuple(chunks), grid, shift,
                      f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}", round(tissue_mm2, 4), info, card, fingerprint,
@@ -175,7 +177,7 @@ def check_outputs(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard
         if cfg.resume:
             from .backends import resolve_backend
 
-            _, key, _ = plan_keys(path, cfg, card, resolve_backend(cfg.backend, cfg.device))
+            _, key, _ = plan_keys(path, cfg, card, resolve_backend(cfg.backend, cfg.device, cfg.precision))
             verdict = finished(out_dir, ident, key)
             if verdict.done:
                 return SlideResult(str(path), "skipped", str(out_dir), verdict.nuclei, "finished in an earlier run (--resume)")

@@ -1,0 +1,174 @@
+"""int8 inference on a CPU: ONNX Runtime static quantisation of the exported model.
+
+The recipe (:data:`RECIPE`), chosen on the validation images cut from the training sets:
+
+- QDQ format, signed 8-bit activations and weights (ONNX Runtime's advice for x86 CPUs), weights
+  per output channel;
+- only ``Conv`` nodes, and not the first three nor the last three (the stem sees raw normalised
+  RGB, the heads give the probabilities the instance step thresholds: quantising them cost the most
+  accuracy for the least time);
+- activation ranges from the 99.999th percentile of their histograms, over
+  :data:`CALIBRATION_IMAGE`: 32 crops of 256 x 256 px at the model's 0.5 µm/px, cut from MoNuSeg
+  2018 *training* images that are not validation images (``int8_calibration.txt`` says which).
+
+The quantised model is written once per weights hash, torch version and recipe, next to the fp32
+export in the model cache (``<sha16>-torch<version>-int8-<recipe>.onnx``), under a temporary name
+and renamed, like the fp32 export. int8 is opt-in (``--precision int8``): docs/performance.md has
+its accuracy and speed beside fp32, from ``benchmarks/int8_gate.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelError
+
+__all__ = ["RECIPE", "CALIBRATION_IMAGE", "calibration_tiles", "int8_path", "ensure_int8", "make_calibration_image"]
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_IMAGE = Path(__file__).parent / "data" / "int8_calibration.jpg"
+CALIBRATION_TILE = 256
+RECIPE: dict[str, Any] = {"format": "QDQ", "activations": "int8", "weights": "int8-per-channel", "ops": ["Conv"],
+                          "skip_first": 3, "skip_last": 3, "calibration": "percentile-99.999", "batch": 4}
+
+
+def calibration_tiles(path: Path = CALIBRATION_IMAGE, tile: int = CALIBRATION_TILE) -> np.ndarray:
+    """The calibration crops: (N, tile, tile, 3) uint8 cut from the mosaic ``path``."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        mosaic = np.asarray(im.convert("RGB"))
+    rows, cols = mosaic.shape[0] // tile, mosaic.shape[1] // tile
+    return np.stack([mosaic[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)])
+
+
+def _recipe_key() -> str:
+    data = json.dumps(RECIPE, sort_keys=True).encode() + hashlib.sha256(CALIBRATION_IMAGE.read_bytes()).digest()
+    return hashlib.sha256(data).hexdigest()[:8]
+
+
+def int8_path(card: Any) -> Path:
+    """Where the int8 model of ``card``'s weights is cached."""
+    from .backends import onnx_path
+
+    fp32 = onnx_path(card)
+    return fp32.with_name(f"{fp32.stem}-int8-{_recipe_key()}.onnx")
+
+
+class _Reader:
+    """ONNX Runtime's calibration data reader over the normalised calibration crops."""
+
+    def __init__(self, tiles: np.ndarray, card: Any, batch: int) -> None:
+        from .backends import _normalise
+
+        mean = np.asarray(card.input_mean, np.float32)
+        std = np.asarray(card.input_std, np.float32)
+        self._batches: Iterator[np.ndarray] = (_normalise(tiles[i:i + batch], mean, std) for i in range(0, len(tiles), batch))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self._batches, None)
+        return None if x is None else {"input": x}
+
+
+def _conv_names(model_path: Path) -> list[str]:
+    import onnx
+
+    return [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node if n.op_type == "Conv"]
+
+
+@contextlib.contextmanager
+def _root_logger_quiet() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize(fp32: Path, out: Path, card: Any, tiles: np.ndarray | None = None) -> Path:
+    """Quantise the fp32 ONNX model ``fp32`` to ``out`` with :data:`RECIPE`; atomic."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from . import atomic
+
+    tiles = calibration_tiles() if tiles is None else tiles
+    convs = _conv_names(fp32)
+    skip = convs[:RECIPE["skip_first"]] + convs[len(convs) - RECIPE["skip_last"]:]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("quantising %s to int8 (%d of %d convolutions, %d calibration crops; once per model)", card.name,
+             len(convs) - len(skip), len(convs), len(tiles))
+    try:
+        # the calibrator prints its progress and logs each rescaled bias on the root logger
+        with atomic.replacing(out) as tmp, contextlib.redirect_stdout(io.StringIO()), _root_logger_quiet():
+            quantize_static(str(fp32), str(tmp), _Reader(tiles, card, RECIPE["batch"]), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=RECIPE["ops"], per_channel=True, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=skip, calibrate_method=CalibrationMethod.Percentile,
+                            extra_options={"CalibPercentile": 99.999, "CalibTensorRangeSymmetric": False},
+                            calibration_providers=["CPUExecutionProvider"], use_external_data_format=False)
+    except Exception as err:
+        raise ModelError(f"cannot quantise the model to int8 ({type(err).__name__}: {err}); use --precision fp32") from err
+    return out
+
+
+def ensure_int8(model: Any, card: Any) -> Path:
+    """The cached int8 model of ``model``/``card``, exported and quantised first when missing."""
+    from .backends import export_onnx, onnx_path
+
+    path = int8_path(card)
+    if path.exists() and card.weights_sha256:
+        return path
+    fp32 = onnx_path(card)
+    if not fp32.exists() or not card.weights_sha256:
+        export_onnx(model, card, fp32)
+    return quantize(fp32, path, card)
+
+
+def make_calibration_image(monuseg_train: Path, out: Path, excluded: list[str], n: int = 32, seed: int = 0) -> list[str]:
+    """Cut ``n`` crops of 256 px at 0.5 µm/px from the MoNuSeg training images not in ``excluded``
+    (the validation images) and save them as one JPEG mosaic; returns one provenance line per crop."""
+    from PIL import Image
+
+    from .datasets import MONUSEG_MPP, list_images, read_rgb
+    from .infer import resize_image, working_shape
+
+    rng = np.random.default_rng(seed)
+    images = [p for p in list_images(monuseg_train / "images") if p.stem not in set(excluded)]
+    crops, lines, t = [], [], CALIBRATION_TILE
+    for i in range(n):
+        path = images[i % len(images)]
+        image = read_rgb(path)
+        small = resize_image(image, working_shape(image.shape[:2], MONUSEG_MPP, 0.5))
+        y, x = (int(rng.integers(0, s - t + 1)) for s in small.shape[:2])
+        crops.append(small[y:y + t, x:x + t])
+        lines.append(f"{i}\t{path.name}\ty={y}\tx={x}")
+    cols = 8
+    rows = [np.concatenate(crops[r * cols:(r + 1) * cols], axis=1) for r in range(len(crops) // cols)]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(out, quality=92)
+    return lines
+
+
+if __name__ == "__main__":  # python -m wsi_nuclei.quantize MONUSEG_TRAIN_DIR: remake the calibration image
+    import sys
+
+    from .model import load_card
+
+    root = Path(sys.argv[1])
+    validation = list(load_card(Path(__file__).parent / "weights").training.get("validation_images", []))
+    provenance = make_calibration_image(root, CALIBRATION_IMAGE, validation)
+    CALIBRATION_IMAGE.with_suffix(".txt").write_text(
+        "int8 calibration crops (wsi_nuclei/quantize.py): 32 crops of 256 x 256 px at 0.5 µm/px, cut from MoNuSeg 2018\n"
+        "training images that are not validation images of the shipped model, mosaic of 8 x 4, JPEG quality 92.\n"
+        "MoNuSeg 2018: CC BY-NC-SA 4.0, non-commercial use. Made by: python -m wsi_nuclei.quantize ../shared/data/monuseg/train\n"
+        "crop\timage\ttop-left at 0.5 um/px\n" + "\n".join(provenance) + "\n")
