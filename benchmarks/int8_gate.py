@@ -61,10 +61,10 @@ def _openvino(path: Path, threads: int, card: Any) -> Any:
 
 
 def main() -> None:
-    from wsi_nuclei.backends import make_predictor, onnx_path, openvino_available
+    from wsi_nuclei.backends import int8_path, make_predictor, onnx_path, openvino_available
     from wsi_nuclei.infer import resize_image, working_shape
     from wsi_nuclei.model import load_model
-    from wsi_nuclei.quantize import RECIPE, int8_path
+    from wsi_nuclei.quantize import RECIPE
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=DATA)

@@ -52,10 +52,11 @@ def test_precision_resolves_to_onnx_runtime_only():
 
 def test_int8_is_cached_per_weights_and_repaired(model, tissue, monkeypatch):
     from wsi_nuclei import quantize
+    from wsi_nuclei.backends import int8_path
 
     net, card = model
     make_predictor(net, card, "onnx", "cpu", 2, "int8")
-    path = quantize.int8_path(card)
+    path = int8_path(card)
     assert path.parent == onnx_path(card).parent and path.name.startswith(card.weights_sha256[:16]) and "-int8-" in path.name
     stamp = path.stat().st_mtime_ns
 

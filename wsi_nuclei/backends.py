@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import ConfigError, ModelError
 
-__all__ = ["Predictor", "make_predictor", "to_tensor", "onnx_available", "openvino_available", "resolve_backend", "BACKENDS", "cache_dir", "usable_cache_dir", "MODEL_GATE", "gate_wait_seconds", "PRECISIONS", "INT8_BACKEND"]
+__all__ = ["Predictor", "make_predictor", "to_tensor", "onnx_available", "openvino_available", "resolve_backend", "BACKENDS", "cache_dir", "usable_cache_dir", "MODEL_GATE", "gate_wait_seconds", "PRECISIONS", "INT8_BACKEND", "int8_path", "ensure_int8"]
 
 log = logging.getLogger(__name__)
 
@@ -238,13 +238,32 @@ def onnx_path(card: Any) -> Path:
     return usable_cache_dir() / "onnx" / f"{key}-torch{torch.__version__.split('+')[0]}.onnx"
 
 
+def int8_path(card: Any) -> Path:
+    """Where the int8 model of ``card``'s weights is cached: beside the fp32 export."""
+    from .quantize import int8_name
+
+    return int8_name(onnx_path(card))
+
+
+def ensure_int8(model: Any, card: Any) -> Path:
+    """The cached int8 model of ``model``/``card``, exported and quantised first when missing."""
+    from .quantize import quantize
+
+    path = int8_path(card)
+    if path.exists() and card.weights_sha256:
+        return path
+    fp32 = onnx_path(card)
+    if not fp32.exists() or not card.weights_sha256:
+        export_onnx(model, card, fp32)
+    mean, std = np.asarray(card.input_mean, np.float32), np.asarray(card.input_std, np.float32)
+    return quantize(fp32, path, card.name, lambda tiles: _normalise(tiles, mean, std))
+
+
 def _onnx_predictor(model: Any, card: Any, threads: int, int8: bool = False) -> Predictor:
     import onnxruntime as ort
 
     def prepare() -> Path:
         if int8:
-            from .quantize import ensure_int8
-
             return ensure_int8(model, card)
         path = onnx_path(card)
         if not path.exists() or not card.weights_sha256:

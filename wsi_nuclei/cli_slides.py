@@ -110,7 +110,7 @@ def segment(
                             max_slides)
         net, card = load_model(model)  # a broken model fails here, once, not on every slide
         if cfg.precision == "int8" and not dry_run:
-            from .quantize import ensure_int8
+            from .backends import ensure_int8
 
             ensure_int8(net, card)  # once, here, before any worker would quantise it too
         del net

@@ -24,7 +24,7 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import ModelError
 
-__all__ = ["RECIPE", "CALIBRATION_IMAGE", "calibration_tiles", "int8_path", "ensure_int8", "make_calibration_image"]
+__all__ = ["RECIPE", "CALIBRATION_IMAGE", "calibration_tiles", "int8_name", "quantize", "make_calibration_image"]
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +57,17 @@ def _recipe_key() -> str:
     return hashlib.sha256(data).hexdigest()[:8]
 
 
-def int8_path(card: Any) -> Path:
-    """Where the int8 model of ``card``'s weights is cached."""
-    from .backends import onnx_path
-
-    fp32 = onnx_path(card)
+def int8_name(fp32: Path) -> Path:
+    """Where the int8 model of the fp32 export ``fp32`` is cached (beside it)."""
     return fp32.with_name(f"{fp32.stem}-int8-{_recipe_key()}.onnx")
 
 
 class _Reader:
-    """ONNX Runtime's calibration data reader over the normalised calibration crops."""
+    """ONNX Runtime's calibration data reader over the calibration crops, normalised as the model's
+    input (``normalise``: (N, H, W, 3) uint8 -> (N, 3, H, W) float32)."""
 
-    def __init__(self, tiles: np.ndarray, card: Any, batch: int) -> None:
-        from .backends import _normalise
-
-        mean = np.asarray(card.input_mean, np.float32)
-        std = np.asarray(card.input_std, np.float32)
-        self._batches: Iterator[np.ndarray] = (_normalise(tiles[i:i + batch], mean, std) for i in range(0, len(tiles), batch))
+    def __init__(self, tiles: np.ndarray, normalise: Callable[[np.ndarray], np.ndarray], batch: int) -> None:
+        self._batches: Iterator[np.ndarray] = (normalise(tiles[i:i + batch]) for i in range(0, len(tiles), batch))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         x = next(self._batches, None)
@@ -97,8 +91,9 @@ def _root_logger_quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def quantize(fp32: Path, out: Path, card: Any, tiles: np.ndarray | None = None) -> Path:
-    """Quantise the fp32 ONNX model ``fp32`` to ``out`` with :data:`RECIPE`; atomic."""
+def quantize(fp32: Path, out: Path, name: str, normalise: Callable[[np.ndarray], np.ndarray], tiles: np.ndarray | None = None) -> Path:
+    """Quantise the fp32 ONNX model ``fp32`` (of the model ``name``) to ``out`` with :data:`RECIPE`,
+    calibrating on ``tiles`` (default: :func:`calibration_tiles`) through ``normalise``; atomic."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from . import atomic
@@ -107,12 +102,12 @@ def quantize(fp32: Path, out: Path, card: Any, tiles: np.ndarray | None = None) 
     convs = _conv_names(fp32)
     skip = convs[:RECIPE["skip_first"]] + convs[len(convs) - RECIPE["skip_last"]:]
     out.parent.mkdir(parents=True, exist_ok=True)
-    log.info("quantising %s to int8 (%d of %d convolutions, %d calibration crops; once per model)", card.name,
+    log.info("quantising %s to int8 (%d of %d convolutions, %d calibration crops; once per model)", name,
              len(convs) - len(skip), len(convs), len(tiles))
     try:
         # the calibrator prints its progress and logs each rescaled bias on the root logger
         with atomic.replacing(out) as tmp, contextlib.redirect_stdout(io.StringIO()), _root_logger_quiet():
-            quantize_static(str(fp32), str(tmp), _Reader(tiles, card, RECIPE["batch"]), quant_format=QuantFormat.QDQ,
+            quantize_static(str(fp32), str(tmp), _Reader(tiles, normalise, RECIPE["batch"]), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=RECIPE["ops"], per_channel=True, activation_type=QuantType.QInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=skip, calibrate_method=CalibrationMethod.Percentile,
                             extra_options={"CalibPercentile": 99.999, "CalibTensorRangeSymmetric": False},
@@ -122,26 +117,12 @@ def quantize(fp32: Path, out: Path, card: Any, tiles: np.ndarray | None = None) 
     return out
 
 
-def ensure_int8(model: Any, card: Any) -> Path:
-    """The cached int8 model of ``model``/``card``, exported and quantised first when missing."""
-    from .backends import export_onnx, onnx_path
-
-    path = int8_path(card)
-    if path.exists() and card.weights_sha256:
-        return path
-    fp32 = onnx_path(card)
-    if not fp32.exists() or not card.weights_sha256:
-        export_onnx(model, card, fp32)
-    return quantize(fp32, path, card)
-
-
 def make_calibration_image(monuseg_train: Path, out: Path, excluded: list[str], n: int = 32, seed: int = 0) -> list[str]:
     """Cut ``n`` crops of 256 px at 0.5 µm/px from the MoNuSeg training images not in ``excluded``
     (the validation images) and save them as one JPEG mosaic; returns one provenance line per crop."""
     from PIL import Image
 
     from .datasets import MONUSEG_MPP, list_images, read_rgb
-    from .infer import resize_image, working_shape
 
     rng = np.random.default_rng(seed)
     images = [p for p in list_images(monuseg_train / "images") if p.stem not in set(excluded)]
@@ -149,7 +130,8 @@ def make_calibration_image(monuseg_train: Path, out: Path, excluded: list[str], 
     for i in range(n):
         path = images[i % len(images)]
         image = read_rgb(path)
-        small = resize_image(image, working_shape(image.shape[:2], MONUSEG_MPP, 0.5))
+        h, w = (round(s * MONUSEG_MPP / 0.5) for s in image.shape[:2])  # area averaging, as the pipeline resamples
+        small = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BOX))
         y, x = (int(rng.integers(0, s - t + 1)) for s in small.shape[:2])
         crops.append(small[y:y + t, x:x + t])
         lines.append(f"{i}\t{path.name}\ty={y}\tx={x}")
