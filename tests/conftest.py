@@ -58,3 +58,17 @@ def reference(slides, tmp_path_factory) -> Path:
     run = json.loads((out / "run.json").read_text())["slides"]
     assert [s["status"] for s in run] == ["ok"] * 3 and all(s["nuclei"] > 300 for s in run)
     return out
+
+
+@pytest.fixture(scope="session")
+def bundled_run(tmp_path_factory) -> Path:
+    """The bundled CMU sample slide segmented once with the defaults, in this process:
+    ``<folder>/CMU-1-Small-Region/`` (read-only for the tests that share it)."""
+    from wsi_nuclei.api import SAMPLE_SLIDE
+    from wsi_nuclei.config import SegmentConfig
+    from wsi_nuclei.pipeline import segment_many
+
+    out = tmp_path_factory.mktemp("bundled_run")
+    results = segment_many([SAMPLE_SLIDE], out, SegmentConfig())
+    assert [r.status for r in results] == ["ok"], results
+    return out

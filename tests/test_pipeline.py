@@ -63,12 +63,10 @@ def test_polygon_bounds_shift():
 
 
 @pytest.mark.slow
-def test_geojson_is_qupath_importable_and_outputs_complete(shared_data, tmp_path):
-    out = tmp_path / "out"
-    results = segment_many([shared_data / "wsi" / "CMU-1-Small-Region.svs"], out, SegmentConfig(geojson_format="geojson"))
-    assert [r.status for r in results] == ["ok"]
+def test_geojson_is_qupath_importable_and_outputs_complete(bundled_run):
+    out = bundled_run
     d = out / "CMU-1-Small-Region"
-    assert {p.name for p in d.iterdir()} >= {"mask.zarr", "nuclei.geojson", "summary.json", "overlay.png"}
+    assert {p.name for p in d.iterdir()} >= {"mask.zarr", "nuclei.geojson.gz", "summary.json", "overlay.png"}
     summary = json.loads((d / "summary.json").read_text())
     assert 1000 < summary["nuclei"] < 20000 and summary["tissue_mm2"] > 0.1
     from wsi_nuclei.model import DEFAULT_MODEL_DIR, load_card
@@ -82,7 +80,7 @@ def test_geojson_is_qupath_importable_and_outputs_complete(shared_data, tmp_path
     import geojson as gj
     from shapely.geometry import Polygon, box
 
-    text = (d / "nuclei.geojson").read_text(encoding="utf-8")
+    text = gzip.decompress((d / "nuclei.geojson.gz").read_bytes()).decode("utf-8")
     coll = gj.loads(text)
     assert coll["type"] == "FeatureCollection" and len(coll["features"]) == summary["nuclei"]
     slide_box = box(0, 0, 2220, 2967)

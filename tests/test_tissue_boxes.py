@@ -64,14 +64,17 @@ def _edge_slide(path: Path) -> Path:
     return write_pyramid(path, img, 0.5, levels=2)
 
 
-def _compare(slide: Path, out: Path, **opts) -> tuple[dict, dict]:
-    segment_slide(slide, out / "box", SegmentConfig(**opts))
+def _compare(slide: Path, out: Path, boxed: Path | None = None, **opts) -> tuple[dict, dict]:
+    """Segment ``slide`` by tissue boxes (or take that run from ``boxed``) and in whole windows."""
+    if boxed is None:
+        boxed = out / "box"
+        segment_slide(slide, boxed, SegmentConfig(**opts))
     segment_slide(slide, out / "whole", SegmentConfig(**opts, whole_windows=True))
-    box, whole = (json.loads((out / k / "summary.json").read_text()) for k in ("box", "whole"))
-    lb, lw = (np.asarray(open_array(out / k / "mask.zarr", "labels", 0)[:]).astype(np.int64) for k in ("box", "whole"))
+    box, whole = (json.loads((d / "summary.json").read_text()) for d in (boxed, out / "whole"))
+    lb, lw = (np.asarray(open_array(d / "mask.zarr", "labels", 0)[:]).astype(np.int64) for d in (boxed, out / "whole"))
     assert box["nuclei"] == whole["nuclei"] and box["nuclei"] > 0
     assert aji(lw, lb) >= 0.995
-    pb, pw = (np.asarray(open_array(out / k / "mask.zarr", "probability", 0)[:]).astype(int) for k in ("box", "whole"))
+    pb, pw = (np.asarray(open_array(d / "mask.zarr", "probability", 0)[:]).astype(int) for d in (boxed, out / "whole"))
     inside = lb > 0  # on every nucleus, the probabilities agree within the measured context tolerance
     assert np.abs(pb - pw)[inside].max() <= 255 * 0.01
     assert box["inferred_px"] < whole["inferred_px"]
@@ -85,8 +88,8 @@ def test_nuclei_on_the_tissue_edge_are_kept_whole(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_bundled_slide_gives_the_same_nuclei_with_tissue_boxes(tmp_path):
+def test_the_bundled_slide_gives_the_same_nuclei_with_tissue_boxes(bundled_run, tmp_path):
     from wsi_nuclei.api import SAMPLE_SLIDE
 
-    box, whole = _compare(SAMPLE_SLIDE, tmp_path)
+    box, whole = _compare(SAMPLE_SLIDE, tmp_path, bundled_run / "CMU-1-Small-Region")  # the defaults: tissue boxes
     assert box["inferred_px"] <= 0.8 * whole["inferred_px"]
