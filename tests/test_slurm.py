@@ -20,7 +20,7 @@ import pytest
 from wsi_nuclei.pipeline import WORK_DIR
 
 from .slurm_cluster import Slurm, slurm  # noqa: F401 - the session fixture
-from .test_cluster import FLAGS, ROOT, _cli, _digest
+from .test_cluster import FLAGS, ROOT, _cli, _copies, _digest, _same_outputs
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -63,21 +63,6 @@ def _finish(proc: subprocess.Popen[str], timeout_s: float = 300) -> str:
         _, err = proc.communicate()
         pytest.fail(f"the run hung:\n{err[-3000:]}")
     return err
-
-
-def _copies(slides: Path, folder: Path, names: tuple[str, ...]) -> Path:
-    folder.mkdir()
-    for name in names:
-        shutil.copy(slides / name, folder / name)
-    return folder
-
-
-def _same_outputs(out: Path, reference: Path, name: str, folder: Path, slides: Path) -> None:
-    """Byte-identical outputs of a copy of a slide: the mask's attributes name the copy's path."""
-    ours, theirs = _digest(out / name), _digest(reference / name)
-    assert {k: v for k, v in ours.items() if k != "mask.zarr/.zattrs"} == {k: v for k, v in theirs.items() if k != "mask.zarr/.zattrs"}
-    attrs = [(root / name / "mask.zarr" / ".zattrs").read_text() for root in (out, reference)]
-    assert str(folder) in attrs[0] and attrs[0].replace(str(folder), str(slides)) == attrs[1]
 
 
 def test_refused_submission_is_one_line_quoting_slurm(slurm, slides, tmp_path):  # noqa: F811
@@ -125,15 +110,25 @@ def test_worker_jobs_run_in_the_queue_and_a_cancelled_one_is_replaced_losing_no_
 
 
 def test_a_walltime_shorter_than_the_work_is_survived_through_new_jobs(slurm, slides, reference, tmp_path):  # noqa: F811
-    # 30 s: each worker leaves gracefully after 15 s (wsi_nuclei.slurm.worker_lifetime); SLURM
-    # itself rounds the limit up to a minute, so the worker's lifetime is what ends each job here
-    proc = _start(slurm, tmp_path, str(slides), "-o", str(tmp_path / "out"), "--walltime", "00:30")
+    # 30 s: each worker leaves gracefully after 15 +- 3 s (wsi_nuclei.slurm.worker_lifetime); SLURM
+    # itself rounds the limit up to a minute, so the worker's lifetime is what ends each job here.
+    # The work: the three slides and second copies of the two largest, about 1.5 times the longest
+    # lifetime of one worker on this node (one core; the three alone sometimes fit in one job).
+    # A shorter walltime leaves each new job little time after loading the model: many more jobs
+    folder = _copies(slides, tmp_path / "slides", ("a.tif", "b.tif", "c.tif"))
+    shutil.copy(slides / "a.tif", folder / "a2.tif")
+    shutil.copy(slides / "b.tif", folder / "b2.tif")
+    proc = _start(slurm, tmp_path, str(folder), "-o", str(tmp_path / "out"), "--walltime", "00:30")
     seen = _watch(proc, slurm)
     err = _finish(proc)
     assert proc.returncode == 0, err[-3000:]
     assert len(seen) >= 2, f"one job did the whole batch ({seen}): the work was shorter than the walltime"
     for name in ("a", "b", "c"):
-        assert _digest(tmp_path / "out" / name) == _digest(reference / name)
+        _same_outputs(tmp_path / "out", reference, name, folder, slides)
+    for copy, name in (("a2", "a"), ("b2", "b")):  # the same mask and overlay (nucleus ids and attributes name the copy)
+        pixels = [{k: v for k, v in _digest(d).items() if k != "mask.zarr/.zattrs" and not k.startswith("nuclei.")}
+                  for d in (tmp_path / "out" / copy, reference / name)]
+        assert pixels[0] == pixels[1] and "overlay.png" in pixels[0]
     assert slurm.wait_empty()
 
 
@@ -207,7 +202,7 @@ def test_snakemake_slurm_executor_segments_every_slide(slurm, slides, reference,
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"snakemake hung:\n{(err.stderr or b'')[-3000:]!r}")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["b", "c"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "logs") == ["b", "c"]
     for name in ("b", "c"):
         _same_outputs(out, reference, name, folder, slides)
     assert slurm.wait_empty()
