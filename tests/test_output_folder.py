@@ -358,7 +358,7 @@ def test_run_json_that_cannot_be_written_is_an_error_line(slide, tmp_path):
 
 def test_the_same_slide_given_twice_is_segmented_once(slide, tmp_path):
     res = segment_many([slide, slide, slide.parent], tmp_path / "out", SegmentConfig(**OPTS))
-    assert [r.status for r in res] == ["ok"] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.json", "s"]
+    assert [r.status for r in res] == ["ok"] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "run.json", "s"]
 
 
 @pytest.mark.parametrize("name", ["run.json.tif", "report.html.tif", "line\nbreak.tif", "tab\there.tif"])
