@@ -264,3 +264,58 @@ def test_a_run_killed_while_writing_the_parquet_file_resumes_to_the_same_bytes(s
     assert pq.read_table(folder / "nuclei.parquet").equals(pq.read_table(ref / "s" / "nuclei.parquet"))
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (ref / "s").iterdir())  # no leftovers
     assert not (folder / WORK_DIR).exists()
+
+
+# AnnData: a thin layer over the table -------------------------------------------------------------
+
+def test_export_anndata_is_the_table_with_measurements_in_x(run, tmp_path):
+    anndata = pytest.importorskip("anndata", reason="anndata is in the [dev] and [anndata] extras")
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from wsi_nuclei.cli import app
+    from wsi_nuclei.parquet import column_name
+    from wsi_nuclei.table import PIPELINE_MEASUREMENTS
+
+    result = CliRunner().invoke(app, ["export", "anndata", str(run), "-o", str(tmp_path / "n.h5ad")])
+    assert result.exit_code == 0, result.output
+    adata = anndata.read_h5ad(tmp_path / "n.h5ad")
+    table = pq.read_table(run / "nuclei.parquet")
+    names = [column_name(n) for n in PIPELINE_MEASUREMENTS]
+    assert list(adata.var_names) == names and list(adata.var["qupath_name"]) == list(PIPELINE_MEASUREMENTS)
+    assert list(adata.obs_names) == table.column("id").to_pylist()
+    assert np.array_equal(adata.X, np.column_stack([table.column(n).to_numpy() for n in names]).astype(np.float32))
+    assert np.array_equal(adata.obsm["spatial"], np.column_stack([table.column("centroid_x").to_numpy(), table.column("centroid_y").to_numpy()]))
+    assert np.array_equal(adata.obs["label"].to_numpy(), table.column("label").to_numpy())
+    summary = json.loads((run / "summary.json").read_text())
+    assert adata.uns["wsi_nuclei"]["level0_mpp"] == summary["slide_info"]["level0_mpp"]
+
+
+def test_export_anndata_errors_are_one_line(run, tmp_path, monkeypatch):
+    import builtins
+
+    from typer.testing import CliRunner
+
+    from wsi_nuclei.cli import app
+
+    def one_line(args: list[str], *words: str) -> None:
+        result = CliRunner().invoke(app, ["export", "anndata", *args])
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output
+        assert all(w in lines[0] for w in words), lines[0]
+
+    one_line([str(tmp_path / "nowhere")], "not found")
+    (tmp_path / "empty").mkdir()
+    one_line([str(tmp_path / "empty")], "no nuclei.parquet", "--formats")
+    (tmp_path / "bad" / "nuclei.parquet").parent.mkdir()
+    (tmp_path / "bad" / "nuclei.parquet").write_bytes(b"PAR1 not really")
+    one_line([str(tmp_path / "bad")], "not a readable nuclei.parquet")
+    real_import = builtins.__import__
+
+    def no_anndata(name, *args, **kwargs):  # noqa: ANN001, ANN202
+        if name == "anndata":
+            raise ImportError("No module named 'anndata'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_anndata)
+    one_line([str(run), "-o", str(tmp_path / "x.h5ad")], "pip install 'wsi-nuclei[anndata]'")
