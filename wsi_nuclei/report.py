@@ -200,8 +200,9 @@ def _fmt(value: float | None, digits: int = 0) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
 
-def _cell(text: str, sort: Any = None, cls: str = "") -> str:
-    attrs = (f' data-sort="{html.escape(str(sort))}"' if sort is not None else "") + (f' class="{cls}"' if cls else "")
+def _cell(text: str, sort: Any = None, cls: str = "", col: int | None = None, span: int = 1) -> str:
+    attrs = ((f' data-sort="{html.escape(str(sort))}"' if sort is not None else "") + (f' class="{cls}"' if cls else "")
+             + (f' data-col="{col}"' if col is not None else "") + (f' colspan="{span}"' if span > 1 else ""))
     return f"<td{attrs}>{text}</td>"
 
 
@@ -234,10 +235,10 @@ tr.interrupted{background:#fff7e0}
 .status{font-weight:600;text-transform:uppercase;font-size:.85em}
 tr.failed .status{color:#b91c1c}
 tr.interrupted .status{color:#b45309}
-.error{color:#b91c1c;font-family:ui-monospace,monospace;font-size:.85em;margin-top:.3em;max-width:60em;word-break:break-word}
+.error{color:#b91c1c;font-family:ui-monospace,monospace;font-size:.85em;max-width:60em;word-break:break-word}
 .flag{display:inline-block;margin-top:.3em;padding:0 .4em;border-radius:4px;background:#fde68a;font-size:.85em}
 .path{color:#666;font-size:.8em;word-break:break-all}
-td.slide{min-width:14em;max-width:30em}
+td.slide{min-width:14em;max-width:24em}
 td.model{font-size:.75em;word-break:break-all;max-width:9em}
 img{display:block;border:1px solid #ccc}
 .none{color:#999}
@@ -248,7 +249,7 @@ document.querySelectorAll("th").forEach(function (th, col) {
   th.addEventListener("click", function () {
     var body = th.closest("table").tBodies[0], rows = Array.from(body.rows);
     var up = th.dataset.dir !== "up"; th.dataset.dir = up ? "up" : "down";
-    var key = function (r) { var c = r.cells[col], v = c.dataset.sort !== undefined ? c.dataset.sort : c.textContent;
+    var key = function (r) { var c = r.querySelector('td[data-col="' + col + '"]'), v = !c ? "" : c.dataset.sort !== undefined ? c.dataset.sort : c.textContent;
                              var n = parseFloat(v); return isNaN(n) ? v.toLowerCase() : n; };
     rows.sort(function (a, b) { var x = key(a), y = key(b); if (typeof x !== typeof y) { x = String(x); y = String(y); }
                                 return (x < y ? -1 : x > y ? 1 : 0) * (up ? 1 : -1); });
@@ -290,16 +291,17 @@ def render_report(rows: list[SlideRow], out: Path | str, run: dict[str, Any] | N
         slide = f'<b>{esc(r.name)}</b><div class="path">{esc(r.slide)}</div>'
         if r.flag:
             slide += f'<span class="flag">{esc(r.flag)}</span>'
-        if r.status not in ("ok", "skipped") and r.reason:
-            slide += f'<div class="error">{esc(r.reason)}</div>'
-        elif r.status == "skipped":
+        if r.status == "skipped":
             slide += '<div class="path">finished in an earlier run</div>'
-        cells = [_cell(f'<span class="status">{esc(r.status)}</span>', _rank(r)), _cell(slide, r.name.lower(), "slide"),
-                 _cell(_link_picture(r, out, "overlay", cache)), _cell(_link_picture(r, out, "density", cache)),
-                 _cell(_fmt(r.nuclei), r.nuclei if r.nuclei is not None else -1, "num"),
-                 _cell(_fmt(r.tissue_mm2, 2), r.tissue_mm2 if r.tissue_mm2 is not None else -1, "num"),
-                 _cell(_fmt(r.per_mm2), r.per_mm2 if r.per_mm2 is not None else -1, "num"),
-                 _cell(_fmt(r.seconds, 1), r.seconds if r.seconds is not None else -1, "num"), _cell(esc(r.model), cls="model")]
+        if r.status not in ("ok", "skipped") and r.reason:  # the error line where the pictures would be
+            middle = [_cell(f'<div class="error">{esc(r.reason)}</div>', col=2, span=2)]
+        else:
+            middle = [_cell(_link_picture(r, out, "overlay", cache), col=2), _cell(_link_picture(r, out, "density", cache), col=3)]
+        cells = [_cell(f'<span class="status">{esc(r.status)}</span>', _rank(r), col=0), _cell(slide, r.name.lower(), "slide", 1), *middle,
+                 _cell(_fmt(r.nuclei), r.nuclei if r.nuclei is not None else -1, "num", 4),
+                 _cell(_fmt(r.tissue_mm2, 2), r.tissue_mm2 if r.tissue_mm2 is not None else -1, "num", 5),
+                 _cell(_fmt(r.per_mm2), r.per_mm2 if r.per_mm2 is not None else -1, "num", 6),
+                 _cell(_fmt(r.seconds, 1), r.seconds if r.seconds is not None else -1, "num", 7), _cell(esc(r.model), cls="model", col=8)]
         body.append(f'<tr class="{esc(r.status)}">' + "".join(cells) + "</tr>")
     title = f"wsi-nuclei report: {out.resolve().name}"
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
