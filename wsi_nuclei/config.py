@@ -33,7 +33,7 @@ def _int(name: str, value: object, low: int) -> None:
 
 #: The nucleus files ``--formats`` chooses from: nuclei.geojson(.gz) for QuPath, nuclei.parquet
 #: (GeoParquet) for Python, R, DuckDB and QGIS. Both by default: each serves one group of users, and
-#: the Parquet file is the cheaper of the two to write and to store (docs/results.md has the numbers).
+#: the Parquet file costs about what the GeoJSON costs to write and to store (docs/results.md).
 FORMATS = ("geojson", "parquet")
 
 
