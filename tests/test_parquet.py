@@ -319,3 +319,28 @@ def test_export_anndata_errors_are_one_line(run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_anndata)
     one_line([str(run), "-o", str(tmp_path / "x.h5ad")], "pip install 'wsi-nuclei[anndata]'")
+
+
+def test_the_docs_recipes_run_as_written(run):
+    """docs/results.md's GeoPandas, DuckDB and AnnData recipes, on a slide's outputs."""
+    import re
+
+    import shapely
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", docs, re.S) if "OUT/slide/nuclei.parquet" in b]
+    assert len(blocks) == 3
+    features = _geojson_features(run / "nuclei.geojson.gz")
+    scope: dict = {}
+    for block in blocks:
+        if "import duckdb" in block:
+            pytest.importorskip("duckdb", reason="duckdb is in the [dev] extra")
+        exec(block.replace('"OUT/slide/', f'"{run}/').replace("'OUT/slide/", f"'{run}/"), scope)
+    nuclei, adata = scope["nuclei"], scope["adata"]
+    assert len(nuclei) == len(features) == adata.n_obs > 0
+    box = nuclei.geometry.intersects(shapely.box(200, 200, 400, 400))
+    assert 0 < len(scope["region"]) == box.sum() < len(nuclei)
+    assert len(scope["big"]) == sum(f["properties"]["measurements"]["Area µm^2"] > 50 for f in features)
+    inside = ((nuclei.bounds.minx >= 200) & (nuclei.bounds.maxx < 400) & (nuclei.nucleus_probability > 0.9)).sum()
+    assert scope["counts"][0] == inside > 0
+    assert np.array_equal(adata.obsm["spatial"], nuclei[["centroid_x", "centroid_y"]].to_numpy())
