@@ -142,6 +142,22 @@ def test_pictures_of_the_previous_report_are_reused_while_their_files_are_unchan
         write_report(out)
 
 
+def test_a_moved_out_folder_reports_its_own_files(batch, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "moved"
+    shutil.copytree(batch["out"], out)
+    summary = json.loads((out / "dense" / "summary.json").read_text())
+    summary["nuclei"] = 12345  # only the copy says so
+    (out / "dense" / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.chdir(tmp_path)  # and the command runs elsewhere, with a relative path
+    result = runner.invoke(app, ["report", "moved"])
+    assert result.exit_code == 0, result.output
+    rows = {r["cells"][1].split()[0]: r for r in _parse(out / "report.html")}
+    assert rows["dense.tif"]["cells"][4] == "12,345" and len(rows["dense.tif"]["images"]) == 2
+    assert 'href="dense/overlay.png"' in (out / "report.html").read_text(encoding="utf-8")
+
+
 def test_a_folder_without_run_json_still_gets_its_finished_slides(batch, tmp_path):
     import shutil
 

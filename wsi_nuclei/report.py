@@ -138,7 +138,9 @@ def collect_rows(out: Path | str) -> tuple[list[SlideRow], dict[str, Any]]:
     seen: set[str] = set()
     for entry in entries:
         out_dir = str(entry.get("out_dir") or "")
-        folder = Path(out_dir) if out_dir else None
+        # a slide's folder is OUT/<name>: found there even when run.json recorded it relative to
+        # another working directory, or OUT was moved since
+        folder = (out / Path(out_dir).name if (out / Path(out_dir).name).is_dir() else Path(out_dir)) if out_dir else None
         if folder is not None:
             seen.add(os.path.realpath(folder))
         rows.append(_row(entry, folder))
