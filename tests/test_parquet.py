@@ -242,27 +242,31 @@ main()
 
 
 @pytest.mark.slow
-def test_a_run_killed_while_writing_the_parquet_file_resumes_to_the_same_bytes(slide, tmp_path):
-    """Byte-identical, not only equal as tables: assembly replays the chunk files in chunk order
-    and the writer is deterministic (no time stamps; the footer names the pyarrow version, the
-    same in both runs), so the file is a function of the chunk files; comparing bytes also
-    covers the metadata and the row groups. Both runs are CLI processes with one thread."""
+def test_a_run_killed_while_writing_the_parquet_file_resumes_to_the_same_bytes(slide, run, tmp_path):
+    """A CLI run is killed (SIGKILL) while it writes nuclei.parquet, after its second row group;
+    ``--resume`` then writes the same bytes as the uninterrupted run ``run``. Byte-identical, not
+    only equal as tables: assembly replays the chunk files in chunk order and the writer is
+    deterministic (no time stamps; the footer names the pyarrow version, the same in both runs),
+    so the file is a function of the chunk files; comparing bytes also covers the metadata and
+    the row groups. The killed run starts from ``run``'s chunk files (as a run killed after its
+    last chunk would), so assembly is all it does before the kill."""
+    import shutil
+
     import pyarrow.parquet as pq
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    ref = tmp_path / "ref"
-    subprocess.run([sys.executable, "-m", "wsi_nuclei.cli", "segment", str(slide), "-o", str(ref), *FLAGS], check=True, env=env)
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-c", _KILL_IN_WRITER, "segment", str(slide), "-o", str(out), *FLAGS], env=env)
-    assert killed.returncode == -signal.SIGKILL
     folder = out / "s"
+    shutil.copytree(run / WORK_DIR, folder / WORK_DIR)  # the chunks, finished; no outputs yet
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", _KILL_IN_WRITER, "segment", str(slide), "-o", str(out), "--resume", *FLAGS], env=env)
+    assert killed.returncode == -signal.SIGKILL
     assert not (folder / "nuclei.parquet").exists() and not (folder / "summary.json").exists()
     assert [p for p in folder.iterdir() if p.name.startswith("nuclei.parquet.")], "the kill did not land while the file was written"
     (res,) = segment_many([slide], out, SegmentConfig(**OPTS, resume=True))
     assert res.status == "ok" and res.extra["chunks_computed"] == 0  # every chunk file reused
-    assert (folder / "nuclei.parquet").read_bytes() == (ref / "s" / "nuclei.parquet").read_bytes()
-    assert pq.read_table(folder / "nuclei.parquet").equals(pq.read_table(ref / "s" / "nuclei.parquet"))
-    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (ref / "s").iterdir())  # no leftovers
+    assert (folder / "nuclei.parquet").read_bytes() == (run / "nuclei.parquet").read_bytes()
+    assert pq.read_table(folder / "nuclei.parquet").equals(pq.read_table(run / "nuclei.parquet"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in run.iterdir() if p.name != WORK_DIR)  # no leftovers
     assert not (folder / WORK_DIR).exists()
 
 
