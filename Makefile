@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/wsi-nuclei segment wsi_nuclei/data/CMU-1-Small-Region.svs -o $(DEMO_OUT) --overwrite
 	$(VENV)/bin/wsi-nuclei segment-image wsi_nuclei/data/cmu1_crop_x900_y720.png --mpp 0.499 -o $(DEMO_OUT)/crop
-	@echo "outputs: $(DEMO_OUT)/CMU-1-Small-Region/{mask.zarr,nuclei.geojson.gz,summary.json,overlay.png}"
+	@echo "outputs: $(DEMO_OUT)/CMU-1-Small-Region/{mask.zarr,nuclei.geojson.gz,nuclei.parquet,summary.json,overlay.png,density.png}"
+	@echo "report:  $(DEMO_OUT)/report.html"
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -43,6 +44,7 @@ clean:
 bench: $(STAMP)
 	$(PY) benchmarks/tnbc_image_time.py
 	$(PY) benchmarks/geojson_speed.py
+	$(PY) benchmarks/parquet_speed.py
 	$(PY) benchmarks/pipeline_vs_model.py --dask
 	$(PY) benchmarks/amplification.py
 	$(PY) benchmarks/dask_overhead.py

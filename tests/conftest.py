@@ -19,6 +19,15 @@ if "WSI_NUCLEI_CACHE" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="wsi-nuclei-test-cache-")
     os.environ["WSI_NUCLEI_CACHE"] = _cache
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+# matplotlib (density.png) keeps its font cache in a temporary folder too, not ~/.cache
+if "MPLCONFIGDIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _mpl = tempfile.mkdtemp(prefix="wsi-nuclei-test-mpl-")
+    os.environ["MPLCONFIGDIR"] = _mpl
+    atexit.register(shutil.rmtree, _mpl, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

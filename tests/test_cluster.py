@@ -37,10 +37,10 @@ FLAGS = ["--chunk-size", "256", "--halo", "32", "--context", "64"]
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    """sha256 of every final output file under ``folder`` (summary.json and run.json hold timings)."""
+    """sha256 of every final output file under ``folder`` (summary.json, run.json and report.html hold timings)."""
     out = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name not in ("summary.json", "run.json") and WORK_DIR not in p.parts:
+        if p.is_file() and p.name not in ("summary.json", "run.json", "report.html") and WORK_DIR not in p.parts:
             out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 

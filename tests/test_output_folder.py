@@ -26,7 +26,7 @@ from .slides import disc_slide, disk_fills_at_second_write
 runner = CliRunner()
 OPTS = {"chunk_size": 256, "halo": 32, "context": 64}
 FLAGS = ["--chunk-size", "256", "--halo", "32", "--context", "64", "--workers", "0", "--quiet"]
-OUTPUTS = ("summary.json", "nuclei.geojson.gz", "overlay.png")
+OUTPUTS = ("summary.json", "nuclei.geojson.gz", "nuclei.parquet", "overlay.png", "density.png")
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -37,7 +37,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 def _clean(folder: Path) -> None:
     """A finished slide's folder holds its outputs only: no work files, lock or temporary files."""
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["mask.zarr", "nuclei.geojson.gz", "overlay.png", "summary.json"], names
+    assert names == ["density.png", "mask.zarr", "nuclei.geojson.gz", "nuclei.parquet", "overlay.png", "summary.json"], names
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def reference(slide, tmp_path_factory) -> Path:
 
 
 def _same_outputs(a: Path, b: Path) -> None:
-    for name in ("nuclei.geojson.gz", "overlay.png"):
+    for name in ("nuclei.geojson.gz", "nuclei.parquet", "overlay.png", "density.png"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     ta = {k: v for k, v in _tree(a / "mask.zarr").items()}
     assert ta == _tree(b / "mask.zarr")
@@ -188,7 +188,7 @@ def test_another_model_is_segmented_again(slide, reference, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["no-mask", "no-geojson", "empty-summary", "summary-not-json", "empty-geojson", "truncated-geojson",
-                                    "no-overlay", "zarr-chunk-gone"])
+                                    "no-overlay", "zarr-chunk-gone", "no-parquet", "truncated-parquet", "no-density"])
 def test_damaged_finished_outputs_are_made_again(slide, reference, tmp_path, damage):
     out = tmp_path / "out"
     folder = out / "s"
@@ -208,6 +208,13 @@ def test_damaged_finished_outputs_are_made_again(slide, reference, tmp_path, dam
         (folder / "nuclei.geojson.gz").write_bytes(data[:100])
     elif damage == "no-overlay":
         (folder / "overlay.png").unlink()
+    elif damage == "no-parquet":
+        (folder / "nuclei.parquet").unlink()
+    elif damage == "truncated-parquet":
+        data = (folder / "nuclei.parquet").read_bytes()
+        (folder / "nuclei.parquet").write_bytes(data[: len(data) // 2])
+    elif damage == "no-density":
+        (folder / "density.png").unlink()
     else:
         next(f for f in sorted((folder / "mask.zarr").rglob("*")) if f.is_file() and f.name not in ("zarr.json", ".zgroup")).unlink()
     (res,) = segment_many([slide], out, SegmentConfig(**OPTS, resume=True))
@@ -351,7 +358,7 @@ def test_run_json_that_cannot_be_written_is_an_error_line(slide, tmp_path):
 
 def test_the_same_slide_given_twice_is_segmented_once(slide, tmp_path):
     res = segment_many([slide, slide, slide.parent], tmp_path / "out", SegmentConfig(**OPTS))
-    assert [r.status for r in res] == ["ok"] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.json", "s"]
+    assert [r.status for r in res] == ["ok"] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "run.json", "s"]
 
 
 @pytest.mark.parametrize("name", ["run.json.tif", "report.html.tif", "line\nbreak.tif", "tab\there.tif"])

@@ -12,7 +12,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 #: pyproject (PyPI) name -> conda-forge name where they differ
-CONDA_NAMES = {"torch": "pytorch", "openslide-bin": "openslide"}
+CONDA_NAMES = {"torch": "pytorch", "openslide-bin": "openslide", "matplotlib": "matplotlib-base"}
 
 
 def _name(spec: str) -> str:

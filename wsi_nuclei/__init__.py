@@ -49,6 +49,8 @@ _LAZY = {
     "PostProcess": "model",
     "TrainConfig": "train",
     "measure_on_slide": "context",
+    "write_report": "report",
+    "nuclei_anndata": "h5ad",
 }
 
 __all__ = [
@@ -57,6 +59,8 @@ __all__ = [
     "open_slide", "Slide", "SlideInfo", "SAMPLE_SLIDE",
     # segmentation
     "segment_slide", "segment_many", "find_slides", "segment_image", "SegmentConfig", "SlideResult",
+    # results
+    "write_report", "nuclei_anndata",
     # clusters
     "ClusterConfig", "make_client", "close_client",
     # models
@@ -71,8 +75,10 @@ if TYPE_CHECKING:
     from .config import SegmentConfig
     from .context import measure_on_slide
     from .evaluate import evaluate_dataset
+    from .h5ad import nuclei_anndata
     from .model import ModelCard, PostProcess, load_card, load_model
     from .pipeline import find_slides, segment_many, segment_slide
+    from .report import write_report
     from .results import SlideResult
     from .slide import Slide, SlideInfo, open_slide
     from .train import TrainConfig

@@ -1,4 +1,4 @@
-"""Stage 3, one Dask task per slide: chunk files -> ``mask.zarr``, GeoJSON, overlay, ``summary.json``.
+"""Stage 3, one Dask task per slide: chunk files -> ``mask.zarr``, GeoJSON, Parquet, pictures, ``summary.json``.
 
 The chunk files are replayed in chunk order (so outputs do not depend on which run computed a
 chunk: a resumed run is byte-identical to an uninterrupted one), one chunk in memory at a time.
@@ -22,12 +22,16 @@ import numpy as np
 from . import __version__, atomic
 from .chunk import read_chunk_file
 from .config import SegmentConfig
+from .density import DensityGrid, density_png
 from .errors import OutputError, WsiNucleiError
 from .outputs import install, output_size, shown
 from .plan import SlidePlan
 from .results import SlideResult
 
-__all__ = ["assemble_slide"]
+__all__ = ["assemble_slide", "PARQUET_NAME", "DENSITY_NAME"]
+
+PARQUET_NAME = "nuclei.parquet"
+DENSITY_NAME = "density.png"
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +82,21 @@ def _assembled_already(plan: SlidePlan) -> SlideResult | None:
 
 
 def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, temps: dict[str, Path]) -> SlideResult:
+    from contextlib import ExitStack
+
     from .export import GeoJSONWriter, drop_features
     from .instances import overlapping
+    from .parquet import ParquetWriter
     from .store import LabelCanvas, build_pyramids, create_store, open_array
 
     t0 = time.perf_counter()
     out_dir = Path(plan.out_dir)
     card = plan.card
     geo_name = f"nuclei.{cfg.geojson_format}"
+    files = {"mask": "mask.zarr", **({"geojson": geo_name} if "geojson" in cfg.formats else {}),
+             **({"parquet": PARQUET_NAME} if "parquet" in cfg.formats else {}), "overlay": "overlay.png", "density": DENSITY_NAME}
     # every output under a name of this run only (two runs never share a temporary file)
-    temps.update({name: atomic.temp_path(out_dir / name) for name in ("mask.zarr", geo_name, "overlay.png")})
+    temps.update({name: atomic.temp_path(out_dir / name) for name in files.values()})
     tmp_zarr = temps["mask.zarr"]
     tiling = plan.tiling
     attrs = {"slide": plan.path, "slide_info": plan.info.as_dict(), "working_mpp": card.working_mpp, "level0_per_working_px": plan.scale,
@@ -101,28 +110,37 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
     cut = dropped = inferred = 0
     forwards: dict[tuple[int, ...], int] = {}
     t_write = time.perf_counter()
-    with GeoJSONWriter(temps[geo_name], gzipped=geo_name.endswith(".gz")) as writer:
+    density = DensityGrid.for_slide(plan.info.dimensions, float(plan.info.level0_mpp or 0.0))
+    n_nuclei = 0
+    with ExitStack() as stack:
+        geojson = stack.enter_context(GeoJSONWriter(temps[geo_name], gzipped=geo_name.endswith(".gz"))) if "geojson" in files else None
+        parquet = stack.enter_context(ParquetWriter(temps[PARQUET_NAME], plan.slide_key, _parquet_meta(plan))) if "parquet" in files else None
         for ch in plan.chunks:
             part = _read_part(plan, ch)
             core = part.probability[: height - ch.y, : width - ch.x]  # a core is one Zarr chunk, clipped at the slide edge
             probability[ch.y : ch.y + core.shape[0], ch.x : ch.x + core.shape[1]] = core
             y0, x0 = ch.y - tiling.halo, ch.x - tiling.halo
-            owned, features, count = part.owned, part.features, int(part.meta["nuclei"])
+            owned, features, table, count = part.owned, part.features, part.table, int(part.meta["nuclei"])
             twice = overlapping(owned, labels.under(y0, x0, owned.shape))  # a nucleus two chunks both kept
             if len(twice):
                 owned = np.where(np.isin(owned, twice), np.uint32(0), owned)
                 features, removed = drop_features(features, plan.slide_key, twice.tolist())
+                table, _ = table.without(twice)
                 count -= removed
                 dropped += removed
             labels.paste(ch.row, ch.col, y0, x0, owned)
-            writer.write_encoded(features, count)
+            if geojson is not None:
+                geojson.write_encoded(features, count)
+            if parquet is not None:
+                parquet.write(table, ch.index)
+            density.add(table.centroids() + np.asarray(plan.shift))  # raw level-0 px
+            n_nuclei += count
             cut += int(part.meta["cut"])
             inferred += int(part.meta.get("inferred_px", 0))
             fwd = tuple(part.meta["forward"])
             forwards[fwd] = forwards.get(fwd, 0) + 1
             for k in totals:
                 totals[k] += float(part.meta["times"].get(k, 0.0))
-        n_nuclei = writer.count
     labels.close()
     build_pyramids(tmp_zarr, tiling.chunk)
     t_written = time.perf_counter()
@@ -135,6 +153,9 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
     tissue_file = plan.work / "tissue.npy"
     tissue = np.load(tissue_file) if tissue_file.exists() else None
     _overlay(tmp_zarr, thumb, tissue, temps["overlay.png"])
+    per_mm2 = n_nuclei / plan.tissue_mm2 if plan.tissue_mm2 > 0 else 0.0
+    title = f"{Path(plan.path).name}: {n_nuclei:,} nuclei, {per_mm2:,.0f} per mm² of tissue"
+    atomic.write_bytes(temps[DENSITY_NAME], density_png(density, thumb, tissue, title))
     run = run or {}
     summary = {
         "slide": plan.path, "nuclei": n_nuclei, "tissue_mm2": plan.tissue_mm2,
@@ -153,20 +174,30 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
         # the options as given, context and tta resolved (an option left unset takes the card's value)
         "parameters": {**asdict(cfg), "context": tiling.context, "tta": plan.tta}, "tiling": asdict(tiling), "slide_info": plan.info.as_dict(),
         "model": plan.model, "backend": plan.backend, "versions": _versions(),
-        "outputs": {"mask": "mask.zarr", "geojson": geo_name, "overlay": "overlay.png"},
+        "nuclei_per_mm2": round(per_mm2, 1),  # of tissue
+        "density": {"cell_um": density.cell_um, "grid": list(density.counts.shape),
+                    "max_per_mm2": round(float(density.per_mm2().max()), 1) if density.counts.size else 0.0},
+        "outputs": files,
         # what --resume checks before it skips this slide (outputs.finished)
         "slide_file": plan.slide_file, "output_key": plan.output_key, "fingerprint": plan.fingerprint,
         "run_id": plan.run_id,
     }
     os.sync()  # the outputs reach the disk before the summary that declares them finished
-    install(out_dir, temps, stale=("nuclei.geojson", "nuclei.geojson.gz"))
+    install(out_dir, temps, stale=("nuclei.geojson", "nuclei.geojson.gz", PARQUET_NAME))
     temps.clear()
     # --resume checks them: a truncated or replaced output is not a finished slide
-    summary["output_bytes"] = {name: output_size(out_dir / name) for name in ("mask.zarr", geo_name, "overlay.png")}
+    summary["output_bytes"] = {name: output_size(out_dir / name) for name in files.values()}
     atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n", sync=True)
     if not cfg.keep_chunks:
         shutil.rmtree(plan.work, ignore_errors=True)
     return SlideResult(plan.path, "ok", str(out_dir), n_nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)})
+
+
+def _parquet_meta(plan: SlidePlan) -> dict[str, Any]:
+    """What nuclei.parquet records about its slide (the schema key ``wsi_nuclei``)."""
+    return {"slide": plan.path, "slide_key": plan.slide_key, "level0_mpp": plan.info.level0_mpp, "level0_size": list(plan.info.dimensions),
+            "shift": list(plan.shift), "model": plan.model, "version": __version__,
+            "frame": "level-0 px, x right, y down, origin top-left, minus shift (the GeoJSON's frame; QuPath's)"}
 
 
 def _read_part(plan: SlidePlan, ch: Any) -> Any:

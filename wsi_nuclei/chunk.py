@@ -8,7 +8,8 @@
 3. instances: the post-processing shared with ``evaluate`` (:mod:`wsi_nuclei.instances`);
 4. ownership: keep the nuclei whose centroid lies in the core, with slide-unique ids
    (:func:`wsi_nuclei.instances.own_by_centroid`);
-5. polygons and their GeoJSON features, encoded (:mod:`wsi_nuclei.polygons`, :mod:`wsi_nuclei.export`).
+5. polygons, as GeoJSON features (encoded) and as a table of columns (:mod:`wsi_nuclei.polygons`,
+   :mod:`wsi_nuclei.export`, :mod:`wsi_nuclei.table`).
 
 :func:`chunk_task` persists the result as one file, ``OUT/<slide>/.partial/chunks/<index>.npz``
 (atomic), and returns only numbers (:class:`~wsi_nuclei.results.ChunkDone`), so the driver's
@@ -35,6 +36,7 @@ from .errors import OutputError, SlideError, WsiNucleiError
 from .instances import IDS_PER_CHUNK
 from .plan import CHUNK_FILE_VERSION, SlidePlan
 from .results import ChunkDone
+from .table import NucleusTable
 from .tiling import Chunk
 from .worker_cache import forward_plan, predictor, slide_handle
 
@@ -54,6 +56,7 @@ class ChunkResult:
     forward: tuple[int, int]  # (tile core px, tiles per call) of the forward passes
     times: dict[str, float]  # seconds: read, waiting, inference, instances, polygons
     inferred_px: int = 0  # pixels the model was given (the window's tissue box and its context)
+    table: NucleusTable | None = None  # the same nuclei as columns (for nuclei.parquet and density.png)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class StoredChunk:
     owned: np.ndarray
     features: bytes  # the encoded features joined by ",\n"
     meta: dict[str, Any]
+    table: NucleusTable  # the same nuclei as columns, in the same order
 
 
 def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkResult:
@@ -100,10 +104,11 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     frame = PolygonFrame(chunk.x - h, chunk.y - h, plan.scale, float(plan.info.level0_mpp or 0.0), *plan.shift)
     nuclei = label_polygons(owned.labels, frame, probs[0], rgb[ctx : ctx + win, ctx : ctx + win]) if owned.count else []
     features = encode_nuclei(nuclei, plan.slide_key)
+    table = NucleusTable.from_nuclei(nuclei)
     t4 = time.perf_counter()
     core_prob = np.round(probs[0, h : h + c, h : h + c] * 255).astype(np.uint8)
     times = {"read": t1 - t0, "waiting": waited, "inference": t2 - t1 - waited, "instances": t3 - t2, "polygons": t4 - t3}
-    return ChunkResult(core_prob, owned.labels, features, owned.cut, (fp.tile, fp.batch), times, inferred)
+    return ChunkResult(core_prob, owned.labels, features, owned.cut, (fp.tile, fp.batch), times, inferred, table)
 
 
 def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
@@ -115,12 +120,15 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
     except WsiNucleiError as err:
         return ChunkDone(chunk.index, 0, 0.0, error=str(err), trace=traceback.format_exc())
     blob = b",\n".join(res.features)
+    table = res.table if res.table is not None else NucleusTable.empty()
     meta: dict[str, Any] = {"chunk": asdict(chunk), "nuclei": len(res.features), "cut": res.cut,
-            "times": res.times, "forward": list(res.forward), "fingerprint": plan.fingerprint, "inferred_px": res.inferred_px}
+            "times": res.times, "forward": list(res.forward), "fingerprint": plan.fingerprint, "inferred_px": res.inferred_px,
+            "measurements": list(table.names)}
     # ids are chunk.index * 2**16 + local id: store the local part (uint16, half the bytes)
     local = (res.owned & np.uint32(IDS_PER_CHUNK - 1)).astype(np.uint16)
     data = _npz_bytes({"probability": res.probability, "owned_local": local,
-                       "features": np.frombuffer(blob, dtype=np.uint8), "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)})
+                       "features": np.frombuffer(blob, dtype=np.uint8), "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                       **table.arrays()})
     target = plan.chunk_file(chunk)
     try:
         atomic.write_bytes(target, data)
@@ -150,6 +158,9 @@ def read_chunk_file(path: Path) -> StoredChunk:
             local = z["owned_local"]
             base = np.uint32(int(meta["chunk"]["index"]) * IDS_PER_CHUNK)
             owned = np.where(local > 0, local.astype(np.uint32) + base, np.uint32(0))
-            return StoredChunk(z["probability"], owned, bytes(z["features"]), meta)
+            table = NucleusTable.from_arrays(z, meta["measurements"])
+            if len(table) != int(meta["nuclei"]):
+                raise ValueError(f"{len(table)} nuclei in the table, {meta['nuclei']} features")
+            return StoredChunk(z["probability"], owned, bytes(z["features"]), meta, table)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise OutputError(f"{path}: unreadable chunk file ({type(err).__name__}: {err})") from err

@@ -55,6 +55,7 @@ def segment(
     no_tissue_mask: bool = typer.Option(False, "--no-tissue-mask", help="Process every chunk, not only tissue."),
     whole_windows: bool = typer.Option(False, "--whole-windows", help="Infer each chunk window whole, glass included (default: only its tissue, dilated)."),
     fmt: str = typer.Option("geojson.gz", "--format", help="geojson.gz or geojson."),
+    formats: str = typer.Option("geojson,parquet", "--formats", help="Nucleus files: geojson (QuPath) and/or parquet (GeoParquet), comma-separated."),
     raw_coordinates: bool = typer.Option(False, "--raw-coordinates", help="Keep raw level-0 coordinates (no bounds shift)."),
     reader: str = typer.Option("auto", help="Slide reader: auto, openslide or tiffslide."),
     backend: str = typer.Option("auto", help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU; torch on a GPU), torch, onnx or openvino."),
@@ -82,7 +83,7 @@ def segment(
                                               "pending in the queue: 30m, 2h, 90s; 0: wait for ever (default 1h).", rich_help_panel="Cluster"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or table."),
 ) -> None:
-    """Segment nuclei in whole slides: mask.zarr, nuclei.geojson.gz (QuPath), summary.json, overlay.png."""
+    """Segment nuclei in whole slides: mask.zarr, nuclei.geojson.gz (QuPath), nuclei.parquet, summary.json, pictures, OUT/report.html."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -99,7 +100,9 @@ def segment(
         if not out_arg.strip() or any(not a.strip() for a in input_args):  # "" would mean the current folder
             raise WsiNucleiError("an input or -o is an empty path (an unset shell variable?); give the slides and the output folder")
         inputs, out = [Path(a) for a in input_args], Path(out_arg)
-        segment_options = dict(model_dir=str(model) if model else None, level0_mpp=mpp, unusual_mpp=unusual_mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
+        from .config import parse_formats
+
+        segment_options = dict(formats=parse_formats(formats), model_dir=str(model) if model else None, level0_mpp=mpp, unusual_mpp=unusual_mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
                                batch_size=batch_size, forward_memory=parse_size(forward_memory, "--forward-memory"), device=device,
                                tissue_mask=not no_tissue_mask, whole_windows=whole_windows, reader=reader, backend=backend, precision=precision, geojson_format=fmt,
                                raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite, keep_chunks=keep_chunks)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["SegmentConfig", "WORK_DIR", "PLAUSIBLE_MPP", "check_mpp"]
+__all__ = ["SegmentConfig", "WORK_DIR", "PLAUSIBLE_MPP", "check_mpp", "FORMATS", "parse_formats"]
 
 #: µm per level-0 px a slide plausibly has (0.25 at 40x, 0.5 at 20x; 10 would be a 1x overview):
 #: outside it, mm or nm were most likely typed for µm. ``--unusual-mpp`` accepts any finite value.
@@ -31,6 +31,21 @@ def _int(name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{name} must be {'> 0' if low == 1 else f'>= {low}'} (a whole number), got {value!r}")
 
+#: The nucleus files ``--formats`` chooses from: nuclei.geojson(.gz) for QuPath, nuclei.parquet
+#: (GeoParquet) for Python, R, DuckDB and QGIS. Both by default: each serves one group of users, and
+#: the Parquet file costs about what the GeoJSON costs to write and to store (docs/results.md).
+FORMATS = ("geojson", "parquet")
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``--formats`` as typed ("geojson,parquet") -> the formats, checked (one-line ConfigError)."""
+    names = tuple(p.strip().lower() for p in str(text).split(","))
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ConfigError(f"--formats must name geojson and/or parquet once each, comma-separated (e.g. geojson,parquet), got {text!r}")
+    return names
+
+
 #: Per-slide folder of an unfinished slide: plan, thumbnail, chunk files. Removed when finished.
 WORK_DIR = ".partial"
 
@@ -52,6 +67,7 @@ class SegmentConfig:
     backend: str = "auto"  # inference: auto, torch, onnx, openvino (see backends.py)
     precision: str = "fp32"  # fp32, or int8 (ONNX Runtime on the quantised model, see quantize.py)
     geojson_format: str = "geojson.gz"
+    formats: tuple[str, ...] = FORMATS  # nucleus files to write: geojson and/or parquet
     raw_coordinates: bool = False
     resume: bool = False
     overwrite: bool = False
@@ -82,6 +98,9 @@ class SegmentConfig:
             check_mpp(self.level0_mpp, "--mpp", self.unusual_mpp)
         if self.geojson_format not in ("geojson.gz", "geojson"):
             raise ConfigError(f"--format must be geojson.gz or geojson, got {self.geojson_format!r}")
+        if isinstance(self.formats, str) or not isinstance(self.formats, (tuple, list)):
+            raise ConfigError(f"formats must be a tuple of geojson and/or parquet, got {self.formats!r}")
+        parse_formats(",".join(map(str, self.formats)))
         if self.tta is not None:
             from .tta import check_tta
 

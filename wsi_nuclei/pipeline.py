@@ -1,6 +1,7 @@
-"""Slides -> per-slide ``mask.zarr`` + ``nuclei.geojson.gz`` + ``summary.json`` + ``overlay.png``.
+"""Slides -> per-slide ``mask.zarr`` + ``nuclei.geojson.gz`` + ``nuclei.parquet`` + ``summary.json`` + pictures.
 
-The batch front end: find the slides, name their output folders, run them, write ``run.json``.
+The batch front end: find the slides, name their output folders, run them, write ``run.json`` and
+``report.html``.
 Per slide, three stages, each a function of typed values (the modules are named for them):
 
 1. :mod:`.plan` (driver): open the slide, derive the tiling, find tissue, list the chunks, and
@@ -114,7 +115,7 @@ def segment_many(
 ) -> list[SlideResult]:
     """Segment every slide of ``inputs`` (files, and folders searched recursively) into
     ``out/<slide name>/``; a failing slide is recorded and the batch goes on. ``out/run.json``
-    lists every slide with its status and reason.
+    lists every slide with its status and reason, ``out/report.html`` shows them (:mod:`wsi_nuclei.report`).
 
     ``cfg``: the options (default :class:`SegmentConfig`); ``client``: a Dask client (default:
     this process). Up to ``max_slides`` slides are in flight at once (their chunks are scheduled
@@ -146,11 +147,27 @@ def segment_many(
     try:
         done = run_batch(jobs, cfg, client, record, on_chunk, max_slides, min_pending=min_pending, stop=stop, watch=watch)
         state = "finished"
-    finally:  # run.json is written after a failure or Ctrl-C too: what finished is listed
+    finally:  # run.json and report.html are written after a failure or Ctrl-C too: what finished is listed
         known = {r.slide for r in done}
         left = _left_behind([(p, d) for p, d in jobs if str(p) not in known], cfg, started) if state != "finished" else []
-        _write_run_json(out, results + done + left, state)
+        try:
+            _write_run_json(out, results + done + left, state)
+        finally:
+            _write_report(out)
     return results + done
+
+
+def _write_report(out: Path) -> None:
+    """``OUT/report.html`` (:mod:`wsi_nuclei.report`), best effort: the report is a view of the
+    outputs, never the reason a run fails; a failure is one warning naming the command that retries."""
+    from .errors import shown
+    from .report import write_report
+
+    try:
+        write_report(out)
+    except Exception as err:  # noqa: BLE001 - see above
+        log.warning("%s: the batch report was not written (%s); run: wsi-nuclei report %s", shown(out / "report.html"),
+                    str(err).splitlines()[0] if str(err) else type(err).__name__, shown(out))
 
 
 def _left_behind(jobs: list[tuple[Path, Path]], cfg: SegmentConfig, started: float) -> list[SlideResult]:

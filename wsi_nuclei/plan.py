@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 #: The chunk-file format (:mod:`wsi_nuclei.chunk`); part of the fingerprint, so files of another
 #: format are recomputed, never misread.
-CHUNK_FILE_VERSION = 3
+CHUNK_FILE_VERSION = 4
 #: Working pixels no slide exceeds (a 2 m² section at 0.5 µm/px would be 8e12): a larger plan is
 #: a wrong resolution, refused before any chunk is listed.
 MAX_WORKING_PX = 10**13
@@ -104,8 +104,10 @@ def plan_keys(path: Path | str, cfg: SegmentConfig, card: ModelCard, backend: st
                "format": cfg.geojson_format,
                # int8 changes the probabilities (fp32 backends agree within 1e-4): only then part of the key
                **({"precision": cfg.precision} if cfg.precision != "fp32" else {})}
-    key = hashlib.sha256(json.dumps(outputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    chunks = {"outputs": key, "backend": backend, "batch": cfg.batch_size, "device": cfg.device, "version": __version__,
+    pixels = hashlib.sha256(json.dumps(outputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    # the files written (--formats) are part of the output key, not of the chunks: a chunk file holds every format's data
+    key = hashlib.sha256(json.dumps({"outputs": pixels, "formats": sorted(cfg.formats)}).encode()).hexdigest()[:16]
+    chunks = {"outputs": pixels, "backend": backend, "batch": cfg.batch_size, "device": cfg.device, "version": __version__,
               "chunk_file": CHUNK_FILE_VERSION}
     fingerprint = hashlib.sha256(json.dumps(chunks, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return ident, key, fingerprint
