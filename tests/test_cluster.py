@@ -217,11 +217,20 @@ def _copies(slides: Path, folder: Path, names: tuple[str, ...]) -> Path:
 
 
 def _same_outputs(out: Path, reference: Path, name: str, folder: Path, slides: Path) -> None:
-    """Byte-identical outputs of a copy of a slide: the mask's attributes name the copy's path."""
+    """Byte-identical outputs of a copy of a slide, but for the slide's path that the mask's
+    attributes and the Parquet file's metadata hold (the copy's): there equal once it is replaced."""
+    import pyarrow.parquet as pq
+
+    named = ("mask.zarr/.zattrs", "nuclei.parquet")
     ours, theirs = _digest(out / name), _digest(reference / name)
-    assert {k: v for k, v in ours.items() if k != "mask.zarr/.zattrs"} == {k: v for k, v in theirs.items() if k != "mask.zarr/.zattrs"}
+    assert {k: v for k, v in ours.items() if k not in named} == {k: v for k, v in theirs.items() if k not in named}
     attrs = [(root / name / "mask.zarr" / ".zattrs").read_text() for root in (out, reference)]
     assert str(folder) in attrs[0] and attrs[0].replace(str(folder), str(slides)) == attrs[1]
+    if (reference / name / "nuclei.parquet").exists():
+        tables = [pq.read_table(root / name / "nuclei.parquet") for root in (out, reference)]
+        assert tables[0].replace_schema_metadata(None).equals(tables[1].replace_schema_metadata(None))
+        meta = [t.schema.metadata[b"wsi_nuclei"].decode() for t in tables]
+        assert str(folder) in meta[0] and meta[0].replace(str(folder), str(slides)) == meta[1]
 
 
 def _cli(*args: str) -> list[str]:

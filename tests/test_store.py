@@ -82,8 +82,8 @@ def test_inner_boundaries_equal_skimage():
         assert expected.any() and np.array_equal(inner_boundaries(lab), expected)
 
 
-def test_readme_recipes_open_mask_zarr(tmp_path):
-    """The README's ome-zarr-py and dask snippets, run as written on a store written by store.py."""
+def test_results_doc_recipes_open_mask_zarr(tmp_path):
+    """The ome-zarr-py and dask recipes of docs/results.md, run as written on a store written by store.py."""
     import re
 
     from wsi_nuclei.store import build_pyramids
@@ -95,7 +95,7 @@ def test_readme_recipes_open_mask_zarr(tmp_path):
     open_array(path, "labels", 0, mode="r+")[:] = ref
     open_array(path, "probability", 0, mode="r+")[:] = 200
     build_pyramids(path, 256)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text(encoding="utf-8")
     (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "ome_zarr" in b]
     scope: dict[str, object] = {}
     exec(snippet.replace('"OUT/', f'"{tmp_path}/OUT/'), scope)
