@@ -13,8 +13,11 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
-__all__ = ["temp_path", "replacing", "write_bytes", "write_text"]
+_W = TypeVar("_W", bound="CommitOnSuccess")
+
+__all__ = ["temp_path", "replacing", "write_bytes", "write_text", "CommitOnSuccess"]
 
 
 def temp_path(path: Path | str) -> Path:
@@ -51,3 +54,23 @@ def write_text(path: Path | str, text: str, sync: bool = False) -> None:
             if sync:
                 fh.flush()
                 os.fsync(fh.fileno())
+
+
+class CommitOnSuccess:
+    """A writer used as a context manager: ``close()`` (which puts the file under its final name)
+    when the block ends normally, ``abort()`` (which removes the temporary file) when it raises."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _W) -> _W:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

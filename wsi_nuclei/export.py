@@ -129,7 +129,7 @@ def encode_nuclei(nuclei: Sequence[Nucleus], slide_key: str) -> list[bytes]:
             for i, (nu, a, b) in enumerate(zip(nuclei, begin, stop))]
 
 
-class GeoJSONWriter:
+class GeoJSONWriter(atomic.CommitOnSuccess):
     """Stream features to ``path`` (``gzipped``: default when it ends with .gz); the file appears under its final
     name only when the writer is closed without error (temporary name, then rename)."""
 
@@ -168,12 +168,3 @@ class GeoJSONWriter:
             except Exception:
                 pass
         self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> GeoJSONWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

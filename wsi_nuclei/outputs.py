@@ -30,7 +30,7 @@ from . import atomic
 from .config import WORK_DIR
 from .errors import OutputError, shown
 
-__all__ = ["LOCK_NAME", "SlideLock", "slide_file", "same_file", "Verdict", "finished", "output_size", "folder_owner", "install", "remove_leftovers", "shown"]
+__all__ = ["LOCK_NAME", "SlideLock", "slide_file", "same_file", "Verdict", "finished", "output_size", "folder_owner", "install", "remove_leftovers", "shown", "read_json"]
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,8 @@ def same_file(a: Any, b: dict[str, Any]) -> bool:
     return isinstance(a, dict) and all(a.get(k) == b[k] for k in ("name", "bytes", "mtime_ns"))
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -157,7 +158,7 @@ def folder_owner(out_dir: Path) -> dict[str, Any] | None:
     """The :func:`slide_file` record of the slide whose outputs (finished or not) are in ``out_dir``;
     None when it holds none or they name no slide file (outputs of an older version)."""
     for f in (out_dir / "summary.json", out_dir / WORK_DIR / "plan.json"):
-        data = _read_json(f)
+        data = read_json(f)
         owner = data.get("slide_file") if data is not None else None
         if isinstance(owner, dict):
             return owner
@@ -192,7 +193,7 @@ def _output_ok(path: Path, size: Any) -> bool:
 
 def finished(out_dir: Path, ident: dict[str, Any], output_key: str) -> Verdict:
     """Verify ``out_dir/summary.json`` against the slide file ``ident`` and the ``output_key``."""
-    summary = _read_json(out_dir / "summary.json")
+    summary = read_json(out_dir / "summary.json")
     if summary is None:
         return Verdict(False, "its summary.json is missing or unreadable")
     if not same_file(summary.get("slide_file"), ident):

@@ -117,7 +117,7 @@ def _schema(names: Sequence[str], meta: dict[str, Any]) -> Any:
     return pa.schema(fields, metadata={b"geo": json.dumps(geo).encode(), b"wsi_nuclei": json.dumps(meta, sort_keys=True, default=str).encode()})
 
 
-class ParquetWriter:
+class ParquetWriter(atomic.CommitOnSuccess):
     """Stream nucleus tables to ``path`` as GeoParquet, one row group per :meth:`write`.
 
     ``meta`` (JSON) is stored under the schema key ``wsi_nuclei`` (slide, resolution, frame);
@@ -185,12 +185,3 @@ class ParquetWriter:
         except Exception:
             pass
         self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> ParquetWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

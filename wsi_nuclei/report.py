@@ -22,7 +22,6 @@ import base64
 import hashlib
 import html
 import io
-import json
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ from urllib.parse import quote
 
 from . import __version__, atomic
 from .errors import OutputError, shown
+from .outputs import read_json
 
 __all__ = ["SlideRow", "collect_rows", "render_report", "write_report", "REPORT_NAME"]
 
@@ -72,14 +72,6 @@ class SlideRow:
         return self.status in ("ok", "skipped") and self.nuclei is not None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
@@ -88,7 +80,7 @@ def _row(entry: dict[str, Any], folder: Path | None) -> SlideRow:
     slide = str(entry.get("slide", ""))
     status = str(entry.get("status", "unknown"))
     reason = " ".join(str(entry.get("reason", "")).split())  # one line
-    summary = _read_json(folder / "summary.json") if folder is not None else None
+    summary = read_json(folder / "summary.json") if folder is not None else None
     name = Path(slide).name or (folder.name if folder is not None else "?")
     if summary is None or status not in ("ok", "skipped"):
         return SlideRow(name, slide, folder, status, reason, seconds=_number(entry.get("seconds")) or None)
@@ -132,7 +124,7 @@ def collect_rows(out: Path | str) -> tuple[list[SlideRow], dict[str, Any]]:
     out = Path(out)
     if not out.is_dir():
         raise OutputError(f"{shown(out)}: folder not found; give the -o folder of a wsi-nuclei segment run")
-    run = _read_json(out / "run.json") or {}
+    run = read_json(out / "run.json") or {}
     entries = [e for e in run.get("slides", []) if isinstance(e, dict)] if isinstance(run.get("slides"), list) else []
     rows: list[SlideRow] = []
     seen: set[str] = set()
@@ -147,7 +139,7 @@ def collect_rows(out: Path | str) -> tuple[list[SlideRow], dict[str, Any]]:
     for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if os.path.realpath(folder) in seen:
             continue
-        summary = _read_json(folder / "summary.json")
+        summary = read_json(folder / "summary.json")
         if summary is not None:  # finished by a run that run.json no longer lists
             rows.append(_row({"slide": summary.get("slide", ""), "status": "ok", "out_dir": str(folder)}, folder))
     if not rows:
