@@ -66,8 +66,16 @@ def _finish(proc: subprocess.Popen[str], timeout_s: float = 300) -> str:
 
 
 def test_refused_submission_is_one_line_quoting_slurm(slurm, slides, tmp_path):  # noqa: F811
-    proc = _start(slurm, tmp_path, str(slides / "b.tif"), "-o", str(tmp_path / "out"), "--queue", "nosuch")
-    err = _finish(proc, 120)
+    import socket
+
+    with socket.socket() as busy:  # Dask's dashboard port taken (a notebook's cluster): still one line
+        try:
+            busy.bind(("", 8787))
+            busy.listen()
+        except OSError:
+            pass  # taken already
+        proc = _start(slurm, tmp_path, str(slides / "b.tif"), "-o", str(tmp_path / "out"), "--queue", "nosuch")
+        err = _finish(proc, 120)
     assert proc.returncode == 2
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: SLURM refused the worker job: invalid partition specified: nosuch"), err

@@ -269,7 +269,11 @@ def make_client(cfg: ClusterConfig) -> Any:
             if shutil.which("sbatch") is None:  # else dask-jobqueue waits for ever for workers that never come
                 raise ConfigError("--cluster slurm needs SLURM's sbatch, which is not on PATH; run on a node of the cluster "
                                   "(module load slurm?), or use --cluster local")
-            cluster = slurm_cluster(cfg)
+            import warnings
+
+            with warnings.catch_warnings():  # dashboard port 8787 taken (a notebook's cluster): Dask takes another, and says so
+                warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
+                cluster = slurm_cluster(cfg)
             try:
                 check_submission(cluster.job_script())
             except ConfigError:
