@@ -114,3 +114,26 @@ def test_segment_precision_int8(tmp_path):
         counts[precision], keys[precision] = summary["nuclei"], summary["output_key"]
     assert keys["fp32"] != keys["int8"]  # --resume never takes fp32 outputs for int8 ones
     assert counts["fp32"] > 100 and abs(counts["int8"] - counts["fp32"]) <= 0.05 * counts["fp32"]
+
+
+def test_images_precision_int8(tissue, tmp_path):
+    """The notebook API and ``segment-image`` take ``precision`` as ``segment`` does, and say which
+    model ran in the image's summary."""
+    from PIL import Image
+
+    import wsi_nuclei
+
+    fp32 = wsi_nuclei.segment_image(tissue[0], mpp=0.5)
+    int8 = wsi_nuclei.segment_image(tissue[0], mpp=0.5, precision="int8")
+    assert fp32.max() > 20 and abs(int(int8.max()) - int(fp32.max())) <= 0.1 * fp32.max()
+    with pytest.raises(ConfigError, match="fp32 or int8"):
+        wsi_nuclei.segment_image(tissue[0], mpp=0.5, precision="fp16")
+    Image.fromarray(tissue[1]).save(tmp_path / "tile.png")
+    result = runner.invoke(app, ["segment-image", str(tmp_path / "tile.png"), "--mpp", "0.5", "-o", str(tmp_path / "out"),
+                                 "--precision", "int8"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "tile_summary.json").read_text())
+    assert summary["precision"] == "int8" and summary["backend"] == INT8_BACKEND and summary["nuclei"] > 20
+    bad = runner.invoke(app, ["segment-image", str(tmp_path / "tile.png"), "--mpp", "0.5", "-o", str(tmp_path / "bad"),
+                              "--precision", "fp16"])
+    assert bad.exit_code != 0 and "fp32 or int8" in bad.output and "Traceback" not in bad.output

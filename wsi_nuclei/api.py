@@ -27,19 +27,24 @@ __all__ = ["segment_image", "segment_image_files", "ImageResult", "predictor", "
 #: The bundled sample slide (OpenSlide test data CMU-1-Small-Region, CC0, 2220 x 2967 px at 0.499 µm/px).
 SAMPLE_SLIDE = Path(__file__).parent / "data" / "CMU-1-Small-Region.svs"
 
-def predictor(model: Path | str | None = None, device: str = "auto", backend: str = "auto") -> tuple[Predictor, ModelCard]:
+def predictor(model: Path | str | None = None, device: str = "auto", backend: str = "auto",
+              precision: str = "fp32") -> tuple[Predictor, ModelCard]:
     """The backend predictor (what the slide pipeline runs) and card of a model folder (default:
-    the shipped model), built once per process, device and backend: the chunk tasks' own cache
-    (:func:`wsi_nuclei.worker_cache.predictor`)."""
+    the shipped model), built once per process, device, backend and precision: the chunk tasks' own
+    cache (:func:`wsi_nuclei.worker_cache.predictor`). ``precision="int8"`` runs ONNX Runtime on
+    the quantised model (quantised once and cached, as ``segment --precision int8``)."""
+    from .backends import resolve_backend
     from .infer import select_device
     from .worker_cache import predictor as cached
 
-    predict, card, _ = cached(str(model) if model is not None else None, select_device(device), backend, 0)
+    dev = select_device(device)
+    predict, card, _ = cached(str(model) if model is not None else None, dev, resolve_backend(backend, dev, precision), 0)
     return predict, card
 
 
 def segment_image(
     image: np.ndarray, mpp: float, model: Path | str | None = None, device: str = "auto", tta: str | None = None, backend: str = "auto",
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Nucleus instances of one RGB image (as ``wsi-nuclei segment-image``).
 
@@ -54,8 +59,11 @@ def segment_image(
     device : {"auto", "cpu", "cuda"}
     tta : {"none", "flip4", "dihedral8"}, optional
         Test-time augmentation (default: the model card's).
-    backend : {"auto", "torch", "onnx"}
-        As ``wsi-nuclei segment --backend`` (auto: ONNX Runtime on a CPU when installed).
+    backend : {"auto", "torch", "onnx", "openvino"}
+        As ``wsi-nuclei segment --backend`` (auto: OpenVINO, else ONNX Runtime on a CPU; torch on a GPU).
+    precision : {"fp32", "int8"}
+        As ``wsi-nuclei segment --precision`` (int8: ONNX Runtime on the quantised model; opt-in,
+        see docs/performance.md for what it costs in accuracy).
 
     Returns
     -------
@@ -73,7 +81,7 @@ def segment_image(
         from .tta import check_tta
 
         check_tta(tta)
-    predict, card = predictor(model, device, backend)
+    predict, card = predictor(model, device, backend, precision)
     return _segment(predict, card, image, mpp, tta=tta)
 
 
@@ -90,7 +98,7 @@ class ImageResult:
 
 def segment_image_files(
     paths: Sequence[Path | str], mpp: float, out: Path | str, model: Path | str | None = None, device: str = "auto",
-    tta: str | None = None, backend: str = "auto",
+    tta: str | None = None, backend: str = "auto", precision: str = "fp32",
 ) -> Iterator[ImageResult]:
     """Segment image files (PNG, JPEG, TIFF) at ``mpp`` µm/px into ``out``: per image
     ``<name>_labels.png`` (16-bit ids), ``<name>_overlay.png`` and ``<name>_summary.json``, each
@@ -106,7 +114,7 @@ def segment_image_files(
 
         check_tta(tta)
     dev = select_device(device)
-    _, card = predictor(model, dev, backend)  # a broken model fails before any image
+    _, card = predictor(model, dev, backend, precision)  # a broken model (or --precision) fails before any image
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -122,13 +130,13 @@ def segment_image_files(
             name += "_"
         used.add(name)
         try:
-            yield _one_image(path, name, mpp, out, model, dev, tta, backend, card.model_id)
+            yield _one_image(path, name, mpp, out, model, dev, tta, backend, precision, card.model_id)
         except WsiNucleiError as err:  # the next image goes on
             yield ImageResult(str(path), 0, 0.0, "", error=str(err))
 
 
 def _one_image(path: Path, name: str, mpp: float, out: Path, model: Path | str | None, dev: str, tta: str | None, backend: str,
-               model_id: str) -> ImageResult:
+               precision: str, model_id: str) -> ImageResult:
     from PIL import Image
 
     from . import atomic
@@ -142,7 +150,7 @@ def _one_image(path: Path, name: str, mpp: float, out: Path, model: Path | str |
         raise ConfigError(f"{shown(path)}: file not found; check the path")
     image = read_rgb(path)
     t0 = time.perf_counter()
-    labels = segment_image(image, mpp, model, dev, tta, backend)
+    labels = segment_image(image, mpp, model, dev, tta, backend, precision)
     seconds = time.perf_counter() - t0
     n = int(labels.max())
     if n >= 2**16:
@@ -150,6 +158,9 @@ def _one_image(path: Path, name: str, mpp: float, out: Path, model: Path | str |
     for suffix, pixels in (("labels", labels.astype(np.uint16)), ("overlay", draw_outlines(image, labels))):
         with atomic.replacing(out / f"{name}_{suffix}.png") as tmp:
             Image.fromarray(pixels).save(tmp, format="PNG")
-    summary = {"image": str(path), "mpp": mpp, "nuclei": n, "seconds": round(seconds, 3), "model": model_id, "device": dev}
+    from .backends import resolve_backend
+
+    summary = {"image": str(path), "mpp": mpp, "nuclei": n, "seconds": round(seconds, 3), "model": model_id, "device": dev,
+               "backend": resolve_backend(backend, dev, precision), "precision": precision}
     atomic.write_text(out / f"{name}_summary.json", json.dumps(summary, indent=2) + "\n")
     return ImageResult(str(path), n, round(seconds, 3), str(out / f"{name}_overlay.png"))

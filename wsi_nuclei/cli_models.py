@@ -178,6 +178,8 @@ def segment_image_cmd(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
     backend: str = typer.Option("auto", help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU when installed), torch, onnx or openvino."),
+    precision: str = typer.Option("fp32", help="fp32, or int8: ONNX Runtime on the model quantised once and cached (CPU; opt-in, "
+                                  "see docs/performance.md)."),
 ) -> None:
     """Segment nuclei in plain images: writes <name>_labels.png (16-bit ids), <name>_overlay.png
     and <name>_summary.json per image."""
@@ -185,7 +187,7 @@ def segment_image_cmd(
 
     failed = []
     try:
-        for r in segment_image_files(images, mpp, out, model, device, tta, backend):
+        for r in segment_image_files(images, mpp, out, model, device, tta, backend, precision):
             if r.error:
                 failed.append(r.error)
                 continue
