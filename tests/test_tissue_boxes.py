@@ -93,3 +93,47 @@ def test_the_bundled_slide_gives_the_same_nuclei_with_tissue_boxes(bundled_run, 
 
     box, whole = _compare(SAMPLE_SLIDE, tmp_path, bundled_run / "CMU-1-Small-Region")  # the defaults: tissue boxes
     assert box["inferred_px"] <= 0.8 * whole["inferred_px"]
+
+
+def test_the_read_is_the_part_the_model_is_given():
+    """Only a window's tissue box and its context are decoded: window_extent is exactly what
+    window_probabilities hands the model, and a part read equals the whole read inside the part
+    (the bundled slide: 0.499 µm/px, resampled; so the filter edges are exercised)."""
+    from wsi_nuclei.api import SAMPLE_SLIDE
+    from wsi_nuclei.infer import window_extent, window_probabilities
+    from wsi_nuclei.slide import open_slide
+
+    seen: list[tuple[int, int]] = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        seen.extend([x.shape[1:3]] * len(x))
+        return np.ones((len(x), 1, *x.shape[1:3]), np.float32)
+
+    ctx = 64
+    for side, tile, box in ((512, 512, (96, 32, 320, 480)), (512, 256, (96, 32, 224, 192)), (512, 128, (0, 0, 512, 512))):
+        image = np.full((side + 2 * ctx,) * 2 + (3,), 255, np.uint8)
+        x0, y0, x1, y1 = window_extent(side, tile, ctx, box)
+        image[y0:y1, x0:x1] = 7  # the model must see only these pixels
+        seen.clear()
+        calls: list[np.ndarray] = []
+
+        def spy(x: np.ndarray) -> np.ndarray:
+            calls.append(x)
+            return predict(x)
+
+        probs, inferred = window_probabilities(spy, 1, image, tile, ctx, 4, box)
+        assert all((c == 7).all() for c in calls) and inferred == sum(h * w for h, w in seen)
+        assert probs[0, box[1] : box[3], box[0] : box[2]].all()  # the whole box got probabilities
+    assert window_extent(512, 512, ctx, None) == (0, 0, 640, 640)
+
+    with open_slide(SAMPLE_SLIDE) as slide:
+        scale = 0.5 / slide.info.level0_mpp
+        box = (300, 400, 1000, 900)
+        whole = slide.read_working(box, scale)
+        for part in ((0, 0, 200, 300), (137, 211, 613, 899), (500, 1, 1000, 2), (0, 0, 1000, 900)):
+            got = slide.read_working_part(box, scale, part)
+            x0, y0, x1, y1 = part
+            assert np.array_equal(got[y0:y1, x0:x1], whole[y0:y1, x0:x1]), part
+            rest = np.ones(whole.shape[:2], bool)
+            rest[max(0, y0 - 8) : y1 + 8, max(0, x0 - 8) : x1 + 8] = False
+            assert (got[rest] == 255).all()  # not read: white

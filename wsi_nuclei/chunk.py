@@ -2,7 +2,8 @@
 
 :func:`segment_chunk` does the work in memory, in named steps:
 
-1. read the chunk's window (core + halo + model context) at the working resolution;
+1. read the chunk's window (core + halo + model context) at the working resolution: only the part
+   the model will be given (the window's tissue box and its context), glass elsewhere stays unread;
 2. infer probabilities: one forward pass, or tiles that fit this worker's memory, each with the
    model's full context (:func:`wsi_nuclei.infer.tile_probabilities`), with the run's TTA;
 3. instances: the post-processing shared with ``evaluate`` (:mod:`wsi_nuclei.instances`);
@@ -75,7 +76,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     excludes the wait for another chunk's forward pass, which is ``waiting``. Reads the slide only."""
     from .backends import gate_wait_seconds
     from .export import encode_nuclei
-    from .infer import check_finite, window_probabilities
+    from .infer import check_finite, window_extent, window_probabilities
     from .instances import own_by_centroid, probabilities_to_instances
     from .polygons import PolygonFrame, label_polygons
     from .tta import with_tta
@@ -87,7 +88,9 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     t0 = time.perf_counter()
     fp = forward_plan(cfg, tiling)  # the whole window in one pass, or tiles that fit memory
     side = fp.read_size(win, ctx)
-    rgb = slide.read_working((chunk.x - h - ctx, chunk.y - h - ctx, side, side), plan.scale)
+    # only the part the model is given (the tissue box and its context) is read and decoded
+    part = window_extent(side - 2 * ctx, fp.tile, ctx, chunk.infer)
+    rgb = slide.read_working_part((chunk.x - h - ctx, chunk.y - h - ctx, side, side), plan.scale, part)
     t1 = time.perf_counter()
     waited = gate_wait_seconds()
     probs, inferred = window_probabilities(with_tta(predict, plan.tta), len(card.outputs), rgb, fp.tile, ctx, fp.batch, chunk.infer)
@@ -95,7 +98,11 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     t2 = time.perf_counter()
     waited = gate_wait_seconds() - waited
     check_finite(probs, f"{plan.path}, chunk {chunk.index} (row {chunk.row}, col {chunk.col})")
-    labels = probabilities_to_instances(probs, card.outputs, card.postprocess, card.working_mpp)
+    # the model wrote probabilities only inside part (less its context); outside they are 0, no
+    # foreground, so the instances of that rectangle are the window's (same ids, raster order)
+    px0, py0, px1, py1 = part[0], part[1], min(win, part[2] - 2 * ctx), min(win, part[3] - 2 * ctx)
+    labels = np.zeros((win, win), dtype=np.int32)
+    labels[py0:py1, px0:px1] = probabilities_to_instances(probs[:, py0:py1, px0:px1], card.outputs, card.postprocess, card.working_mpp)
     try:
         owned = own_by_centroid(labels, h, c, (chunk.y, chunk.x), plan.size, chunk.index)
     except OverflowError as err:

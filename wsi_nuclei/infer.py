@@ -28,6 +28,7 @@ __all__ = [
     "predict_region",
     "tile_probabilities",
     "window_probabilities",
+    "window_extent",
     "working_shape",
 ]
 
@@ -156,6 +157,28 @@ def tile_probabilities(
     return out
 
 
+def _box_origins(side: int, tile: int, box: tuple[int, int, int, int]) -> list[tuple[int, int]]:
+    """(y, x) of the ``tile`` px tiles of a ``side`` px window that meet ``box``, in raster order."""
+    x0, y0, x1, y1 = box
+    return [(r, c) for r in range(0, side, tile) for c in range(0, side, tile) if r < y1 and r + tile > y0 and c < x1 and c + tile > x0]
+
+
+def window_extent(side: int, tile: int, context: int, box: tuple[int, int, int, int] | None) -> tuple[int, int, int, int]:
+    """The part (x0, y0, x1, y1) of a window's image (``side`` + 2·``context`` px square) that
+    :func:`window_probabilities` gives the model for ``box``: all of it without a box, else the
+    box (or the tiles that meet it) and their context. The rest of the image is never looked at,
+    so a reader need not decode it."""
+    full = side + 2 * context
+    if box is None:
+        return 0, 0, full, full
+    x0, y0, x1, y1 = box
+    if side == tile:
+        return x0, y0, x1 + 2 * context, y1 + 2 * context
+    origins = _box_origins(side, tile, box)
+    ys, xs = [y for y, _ in origins], [x for _, x in origins]
+    return min(xs), min(ys), max(xs) + tile + 2 * context, max(ys) + tile + 2 * context
+
+
 def window_probabilities(
     predict: Callable[[np.ndarray], np.ndarray], n_outputs: int, image: np.ndarray, tile: int, context: int, batch_size: int = 4,
     box: tuple[int, int, int, int] | None = None,
@@ -178,7 +201,7 @@ def window_probabilities(
         p = predict(np.ascontiguousarray(image[None, y0 : y1 + 2 * context, x0 : x1 + 2 * context]))[0]
         out[:, y0:y1, x0:x1] = p[:, context : context + y1 - y0, context : context + x1 - x0]
         return out, (y1 - y0 + 2 * context) * (x1 - x0 + 2 * context)
-    origins = [(r, c) for r in range(0, side, tile) for c in range(0, side, tile) if r < y1 and r + tile > y0 and c < x1 and c + tile > x0]
+    origins = _box_origins(side, tile, box)
     for i in range(0, len(origins), batch_size):
         group = origins[i : i + batch_size]
         probs = predict(np.stack([image[y : y + size, x : x + size] for y, x in group]))

@@ -71,6 +71,9 @@ def _float(value: str | None) -> float | None:
 
 #: Level pixels a thumbnail reads at once (64 MB as RGBA): larger levels are read in tiles.
 THUMBNAIL_READ_PX = 16_000_000
+#: Working px read beyond a part of a window (:meth:`Slide.read_working_part`): more than the
+#: support of the resampling filters (BOX and BILINEAR reach under 2 px at any downsample).
+PART_MARGIN = 8
 
 
 class Slide:
@@ -160,6 +163,21 @@ class Slide:
             resample = Image.Resampling.BOX if scale > ds else Image.Resampling.BILINEAR
             part = np.asarray(img.resize(size, resample=resample, box=src_box))
         out[oy0:oy1, ox0:ox1] = part[:, :, :3]
+        return out
+
+    def read_working_part(self, box: tuple[int, int, int, int], scale: float, part: tuple[int, int, int, int]) -> np.ndarray:
+        """:meth:`read_working` of ``box`` where only ``part`` = (x0, y0, x1, y1), in px of the box,
+        is read; the rest is white. ``part`` is read with :data:`PART_MARGIN` px more on every side
+        (clipped to the box), so the resampling filter at its edges sees the same source pixels as a
+        read of the whole box: inside ``part`` the result equals the whole read."""
+        x, y, w, h = box
+        x0, y0 = max(0, part[0] - PART_MARGIN), max(0, part[1] - PART_MARGIN)
+        x1, y1 = min(w, part[2] + PART_MARGIN), min(h, part[3] + PART_MARGIN)
+        if (x0, y0, x1, y1) == (0, 0, w, h):
+            return self.read_working(box, scale)
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        if x1 > x0 and y1 > y0:
+            out[y0:y1, x0:x1] = self.read_working((x + x0, y + y0, x1 - x0, y1 - y0), scale)
         return out
 
     def _read(self, level: int, ds: float, x: int, y: int, w: int, h: int) -> np.ndarray:
