@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/parquet_speed.py
 	$(PY) benchmarks/pipeline_vs_model.py --dask
 	$(PY) benchmarks/amplification.py
+	$(PY) benchmarks/chunk_size.py
 	$(PY) benchmarks/dask_overhead.py
 	$(PY) benchmarks/forward_memory.py
 	$(PY) benchmarks/int8_gate.py

@@ -138,3 +138,28 @@ def test_the_dry_run_plans_what_a_worker_plans():
     assert (dry.plan.tile, dry.plan.batch) == (worker_plan.tile, worker_plan.batch)
     assert abs(dry.plan.budget - worker_plan.budget) < 50_000_000  # the worker's own memory moved a little in between
     assert worker_plan.tile < 1024 + 2 * 64  # 2 GB cannot hold the whole window: the split is what is compared
+
+
+def test_the_default_chunk_fits_the_workers_memory():
+    """Without --chunk-size, segment takes 1536 px chunks where a CPU worker holds their window in
+    one forward pass and 1024 px where it cannot (a split window re-infers the context around each
+    tile); a given --chunk-size is kept; --dry-run says which."""
+    from typer.testing import CliRunner
+
+    from wsi_nuclei.api import SAMPLE_SLIDE
+    from wsi_nuclei.cli import app
+    from wsi_nuclei.config import DEFAULT_CHUNK
+    from wsi_nuclei.launch import configs
+
+    def chunk(memory: str, given: int | None = None) -> int:
+        slurm = {"cores": 2, "memory": memory, "processes": 1}
+        cfg, _ = configs({"chunk_size": given}, "slurm", None, 1, None, None, 30.0, None, slurm, True, 4)
+        return cfg.chunk_size
+
+    assert DEFAULT_CHUNK == 1536
+    assert chunk("4GB") == 1024 and chunk("16GB") == 1536
+    assert chunk("4GB", 1536) == 1536 and chunk("16GB", 512) == 512
+    result = CliRunner().invoke(app, ["segment", str(SAMPLE_SLIDE), "-o", "unused", "--cluster", "slurm", "--cores", "2",
+                                      "--memory", "4GB", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "# chunks: 1024 px" in result.output and "the whole window, 1664 px" in result.output

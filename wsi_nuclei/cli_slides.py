@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from .cli_common import _state, app, fail
+from .config import DEFAULT_CHUNK
 from .errors import WsiNucleiError
 
 if TYPE_CHECKING:  # annotations only: the commands import their heavy modules inside
@@ -40,7 +41,9 @@ def segment(
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
     mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel, for slides without metadata (overrides it)."),
     unusual_mpp: bool = typer.Option(False, "--unusual-mpp", help="Accept a resolution outside 0.05-20 µm/px (from --mpp or the slide)."),
-    chunk_size: int = typer.Option(1024, help="Chunk core size in working px (multiple of 32)."),
+    chunk_size: Optional[int] = typer.Option(None, help=f"Chunk core size in working px (multiple of 32). Default: {DEFAULT_CHUNK}, "
+                                             "or 1024 where a CPU worker's memory cannot hold a whole chunk window in one forward pass "
+                                             "(--dry-run shows the choice)."),
     halo: Optional[int] = typer.Option(None, help="Instance halo in working px (default: largest nucleus, from the model)."),
     context: Optional[int] = typer.Option(None, help="Model context in working px (default: the model card's measured context_px)."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
@@ -211,6 +214,7 @@ def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterCon
     if ccfg.kind != "none" and not ccfg.gpus:
         typer.echo(f"# model: forward passes of {cfg.torch_threads} CPU threads, one at a time per worker (--threads)")
     forward = dry_forward(cfg, ccfg)
+    typer.echo(f"# chunks: {cfg.chunk_size} px cores (--chunk-size)")
     if forward:
         typer.echo(f"# forward passes: {forward.line}")
     rows = dry_run_rows(inputs, out, cfg)

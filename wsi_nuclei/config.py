@@ -7,13 +7,17 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["SegmentConfig", "WORK_DIR", "PLAUSIBLE_MPP", "check_mpp", "FORMATS", "parse_formats"]
+__all__ = ["SegmentConfig", "DEFAULT_CHUNK", "WORK_DIR", "PLAUSIBLE_MPP", "check_mpp", "FORMATS", "parse_formats"]
 
 #: µm per level-0 px a slide plausibly has (0.25 at 40x, 0.5 at 20x; 10 would be a 1x overview):
 #: outside it, mm or nm were most likely typed for µm. ``--unusual-mpp`` accepts any finite value.
 PLAUSIBLE_MPP = (0.05, 20.0)
 #: Largest chunk core (working px): a chunk window and its arrays are held in memory whole.
 MAX_CHUNK = 16384
+#: The default chunk core (working px), chosen by ``benchmarks/chunk_size.py`` (docs/performance.md):
+#: 0.61-0.88x the time of 1024 px on the benchmark slides, 0.74x per px of tissue-filled chunks,
+#: for ~1.2 GB more peak memory; 2048 px was not faster and peaked at 6.2 GB.
+DEFAULT_CHUNK = 1536
 
 
 def check_mpp(value: float, where: str, unusual: bool = False, override: str = "--unusual-mpp") -> None:
@@ -56,7 +60,7 @@ class SegmentConfig:
 
     model_dir: str | None = None
     level0_mpp: float | None = None  # --mpp: overrides the slide's µm per level-0 px
-    chunk_size: int = 1024
+    chunk_size: int = DEFAULT_CHUNK
     halo: int | None = None
     context: int | None = None
     batch_size: int | None = None  # tiles per model call when a window is split; None: as many as fit
@@ -82,7 +86,7 @@ class SegmentConfig:
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0 or self.chunk_size % 32:
             raise ConfigError(f"--chunk-size must be > 0 and a multiple of 32, got {self.chunk_size!r}")
         if self.chunk_size > MAX_CHUNK:
-            raise ConfigError(f"--chunk-size {self.chunk_size} is larger than {MAX_CHUNK} px: a chunk is held in memory whole; use the default 1024")
+            raise ConfigError(f"--chunk-size {self.chunk_size} is larger than {MAX_CHUNK} px: a chunk is held in memory whole; use the default {DEFAULT_CHUNK}")
         for name, value in (("--halo", self.halo), ("--context", self.context)):
             if value is not None:
                 _int(name, value, 0)

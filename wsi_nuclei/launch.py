@@ -8,6 +8,7 @@ same budget and plan functions as a worker (:mod:`wsi_nuclei.memory`).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -15,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import ClusterConfig
-from .config import SegmentConfig
+from .config import DEFAULT_CHUNK, SegmentConfig
 from .errors import ConfigError, WsiNucleiError
 from .memory import PROCESS_BASE_BYTES, ForwardPlan
 
-__all__ = ["segment_device", "configs", "queue_depth", "DryForward", "dry_forward", "DryRow", "dry_run_rows", "parse_size"]
+__all__ = ["segment_device", "configs", "fitting_chunk", "CHUNK_CHOICES", "queue_depth", "DryForward", "dry_forward", "DryRow", "dry_run_rows", "parse_size"]
+
+log = logging.getLogger(__name__)
 
 #: Forward-pass CPU threads when not given (a worker runs two chunks whose forward passes take turns).
 DEFAULT_THREADS = 2
@@ -83,7 +86,9 @@ def configs(
         import torch
 
         n_gpus = torch.cuda.device_count()
-    cfg = SegmentConfig(**{**segment, "device": dev, "torch_threads": threads or DEFAULT_THREADS})
+    chunk_given = segment.get("chunk_size") is not None
+    options = {k: v for k, v in segment.items() if not (k == "chunk_size" and v is None)}
+    cfg = SegmentConfig(**{**options, "device": dev, "torch_threads": threads or DEFAULT_THREADS})
     cfg.check()
     if resolve_backend(cfg.backend, cfg.device, cfg.precision) in ("onnx", "onnx-int8"):
         from .backends import usable_cache_dir
@@ -97,7 +102,35 @@ def configs(
         per_worker = max(1, ccfg.cores // max(1, ccfg.processes))
         ccfg, cfg = replace(ccfg, threads=per_worker), replace(cfg, torch_threads=per_worker)
     ccfg.check()
+    if not chunk_given:
+        cfg = replace(cfg, chunk_size=fitting_chunk(cfg, ccfg))
     return cfg, ccfg
+
+
+#: The chunk sizes ``segment`` chooses from when ``--chunk-size`` is not given, largest first.
+CHUNK_CHOICES = (DEFAULT_CHUNK, 1024)
+
+
+def fitting_chunk(cfg: SegmentConfig, ccfg: ClusterConfig) -> int:
+    """The default chunk size for the workers of ``ccfg``: the largest of :data:`CHUNK_CHOICES`
+    whose window a CPU worker infers in one forward pass with the memory it gets (a split window
+    re-infers the model's context around every tile: a 1536 px chunk in 2x2 tiles gives the model
+    16 % more pixels than a 1024 px chunk in one pass); the smallest choice when none fits (its
+    windows are then split, as before). GPU workers and workers of ``--scheduler``: the default."""
+    from .plan import model_card, slide_tiling
+
+    for chunk in CHUNK_CHOICES:
+        option = replace(cfg, chunk_size=chunk)
+        forward = dry_forward(option, ccfg)
+        if forward is None:
+            return DEFAULT_CHUNK
+        if forward.plan.per_side(slide_tiling(option, model_card(option)).window) == 1:
+            if chunk != DEFAULT_CHUNK:
+                log.info("chunk size %d px: a worker's %.1f GB cannot hold a %d px chunk window in one forward pass",
+                         chunk, forward.worker_bytes / 1e9, DEFAULT_CHUNK)
+            return chunk
+    return CHUNK_CHOICES[-1]
+
 
 
 def queue_depth(ccfg: ClusterConfig) -> int:
