@@ -115,11 +115,13 @@ def test_dry_run_prints_job_script_from_yaml_and_plan(shared_data, tmp_path):
     assert "0..7 jobs" in result.output
     # a CPU job: the worker's forward passes take turns, so each uses all 4 cores of the job
     assert "forward passes of 4 CPU threads" in result.output
-    # 16 GB per worker: each 1152 px window (chunk + halo) in one forward pass with the card's context
+    # 16 GB per worker: 1536 px chunks (the default where they fit), each 1664 px window (chunk +
+    # halo) in one forward pass with the card's context
     from wsi_nuclei.model import load_card
 
     ctx = load_card(Path(__file__).resolve().parents[1] / "wsi_nuclei" / "weights").context_px
-    assert f"# forward passes: the whole window, {1152 + 2 * ctx} px, 1 per call" in result.output
+    assert "# chunks: 1536 px" in result.output
+    assert f"# forward passes: the whole window, {1664 + 2 * ctx} px, 1 per call" in result.output
     small = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "out"), "--cluster", "slurm", "--cores", "8",
                                 "--memory", "8GB", "--processes", "2", "--device", "cpu", "--dry-run"])
     assert f"# forward passes: 2x2 tiles of {576 + 2 * ctx} px" in small.output and "4.0 GB per worker" in small.output

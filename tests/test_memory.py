@@ -3,6 +3,7 @@ split window gives the same result as one forward pass."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -163,3 +164,34 @@ def test_the_default_chunk_fits_the_workers_memory():
                                       "--memory", "4GB", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "# chunks: 1024 px" in result.output and "the whole window, 1664 px" in result.output
+
+
+def test_a_resumed_slide_keeps_the_chunk_size_of_its_earlier_run(tmp_path):
+    """The default chunk size follows the workers' memory; a slide resumed with other workers
+    keeps the chunk size of its earlier run, finished (skipped) or not (its chunk files reused),
+    and a given --chunk-size or --overwrite decides as usual."""
+    from typer.testing import CliRunner
+
+    from wsi_nuclei.cli import app
+
+    from .slides import disc_slide
+
+    slide = disc_slide(tmp_path / "s.tif", (2048, 2048), seed=5)
+    out = tmp_path / "out"
+    flags = [str(slide), "-o", str(out), "--workers", "0", "--halo", "32", "--context", "64", "--quiet"]
+    summary = out / "s" / "summary.json"
+
+    def run(*extra: str) -> dict:
+        result = CliRunner().invoke(app, ["segment", *flags, *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(summary.read_text())
+
+    small = run("--forward-memory", "1GB", "--keep-chunks")  # 1 GB cannot hold a 1536 px window: 1024 px chunks
+    assert small["parameters"]["chunk_size"] == 1024 and small["chunks"]["processed"] == 4
+    assert run("--resume")["run_id"] == small["run_id"]  # finished: skipped, although 1536 would be chosen now
+    for name in ("summary.json", "nuclei.geojson.gz", "nuclei.parquet"):  # as if the run had stopped before assembly
+        (out / "s" / name).unlink()
+    again = run("--resume")
+    assert again["parameters"]["chunk_size"] == 1024 and again["chunks"]["reused"] == 4 and again["nuclei"] == small["nuclei"]
+    assert run("--overwrite")["parameters"]["chunk_size"] == 1536
+    assert run("--resume", "--chunk-size", "512")["parameters"]["chunk_size"] == 512

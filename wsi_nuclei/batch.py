@@ -29,7 +29,7 @@ from .config import SegmentConfig
 from .errors import WsiNucleiError
 from .model import ModelCard
 from .outputs import SlideLock, shown
-from .plan import SlidePlan, check_outputs, model_card, plan_slide, start_slide
+from .plan import SlidePlan, check_outputs, model_card, plan_slide, slide_config, start_slide
 from .results import ChunkDone, SlideResult
 from .tiling import Chunk
 
@@ -106,6 +106,7 @@ class _Dask:
 class _Slide:
     order: int
     plan: SlidePlan
+    cfg: SegmentConfig  # the run's, with this slide's chunk size (plan.slide_config)
     todo: deque[Chunk]
     reused: int
     t0: float
@@ -174,12 +175,13 @@ def run_batch(
                 locks[i] = SlideLock(out_dir).acquire()
                 if card is None:
                     card = model_card(cfg)
-                skipped = check_outputs(path, out_dir, cfg, card)
+                scfg = slide_config(cfg, out_dir)
+                skipped = check_outputs(path, out_dir, scfg, card)
                 if skipped is not None:
                     finish(i, replace(skipped, slide=str(path)))
                     continue
-                plan, thumb, tissue = plan_slide(path, out_dir, cfg, card)
-                todo = start_slide(plan, thumb, tissue, cfg)
+                plan, thumb, tissue = plan_slide(path, out_dir, scfg, card)
+                todo = start_slide(plan, thumb, tissue, scfg)
             except Exception as err:  # noqa: BLE001 - whatever goes wrong while a slide starts fails only that slide
                 if isinstance(err, WsiNucleiError):
                     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -193,7 +195,7 @@ def run_batch(
             reused = len(plan.chunks) - len(todo)
             if reused:
                 log.info("%s: %d of %d chunks reused from an earlier run", path, reused, len(plan.chunks))
-            st = _Slide(i, plan, deque(todo), reused, t0)
+            st = _Slide(i, plan, scfg, deque(todo), reused, t0)
             active[i] = st
             progress["total"] += len(plan.chunks)
             progress["done"] += reused
@@ -206,14 +208,14 @@ def run_batch(
             st = active[i]
             while st.todo and not st.failed and len(pending) < cap:
                 ch = st.todo.popleft()
-                fut = ex.submit(chunk_task, st.plan, ch, cfg, priority=-st.order)
+                fut = ex.submit(chunk_task, st.plan, ch, st.cfg, priority=-st.order)
                 pending[fut] = (i, "chunk", ch)
                 st.futures.add(fut)
                 st.outstanding += 1
             if not st.todo and st.outstanding == 0 and not st.assembling and not st.failed:
                 st.assembling = True
                 run = {"computed": st.computed, "reused": st.reused, "wall": time.perf_counter() - st.t0}
-                fut = ex.submit(assemble_slide, st.plan, cfg, run, priority=-st.order)
+                fut = ex.submit(assemble_slide, st.plan, st.cfg, run, priority=-st.order)
                 pending[fut] = (i, "assemble", None)
                 st.futures.add(fut)
                 st.outstanding += 1

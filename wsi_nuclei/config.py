@@ -61,6 +61,9 @@ class SegmentConfig:
     model_dir: str | None = None
     level0_mpp: float | None = None  # --mpp: overrides the slide's µm per level-0 px
     chunk_size: int = DEFAULT_CHUNK
+    # the chunk size was chosen by `segment` (launch.fitting_chunk), not given: under --resume a slide
+    # keeps the chunk size of its earlier run (plan.slide_config), so none of its work is lost
+    chunk_auto: bool = False
     halo: int | None = None
     context: int | None = None
     batch_size: int | None = None  # tiles per model call when a window is split; None: as many as fit

@@ -103,7 +103,7 @@ def configs(
         ccfg, cfg = replace(ccfg, threads=per_worker), replace(cfg, torch_threads=per_worker)
     ccfg.check()
     if not chunk_given:
-        cfg = replace(cfg, chunk_size=fitting_chunk(cfg, ccfg))
+        cfg = replace(cfg, chunk_size=fitting_chunk(cfg, ccfg), chunk_auto=True)
     return cfg, ccfg
 
 
@@ -201,7 +201,7 @@ def dry_run_rows(inputs: Sequence[Path], out: Path, cfg: SegmentConfig) -> list[
     from .errors import OutputError, shown
     from .outputs import finished
     from .pipeline import find_slides, slide_jobs
-    from .plan import check_outputs, model_card, plan_slide
+    from .plan import check_outputs, model_card, plan_slide, slide_config
 
     where = next((p for p in (out, *out.parents) if p.exists()), Path("."))
     if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
@@ -211,8 +211,9 @@ def dry_run_rows(inputs: Sequence[Path], out: Path, cfg: SegmentConfig) -> list[
     rows = []
     for path, out_dir in slide_jobs(slides, out):
         try:
-            check_outputs(path, out_dir, cfg, card)  # reads only: what the run would say about the folder
-            plan, _, _ = plan_slide(path, out_dir, cfg, card)
+            scfg = slide_config(cfg, out_dir)
+            check_outputs(path, out_dir, scfg, card)  # reads only: what the run would say about the folder
+            plan, _, _ = plan_slide(path, out_dir, scfg, card)
         except WsiNucleiError as err:
             rows.append(DryRow(str(path), str(out_dir), error=str(err)))
             continue

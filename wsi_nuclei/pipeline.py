@@ -175,7 +175,7 @@ def _left_behind(jobs: list[tuple[Path, Path]], cfg: SegmentConfig, started: flo
     assembly finished this run anyway (verified), else "interrupted"."""
     from .backends import resolve_backend
     from .outputs import finished
-    from .plan import model_card, plan_keys
+    from .plan import model_card, plan_keys, slide_config
 
     try:
         card, backend = model_card(cfg), resolve_backend(cfg.backend, cfg.device, cfg.precision)
@@ -185,7 +185,7 @@ def _left_behind(jobs: list[tuple[Path, Path]], cfg: SegmentConfig, started: flo
     for path, out_dir in jobs:
         try:
             if card is not None:
-                ident, key, _ = plan_keys(path, cfg, card, backend)
+                ident, key, _ = plan_keys(path, slide_config(cfg, out_dir), card, backend)
                 verdict = finished(out_dir, ident, key)
                 if verdict.done and (out_dir / "summary.json").stat().st_mtime >= started:
                     out.append(SlideResult(str(path), "ok", str(out_dir), verdict.nuclei, "finished while the run was stopping"))

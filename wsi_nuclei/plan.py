@@ -29,7 +29,7 @@ from .results import SlideResult
 from .slide import SlideInfo
 from .tiling import Chunk, Tiling
 
-__all__ = ["SlidePlan", "model_card", "slide_tiling", "plan_keys", "plan_slide", "check_outputs", "start_slide"]
+__all__ = ["SlidePlan", "model_card", "slide_tiling", "slide_config", "plan_keys", "plan_slide", "check_outputs", "start_slide"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,28 @@ def plan_keys(path: Path | str, cfg: SegmentConfig, card: ModelCard, backend: st
               "chunk_file": CHUNK_FILE_VERSION}
     fingerprint = hashlib.sha256(json.dumps(chunks, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return ident, key, fingerprint
+
+
+def slide_config(cfg: SegmentConfig, out_dir: Path) -> SegmentConfig:
+    """``cfg`` for the slide whose outputs go to ``out_dir``. Under ``--resume`` with a chunk size
+    ``segment`` chose (``chunk_auto``: no ``--chunk-size``), the slide keeps the chunk size of its
+    earlier run (its unfinished chunk files, else its finished outputs): the choice follows the
+    workers' memory, and resuming with other workers must not throw finished work away."""
+    if not (cfg.resume and cfg.chunk_auto):
+        return cfg
+    for file, keys in ((out_dir / WORK_DIR / "plan.json", ("chunk_size",)), (out_dir / "summary.json", ("parameters", "chunk_size"))):
+        try:
+            value: Any = json.loads(file.read_text(encoding="utf-8"))
+            for key in keys:
+                value = value[key]
+            earlier = replace(cfg, chunk_size=int(value))
+            earlier.check()
+        except (OSError, ValueError, KeyError, TypeError, ConfigError):
+            continue
+        if earlier.chunk_size != cfg.chunk_size:
+            log.info("%s: keeps the %d px chunks of its earlier run (--resume)", shown(out_dir), earlier.chunk_size)
+        return earlier
+    return cfg
 
 
 def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | None = None) -> tuple[SlidePlan, np.ndarray, np.ndarray | None]:
@@ -231,7 +253,7 @@ def start_slide(plan: SlidePlan, thumb: np.ndarray, tissue: np.ndarray | None, c
         else:
             (work / "tissue.npy").unlink(missing_ok=True)
         atomic.write_text(plan_file, json.dumps({"fingerprint": plan.fingerprint, "slide": plan.path, "slide_file": plan.slide_file,
-                                                 "chunks": len(plan.chunks)}) + "\n")
+                                                 "chunks": len(plan.chunks), "chunk_size": cfg.chunk_size}) + "\n")
     except OSError as err:
         raise OutputError(f"{shown(out_dir)}: cannot write outputs ({err.strerror or err}); free disk space or choose another -o folder, "
                           "then run again with --resume") from err
