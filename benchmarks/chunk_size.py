@@ -8,7 +8,10 @@ every input shape seen once), then the timed run. Printed side by side: the ampl
 given to the model / tissue pixels), seconds, seconds per mm² of tissue, the time relative to the
 chunk size of 1024 px (the default before this benchmark chose 1536) and the peak RSS of the process.
 
-Run: .venv/bin/python benchmarks/chunk_size.py [--sizes 512,768,1024,1280,1536,2048] [--threads 2]
+A second table: the bare forward pass of one tissue-filled window per chunk size (what a chunk inside
+tissue costs per core pixel, where no glass is skipped); ``--forward-only`` prints only it.
+
+Run: .venv/bin/python benchmarks/chunk_size.py [--sizes 512,768,1024,1280,1536,2048] [--threads 2] [--forward-only]
 """
 
 from __future__ import annotations
@@ -51,15 +54,60 @@ def main() -> None:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--synthetic-side", type=int, default=12288)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "wsi-nuclei-chunk-bench")
+    ap.add_argument("--forward-only", action="store_true", help="only the second table: the bare forward pass of a tissue-filled window")
     args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if not args.forward_only:
+        segment_table(args, sizes)
+    forward_table(args, sizes)
 
+
+def forward_table(args: argparse.Namespace, sizes: list[int]) -> None:
+    """The bare forward pass over one tissue-filled chunk window of each size (its core, halo and
+    the card's context; best of 2 after a warm-up call): what a chunk inside tissue costs per
+    pixel of core, where no glass is skipped."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from wsi_nuclei.backends import make_predictor
+    from wsi_nuclei.model import load_model
+    from wsi_nuclei.pipeline import SegmentConfig
+    from wsi_nuclei.plan import slide_tiling
+
+    torch.set_num_threads(args.threads)
+    net, card = load_model()
+    predict, name = make_predictor(net, card, args.backend, "cpu", args.threads)
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in sizes:
+        t = slide_tiling(SegmentConfig(chunk_size=size), card)
+        side = t.window + 2 * t.context
+        x = rng.integers(0, 256, (1, side, side, 3), dtype=np.uint8)
+        predict(x)
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            predict(x)
+            best = min(best, time.perf_counter() - t0)
+        rows.append((size, side, best))
+    ref = next((r for r in rows if r[0] == 1024), None)
+    print(f"\nbare forward pass of one tissue-filled chunk window — backend {name}, {args.threads} threads, best of 2")
+    print(f"{'chunk':>5} {'input px':>8} {'s':>6} {'us/input px':>11} {'us/core px':>10} {'x1024 per core px':>17}")
+    for size, side, sec in rows:
+        rel = f"{(sec / size**2) / (ref[2] / ref[0] ** 2):.2f}" if ref else "-"
+        print(f"{size:>5} {side:>8} {sec:>6.2f} {sec / side**2 * 1e6:>11.3f} {sec / size**2 * 1e6:>10.3f} {rel:>17}")
+
+
+def segment_table(args: argparse.Namespace, sizes: list[int]) -> None:
+    """The first table: ``segment`` of both slides at each chunk size, a fresh process per row."""
     from memory_scaling import build_slide
 
     args.work.mkdir(parents=True, exist_ok=True)
     slides = {"CMU-1-Small-Region (real)": ROOT / "wsi_nuclei" / "data" / "CMU-1-Small-Region.svs",
               f"synthetic {args.synthetic_side}² @0.25": build_slide(args.work / f"syn_{args.synthetic_side}_t25.tif", args.synthetic_side,
                                                                     tissue=0.25)}
-    sizes = [int(s) for s in args.sizes.split(",")]
     default = 1024  # the reference row: the default chunk size before this benchmark
     rows = []
     for label, path in slides.items():

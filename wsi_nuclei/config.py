@@ -15,8 +15,8 @@ PLAUSIBLE_MPP = (0.05, 20.0)
 #: Largest chunk core (working px): a chunk window and its arrays are held in memory whole.
 MAX_CHUNK = 16384
 #: The default chunk core (working px), chosen by ``benchmarks/chunk_size.py`` (docs/performance.md):
-#: 0.61-0.88x the time of 1024 px on the benchmark slides, 0.74x per px of tissue-filled chunks,
-#: for ~1.2 GB more peak memory; 2048 px was not faster and peaked at 6.2 GB.
+#: 0.55-0.78x the time of 1024 px on the benchmark slides, 0.83x per core px of a tissue-filled
+#: chunk, for ~1.3 GB more peak memory; 2048 px was not faster on them and peaked at 6.2 GB.
 DEFAULT_CHUNK = 1536
 
 
