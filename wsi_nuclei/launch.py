@@ -132,7 +132,6 @@ def fitting_chunk(cfg: SegmentConfig, ccfg: ClusterConfig) -> int:
     return CHUNK_CHOICES[-1]
 
 
-
 def queue_depth(ccfg: ClusterConfig) -> int:
     """Tasks to keep queued: SLURM scales on queued tasks, so enough to fill every job it may start."""
     return 2 * ccfg.max_jobs * ccfg.cores if ccfg.kind == "slurm" and not ccfg.scheduler else 0
