@@ -16,7 +16,8 @@ PLAUSIBLE_MPP = (0.05, 20.0)
 MAX_CHUNK = 16384
 #: The default chunk core (working px), chosen by ``benchmarks/chunk_size.py`` (docs/performance.md):
 #: 0.55-0.78x the time of 1024 px on the benchmark slides, 0.83x per core px of a tissue-filled
-#: chunk, for ~1.3 GB more peak memory; 2048 px was 0.73-0.77x (no better than 1536 taken together) and peaked at 6.2 GB.
+#: chunk, for ~1.3 GB more peak memory; 2048 px was 0.73-0.77x (no better than 1536 taken
+#: together) and peaked at 6.2 GB.
 DEFAULT_CHUNK = 1536
 
 
