@@ -117,14 +117,11 @@ def fitting_chunk(cfg: SegmentConfig, ccfg: ClusterConfig) -> int:
     re-infers the model's context around every tile: a 1536 px chunk in 2x2 tiles gives the model
     16 % more pixels than a 1024 px chunk in one pass); the smallest choice when none fits (its
     windows are then split, as before). GPU workers and workers of ``--scheduler``: the default."""
-    from .plan import model_card, slide_tiling
-
     for chunk in CHUNK_CHOICES:
-        option = replace(cfg, chunk_size=chunk)
-        forward = dry_forward(option, ccfg)
+        forward = dry_forward(replace(cfg, chunk_size=chunk), ccfg)
         if forward is None:
             return DEFAULT_CHUNK
-        if forward.plan.per_side(slide_tiling(option, model_card(option)).window) == 1:
+        if forward.whole:
             if chunk != DEFAULT_CHUNK:
                 log.info("chunk size %d px: a worker's %.1f GB cannot hold a %d px chunk window in one forward pass",
                          chunk, forward.worker_bytes / 1e9, DEFAULT_CHUNK)
@@ -144,6 +141,12 @@ class DryForward:
     plan: ForwardPlan
     worker_bytes: int
     line: str  # the dry run's "# forward passes:" line
+    window: int  # the chunk window it plans for (px)
+
+    @property
+    def whole(self) -> bool:
+        """Whether the window is one forward pass (not split into tiles)."""
+        return self.plan.per_side(self.window) == 1
 
 
 def dry_forward(cfg: SegmentConfig, ccfg: ClusterConfig, held: int = PROCESS_BASE_BYTES, worker_bytes: int | None = None) -> DryForward | None:
@@ -174,7 +177,7 @@ def dry_forward(cfg: SegmentConfig, ccfg: ClusterConfig, held: int = PROCESS_BAS
     line = f"{describe(fp, tiling.window, tiling.context)}, with {per_worker / 1e9:.1f} GB per worker"
     if fp.peak_bytes(tiling.context) > budget:
         line = f"{line} -- TOO LITTLE MEMORY, workers may be killed: {fix}"
-    return DryForward(fp, per_worker, line)
+    return DryForward(fp, per_worker, line, tiling.window)
 
 
 @dataclass(frozen=True)

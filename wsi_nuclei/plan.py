@@ -24,7 +24,15 @@ from . import __version__, atomic
 from .config import WORK_DIR, SegmentConfig, check_mpp
 from .errors import ConfigError, OutputError, SlideError
 from .model import ModelCard
-from .outputs import finished, folder_owner, remove_leftovers, same_file, shown, slide_file
+from .outputs import (
+    finished,
+    folder_owner,
+    read_json,
+    remove_leftovers,
+    same_file,
+    shown,
+    slide_file,
+)
 from .results import SlideResult
 from .slide import SlideInfo
 from .tiling import Chunk, Tiling
@@ -120,14 +128,12 @@ def slide_config(cfg: SegmentConfig, out_dir: Path) -> SegmentConfig:
     workers' memory, and resuming with other workers must not throw finished work away."""
     if not (cfg.resume and cfg.chunk_auto):
         return cfg
-    for file, keys in ((out_dir / WORK_DIR / "plan.json", ("chunk_size",)), (out_dir / "summary.json", ("parameters", "chunk_size"))):
+    plan_json, summary = read_json(out_dir / WORK_DIR / "plan.json") or {}, read_json(out_dir / "summary.json") or {}
+    for value in (plan_json.get("chunk_size"), (summary.get("parameters") or {}).get("chunk_size")):
         try:
-            value: Any = json.loads(file.read_text(encoding="utf-8"))
-            for key in keys:
-                value = value[key]
             earlier = replace(cfg, chunk_size=int(value))
             earlier.check()
-        except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        except (ValueError, TypeError, ConfigError):
             continue
         if earlier.chunk_size != cfg.chunk_size:
             log.info("%s: keeps the %d px chunks of its earlier run (--resume)", shown(out_dir), earlier.chunk_size)
@@ -235,11 +241,7 @@ def start_slide(plan: SlidePlan, thumb: np.ndarray, tissue: np.ndarray | None, c
     remove_leftovers(out_dir)  # temporary files of a run killed while writing (we hold the lock)
     plan_file = work / "plan.json"
     if work.exists():
-        old = None
-        try:
-            old = json.loads(plan_file.read_text(encoding="utf-8")).get("fingerprint")
-        except (OSError, ValueError):
-            pass
+        old = (read_json(plan_file) or {}).get("fingerprint")
         if cfg.overwrite or old != plan.fingerprint:
             if not cfg.overwrite:
                 log.warning("%s: chunk files of an earlier run were made with other settings; recomputing them", plan.path)
