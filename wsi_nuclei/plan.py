@@ -129,7 +129,8 @@ def slide_config(cfg: SegmentConfig, out_dir: Path) -> SegmentConfig:
     if not (cfg.resume and cfg.chunk_auto):
         return cfg
     plan_json, summary = read_json(out_dir / WORK_DIR / "plan.json") or {}, read_json(out_dir / "summary.json") or {}
-    for value in (plan_json.get("chunk_size"), (summary.get("parameters") or {}).get("chunk_size")):
+    earlier_sizes: tuple[Any, ...] = (plan_json.get("chunk_size"), (summary.get("parameters") or {}).get("chunk_size"))
+    for value in earlier_sizes:
         try:
             earlier = replace(cfg, chunk_size=int(value))
             earlier.check()
