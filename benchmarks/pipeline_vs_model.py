@@ -40,7 +40,7 @@ def model_only(plan, cfg, predict, n_outputs: int) -> float:  # noqa: ANN001
     """Seconds of ``predict`` alone over exactly the model calls the pipeline makes for ``plan``:
     the same function (infer.window_probabilities) with the same arguments, only ``predict`` timed;
     the reads are done first and not timed. The calls are made twice and the second pass is timed:
-    a backend's first call on a new input shape costs extra (OpenVINO: ~0.1 s, more when it is the
+    a backend's first call on a new input shape costs extra (OpenVINO's most, when the shape is the
     largest yet), and the pipeline is timed after a warm-up on the same slide too."""
     from wsi_nuclei.infer import window_probabilities
     from wsi_nuclei.slide import open_slide
