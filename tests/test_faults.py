@@ -298,8 +298,9 @@ def test_bad_model_is_refused_once(tmp_path, damage, words):
     (["--worker-wait", "-300"], ["--worker-wait", "duration"]),
     (["--cluster", "slurm", "--walltime", "4h"], ["--walltime", "HH:MM:SS"]),
     # issue 15: int8 runs on ONNX Runtime only
-    (["--precision", "fp16"], ["--precision", "fp32 or int8"]),
+    (["--precision", "fp16"], ["--precision", "fp32, bf16, int8"]),
     (["--precision", "int8", "--backend", "openvino"], ["--precision int8", "--backend auto or onnx"]),
+    (["--precision", "bf16", "--backend", "onnx"], ["--precision bf16", "--backend auto or openvino"]),
 ])
 def test_invalid_options(tmp_path, args, words):
     result = runner.invoke(app, ["segment", str(tmp_path), "-o", str(tmp_path / "out"), *args])

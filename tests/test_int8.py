@@ -46,7 +46,7 @@ def test_precision_resolves_to_onnx_runtime_only():
                                  ("auto", "cuda", "--precision fp32")):
         with pytest.raises(ConfigError, match=fix):
             resolve_backend(backend, device, "int8")
-    with pytest.raises(ConfigError, match="fp32 or int8"):
+    with pytest.raises(ConfigError, match="fp32, bf16, int8"):
         resolve_backend("auto", "cpu", "fp16")
 
 
@@ -126,7 +126,7 @@ def test_images_precision_int8(tissue, tmp_path):
     fp32 = wsi_nuclei.segment_image(tissue[0], mpp=0.5)
     int8 = wsi_nuclei.segment_image(tissue[0], mpp=0.5, precision="int8")
     assert fp32.max() > 20 and abs(int(int8.max()) - int(fp32.max())) <= 0.1 * fp32.max()
-    with pytest.raises(ConfigError, match="fp32 or int8"):
+    with pytest.raises(ConfigError, match="fp32, bf16, int8"):
         wsi_nuclei.segment_image(tissue[0], mpp=0.5, precision="fp16")
     Image.fromarray(tissue[1]).save(tmp_path / "tile.png")
     result = runner.invoke(app, ["segment-image", str(tmp_path / "tile.png"), "--mpp", "0.5", "-o", str(tmp_path / "out"),
@@ -136,4 +136,4 @@ def test_images_precision_int8(tissue, tmp_path):
     assert summary["precision"] == "int8" and summary["backend"] == INT8_BACKEND and summary["nuclei"] > 20
     bad = runner.invoke(app, ["segment-image", str(tmp_path / "tile.png"), "--mpp", "0.5", "-o", str(tmp_path / "bad"),
                               "--precision", "fp16"])
-    assert bad.exit_code != 0 and "fp32 or int8" in bad.output and "Traceback" not in bad.output
+    assert bad.exit_code != 0 and "fp32, bf16, int8" in bad.output and "Traceback" not in bad.output

@@ -32,7 +32,8 @@ def predictor(model: Path | str | None = None, device: str = "auto", backend: st
     """The backend predictor (what the slide pipeline runs) and card of a model folder (default:
     the shipped model), built once per process, device, backend and precision: the chunk tasks' own
     cache (:func:`wsi_nuclei.worker_cache.predictor`). ``precision="int8"`` runs ONNX Runtime on
-    the quantised model (quantised once and cached, as ``segment --precision int8``)."""
+    the quantised model (quantised once and cached, as ``segment --precision int8``);
+    ``precision="bf16"`` OpenVINO in bf16 (CPUs with native bf16 only)."""
     from .backends import resolve_backend
     from .infer import select_device
     from .worker_cache import predictor as cached
@@ -61,9 +62,10 @@ def segment_image(
         Test-time augmentation (default: the model card's).
     backend : {"auto", "torch", "onnx", "openvino"}
         As ``wsi-nuclei segment --backend`` (auto: OpenVINO, else ONNX Runtime on a CPU; torch on a GPU).
-    precision : {"fp32", "int8"}
-        As ``wsi-nuclei segment --precision`` (int8: ONNX Runtime on the quantised model; opt-in,
-        see docs/performance.md for what it costs in accuracy).
+    precision : {"fp32", "bf16", "int8"}
+        As ``wsi-nuclei segment --precision`` (bf16: OpenVINO in bf16 on a CPU that has it natively;
+        int8: ONNX Runtime on the quantised model; both opt-in, see docs/performance.md for what
+        they cost in accuracy).
 
     Returns
     -------

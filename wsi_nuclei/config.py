@@ -73,7 +73,7 @@ class SegmentConfig:
     tissue_mask: bool = True
     reader: str = "auto"  # slide reader: auto, openslide, tiffslide
     backend: str = "auto"  # inference: auto, torch, onnx, openvino (see backends.py)
-    precision: str = "fp32"  # fp32, or int8 (ONNX Runtime on the quantised model, see quantize.py)
+    precision: str = "fp32"  # fp32; bf16 (OpenVINO in bf16); int8 (ONNX Runtime on the quantised model, see quantize.py)
     geojson_format: str = "geojson.gz"
     formats: tuple[str, ...] = FORMATS  # nucleus files to write: geojson and/or parquet
     raw_coordinates: bool = False
@@ -122,4 +122,4 @@ class SegmentConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown --backend {self.backend!r}; use {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown --precision {self.precision!r}; use {' or '.join(PRECISIONS)}")
+            raise ConfigError(f"unknown --precision {self.precision!r}; use {', '.join(PRECISIONS)}")

@@ -73,8 +73,9 @@ def evaluate_dataset(
         Test-time augmentation; default the card's ``tta``.
     backend : {"auto", "torch", "onnx"}
         The inference backend, as in the slide pipeline (auto: ONNX Runtime on a CPU when installed).
-    precision : {"fp32", "int8"}
-        As ``wsi-nuclei segment --precision`` (int8: ONNX Runtime on the quantised model).
+    precision : {"fp32", "bf16", "int8"}
+        As ``wsi-nuclei segment --precision`` (bf16: OpenVINO in bf16; int8: ONNX Runtime on the
+        quantised model).
 
     Returns
     -------

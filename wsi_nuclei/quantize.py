@@ -14,7 +14,7 @@ The recipe (:data:`RECIPE`), chosen on the validation images cut from the traini
 The quantised model is written once per weights hash, torch version and recipe, next to the fp32
 export in the model cache (``<sha16>-torch<version>-int8-<recipe>.onnx``), under a temporary name
 and renamed, like the fp32 export. int8 is opt-in (``--precision int8``): docs/performance.md has
-its accuracy and speed beside fp32, from ``benchmarks/int8_gate.py``.
+its accuracy and speed beside fp32, from ``benchmarks/precision_gate.py``.
 """
 
 from __future__ import annotations
