@@ -47,10 +47,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/parquet_speed.py
 	$(PY) benchmarks/pipeline_vs_model.py --dask
 	$(PY) benchmarks/amplification.py
+	$(PY) benchmarks/glass_context.py
 	$(PY) benchmarks/chunk_size.py
 	$(PY) benchmarks/dask_overhead.py
 	$(PY) benchmarks/forward_memory.py
-	$(PY) benchmarks/int8_gate.py
+	$(PY) benchmarks/precision_gate.py
 
 bench-memory: $(STAMP)
 	$(PY) benchmarks/memory_scaling.py --model shipped --sizes 1,4,16

@@ -12,6 +12,7 @@ A second table: the bare forward pass of one tissue-filled window per chunk size
 tissue costs per core pixel, where no glass is skipped); ``--forward-only`` prints only it.
 
 Run: .venv/bin/python benchmarks/chunk_size.py [--sizes 512,768,1024,1280,1536,2048] [--threads 2] [--forward-only]
+     [--precision fp32|bf16|int8] [--device cuda --backend torch]   (a GPU: benchmarks/gpu_check.sh runs it)
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from pathlib import Path
 import torch
 from wsi_nuclei.pipeline import SegmentConfig, segment_many
 slide, out, size, threads, backend = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+device, precision = sys.argv[6], sys.argv[7]
 torch.set_num_threads(threads)
-cfg = SegmentConfig(chunk_size=size, torch_threads=threads, overwrite=True, backend=backend)
+cfg = SegmentConfig(chunk_size=size, torch_threads=threads, overwrite=True, backend=backend, device=device, precision=precision)
 segment_many([slide], out / "warmup", cfg)
 t0 = time.perf_counter()
 res = segment_many([slide], out / "timed", cfg)[0]
@@ -52,6 +54,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="512,768,1024,1280,1536,2048")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: --backend torch)")
+    ap.add_argument("--precision", default="fp32", help="fp32, bf16 or int8 (as segment --precision)")
     ap.add_argument("--synthetic-side", type=int, default=12288)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "wsi-nuclei-chunk-bench")
     ap.add_argument("--forward-only", action="store_true", help="only the second table: the bare forward pass of a tissue-filled window")
@@ -78,7 +82,7 @@ def forward_table(args: argparse.Namespace, sizes: list[int]) -> None:
 
     torch.set_num_threads(args.threads)
     net, card = load_model()
-    predict, name = make_predictor(net, card, args.backend, "cpu", args.threads)
+    predict, name = make_predictor(net, card, args.backend, args.device, args.threads, args.precision)
     rng = np.random.default_rng(0)
     rows = []
     for size in sizes:
@@ -113,7 +117,7 @@ def segment_table(args: argparse.Namespace, sizes: list[int]) -> None:
     for label, path in slides.items():
         for size in sizes:
             proc = subprocess.run([sys.executable, "-c", ONE, str(path), str(args.work / f"{path.stem}_{size}"), str(size), str(args.threads),
-                                   args.backend], capture_output=True, text=True, check=False)
+                                   args.backend, args.device, args.precision], capture_output=True, text=True, check=False)
             if proc.returncode:
                 sys.exit(f"{label} at {size} px failed:\n{proc.stderr[-3000:]}")
             row = {"slide": label, "chunk": size, **json.loads(proc.stdout.strip().splitlines()[-1])}

@@ -11,6 +11,8 @@
 # prints s/mm² of tissue at 0.5 µm/px, mean/peak GPU utilisation, the ratio to the bare model and to
 # the physical limit (the model over only the tissue's 256 px tiles), and the amplification.
 # The forward passes are planned from the free GPU memory (wsi_nuclei/memory.py; summary.json forward_passes).
+# Then benchmarks/chunk_size.py --forward-only on the GPU: seconds per core pixel by chunk size, to
+# choose a GPU worker's chunk size by measurement (CPU workers: 1536 px, docs/performance.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,6 +45,10 @@ SMI=$!
 python3 benchmarks/pipeline_vs_model.py --device cuda --backends torch --threads 8 \
     --synthetic-side 40000 --dask --work /tmp/wsi-nuclei-gpu-bench | tee /tmp/pvm_gpu.txt
 kill $SMI || true
+# the GPU's cost per core pixel by chunk size (the CPU chose 1536 px by this table; a GPU has the
+# memory for larger windows, whose context is a smaller share): bare forward passes, seconds
+python3 benchmarks/chunk_size.py --forward-only --device cuda --backend torch --threads 8 \
+    --sizes 1024,1536,2048,3072,4096 | tee /tmp/chunk_gpu.txt
 python3 - <<'PY'
 import json
 rows = [l.split(",") for l in open("/tmp/gpu_util.csv") if l.strip()]
@@ -55,4 +61,4 @@ for r in res["rows"]:
     print(f"{r['slide']}: {r['s_per_mm2']} s/mm² of tissue at 0.5 µm/px, pipeline/model = {r['ratio']}, "
           f"pipeline/limit = {r['ratio_to_limit']} (limit: bare model over the tissue's 256 px tiles), amplification {r['amplification']}")
 PY
-if [ -n "${OUT:-}" ]; then cp /tmp/pvm_gpu.txt /tmp/gpu_util.csv "$OUT"/ 2>/dev/null || true; fi
+if [ -n "${OUT:-}" ]; then cp /tmp/pvm_gpu.txt /tmp/gpu_util.csv /tmp/chunk_gpu.txt "$OUT"/ 2>/dev/null || true; fi

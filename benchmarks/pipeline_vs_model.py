@@ -16,8 +16,9 @@ and each inference backend:
 The last line is a JSON object with model_s, pipeline_s, ratio, limit_s, ratio_to_limit,
 amplification and s_per_mm2 of the default backend (auto) on the real slide, then every row.
 
-Run: .venv/bin/python benchmarks/pipeline_vs_model.py [--threads 2] [--backends torch,onnx,openvino,onnx-int8]
-(onnx-int8 is ``segment --precision int8``; its limit_s is the int8 forward pass over the tissue tiles)
+Run: .venv/bin/python benchmarks/pipeline_vs_model.py [--threads 2] [--backends torch,onnx,openvino,openvino-bf16,onnx-int8]
+(onnx-int8 is ``segment --precision int8``, openvino-bf16 ``segment --precision bf16``, skipped on a
+CPU without native bf16; their limit_s is the forward pass at their own precision over the tissue tiles)
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def limit_only(plan, tissue, thumb_scale: float, cfg, predict, tile: int = 256, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--backends", default="torch,onnx,openvino,onnx-int8", help="comma-separated; onnx-int8 = --precision int8")
+    ap.add_argument("--backends", default="torch,onnx,openvino,openvino-bf16,onnx-int8",
+                    help="comma-separated; onnx-int8 = --precision int8, openvino-bf16 = --precision bf16")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: torch backend only)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--chunk-size", type=int, default=None, help="working px (default: segment's default)")
@@ -112,7 +114,7 @@ def main() -> None:
     import torch
     from memory_scaling import build_slide
 
-    from wsi_nuclei.backends import make_predictor
+    from wsi_nuclei.backends import cpu_has_bf16, make_predictor
     from wsi_nuclei.model import load_model
     from wsi_nuclei.pipeline import SegmentConfig, segment_many
     from wsi_nuclei.plan import plan_slide
@@ -126,7 +128,10 @@ def main() -> None:
     rows = []
     for spec in args.backends.split(","):
         # onnx-int8: `segment --precision int8` (ONNX Runtime on the quantised export)
-        backend, precision = ("onnx", "int8") if spec == "onnx-int8" else (spec, "fp32")
+        backend, precision = {"onnx-int8": ("onnx", "int8"), "openvino-bf16": ("openvino", "bf16")}.get(spec, (spec, "fp32"))
+        if precision == "bf16" and not cpu_has_bf16():
+            print(f"{spec}: skipped, this CPU has no native bf16", file=sys.stderr)
+            continue
         chunk = {"chunk_size": args.chunk_size, "precision": precision} if args.chunk_size else {"precision": precision}
         cfg = SegmentConfig(backend=backend, torch_threads=args.threads, overwrite=True, device=args.device, batch_size=args.batch_size, **chunk)
         predict, name = make_predictor(model, card, backend, args.device, args.threads, precision)
@@ -178,11 +183,11 @@ def main() -> None:
     gpu = f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""
     print(f"\npipeline vs bare model — {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, "
           f"{args.threads} threads, chunk {cfg.chunk_size} px, torch {torch.__version__}, in-process (no Dask)")
-    print(f"{'slide':<36} {'backend':>9} {'chunks':>6} {'nuclei':>7} {'tissue mm²':>10} {'limit s':>7} {'model s':>8} {'pipeline s':>10} {'first s':>7} "
+    print(f"{'slide':<36} {'backend':>13} {'chunks':>6} {'nuclei':>7} {'tissue mm²':>10} {'limit s':>7} {'model s':>8} {'pipeline s':>10} {'first s':>7} "
           f"{'ratio':>6} {'to limit':>8} {'ampl.':>6} {'s/mm²':>6}  stages (s): read / inference / instances / polygons / assembly")
     for r in rows:
         st = r["stages"]
-        print(f"{r['slide']:<36} {r['backend']:>9} {r['chunks']:>6} {r['nuclei']:>7} {r['tissue_mm2']:>10.3f} {r['limit_s']:>7.1f} "
+        print(f"{r['slide']:<36} {r['backend']:>13} {r['chunks']:>6} {r['nuclei']:>7} {r['tissue_mm2']:>10.3f} {r['limit_s']:>7.1f} "
               f"{r['model_s']:>8.1f} {r['pipeline_s']:>10.1f} {r['first_s']:>7.1f} {r['ratio']:>6.2f} {r['ratio_to_limit']:>8.2f} {r['amplification']:>6.2f} "
               f"{r['s_per_mm2']:>6.1f}  {st['read']:.1f} / {st['inference']:.1f} / {st['instances']:.1f} / {st['polygons']:.1f} / "
               f"{st['assemble']:.1f}")
