@@ -28,6 +28,24 @@ def _cost(b: Box, context: int) -> int:
     return (b[2] - b[0] + 2 * context) * (b[3] - b[1] + 2 * context)
 
 
+def tissue_scale(plan) -> float:  # noqa: ANN001
+    """Working px per tissue-mask pixel, as ``plan_slide`` derives it (thumbnail scale / plan scale)."""
+    from wsi_nuclei.slide import open_slide
+
+    with open_slide(plan.path) as slide:
+        return slide.thumbnail(2048)[1] / plan.scale
+
+
+def window_mask(tissue: np.ndarray, per: float, x: int, y: int, side: int) -> np.ndarray:
+    """The tissue mask on the working pixels of the ``side`` px square at (``x``, ``y``); False
+    outside the slide."""
+    ys, xs = np.floor(np.arange(y, y + side) / per).astype(int), np.floor(np.arange(x, x + side) / per).astype(int)
+    oky, okx = (ys >= 0) & (ys < tissue.shape[0]), (xs >= 0) & (xs < tissue.shape[1])
+    mask = np.zeros((side, side), bool)
+    mask[np.ix_(oky, okx)] = tissue[np.ix_(ys[oky], xs[okx])]
+    return mask
+
+
 def rectangles(mask: np.ndarray, context: int, cell: int = CELL) -> list[Box]:
     """Rectangles (x0, y0, x1, y1) covering the ``cell`` px cells of ``mask`` that hold tissue: one
     per 8-connected group of cells, merged greedily while merging saves pixels (context included)."""
@@ -71,6 +89,7 @@ def main() -> None:
     print(f"amplification of {args.slide.name} (pixels given to the model / tissue pixels at the model's resolution); "
           f"rectangles: {CELL} px tissue cells grouped and merged per window (not built)")
     print(f"{'chunk':>6} {'context':>7} {'chunks':>6} {'tissue boxes':>12} {'whole windows':>13} {'rectangles':>10} {'(how many)':>10}")
+    per = 0.0  # working px per tissue-mask pixel (the same for every plan of the slide)
     for chunk in map(int, args.chunks.split(",")):
         for ctx in map(int, args.contexts.split(",")):
             plan, _, tissue = plan_slide(args.slide, Path("unused"), SegmentConfig(chunk_size=chunk, context=ctx))
@@ -80,17 +99,11 @@ def main() -> None:
             whole = len(plan.chunks) * (t.window + 2 * t.context) ** 2
             tissue_px = plan.tissue_mm2 / (plan.card.working_mpp / 1000) ** 2
             # the tissue mask on each window's pixels, dilated as tiling.tissue_box dilates it
-            per = plan.size[0] / tissue.shape[0]  # working px per mask pixel
+            per = per or tissue_scale(plan)
             grow = t.halo + int(math.ceil(per))
             rect_px, n_rect = 0, 0
             for ch in plan.chunks:
-                wx, wy = ch.x - t.halo, ch.y - t.halo
-                ys = np.floor(np.arange(wy, wy + t.window) / per).astype(int)
-                xs = np.floor(np.arange(wx, wx + t.window) / per).astype(int)
-                oky, okx = (ys >= 0) & (ys < tissue.shape[0]), (xs >= 0) & (xs < tissue.shape[1])
-                m = np.zeros((t.window, t.window), bool)
-                m[np.ix_(oky, okx)] = tissue[np.ix_(ys[oky], xs[okx])]
-                m = ndi.maximum_filter(m, size=2 * grow + 1)
+                m = ndi.maximum_filter(window_mask(tissue, per, ch.x - t.halo, ch.y - t.halo, t.window), size=2 * grow + 1)
                 rects = rectangles(m, t.context)
                 rect_px += sum(_cost(b, t.context) for b in rects)
                 n_rect += len(rects)

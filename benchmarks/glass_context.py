@@ -32,6 +32,8 @@ STRIDE = 32
 
 
 def main() -> None:
+    from amplification import tissue_scale, window_mask
+
     from wsi_nuclei.api import SAMPLE_SLIDE
     from wsi_nuclei.backends import make_predictor
     from wsi_nuclei.context import AJI_MIN, PROB_TOL
@@ -52,7 +54,7 @@ def main() -> None:
     ctx = int(card.context_px or 256)
     plan, _, tissue = plan_slide(args.slide, Path("unused"), SegmentConfig())
     t = plan.tiling
-    per = plan.size[0] / tissue.shape[0]  # working px per mask pixel
+    per = tissue_scale(plan)  # working px per mask pixel
     tissue_px = plan.tissue_mm2 / (card.working_mpp / 1000) ** 2
     variants = ["card context"] + [f"glass {g}" for g in map(int, args.glass.split(","))]
     px = dict.fromkeys(variants, 0)
@@ -75,11 +77,7 @@ def main() -> None:
 
             ref, _ = run(bx0 - REFERENCE, by0 - REFERENCE, bx1 + REFERENCE, by1 + REFERENCE)
             ref_labels = labels_of(ref)
-            ys = np.floor(np.arange(oy, oy + side) / per).astype(int)
-            xs = np.floor(np.arange(ox, ox + side) / per).astype(int)
-            oky, okx = (ys >= 0) & (ys < tissue.shape[0]), (xs >= 0) & (xs < tissue.shape[1])
-            mask = np.zeros((side, side), bool)
-            mask[np.ix_(oky, okx)] = tissue[np.ix_(ys[oky], xs[okx])]
+            mask = window_mask(tissue, per, ox, oy, side)
             near = mask[by0 - ctx : by1 + ctx, bx0 - ctx : bx1 + ctx]
             for v in variants:
                 if v == "card context":
@@ -95,8 +93,7 @@ def main() -> None:
                     rect = (rx0 // STRIDE * STRIDE, ry0 // STRIDE * STRIDE, -(-rx1 // STRIDE) * STRIDE, -(-ry1 // STRIDE) * STRIDE)
                 p, n = run(*rect)
                 m = evaluate_pair(ref_labels, labels_of(p))
-                tp = round(m.f1 * (m.n_true + m.n_pred) / 2)
-                per_chunk[v].append((float(np.percentile(np.abs(p[0] - ref[0]), 99.9)), float(m.aji), m.n_true + m.n_pred - 2 * tp))
+                per_chunk[v].append((float(np.percentile(np.abs(p[0] - ref[0]), 99.9)), float(m.aji), m.unmatched))
                 px[v] += n
     print(f"context at the tissue box's glass sides — {args.slide.name}, {len(plan.chunks)} chunks of {t.chunk} px, backend {backend}, "
           f"reference: {REFERENCE} px context on every side")

@@ -114,7 +114,7 @@ def main() -> None:
     import torch
     from memory_scaling import build_slide
 
-    from wsi_nuclei.backends import cpu_has_bf16, make_predictor
+    from wsi_nuclei.backends import backend_precision, cpu_has_bf16, make_predictor
     from wsi_nuclei.model import load_model
     from wsi_nuclei.pipeline import SegmentConfig, segment_many
     from wsi_nuclei.plan import plan_slide
@@ -128,7 +128,7 @@ def main() -> None:
     rows = []
     for spec in args.backends.split(","):
         # onnx-int8: `segment --precision int8` (ONNX Runtime on the quantised export)
-        backend, precision = {"onnx-int8": ("onnx", "int8"), "openvino-bf16": ("openvino", "bf16")}.get(spec, (spec, "fp32"))
+        backend, precision = backend_precision(spec)
         if precision == "bf16" and not cpu_has_bf16():
             print(f"{spec}: skipped, this CPU has no native bf16", file=sys.stderr)
             continue

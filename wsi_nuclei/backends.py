@@ -11,8 +11,8 @@
   equal ONNX Runtime's within 1e-4, a test; faster on this CPU, docs/performance.md).
 - ``auto``: torch on a GPU; on a CPU OpenVINO when it is installed, else ONNX Runtime, else torch.
 - ``openvino-bf16``: what ``--precision bf16`` resolves to: OpenVINO on the same fp32 export with
-  bf16 arithmetic, only on a CPU with native bf16 (AVX512_BF16 or AMX; ~1.8x faster than fp32 on
-  a Zen 4 core, within the accuracy gate, docs/performance.md). A worker whose CPU lacks it stops
+  bf16 arithmetic, only on a CPU with native bf16 (AVX512_BF16 or AMX; about twice as fast a
+  forward pass as fp32 on a Zen 4 VM, within the accuracy gate, docs/performance.md). A worker whose CPU lacks it stops
   with a clear error instead of quietly computing in fp32 (a slide's chunks never mix precisions).
 - ``onnx-int8``: what ``--precision int8`` resolves to: ONNX Runtime on the statically quantised
   export (:mod:`wsi_nuclei.quantize`), cached beside the fp32 one. ONNX Runtime only: OpenVINO ran
@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import ConfigError, ModelError
 
-__all__ = ["Predictor", "make_predictor", "to_tensor", "onnx_available", "openvino_available", "resolve_backend", "BACKENDS", "cache_dir", "usable_cache_dir", "MODEL_GATE", "gate_wait_seconds", "PRECISIONS", "INT8_BACKEND", "BF16_BACKEND", "cpu_has_bf16",
+__all__ = ["Predictor", "make_predictor", "to_tensor", "onnx_available", "openvino_available", "resolve_backend", "BACKENDS", "cache_dir", "usable_cache_dir", "MODEL_GATE", "gate_wait_seconds", "PRECISIONS", "INT8_BACKEND", "BF16_BACKEND", "REDUCED", "backend_precision", "cpu_has_bf16",
            "int8_path", "ensure_int8"]
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ PRECISIONS = ("fp32", "bf16", "int8")
 #: the concrete backends of ``--precision int8`` / ``bf16`` (the names in plans, summaries and reports)
 INT8_BACKEND = "onnx-int8"
 BF16_BACKEND = "openvino-bf16"
+#: each reduced precision: (the one --backend it runs on besides auto, its concrete backend name)
+REDUCED = {"int8": ("onnx", INT8_BACKEND), "bf16": ("openvino", BF16_BACKEND)}
 Predictor = Callable[[np.ndarray], np.ndarray]
 #: held by a CPU forward pass: one at a time per process (the pre- and post-processing around it is not)
 MODEL_GATE = threading.Lock()
@@ -99,35 +101,31 @@ def cpu_has_bf16() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+def backend_precision(name: str) -> tuple[str, str]:
+    """(``--backend``, ``--precision``) of a backend name: ``onnx-int8`` -> ("onnx", "int8"),
+    ``openvino-bf16`` -> ("openvino", "bf16"), any other name -> (name, "fp32")."""
+    return next(((runs_on, p) for p, (runs_on, concrete) in REDUCED.items() if concrete == name), (name, "fp32"))
+
+
 def resolve_backend(backend: str, device: str, precision: str = "fp32") -> str:
     """The concrete backend for ``backend`` on ``device`` at ``precision`` (``onnx-int8`` for int8,
     ``openvino-bf16`` for bf16; a concrete name resolves to itself, checked on this machine)."""
-    if backend == INT8_BACKEND:
-        backend, precision = "onnx", "int8"
-    if backend == BF16_BACKEND:
-        backend, precision = "openvino", "bf16"
+    if backend in (concrete for _, concrete in REDUCED.values()):
+        backend, precision = backend_precision(backend)
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown --precision {precision!r}; use {', '.join(PRECISIONS)}")
-    if precision == "bf16":
+    if precision in REDUCED:
+        runs_on, concrete = REDUCED[precision]
         if device != "cpu":
-            raise ConfigError(f"--precision bf16 is for CPUs (OpenVINO); on {device} the torch backend already runs in bf16 autocast: "
-                              "use --precision fp32")
-        if backend not in ("auto", "openvino"):
-            raise ConfigError(f"--precision bf16 runs on OpenVINO; use --backend auto or openvino, not {backend}")
-        if not openvino_available():
-            raise ConfigError("--precision bf16 needs onnx and openvino: pip install 'wsi-nuclei[openvino]'")
-        if not cpu_has_bf16():
+            raise ConfigError(f"--precision {precision} runs on the CPU; use --precision fp32 with --device {device} "
+                              "(on a GPU the torch backend runs in bf16 autocast)")
+        if backend not in ("auto", runs_on):
+            raise ConfigError(f"--precision {precision} runs on --backend {runs_on}; use --backend auto or {runs_on}, not {backend}")
+        resolve_backend(runs_on, device)  # installed? (that backend's own check and message)
+        if precision == "bf16" and not cpu_has_bf16():
             raise ConfigError(f"--precision bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX), and this one "
                               f"({platform.node() or 'this machine'}) has none; use --precision fp32")
-        return BF16_BACKEND
-    if precision == "int8":
-        if device != "cpu":
-            raise ConfigError(f"--precision int8 runs on the CPU (ONNX Runtime); use --precision fp32 with --device {device}")
-        if backend not in ("auto", "onnx"):
-            raise ConfigError(f"--precision int8 runs on ONNX Runtime; use --backend auto or onnx, not {backend}")
-        if not onnx_available():
-            raise ConfigError("--precision int8 needs onnx and onnxruntime: pip install 'wsi-nuclei[onnx]'")
-        return INT8_BACKEND
+        return concrete
     if backend not in BACKENDS:
         raise ConfigError(f"unknown --backend {backend!r}; use {', '.join(BACKENDS)}")
     if backend == "auto":

@@ -178,7 +178,7 @@ def segment_image_cmd(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
     backend: str = typer.Option("auto", help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU when installed), torch, onnx or openvino."),
-    precision: str = typer.Option("fp32", help="fp32; bf16: OpenVINO in bf16 on a CPU that has it natively (AVX512_BF16/AMX; ~1.8x faster); "
+    precision: str = typer.Option("fp32", help="fp32; bf16: OpenVINO in bf16 on a CPU that has it natively (AVX512_BF16/AMX; faster forward passes); "
                                   "int8: ONNX Runtime on the model quantised once and cached (CPU; both opt-in, see docs/performance.md)."),
 ) -> None:
     """Segment nuclei in plain images: writes <name>_labels.png (16-bit ids), <name>_overlay.png

@@ -62,7 +62,7 @@ def segment(
     raw_coordinates: bool = typer.Option(False, "--raw-coordinates", help="Keep raw level-0 coordinates (no bounds shift)."),
     reader: str = typer.Option("auto", help="Slide reader: auto, openslide or tiffslide."),
     backend: str = typer.Option("auto", help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU; torch on a GPU), torch, onnx or openvino."),
-    precision: str = typer.Option("fp32", help="fp32; bf16: OpenVINO in bf16 on a CPU that has it natively (AVX512_BF16/AMX; ~1.8x faster "
+    precision: str = typer.Option("fp32", help="fp32; bf16: OpenVINO in bf16 on a CPU that has it natively (AVX512_BF16/AMX; faster "
                                   "forward passes); int8: ONNX Runtime on the model quantised once and cached (CPU). Both give "
                                   "slightly different nuclei: docs/performance.md."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (and the SLURM job script) without running."),

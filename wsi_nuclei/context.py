@@ -91,8 +91,7 @@ def measure_context(
         diff = np.abs(tiled[0] - whole[0])
         labels = probabilities_to_instances(tiled, card.outputs, card.postprocess, card.working_mpp)
         m = evaluate_pair(whole_labels, labels)
-        tp = round(m.f1 * (m.n_true + m.n_pred) / 2)  # f1 = 2tp / (n_true + n_pred)
-        unmatched = m.n_true + m.n_pred - 2 * tp
+        unmatched = m.unmatched
         p999 = float(np.percentile(diff, 99.9))
         ok = m.aji >= aji_min and unmatched == 0 and p999 <= prob_tol
         rows.append(ContextRow(c, float(diff.max()), p999, float(m.aji), int(unmatched), m.n_true, m.n_pred, bool(ok)))

@@ -90,7 +90,7 @@ def configs(
     options = {k: v for k, v in segment.items() if not (k == "chunk_size" and v is None)}
     cfg = SegmentConfig(**{**options, "device": dev, "torch_threads": threads or DEFAULT_THREADS})
     cfg.check()
-    if resolve_backend(cfg.backend, cfg.device, cfg.precision) in ("onnx", "onnx-int8", "openvino", "openvino-bf16"):  # they export to the cache
+    if resolve_backend(cfg.backend, cfg.device, cfg.precision) != "torch":  # every other backend exports to the cache
         from .backends import usable_cache_dir
 
         usable_cache_dir()  # checked (or replaced, with a warning) before any worker starts

@@ -51,6 +51,12 @@ class ImageMetrics:
     n_true: int
     n_pred: int
 
+    @property
+    def unmatched(self) -> int:
+        """Objects of either map without an IoU > 0.5 partner in the other (false positives and
+        negatives; ``f1 = 2 tp / (n_true + n_pred)``)."""
+        return self.n_true + self.n_pred - 2 * round(self.f1 * (self.n_true + self.n_pred) / 2)
+
     def as_dict(self) -> dict[str, float | int]:
         """Return the metrics as a plain ``{field name: value}`` dict."""
         return asdict(self)
