@@ -93,7 +93,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     rgb = slide.read_working_part((chunk.x - h - ctx, chunk.y - h - ctx, side, side), plan.scale, part)
     t1 = time.perf_counter()
     waited = gate_wait_seconds()
-    probs, inferred = window_probabilities(with_tta(predict, plan.tta), len(card.outputs), rgb, fp.tile, ctx, fp.batch, chunk.infer)
+    probs, inferred = window_probabilities(with_tta(predict, plan.tta), card.channels, rgb, fp.tile, ctx, fp.batch, chunk.infer)
     probs = probs[:, :win, :win]
     t2 = time.perf_counter()
     waited = gate_wait_seconds() - waited
@@ -102,7 +102,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     # foreground, so the instances of that rectangle are the window's (same ids, raster order)
     px0, py0, px1, py1 = part[0], part[1], min(win, part[2] - 2 * ctx), min(win, part[3] - 2 * ctx)
     labels = np.zeros((win, win), dtype=np.int32)
-    labels[py0:py1, px0:px1] = probabilities_to_instances(probs[:, py0:py1, px0:px1], card.outputs, card.postprocess, card.working_mpp)
+    labels[py0:py1, px0:px1] = probabilities_to_instances(probs[: len(card.outputs), py0:py1, px0:px1], card.outputs, card.postprocess, card.working_mpp)
     try:
         owned = own_by_centroid(labels, h, c, (chunk.y, chunk.x), plan.size, chunk.index)
     except OverflowError as err:

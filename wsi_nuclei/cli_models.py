@@ -36,6 +36,15 @@ def train(
     threads: int = typer.Option(0, help="Torch CPU threads (0: torch's default)."),
     resume: bool = typer.Option(False, help="Continue from OUT/state.pt."),
     tune: bool = typer.Option(True, help="After training, tune post-processing thresholds on the validation images."),
+    types: bool = typer.Option(False, "--types/--no-types", help="Also learn nucleus types (CoNSeP's 4 groups) where the data has them."),
+    context_pairs: bool = typer.Option(False, help="Context-robust training: each crop seen whole and as a short window, with a consistency loss."),
+    context_margins: Optional[str] = typer.Option(None, help="Margins (px) the short window keeps around its loss box, e.g. 32,48,64,80,96."),
+    freeze_bn: bool = typer.Option(False, help="Batch-norm statistics fixed while training (as at inference)."),
+    schedule: str = typer.Option("step", help="Learning-rate schedule: step (÷10 at --lr-drop-epoch) or cosine."),
+    select: str = typer.Option("pooled", help="Checkpoint selection on validation: worst_group, mean_minus_std or pooled."),
+    val_every: Optional[int] = typer.Option(None, help="Validate every this many epochs."),
+    snapshot_every: int = typer.Option(0, help="Keep a copy of the model every this many epochs (0: none)."),
+    probe_every: int = typer.Option(0, help="Log tiled-vs-whole agreement at 96 px context every this many epochs (0: never)."),
 ) -> None:
     """Train EfficientUnet++ on MoNuSeg (and CoNSeP) train, selecting on held-out training images."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -46,7 +55,10 @@ def train(
     try:
         options = dict(encoder=encoder, pretrained=pretrained, working_mpp=mpp, epochs=epochs, steps_per_epoch=steps_per_epoch,
                        batch_size=batch_size, crop=crop, lr=lr, lr_drop_epoch=lr_drop_epoch, stain_augment=stain_augment,
-                       exclude_groups=tuple(exclude_organ) or None, seed=seed, threads=threads)
+                       exclude_groups=tuple(exclude_organ) or None, seed=seed, threads=threads, types=types or None,
+                       context_pairs=context_pairs or None, freeze_bn=freeze_bn or None, schedule=schedule, select=select,
+                       val_every=val_every, snapshot_every=snapshot_every or None, probe_every=probe_every or None,
+                       context_margins=tuple(int(m) for m in context_margins.split(",")) if context_margins else None)
         cfg = tr.build_config(out, options, recipe=recipe, data=data, init=init, validation=validation)
         folder = Path(data) if Path(data).is_dir() else None
         root = folder or trainset.data_root(data_root)

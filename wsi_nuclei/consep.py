@@ -17,6 +17,7 @@ import numpy as np
 from .datasets import Sample, read_label_image, read_rgb
 from .errors import DatasetError
 from .instances import relabel_sequential
+from .nucleus_types import consep_type_map
 
 __all__ = ["load_consep", "CONSEP_MPP", "CONSEP_TILE_ORIGINS"]
 
@@ -54,12 +55,13 @@ def load_consep(root: Path | str, split: str = "test", names: list[str] | None =
         Only the first ``limit`` images.
 
     Overlapping tile strips must agree (they do in the shipped copy); instance ids are renumbered
-    1..N in order of the original ids. ``group`` is ``"consep"``.
+    1..N in order of the original ids. ``group`` is ``"consep"``. ``types`` holds the grouped
+    nucleus types (:func:`wsi_nuclei.nucleus_types.consep_type_map`) when ``types/`` exists.
     """
     if split not in ("train", "test"):
         raise DatasetError(f"CoNSeP split must be train or test, got {split!r}")
     base = _consep_root(Path(root), split)
-    img_dir, inst_dir = base / "images" / split, base / "instances" / split
+    img_dir, inst_dir, type_dir = base / "images" / split, base / "instances" / split, base / "types" / split
     ids: dict[str, set[int]] = {}
     for p in img_dir.iterdir():
         m = re.fullmatch(rf"({split}_\d+)_(\d{{3}})\.jpg", p.name)
@@ -79,6 +81,7 @@ def load_consep(root: Path | str, split: str = "test", names: list[str] | None =
             raise DatasetError(f"{img_dir}: {name} has tiles {sorted(ids[name])}, expected 000..015; re-copy the dataset")
         image = np.zeros((_CONSEP_SIDE, _CONSEP_SIDE, 3), np.uint8)
         inst = np.zeros((_CONSEP_SIDE, _CONSEP_SIDE), np.int32)
+        classes: np.ndarray | None = np.zeros((_CONSEP_SIDE, _CONSEP_SIDE), np.uint8) if type_dir.is_dir() else None
         for i, (y, x) in enumerate(CONSEP_TILE_ORIGINS):
             tile_img = read_rgb(img_dir / f"{name}_{i:03d}.jpg")
             tile_inst = read_label_image(inst_dir / f"{name}_{i:03d}.png").astype(np.int32)
@@ -86,6 +89,19 @@ def load_consep(root: Path | str, split: str = "test", names: list[str] | None =
                 raise DatasetError(f"{img_dir / name}_{i:03d}: tile is not {_CONSEP_TILE}², re-copy the dataset")
             image[y : y + _CONSEP_TILE, x : x + _CONSEP_TILE] = tile_img
             inst[y : y + _CONSEP_TILE, x : x + _CONSEP_TILE] = tile_inst
-        out.append(Sample(name, image, relabel_sequential(inst), CONSEP_MPP, "consep", "consep"))
+            if classes is not None:
+                classes[y : y + _CONSEP_TILE, x : x + _CONSEP_TILE] = _read_classes(type_dir / f"{name}_{i:03d}.png", tile_inst.shape)
+        types = consep_type_map(classes) * (inst > 0) if classes is not None else None
+        out.append(Sample(name, image, relabel_sequential(inst), CONSEP_MPP, "consep", "consep", types))
     log.info("loaded %d CoNSeP %s images from %s", len(out), split, base)
     return out
+
+
+def _read_classes(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """One CoNSeP class tile (uint8 0..7), checked for its size."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: CoNSeP class tile missing; re-copy the dataset (types/ must have a tile for every image tile)")
+    arr = read_label_image(path)
+    if arr.shape != shape:
+        raise DatasetError(f"{path}: class tile is {arr.shape}, expected {shape}; re-copy the dataset")
+    return np.asarray(arr, dtype=np.uint8)

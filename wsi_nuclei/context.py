@@ -81,15 +81,15 @@ def measure_context(
     side = image.shape[0] - 2 * cmax
     if image.shape[0] != image.shape[1] or side <= 0 or side % tile:
         raise ValueError(f"image {image.shape[:2]} must be square with side n*{tile} + 2*{cmax}")
-    n_out = len(card.outputs)
+    n_out = card.channels
     whole = predict(image[None])[0][:, cmax : cmax + side, cmax : cmax + side]
-    whole_labels = probabilities_to_instances(whole, card.outputs, card.postprocess, card.working_mpp)
+    whole_labels = probabilities_to_instances(whole[: len(card.outputs)], card.outputs, card.postprocess, card.working_mpp)
     rows = []
     for c in sorted(candidates):
         sub = image[cmax - c : cmax + side + c, cmax - c : cmax + side + c]
         tiled = tile_probabilities(predict, n_out, sub, tile, c, batch_size=1)
         diff = np.abs(tiled[0] - whole[0])
-        labels = probabilities_to_instances(tiled, card.outputs, card.postprocess, card.working_mpp)
+        labels = probabilities_to_instances(tiled[: len(card.outputs)], card.outputs, card.postprocess, card.working_mpp)
         m = evaluate_pair(whole_labels, labels)
         unmatched = m.unmatched
         p999 = float(np.percentile(diff, 99.9))

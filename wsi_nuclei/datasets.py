@@ -87,6 +87,9 @@ class Sample:
         Organ (MoNuSeg), slide id (TNBC), "consep" or "" (folder): for splits and per-group reports.
     dataset : str
         The dataset it came from ("monuseg", "tnbc", "consep", "folder"): training samples by it.
+    types : np.ndarray or None
+        (H, W) uint8 nucleus-type map (0 = no type, 1..n = :data:`wsi_nuclei.nucleus_types.DEFAULT_TYPES`),
+        or None when the dataset has no types.
     """
 
     name: str
@@ -95,6 +98,7 @@ class Sample:
     mpp: float
     group: str = ""
     dataset: str = ""
+    types: np.ndarray | None = None
 
 
 def tcga_organ(name: str) -> str:

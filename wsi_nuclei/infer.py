@@ -113,7 +113,7 @@ def segment_image(
     work = working_shape(image.shape[:2], mpp, card.working_mpp)
     probs = predict_probabilities(predict, card, resize_image(image, work), tta)
     check_finite(probs, "the image")
-    labels = probabilities_to_instances(probs, card.outputs, post or card.postprocess, card.working_mpp)
+    labels = probabilities_to_instances(probs[: len(card.outputs)], card.outputs, post or card.postprocess, card.working_mpp)
     return resize_labels(labels, image.shape[:2])
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import atomic
 from .errors import ModelError
+from .nucleus_types import types_from_card
 from .tiling import STRIDE
 from .tta import TTA_MODES
 
@@ -101,6 +102,14 @@ class ModelCard:
     context_px: int | None = None
     #: Test-time augmentation the model is meant to run with: none, flip4 or dihedral8.
     tta: str = "none"
+    #: Nucleus types the model predicts (:func:`wsi_nuclei.nucleus_types.types_to_card` objects):
+    #: one logit channel each, after the ``outputs`` channels; () for a single-class model.
+    types: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def channels(self) -> int:
+        """Logit channels of the network: the ``outputs`` then one per type."""
+        return len(self.outputs) + len(self.types)
 
     @property
     def model_id(self) -> str:
@@ -118,7 +127,7 @@ class ModelCard:
             pp = PostProcess(**data.get("postprocess", {}))
             known = {f for f in cls.__dataclass_fields__}
             kwargs = {k: v for k, v in data.items() if k in known and k != "postprocess"}
-            for key in ("outputs", "input_mean", "input_std"):
+            for key in ("outputs", "input_mean", "input_std", "types"):
                 if key in kwargs:
                     kwargs[key] = tuple(kwargs[key])
             card = cls(postprocess=pp, **kwargs)
@@ -129,6 +138,10 @@ class ModelCard:
             raise ModelError(f"{source}: outputs {list(card.outputs)} must include 'nucleus' and only {list(OUTPUT_NAMES)}")
         if isinstance(card.working_mpp, bool) or not isinstance(card.working_mpp, (int, float)) or not card.working_mpp > 0:
             raise ModelError(f"{source}: working_mpp must be > 0, got {card.working_mpp}")
+        try:
+            types_from_card(card.types)
+        except ValueError as err:
+            raise ModelError(f"{source}: {err}") from None
         if card.tta not in TTA_MODES:
             raise ModelError(f"{source}: tta must be none, flip4 or dihedral8, got {card.tta!r}")
         _check_values(card, source)
@@ -353,12 +366,12 @@ def load_model(directory: Path | str | None = None, check_hash: bool = True) -> 
         state = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelError(f"{wpath}: corrupt safetensors file ({err}); re-copy or re-train the model") from err
-    model = build_model(card.encoder, len(card.outputs), _decoder_channels(card), card.architecture)
+    model = build_model(card.encoder, card.channels, _decoder_channels(card), card.architecture)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
-        raise ModelError(f"{wpath}: weights do not fit encoder {card.encoder!r} with {len(card.outputs)} outputs ({first})") from err
+        raise ModelError(f"{wpath}: weights do not fit encoder {card.encoder!r} with {card.channels} output channels ({first})") from err
     model.eval()
     check_model(model, card, wpath)
     return model, card

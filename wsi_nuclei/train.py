@@ -25,7 +25,7 @@ import numpy as np
 from .datasets import Sample
 from .errors import ConfigError
 from .model import ModelCard, PostProcess
-from .trainset import DEFAULT_VALIDATION, make_batch, prepare
+from .trainset import DEFAULT_VALIDATION, prepare
 
 __all__ = ["TrainConfig", "PAPER_RECIPE", "STAIN_AUGMENTS", "train", "validate", "tune_postprocess", "tune_model",
            "build_config", "card_split", "validation_samples"]
@@ -64,6 +64,24 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     postprocess: PostProcess = field(default_factory=PostProcess)
+    #: Per-pixel nucleus types (CoNSeP's 4 groups) as extra logit channels, trained where known.
+    types: bool = False
+    #: Context-robust training: each crop seen whole and as a short window (:mod:`.robust`).
+    context_pairs: bool = False
+    context_box: int = 128
+    context_margins: tuple[int, ...] = (32, 48, 64, 80, 96)
+    consistency_weight: float = 10.0
+    #: Batch-norm layers in eval mode while training (statistics as at inference).
+    freeze_bn: bool = False
+    #: Learning-rate schedule: step (÷10 from lr_drop_epoch) or cosine (to lr/100).
+    schedule: str = "step"
+    #: Checkpoint selection: worst_group, mean_minus_std or pooled (:mod:`.validation`).
+    select: str = "pooled"
+    #: Keep a copy of the model every this many epochs (0: none).
+    snapshot_every: int = 0
+    #: Log the tiled-vs-whole agreement at ``probe_context`` px every this many epochs (0: never).
+    probe_every: int = 0
+    probe_context: int = 96
 
     def check(self) -> None:
         for name in ("crop", "batch_size", "epochs", "steps_per_epoch"):
@@ -79,6 +97,17 @@ class TrainConfig:
             raise ConfigError("outputs must include 'nucleus'")
         if self.stain_augment not in STAIN_AUGMENTS:
             raise ConfigError(f"--stain-augment must be one of {', '.join(STAIN_AUGMENTS)}, got {self.stain_augment!r}")
+        if self.schedule not in ("step", "cosine"):
+            raise ConfigError(f"--schedule must be step or cosine, got {self.schedule!r}")
+        from .validation import CRITERIA
+
+        if self.select not in CRITERIA:
+            raise ConfigError(f"--select must be one of {', '.join(CRITERIA)}, got {self.select!r}")
+        if self.context_pairs:
+            bad = [m for m in self.context_margins if (self.context_box + 2 * m) % 32 or self.context_box + 2 * m > self.crop]
+            if not self.context_margins or bad:
+                raise ConfigError(f"--context-margins {list(self.context_margins)}: each box ({self.context_box}) + 2 x margin must be a "
+                                  f"multiple of 32 and fit the {self.crop} px crop; bad: {bad}")
         if not self.data or any(not w > 0 for _, w in self.data):
             raise ConfigError(f"--data needs at least one dataset, each with a weight > 0, got {list(self.data)}")
 
@@ -99,26 +128,6 @@ PAPER_RECIPE: dict[str, Any] = dict(
     loss="dice",
     postprocess=PostProcess(method="threshold", fg_threshold=0.7),
 )
-
-
-def _loss(logits: Any, target: Any, cfg: TrainConfig) -> Any:
-    import torch
-    import torch.nn.functional as F
-
-    total = logits.new_zeros(())
-    for i, name in enumerate(cfg.outputs):
-        lg, tg = logits[:, i], target[:, i]
-        prob = torch.sigmoid(lg)
-        if name == "distance":
-            total = total + F.mse_loss(prob, tg) * 5.0
-            continue
-        inter = (prob * tg).sum()
-        dice = 1 - (2 * inter + 1) / (prob.sum() + tg.sum() + 1)
-        total = total + dice
-        if cfg.loss == "dice_bce":
-            pos_weight = torch.tensor(3.0 if name == "boundary" else 1.0, device=lg.device)
-            total = total + F.binary_cross_entropy_with_logits(lg, tg, pos_weight=pos_weight)
-    return total
 
 
 def validate(model: Any, card: ModelCard, samples: list[Sample], post: PostProcess | None = None) -> dict[str, float | int]:
@@ -160,7 +169,7 @@ def tune_postprocess(
     def score(post: PostProcess) -> float:
         ajis = []
         for s, probs in cached:
-            labels = probabilities_to_instances(probs, card.outputs, post, card.working_mpp)
+            labels = probabilities_to_instances(probs[: len(card.outputs)], card.outputs, post, card.working_mpp)
             ajis.append(evaluate_pair(s.labels, resize_labels(labels, s.labels.shape)).aji)
         return float(np.mean(ajis))
 
@@ -264,10 +273,38 @@ def build_config(out: Path, options: dict[str, Any], recipe: str = "ours", data:
 
 
 def _card(cfg: TrainConfig, extra: dict[str, Any]) -> ModelCard:
+    from .nucleus_types import DEFAULT_TYPES, types_to_card
+
     training = {k: (_listify(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "postprocess"}
     training["out"] = str(cfg.out)
     training.update(extra)
-    return ModelCard(encoder=cfg.encoder, outputs=cfg.outputs, working_mpp=cfg.working_mpp, postprocess=cfg.postprocess, training=training)
+    return ModelCard(encoder=cfg.encoder, outputs=cfg.outputs, working_mpp=cfg.working_mpp, postprocess=cfg.postprocess, training=training,
+                     types=types_to_card(DEFAULT_TYPES) if cfg.types else ())
+
+
+def _start_model(cfg: TrainConfig, extra: dict[str, Any]) -> Any:
+    """A new model: the ``init`` folder's weights (its head widened for types), else ImageNet or random."""
+    from .model import IMAGENET_LITE, build_model, load_imagenet_lite, load_model
+    from .nucleus_types import DEFAULT_TYPES
+    from .train_steps import widen_head
+
+    n_channels = len(cfg.outputs) + (len(DEFAULT_TYPES) if cfg.types else 0)
+    model = build_model(cfg.encoder, n_channels, cfg.decoder_channels)
+    if cfg.init:
+        init_model, init_card = load_model(cfg.init)
+        init_decoder = tuple(init_card.training.get("decoder_channels") or cfg.decoder_channels)
+        if init_card.encoder != cfg.encoder or tuple(init_card.outputs) != tuple(cfg.outputs) or init_decoder != tuple(cfg.decoder_channels):
+            raise ConfigError(f"--init {cfg.init}: its model is {init_card.encoder} with outputs {list(init_card.outputs)} and decoder {list(init_decoder)}, "
+                              f"the training asks for {cfg.encoder} with {list(cfg.outputs)} and {list(cfg.decoder_channels)}; pass matching --encoder")
+        widened = widen_head(model, init_model.state_dict())
+        extra["init_sha256"] = init_card.weights_sha256
+        if widened:
+            extra["init_widened"] = widened
+    elif cfg.pretrained:
+        if cfg.encoder not in IMAGENET_LITE:
+            raise ConfigError(f"ImageNet weights are available offline only for {', '.join(IMAGENET_LITE)}, not {cfg.encoder}; pass --scratch")
+        load_imagenet_lite(model, cfg.encoder)
+    return model
 
 
 def train(
@@ -278,11 +315,15 @@ def train(
     progress: Callable[[int, int, float], None] | None = None,
     extra_card: dict[str, Any] | None = None,
 ) -> ModelCard:
-    """Train and return the card of the best model (by validation AJI; the last one without
-    validation images). ``progress(step, total_steps, loss)`` is called after every step."""
+    """Train and return the card of the best model (by ``cfg.select`` over validation groups; the
+    last one without validation images). ``progress(step, total_steps, loss)`` is called after
+    every step. A run stopped at any epoch and resumed (``resume``) continues bit for bit: the
+    weights, the optimiser, both random generators and the best score are in ``state.pt``."""
     import torch
 
-    from .model import build_model, load_imagenet_lite, load_model, save_model
+    from .model import load_model
+    from .train_steps import freeze_batchnorm, lr_at, step_loss
+    from .trainset import type_weights
 
     cfg.check()
     if cfg.threads:
@@ -294,32 +335,19 @@ def train(
     extra = dict(extra_card or {})
     extra["train_images"] = sorted(s.name for s in train_samples)
 
-    start_epoch, best_aji = 0, -1.0
+    start_epoch, best_score = 0, -1.0
     rng = np.random.default_rng(cfg.seed)
+    state = None
     if resume and state_path.is_file():
         model, _ = load_model(out / "last", check_hash=False)
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        start_epoch, best_aji = int(state["epoch"]), float(state["best_aji"])
+        start_epoch, best_score = int(state["epoch"]), float(state["best_aji"])
         rng.bit_generator.state = json.loads(state["rng"])
         torch.set_rng_state(state["torch_rng"])
-        log.info("resuming %s at epoch %d (best val AJI %.4f)", out, start_epoch, best_aji)
-    elif cfg.init:
-        model, init_card = load_model(cfg.init)
-        init_decoder = tuple(init_card.training.get("decoder_channels") or cfg.decoder_channels)
-        if init_card.encoder != cfg.encoder or tuple(init_card.outputs) != tuple(cfg.outputs) or init_decoder != tuple(cfg.decoder_channels):
-            raise ConfigError(f"--init {cfg.init}: its model is {init_card.encoder} with outputs {list(init_card.outputs)} and decoder {list(init_decoder)}, "
-                              f"the training asks for {cfg.encoder} with {list(cfg.outputs)} and {list(cfg.decoder_channels)}; pass matching --encoder")
-        extra["init_sha256"] = init_card.weights_sha256
-        state = None
+        extra.update(json.loads(state.get("extra", "{}")))
+        log.info("resuming %s at epoch %d (best %s %.4f)", out, start_epoch, cfg.select, best_score)
     else:
-        model = build_model(cfg.encoder, len(cfg.outputs), cfg.decoder_channels)
-        if cfg.pretrained:
-            from .model import IMAGENET_LITE
-
-            if cfg.encoder not in IMAGENET_LITE:
-                raise ConfigError(f"ImageNet weights are available offline only for {', '.join(IMAGENET_LITE)}, not {cfg.encoder}; pass --scratch")
-            load_imagenet_lite(model, cfg.encoder)
-        state = None
+        model = _start_model(cfg, extra)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if state is not None:
@@ -327,18 +355,20 @@ def train(
 
     data = prepare(train_samples, cfg)
     card = _card(cfg, extra)
+    weights = torch.from_numpy(type_weights(data, len(card.types))) if card.types else None
+    probe = _probe_image(cfg, card)
     total = cfg.epochs * cfg.steps_per_epoch
     with open(out / "log.jsonl", "a", encoding="utf-8") as logf:
         for epoch in range(start_epoch, cfg.epochs):
-            lr = cfg.lr if epoch < cfg.lr_drop_epoch else cfg.lr * 0.1
+            lr = lr_at(cfg, epoch)
             for group in opt.param_groups:
                 group["lr"] = lr
             model.train()
+            if cfg.freeze_bn:
+                freeze_batchnorm(model)
             t0, losses = time.time(), []
             for step in range(cfg.steps_per_epoch):
-                x, y = make_batch(data, cfg, rng)
-                xt = _to_input(x, card).contiguous(memory_format=torch.channels_last)
-                loss = _loss(model(xt), torch.from_numpy(y), cfg)
+                loss = step_loss(model, data, cfg, rng, card, weights)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -346,18 +376,20 @@ def train(
                 if progress:
                     progress(epoch * cfg.steps_per_epoch + step + 1, total, losses[-1])
             row: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": lr, "seconds": round(time.time() - t0, 1)}
-            is_best = False
+            is_best, score = False, None
             if val_samples and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-                metrics = validate(model, card, val_samples)
-                row.update({f"val_{k}": v for k, v in metrics.items() if k in ("aji", "dice", "pq", "f1")})
-                if metrics["aji"] > best_aji:
-                    best_aji, is_best = float(metrics["aji"]), True
-            save_model(model, replace(card, metrics={"epoch": epoch + 1}), out / "last")
-            if is_best or not val_samples:
-                save_model(model, replace(card, metrics={"epoch": epoch + 1, "val_aji": best_aji}), out / "best")
+                score = _validate_row(model, card, val_samples, cfg, row)
+                if score > best_score:
+                    best_score, is_best = score, True
+            if probe is not None and cfg.probe_every and (epoch + 1) % cfg.probe_every == 0:
+                from .train_steps import probe_context
+
+                row["probe"] = probe_context(model, card, cfg.probe_context, probe)
+            _checkpoint(model, card, out, epoch + 1, cfg, is_best or not val_samples, best_score, row)
             torch.save(
-                {"epoch": epoch + 1, "best_aji": best_aji, "optimizer": opt.state_dict(),
-                 "rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state()},
+                {"epoch": epoch + 1, "best_aji": best_score, "optimizer": opt.state_dict(),
+                 "rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
+                 "extra": json.dumps({k: v for k, v in extra.items() if k in ("init_sha256", "init_widened")})},
                 state_path,
             )
             logf.write(json.dumps(row) + "\n")
@@ -368,11 +400,42 @@ def train(
     return load_card(out / "best")
 
 
+def _validate_row(model: Any, card: ModelCard, val_samples: list[Sample], cfg: TrainConfig, row: dict[str, Any]) -> float:
+    """Validate, add the numbers to the log ``row`` and return the selection score."""
+    from .train_steps import validate_groups
+    from .validation import criterion
+
+    res = validate_groups(model, card, val_samples)
+    pooled = res["pooled"]
+    row.update({f"val_{k}": v for k, v in pooled.items() if k in ("aji", "dice", "pq", "f1")})
+    row["val_groups"] = {g: round(v.aji, 5) for g, v in res["groups"].items()}
+    if "types" in res:
+        row["val_types"] = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in res["types"].items()}
+    score = criterion(res["groups"], cfg.select, pooled=float(pooled["aji"]))
+    row[f"val_{cfg.select}"] = round(score, 5)
+    return score
+
+
+def _checkpoint(model: Any, card: ModelCard, out: Path, epoch: int, cfg: TrainConfig, best: bool, best_score: float,
+                row: dict[str, Any]) -> None:
+    from .model import save_model
+
+    save_model(model, replace(card, metrics={"epoch": epoch}), out / "last")
+    metrics = {"epoch": epoch, "val_aji": best_score, "select": cfg.select}
+    if best:
+        save_model(model, replace(card, metrics=metrics), out / "best")
+    if cfg.snapshot_every and epoch % cfg.snapshot_every == 0:
+        save_model(model, replace(card, metrics={"epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val")}}),
+                   out / "snapshots" / f"epoch_{epoch:04d}")
+
+
+def _probe_image(cfg: TrainConfig, card: ModelCard) -> np.ndarray | None:
+    if not cfg.probe_every:
+        return None
+    from .train_steps import probe_image
+
+    return probe_image(card, cfg.probe_context)
+
+
 def _listify(v: Any) -> Any:
     return [_listify(x) for x in v] if isinstance(v, (tuple, list)) else v
-
-
-def _to_input(x: np.ndarray, card: ModelCard) -> Any:
-    from .backends import to_tensor
-
-    return to_tensor(x, card)

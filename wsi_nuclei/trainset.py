@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .train import TrainConfig
 
 __all__ = ["DEFAULT_VALIDATION", "CONSEP_VALIDATION", "DATA_SOURCES", "DATA_ROOT_ENV", "parse_data", "data_root",
-           "load_training_samples", "split_validation", "prepare", "draw_image", "make_batch"]
+           "load_training_samples", "split_validation", "prepare", "draw_image", "make_batch", "type_weights"]
 
 #: Held-out MoNuSeg training images for model selection: one per organ (5 organs).
 DEFAULT_VALIDATION = (
@@ -128,7 +128,11 @@ def prepare(samples: list[Sample], cfg: TrainConfig) -> Prepared:
         members[key].append(i)
         shape = working_shape(s.labels.shape, s.mpp, cfg.working_mpp)
         images.append(resize_image(s.image, shape))
-        targets.append(make_targets(resize_labels(s.labels, shape), cfg.outputs))
+        tgt = make_targets(resize_labels(s.labels, shape), cfg.outputs)
+        if cfg.types:
+            kind = resize_labels(s.types, shape) if s.types is not None else np.zeros(shape, np.uint8)
+            tgt = np.concatenate([tgt, kind[None].astype(np.float32)])
+        targets.append(tgt)
         stains.append(macenko_stains(images[-1]) if cfg.stain_augment in ("macenko", "both") else None)
     empty = [n for n in names if not members[n]]
     if empty:
@@ -144,13 +148,24 @@ def draw_image(data: Prepared, rng: np.random.Generator) -> int:
     return members[int(rng.integers(len(members)))]
 
 
-def make_batch(data: Prepared, cfg: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``cfg.batch_size`` augmented crops and their targets, as (N, H, W, 3) and (N, C, H, W)."""
+def type_weights(data: Prepared, n_types: int) -> np.ndarray:
+    """Cross-entropy weights of the types: 1 / sqrt(pixel frequency), mean 1 (types never seen: 1)."""
+    counts = np.zeros(n_types + 1, np.float64)
+    for t in data.targets:
+        counts += np.bincount(t[-1].astype(np.int64).ravel(), minlength=n_types + 1)[: n_types + 1]
+    freq = counts[1:] / max(counts[1:].sum(), 1.0)
+    w = np.where(freq > 0, 1.0 / np.sqrt(np.maximum(freq, 1e-12)), 0.0)
+    w = w / w[w > 0].mean() if (w > 0).any() else np.ones(n_types)
+    return np.where(w > 0, w, 1.0).astype(np.float32)
+
+
+def make_batch(data: Prepared, cfg: TrainConfig, rng: np.random.Generator, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` (default ``cfg.batch_size``) augmented crops and their targets, as (N, H, W, 3) and (N, C, H, W)."""
     from .stain import random_restain
     from .targets import augment, random_crop
 
     xs, ys = [], []
-    for _ in range(cfg.batch_size):
+    for _ in range(cfg.batch_size if n is None else n):
         i = draw_image(data, rng)
         img, tgt = random_crop(data.images[i], data.targets[i], cfg.crop, rng)
         if cfg.stain_augment in ("macenko", "both") and rng.random() < 0.5:
