@@ -23,9 +23,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .errors import ConfigError, DatasetError, ModelError, OutputError, SlideError, WsiNucleiError
-
-__version__ = "0.1.0"
 
 #: public name -> the module that defines it (imported on first use)
 _LAZY = {

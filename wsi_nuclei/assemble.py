@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, atomic
+from . import atomic
+from ._version import __version__
 from .chunk import read_chunk_file
 from .config import SegmentConfig
 from .density import DensityGrid, density_png

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .outputs import WORK_DIR
+from .slide import PLAUSIBLE_MPP, check_mpp
 
 __all__ = ["SegmentConfig", "DEFAULT_CHUNK", "WORK_DIR", "PLAUSIBLE_MPP", "check_mpp", "FORMATS", "parse_formats"]
 
-#: µm per level-0 px a slide plausibly has (0.25 at 40x, 0.5 at 20x; 10 would be a 1x overview):
-#: outside it, mm or nm were most likely typed for µm. ``--unusual-mpp`` accepts any finite value.
-PLAUSIBLE_MPP = (0.05, 20.0)
 #: Largest chunk core (working px): a chunk window and its arrays are held in memory whole.
 MAX_CHUNK = 16384
 #: The default chunk core (working px), chosen by ``benchmarks/chunk_size.py`` (docs/performance.md):
@@ -19,17 +17,6 @@ MAX_CHUNK = 16384
 #: chunk, for ~1.3 GB more peak memory; 2048 px was 0.73-0.77x (no better than 1536 taken
 #: together) and peaked at 6.2 GB.
 DEFAULT_CHUNK = 1536
-
-
-def check_mpp(value: float, where: str, unusual: bool = False, override: str = "--unusual-mpp") -> None:
-    """Refuse a resolution that is not a finite number > 0, or (unless ``unusual``) outside
-    :data:`PLAUSIBLE_MPP`; ``where`` names its source in the message ("--mpp", a slide file)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
-        raise ConfigError(f"{where} must be > 0 µm/px and finite, got {value!r}; e.g. --mpp 0.25 for 40x or 0.5 for 20x")
-    lo, hi = PLAUSIBLE_MPP
-    if not unusual and not lo <= value <= hi:
-        raise ConfigError(f"{where}: {value:g} µm/px is outside the {lo:g}-{hi:g} µm/px of slides (0.25 at 40x, 0.5 at 20x; "
-                          "was it typed in mm or nm?); pass the right --mpp" + (f", or {override} if the value is right" if override else ""))
 
 
 def _int(name: str, value: object, low: int) -> None:
@@ -51,8 +38,6 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return names
 
 
-#: Per-slide folder of an unfinished slide: plan, thumbnail, chunk files. Removed when finished.
-WORK_DIR = ".partial"
 
 
 @dataclass(frozen=True)

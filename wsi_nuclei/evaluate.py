@@ -23,7 +23,7 @@ DATASET_KINDS = ("tnbc", "monuseg-test", "monuseg", "consep-test", "consep-train
 def load_dataset(kind: str, root: Path | str, mpp: float | None = None, limit: int | None = None) -> list[Sample]:
     """Load ``kind`` (one of :data:`DATASET_KINDS`) from ``root``."""
     if mpp is not None:
-        from .config import check_mpp
+        from .slide import check_mpp
 
         check_mpp(mpp, "--mpp", override="")
     if kind in ("monuseg", "monuseg-test", "monuseg-train"):

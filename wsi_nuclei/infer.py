@@ -15,8 +15,11 @@ import numpy as np
 from .backends import Predictor
 from .errors import ModelError
 from .instances import probabilities_to_instances
-from .model import ModelCard, PostProcess
-from .tiling import STRIDE  # UNet++ with a 5-stage encoder needs H and W divisible by it
+from .model import (
+    STRIDE,  # UNet++ with a 5-stage encoder needs H and W divisible by it
+    ModelCard,
+    PostProcess,
+)
 
 __all__ = [
     "resize_image",

@@ -13,9 +13,36 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import ConfigError
-from .model import PostProcess
 
-__all__ = ["probabilities_to_instances", "remove_small", "relabel_sequential", "own_by_centroid", "Owned", "IDS_PER_CHUNK", "overlapping"]
+__all__ = ["PostProcess", "POSTPROCESS_METHODS", "probabilities_to_instances", "remove_small", "relabel_sequential", "own_by_centroid", "Owned", "IDS_PER_CHUNK", "overlapping"]
+
+#: Post-processing methods of :func:`probabilities_to_instances`.
+POSTPROCESS_METHODS = ("boundary", "distance", "threshold")
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """Parameters of :func:`wsi_nuclei.instances.probabilities_to_instances`.
+
+    Attributes
+    ----------
+    method : {"boundary", "distance", "threshold"}
+        Which output seeds the watershed: nucleus minus boundary, the distance map, or none
+        (connected components of the thresholded nucleus map, as the seed paper did).
+    fg_threshold : float
+        Nucleus probability above which a pixel is foreground.
+    seed_threshold : float
+        Boundary probability below which (method "boundary") or distance above which
+        (method "distance") a foreground pixel is a seed.
+    min_area_um2 : float
+        Objects (and seeds) smaller than this are dropped (µm²).
+    """
+
+    method: str = "boundary"
+    fg_threshold: float = 0.5
+    seed_threshold: float = 0.5
+    min_area_um2: float = 3.0
+
 
 _FOUR = ndi.generate_binary_structure(2, 1)
 

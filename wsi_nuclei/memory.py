@@ -21,9 +21,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tiling import STRIDE, _up32
+from .model import STRIDE
 
 __all__ = ["ForwardPlan", "plan_forward", "memory_limit", "cgroup_limit", "forward_budget", "worker_budget", "describe", "FORWARD_BYTES_PER_PX", "TASK_BYTES_PER_PX"]
+
+
+def _up32(v: float) -> int:
+    """``v`` rounded up to the encoder stride."""
+    return int(math.ceil(v / STRIDE) * STRIDE)
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from . import atomic
 from .errors import ModelError
+from .instances import POSTPROCESS_METHODS, PostProcess
 from .nucleus_types import types_from_card
-from .tiling import STRIDE
 from .tta import TTA_MODES
 
 if TYPE_CHECKING:  # torch is imported lazily so that `import wsi_nuclei` stays light
@@ -49,35 +49,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OUTPUT_NAMES = ("nucleus", "boundary", "distance")
+#: The encoder's output stride: UNet++ with a 5-stage encoder needs H and W divisible by it (px).
+STRIDE = 32
 DEFAULT_MODEL_DIR = Path(__file__).parent / "weights"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class PostProcess:
-    """Parameters of :func:`wsi_nuclei.instances.probabilities_to_instances`.
-
-    Attributes
-    ----------
-    method : {"boundary", "distance", "threshold"}
-        Which output seeds the watershed: nucleus minus boundary, the distance map, or none
-        (connected components of the thresholded nucleus map, as the seed paper did).
-    fg_threshold : float
-        Nucleus probability above which a pixel is foreground.
-    seed_threshold : float
-        Boundary probability below which (method "boundary") or distance above which
-        (method "distance") a foreground pixel is a seed.
-    min_area_um2 : float
-        Objects (and seeds) smaller than this are dropped (µm²).
-    """
-
-    method: str = "boundary"
-    fg_threshold: float = 0.5
-    seed_threshold: float = 0.5
-    min_area_um2: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -152,8 +130,6 @@ class ModelCard:
         return card
 
 
-#: Post-processing methods of :func:`wsi_nuclei.instances.probabilities_to_instances`.
-POSTPROCESS_METHODS = ("boundary", "distance", "threshold")
 
 
 def _number(value: Any) -> bool:
@@ -371,7 +347,8 @@ def load_model(directory: Path | str | None = None, check_hash: bool = True) -> 
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
-        raise ModelError(f"{wpath}: weights do not fit encoder {card.encoder!r} with {card.channels} output channels ({first})") from err
+        raise ModelError(f"{wpath}: weights do not fit encoder {card.encoder!r} with {len(card.outputs)} outputs"
+                         f"{f' and {len(card.types)} types' if card.types else ''} ({first})") from err
     model.eval()
     check_model(model, card, wpath)
     return model, card

@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
-from .config import WORK_DIR
 from .errors import OutputError, shown
 
 __all__ = ["LOCK_NAME", "SlideLock", "slide_file", "same_file", "Verdict", "finished", "output_size", "folder_owner", "install", "remove_leftovers", "shown", "read_json"]
+
+#: Per-slide folder of an unfinished slide: plan, thumbnail, chunk files. Removed when finished.
+WORK_DIR = ".partial"
 
 log = logging.getLogger(__name__)
 

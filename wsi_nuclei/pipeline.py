@@ -31,7 +31,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import __version__, atomic
+from . import atomic
+from ._version import __version__
 from .config import WORK_DIR, SegmentConfig
 from .results import SlideResult
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, atomic
+from . import atomic
+from ._version import __version__
 from .config import WORK_DIR, SegmentConfig, check_mpp
 from .errors import ConfigError, OutputError, SlideError
 from .model import ModelCard

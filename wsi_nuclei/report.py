@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from . import __version__, atomic
+from . import atomic
+from ._version import __version__
 from .errors import OutputError, shown
 from .outputs import read_json
 

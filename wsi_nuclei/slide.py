@@ -17,10 +17,26 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SlideError, shown
+from .errors import ConfigError, SlideError, shown
 from .pixels import PixelFormat, UnsupportedPixels, pixel_format, to_rgba8
 
-__all__ = ["SlideInfo", "Slide", "open_slide", "composite_on_white", "SLIDE_EXTENSIONS"]
+__all__ = ["PLAUSIBLE_MPP", "check_mpp", "SlideInfo", "Slide", "open_slide", "composite_on_white", "SLIDE_EXTENSIONS"]
+
+#: µm per level-0 px a slide plausibly has (0.25 at 40x, 0.5 at 20x; 10 would be a 1x overview):
+#: outside it, mm or nm were most likely typed for µm. ``--unusual-mpp`` accepts any finite value.
+PLAUSIBLE_MPP = (0.05, 20.0)
+
+
+def check_mpp(value: float, where: str, unusual: bool = False, override: str = "--unusual-mpp") -> None:
+    """Refuse a resolution that is not a finite number > 0, or (unless ``unusual``) outside
+    :data:`PLAUSIBLE_MPP`; ``where`` names its source in the message ("--mpp", a slide file)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+        raise ConfigError(f"{where} must be > 0 µm/px and finite, got {value!r}; e.g. --mpp 0.25 for 40x or 0.5 for 20x")
+    lo, hi = PLAUSIBLE_MPP
+    if not unusual and not lo <= value <= hi:
+        raise ConfigError(f"{where}: {value:g} µm/px is outside the {lo:g}-{hi:g} µm/px of slides (0.25 at 40x, 0.5 at 20x; "
+                          "was it typed in mm or nm?); pass the right --mpp" + (f", or {override} if the value is right" if override else ""))
+
 
 log = logging.getLogger(__name__)
 

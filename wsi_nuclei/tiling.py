@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError
+from .model import STRIDE  # the encoder stride, defined with the model
 
 __all__ = ["Tiling", "Chunk", "derive_tiling", "plan_chunks", "tissue_box", "STRIDE"]
 
-STRIDE = 32
 #: Largest nucleus diameter the halo must hold (µm); tumour nuclei reach ~25 µm.
 MAX_NUCLEUS_UM = 30.0
 #: Context for a model card without a measured ``context_px`` (cards older than model v2): 320 px,
