@@ -30,7 +30,7 @@ def _cost(b: Box, context: int) -> int:
 
 def tissue_scale(plan) -> float:  # noqa: ANN001
     """Working px per tissue-mask pixel, as ``plan_slide`` derives it (thumbnail scale / plan scale)."""
-    from wsi_nuclei.slide import open_slide
+    from wsi_nuclei.slides.reader import open_slide
 
     with open_slide(plan.path) as slide:
         return slide.thumbnail(2048)[1] / plan.scale
@@ -78,8 +78,8 @@ def main() -> None:
     from scipy import ndimage as ndi
 
     from wsi_nuclei.api import SAMPLE_SLIDE
-    from wsi_nuclei.pipeline import SegmentConfig
-    from wsi_nuclei.plan import plan_slide
+    from wsi_nuclei.pipeline.plan import plan_slide
+    from wsi_nuclei.pipeline.segment import SegmentConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("slide", nargs="?", type=Path, default=SAMPLE_SLIDE)

@@ -33,7 +33,7 @@ ONE = r"""
 import json, resource, sys, time
 from pathlib import Path
 import torch
-from wsi_nuclei.pipeline import SegmentConfig, segment_many
+from wsi_nuclei.pipeline.segment import SegmentConfig, segment_many
 slide, out, size, threads, backend = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 device, precision = sys.argv[6], sys.argv[7]
 torch.set_num_threads(threads)
@@ -75,10 +75,10 @@ def forward_table(args: argparse.Namespace, sizes: list[int]) -> None:
     import numpy as np
     import torch
 
-    from wsi_nuclei.backends import make_predictor
-    from wsi_nuclei.model import load_model
-    from wsi_nuclei.pipeline import SegmentConfig
-    from wsi_nuclei.plan import slide_tiling
+    from wsi_nuclei.model.backends import make_predictor
+    from wsi_nuclei.model.network import load_model
+    from wsi_nuclei.pipeline.plan import slide_tiling
+    from wsi_nuclei.pipeline.segment import SegmentConfig
 
     torch.set_num_threads(args.threads)
     net, card = load_model()

@@ -30,7 +30,7 @@ def forward_seconds(n: int = 5) -> float:
     """Median forward time of one 1792 px window in the calling process (after one warm-up)."""
     import numpy as np
 
-    from wsi_nuclei import worker_cache
+    from wsi_nuclei.pipeline.segment import worker_cache
 
     predict, _, _ = worker_cache.predictor(None, "cpu", "onnx", 2)
     x = np.random.default_rng(0).integers(0, 255, (1, 1792, 1792, 3), dtype=np.uint8)
@@ -48,7 +48,7 @@ def cluster_costs(quiet: bool) -> dict[str, float]:
     import psutil
     from dask.distributed import Client, LocalCluster
 
-    from wsi_nuclei.cluster import _PRELOAD, CPU_TASKS, QUIET_DASK
+    from wsi_nuclei.cluster.client import _PRELOAD, CPU_TASKS, QUIET_DASK
 
     settings = QUIET_DASK if quiet else {}
     with dask.config.set(settings):
@@ -71,7 +71,7 @@ def cluster_costs(quiet: bool) -> dict[str, float]:
 _SEGMENT = """
 import json, sys, time
 from pathlib import Path
-from wsi_nuclei.pipeline import SegmentConfig, segment_many
+from wsi_nuclei.pipeline.segment import SegmentConfig, segment_many
 cfg = SegmentConfig(backend="onnx", torch_threads=2, overwrite=True)
 slide = Path(sys.argv[1])
 segment_many([slide], Path(sys.argv[2]) / "warm", cfg)

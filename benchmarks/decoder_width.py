@@ -29,7 +29,7 @@ def _median(fn, repeat: int) -> float:
 def main() -> None:
     import torch
 
-    from wsi_nuclei.model import build_model
+    from wsi_nuclei.model.network import build_model
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeat", type=int, default=5)

@@ -24,8 +24,8 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from wsi_nuclei.backends import export_onnx
-    from wsi_nuclei.model import ModelCard, build_model
+    from wsi_nuclei.model.backends import export_onnx
+    from wsi_nuclei.model.network import ModelCard, build_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)

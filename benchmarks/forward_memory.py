@@ -3,7 +3,7 @@
 Each (backend, side) runs in a fresh process: load the shipped model and its predictor, run one
 64 px forward (sessions, arenas and lazy imports settle), note the peak RSS (``ru_maxrss``), run
 one forward of side x side px, and print how much the peak grew. The growth divided by the input
-pixels is the per-pixel cost that ``wsi_nuclei.memory`` uses to size a forward pass.
+pixels is the per-pixel cost that ``wsi_nuclei.model.memory`` uses to size a forward pass.
 Run: .venv/bin/python benchmarks/forward_memory.py [--sides 512,1024,1792] [--backends onnx,torch]
 """
 
@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _CHILD = """
 import json, resource, sys
 import numpy as np
-from wsi_nuclei.backends import make_predictor
-from wsi_nuclei.model import load_model
+from wsi_nuclei.model.backends import make_predictor
+from wsi_nuclei.model.network import load_model
 backend, side, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 import torch
 torch.set_num_threads(threads)

@@ -3,11 +3,11 @@
 Synthetic label windows like the pipeline's (1152 x 1152 working px, one nucleus-like disc per
 32 x 32 px, ~1,300 nuclei each) go through the three steps of the slide pipeline, each timed on
 one thread:
-  polygons  wsi_nuclei.polygons.label_polygons (vectorised over a window) vs a per-nucleus loop
+  polygons  wsi_nuclei.nuclei.polygons.label_polygons (vectorised over a window) vs a per-nucleus loop
             (scipy find_objects + skimage find_contours + shapely, as a straightforward port would);
-  encode    nuclei -> feature bytes: wsi_nuclei.export.encode_nuclei (one orjson call for the rings
+  encode    nuclei -> feature bytes: wsi_nuclei.outputs.geojson.encode_nuclei (one orjson call for the rings
             of a window, no dict per feature) vs a dict per feature through the standard library json;
-  compress  gzip level wsi_nuclei.export.GZIP_LEVEL through GeoJSONWriter vs gzip's default level 9;
+  compress  gzip level wsi_nuclei.outputs.geojson.GZIP_LEVEL through GeoJSONWriter vs gzip's default level 9;
   writing   encode + compress: nuclei -> .geojson.gz, the rate the speed issue asks >= 100,000/s of.
 Run: .venv/bin/python benchmarks/geojson_speed.py [--windows 8]
 """
@@ -77,8 +77,14 @@ def main() -> None:
 
     import orjson
 
-    from wsi_nuclei.export import GZIP_LEVEL, GeoJSONWriter, encode_feature, encode_nuclei, feature
-    from wsi_nuclei.polygons import PolygonFrame, label_polygons
+    from wsi_nuclei.nuclei.polygons import PolygonFrame, label_polygons
+    from wsi_nuclei.outputs.geojson import (
+        GZIP_LEVEL,
+        GeoJSONWriter,
+        encode_feature,
+        encode_nuclei,
+        feature,
+    )
 
     labs = windows(args.windows)
     rng = np.random.default_rng(1)

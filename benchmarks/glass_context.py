@@ -35,14 +35,14 @@ def main() -> None:
     from amplification import tissue_scale, window_mask
 
     from wsi_nuclei.api import SAMPLE_SLIDE
-    from wsi_nuclei.backends import make_predictor
-    from wsi_nuclei.context import AJI_MIN, PROB_TOL
-    from wsi_nuclei.instances import probabilities_to_instances
-    from wsi_nuclei.metrics import evaluate_pair
-    from wsi_nuclei.model import load_model
-    from wsi_nuclei.pipeline import SegmentConfig
-    from wsi_nuclei.plan import plan_slide
-    from wsi_nuclei.slide import open_slide
+    from wsi_nuclei.model.backends import make_predictor
+    from wsi_nuclei.model.network import load_model
+    from wsi_nuclei.nuclei.instances import probabilities_to_instances
+    from wsi_nuclei.pipeline.plan import plan_slide
+    from wsi_nuclei.pipeline.segment import SegmentConfig
+    from wsi_nuclei.slides.reader import open_slide
+    from wsi_nuclei.training.context import AJI_MIN, PROB_TOL
+    from wsi_nuclei.training.metrics import evaluate_pair
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("slide", nargs="?", type=Path, default=SAMPLE_SLIDE)

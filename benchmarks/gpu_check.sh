@@ -10,7 +10,7 @@
 # slide and a synthetic 40,000² px slide, samples GPU utilisation with nvidia-smi every 0.5 s, and
 # prints s/mm² of tissue at 0.5 µm/px, mean/peak GPU utilisation, the ratio to the bare model and to
 # the physical limit (the model over only the tissue's 256 px tiles), and the amplification.
-# The forward passes are planned from the free GPU memory (wsi_nuclei/memory.py; summary.json forward_passes).
+# The forward passes are planned from the free GPU memory (wsi_nuclei/model/memory.py; summary.json forward_passes).
 # Then benchmarks/chunk_size.py --forward-only on the GPU: seconds per core pixel by chunk size, to
 # choose a GPU worker's chunk size by measurement (CPU workers: 1536 px, docs/performance.md).
 set -euo pipefail

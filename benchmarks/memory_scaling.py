@@ -129,7 +129,7 @@ def standin_model(folder: Path) -> Path:
     """The PixelLinear stand-in: nucleus logit = 8 - 10 (r + g) on [0, 1] RGB (dark purple -> 1)."""
     import torch
 
-    from wsi_nuclei.model import ModelCard, PostProcess, build_model, save_model
+    from wsi_nuclei.model.network import ModelCard, PostProcess, build_model, save_model
 
     if (folder / "model.json").exists():
         return folder

@@ -4,7 +4,7 @@ A synthetic slide of ``--nuclei`` nuclei (default 100,000): label windows like t
 (1152 x 1152 working px, one nucleus-like disc per 32 x 32 px, ~1,300 nuclei each, as
 benchmarks/geojson_speed.py) go through ``label_polygons`` once; their nucleus tables are then
 replayed as consecutive chunks (labels moved to each chunk's id range) until the slide holds
-``--nuclei``. Timed: :class:`wsi_nuclei.parquet.ParquetWriter`, one row group per chunk, from the
+``--nuclei``. Timed: :class:`wsi_nuclei.outputs.parquet.ParquetWriter`, one row group per chunk, from the
 tables to a closed file (ids, centroids, boxes, WKB, zstd) — what assembly does per slide.
 
 Beside it, the same nuclei as .geojson.gz, split as the pipeline splits the work: the chunk task
@@ -40,11 +40,11 @@ KEY = "bench:1x1"
 
 
 def _windows() -> list:
-    """The nuclei of WINDOWS label windows (lists of wsi_nuclei.polygons.Nucleus)."""
+    """The nuclei of WINDOWS label windows (lists of wsi_nuclei.nuclei.polygons.Nucleus)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from geojson_speed import windows
 
-    from wsi_nuclei.polygons import PolygonFrame, label_polygons
+    from wsi_nuclei.nuclei.polygons import PolygonFrame, label_polygons
 
     labs = windows(WINDOWS)
     rng = np.random.default_rng(1)
@@ -55,7 +55,7 @@ def _windows() -> list:
 
 
 def _tables(nuclei: list | None = None) -> list:
-    from wsi_nuclei.table import NucleusTable
+    from wsi_nuclei.nuclei.table import NucleusTable
 
     return [NucleusTable.from_nuclei(w) for w in (nuclei if nuclei is not None else _windows())]
 
@@ -76,7 +76,7 @@ def _chunks(tables: list, nuclei: int):  # noqa: ANN202
 
 def write_slide(tables: list, nuclei: int, path: Path, compression: str | None = None) -> tuple[float, int, int]:
     """Seconds to write ``nuclei`` nuclei; nuclei and row groups written."""
-    from wsi_nuclei.parquet import COMPRESSION, ParquetWriter
+    from wsi_nuclei.outputs.parquet import COMPRESSION, ParquetWriter
 
     t0 = time.perf_counter()
     with ParquetWriter(path, KEY, {"slide": "synthetic"}, compression=compression or COMPRESSION) as w:
@@ -88,7 +88,7 @@ def write_slide(tables: list, nuclei: int, path: Path, compression: str | None =
 def _geojson(nuclei: list, count: int, repeat: int) -> tuple[float, float, float]:
     """The same slide as .geojson.gz: (nuclei/s of GeoJSONWriter on encoded chunks, bytes per
     nucleus, seconds per nucleus of encode_nuclei)."""
-    from wsi_nuclei.export import GeoJSONWriter, encode_nuclei
+    from wsi_nuclei.outputs.geojson import GeoJSONWriter, encode_nuclei
 
     t0 = time.perf_counter()
     blobs = [encode_nuclei(w, KEY) for w in nuclei]
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--nuclei", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=3, help="timed writes; the fastest is reported")
     ap.add_argument("--memory-sizes", default="25000,100000,400000,1600000", help="nucleus counts of the memory rows ('' to skip)")
-    ap.add_argument("--compression", default=None, help="Parquet codec (default: the writer's, wsi_nuclei.parquet.COMPRESSION)")
+    ap.add_argument("--compression", default=None, help="Parquet codec (default: the writer's, wsi_nuclei.outputs.parquet.COMPRESSION)")
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -166,7 +166,7 @@ def main() -> None:
         assert pq.ParquetFile(path).metadata.num_rows == count
     geo_rate, geo_size, t_encode = _geojson(nuclei, args.nuclei, args.repeat)
     print(f"\n{count:,} nuclei in {groups} chunks (~{per_window:,.0f} per 1152² window), one thread")
-    from wsi_nuclei.parquet import COMPRESSION
+    from wsi_nuclei.outputs.parquet import COMPRESSION
 
     print(f"writer ({args.compression or COMPRESSION}): {count / best:,.0f} nuclei/s (best of {args.repeat}: {best:.3f} s), "
           f"{size / count:.0f} bytes per nucleus on disk")

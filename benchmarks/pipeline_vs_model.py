@@ -43,9 +43,9 @@ def model_only(plan, cfg, predict, n_outputs: int) -> float:  # noqa: ANN001
     the reads are done first and not timed. The calls are made twice and the second pass is timed:
     a backend's first call on a new input shape costs extra (OpenVINO's most, when the shape is the
     largest yet), and the pipeline is timed after a warm-up on the same slide too."""
-    from wsi_nuclei.infer import window_probabilities
-    from wsi_nuclei.slide import open_slide
-    from wsi_nuclei.worker_cache import forward_plan
+    from wsi_nuclei.model.infer import window_probabilities
+    from wsi_nuclei.pipeline.worker_cache import forward_plan
+    from wsi_nuclei.slides.reader import open_slide
 
     t = plan.tiling
     margin = t.halo + t.context
@@ -76,7 +76,7 @@ def limit_only(plan, tissue, thumb_scale: float, cfg, predict, tile: int = 256, 
 
     import numpy as np
 
-    from wsi_nuclei.slide import open_slide
+    from wsi_nuclei.slides.reader import open_slide
 
     h, w = plan.size
     per = thumb_scale / plan.scale  # working px per tissue-mask pixel
@@ -114,10 +114,10 @@ def main() -> None:
     import torch
     from memory_scaling import build_slide
 
-    from wsi_nuclei.backends import backend_precision, cpu_has_bf16, make_predictor
-    from wsi_nuclei.model import load_model
-    from wsi_nuclei.pipeline import SegmentConfig, segment_many
-    from wsi_nuclei.plan import plan_slide
+    from wsi_nuclei.model.backends import backend_precision, cpu_has_bf16, make_predictor
+    from wsi_nuclei.model.network import load_model
+    from wsi_nuclei.pipeline.plan import plan_slide
+    from wsi_nuclei.pipeline.segment import SegmentConfig, segment_many
 
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def main() -> None:
             first_s = time.perf_counter() - t0
             plan, thumb, tissue = plan_slide(path, args.work / "plan", cfg)
             model_s = model_only(plan, cfg, predict, len(card.outputs))
-            from wsi_nuclei.slide import open_slide
+            from wsi_nuclei.slides.reader import open_slide
 
             with open_slide(path) as sl:
                 _, thumb_scale = sl.thumbnail(2048)
@@ -159,7 +159,7 @@ def main() -> None:
                    "first_s": round(first_s, 2), "limit_s": round(limit_s, 2), "limit_tiles": limit_tiles, "ratio_to_limit": round(pipeline_s / limit_s, 3),
                    "amplification": summary["amplification"], "stages": summary["seconds"]}
             if args.dask:
-                from wsi_nuclei.cluster import ClusterConfig, close_client, make_client
+                from wsi_nuclei.cluster.client import ClusterConfig, close_client, make_client
 
                 client = make_client(ClusterConfig(workers=1, threads=args.threads))
                 try:
@@ -202,7 +202,7 @@ def main() -> None:
         if "all_chunks_s" in r:
             print(f"tissue only ({r['backend']}): {r['chunks']} of {r['all_chunks']} chunks, {r['pipeline_s']:.1f} s "
                   f"vs {r['all_chunks_s']:.1f} s for every chunk ({1 - r['pipeline_s'] / r['all_chunks_s']:.0%} saved)")
-    from wsi_nuclei.backends import resolve_backend
+    from wsi_nuclei.model.backends import resolve_backend
 
     default = resolve_backend("auto", args.device)  # the backend `segment` uses here
     main_row = next((r for r in rows if r["slide"].startswith("CMU") and r["backend"] == default), rows[0])

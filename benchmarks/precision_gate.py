@@ -34,8 +34,8 @@ GATE = 0.005
 
 
 def _sets(card: Any, data: Path) -> dict[str, list[Any]]:
-    from wsi_nuclei.consep import load_consep
-    from wsi_nuclei.datasets import load_monuseg, load_tnbc
+    from wsi_nuclei.training.consep import load_consep
+    from wsi_nuclei.training.datasets import load_monuseg, load_tnbc
 
     val = set(card.training["validation_images"])
     validation = load_monuseg(data / "monuseg" / "train", names=sorted(n for n in val if n.startswith("TCGA-")))
@@ -44,8 +44,8 @@ def _sets(card: Any, data: Path) -> dict[str, list[Any]]:
 
 
 def _score(predict: Any, card: Any, samples: list[Any]) -> dict[str, float]:
-    from wsi_nuclei.infer import segment_image
-    from wsi_nuclei.metrics import evaluate_pair, mean_metrics
+    from wsi_nuclei.model.infer import segment_image
+    from wsi_nuclei.training.metrics import evaluate_pair, mean_metrics
 
     t0 = time.perf_counter()
     means = mean_metrics([evaluate_pair(s.labels, segment_image(predict, card, s.image, s.mpp)) for s in samples])
@@ -55,7 +55,7 @@ def _score(predict: Any, card: Any, samples: list[Any]) -> dict[str, float]:
 def _openvino(path: Path, threads: int, card: Any) -> Any:
     import openvino as ov
 
-    from wsi_nuclei.backends import _normalise
+    from wsi_nuclei.model.backends import _normalise
 
     core = ov.Core()
     compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": str(threads)})
@@ -69,9 +69,9 @@ def _invariance(threads: int, precisions: list[str]) -> dict[str, dict[str, floa
     import tempfile
 
     from wsi_nuclei.api import SAMPLE_SLIDE
-    from wsi_nuclei.metrics import evaluate_pair
-    from wsi_nuclei.pipeline import SegmentConfig, segment_many
-    from wsi_nuclei.store import open_array
+    from wsi_nuclei.outputs.store import open_array
+    from wsi_nuclei.pipeline.segment import SegmentConfig, segment_many
+    from wsi_nuclei.training.metrics import evaluate_pair
 
     rows: dict[str, dict[str, float | int]] = {}
     with tempfile.TemporaryDirectory() as td:
@@ -91,16 +91,16 @@ def _invariance(threads: int, precisions: list[str]) -> dict[str, dict[str, floa
 
 
 def main() -> None:
-    from wsi_nuclei.backends import (
+    from wsi_nuclei.model.backends import (
         cpu_has_bf16,
         int8_path,
         make_predictor,
         onnx_path,
         openvino_available,
     )
-    from wsi_nuclei.infer import resize_image, working_shape
-    from wsi_nuclei.model import load_model
-    from wsi_nuclei.quantize import RECIPE
+    from wsi_nuclei.model.infer import resize_image, working_shape
+    from wsi_nuclei.model.network import load_model
+    from wsi_nuclei.model.quantize import RECIPE
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=DATA)

@@ -22,12 +22,12 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from wsi_nuclei import train as tr
-    from wsi_nuclei.datasets import Sample
-    from wsi_nuclei.model import load_model
-    from wsi_nuclei.stain import StainRef, macenko_stains, normalise
-    from wsi_nuclei.train import card_split
-    from wsi_nuclei.trainset import data_root
+    from wsi_nuclei.model.network import load_model
+    from wsi_nuclei.training import train as tr
+    from wsi_nuclei.training.datasets import Sample
+    from wsi_nuclei.training.stain import StainRef, macenko_stains, normalise
+    from wsi_nuclei.training.train import card_split
+    from wsi_nuclei.training.trainset import data_root
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, required=True)
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--validation-from", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from wsi_nuclei.model import load_card
+    from wsi_nuclei.model.network import load_card
 
     net, card = load_model(args.model)
     train_s, val_s = card_split(load_card(args.validation_from) if args.validation_from else card, data_root(args.data_root))

@@ -21,10 +21,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> None:
     import torch
 
-    from wsi_nuclei.backends import make_predictor, to_tensor
-    from wsi_nuclei.datasets import load_tnbc
-    from wsi_nuclei.infer import predict_probabilities, resize_image, segment_image, working_shape
-    from wsi_nuclei.model import load_model
+    from wsi_nuclei.model.backends import make_predictor, to_tensor
+    from wsi_nuclei.model.infer import (
+        predict_probabilities,
+        resize_image,
+        segment_image,
+        working_shape,
+    )
+    from wsi_nuclei.model.network import load_model
+    from wsi_nuclei.training.datasets import load_tnbc
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "tnbc")

@@ -3,7 +3,7 @@
 Segments the bundled CMU sample with one local Dask worker (two chunk tasks, as by default) whose
 memory limit is ``--limit`` (Dask's nanny pauses a worker at 80 % of it and kills it at 95 %), twice:
   fixed    --forward-memory 64GB: every 1792 px window in one forward pass, whatever the worker has
-           (what the pipeline did before wsi_nuclei/memory.py);
+           (what the pipeline did before wsi_nuclei/model/memory.py);
   planned  the default: the worker sizes its forward passes from its memory limit.
 For each it prints how the run ended (ok, failed, or no chunk finished for --stall s), the wall
 time, the worker's peak RSS (sampled every 0.2 s), whether the worker was ever paused, and the
@@ -31,14 +31,14 @@ def run(limit: str, forward_memory: int | None, stall_s: float) -> dict:
     import psutil
     from dask.distributed import Client, LocalCluster
 
-    from wsi_nuclei.cluster import CPU_TASKS, QUIET_DASK
-    from wsi_nuclei.pipeline import SegmentConfig, segment_many
+    from wsi_nuclei.cluster.client import CPU_TASKS, QUIET_DASK
+    from wsi_nuclei.pipeline.segment import SegmentConfig, segment_many
 
     out = Path(tempfile.mkdtemp()) / "out"
     cfg = SegmentConfig(forward_memory=forward_memory, torch_threads=2)
     with dask.config.set(QUIET_DASK):
         cluster = LocalCluster(n_workers=1, threads_per_worker=CPU_TASKS, memory_limit=limit, processes=True,
-                               dashboard_address=":0", preload=["wsi_nuclei.worker_setup"])
+                               dashboard_address=":0", preload=["wsi_nuclei.cluster.worker_setup"])
     client = Client(cluster)
     done: dict = {}
     progress = [time.perf_counter()]

@@ -74,8 +74,8 @@ def bundled_run(tmp_path_factory) -> Path:
     """The bundled CMU sample slide segmented once with the defaults, in this process:
     ``<folder>/CMU-1-Small-Region/`` (read-only for the tests that share it)."""
     from wsi_nuclei.api import SAMPLE_SLIDE
-    from wsi_nuclei.config import SegmentConfig
-    from wsi_nuclei.pipeline import segment_many
+    from wsi_nuclei.pipeline.config import SegmentConfig
+    from wsi_nuclei.pipeline.segment import segment_many
 
     out = tmp_path_factory.mktemp("bundled_run")
     results = segment_many([SAMPLE_SLIDE], out, SegmentConfig())

@@ -5,21 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_nuclei.backends import (
+from wsi_nuclei.errors import ConfigError
+from wsi_nuclei.model.backends import (
     make_predictor,
     onnx_available,
     onnx_path,
     openvino_available,
     resolve_backend,
 )
-from wsi_nuclei.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not onnx_available(), reason="onnx/onnxruntime not installed (extra [onnx])")
 
 
 @pytest.fixture(scope="module")
 def tiles(shared_data) -> np.ndarray:
-    from wsi_nuclei.slide import open_slide
+    from wsi_nuclei.slides.reader import open_slide
 
     with open_slide(shared_data / "wsi" / "CMU-1-Small-Region.svs") as s:
         scale = 0.5 / s.info.level0_mpp
@@ -27,7 +27,7 @@ def tiles(shared_data) -> np.ndarray:
 
 
 def test_onnx_equals_torch(tiles):
-    from wsi_nuclei.model import load_model
+    from wsi_nuclei.model.network import load_model
 
     model, card = load_model()
     torch_predict, a = make_predictor(model, card, "torch", "cpu")
@@ -40,7 +40,7 @@ def test_onnx_equals_torch(tiles):
 
 
 def test_export_is_cached_and_repaired(tiles):
-    from wsi_nuclei.model import load_model
+    from wsi_nuclei.model.network import load_model
 
     model, card = load_model()
     make_predictor(model, card, "onnx", "cpu")
@@ -55,7 +55,7 @@ def test_export_is_cached_and_repaired(tiles):
 
 @pytest.mark.skipif(not openvino_available(), reason="openvino not installed (extra [openvino])")
 def test_openvino_equals_onnx_runtime_and_torch(tiles):
-    from wsi_nuclei.model import load_model
+    from wsi_nuclei.model.network import load_model
 
     model, card = load_model()
     ort_predict, _ = make_predictor(model, card, "onnx", "cpu", 2)
@@ -84,7 +84,7 @@ def test_two_threads_building_the_predictor_at_once(tmp_path, monkeypatch):
     """A Dask worker runs two chunk tasks at once: the first ONNX export must not race."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from wsi_nuclei import worker_cache
+    from wsi_nuclei.pipeline.segment import worker_cache
 
     monkeypatch.setenv("WSI_NUCLEI_CACHE", str(tmp_path))  # nothing exported yet
     monkeypatch.setattr(worker_cache, "_CACHE", {})
@@ -101,8 +101,8 @@ def test_cpu_forward_passes_take_turns(backend):
     import threading
     import time
 
-    from wsi_nuclei.backends import MODEL_GATE, gate_wait_seconds
-    from wsi_nuclei.model import load_model
+    from wsi_nuclei.model.backends import MODEL_GATE, gate_wait_seconds
+    from wsi_nuclei.model.network import load_model
 
     model, card = load_model()
     predict, _ = make_predictor(model, card, backend, "cpu")

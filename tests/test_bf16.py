@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from wsi_nuclei import backends
-from wsi_nuclei.backends import BF16_BACKEND, make_predictor, openvino_available, resolve_backend
-from wsi_nuclei.cli import app
+from wsi_nuclei.cli.main import app
 from wsi_nuclei.errors import ConfigError
+from wsi_nuclei.model.backends import (
+    BF16_BACKEND,
+    make_predictor,
+    openvino_available,
+    resolve_backend,
+)
+from wsi_nuclei.model.network import backends
 
 pytestmark = pytest.mark.skipif(not openvino_available(), reason="onnx/openvino not installed (extra [openvino])")
 runner = CliRunner()
@@ -21,7 +26,7 @@ native = pytest.mark.skipif(not openvino_available() or not backends.cpu_has_bf1
 
 @pytest.fixture(scope="module")
 def model():
-    from wsi_nuclei.model import load_model
+    from wsi_nuclei.model.network import load_model
 
     return load_model()
 
@@ -29,7 +34,7 @@ def model():
 @pytest.fixture(scope="module")
 def tissue(shared_data) -> np.ndarray:
     """Two 512 px crops of TNBC test images (held out from training)."""
-    from wsi_nuclei.datasets import load_tnbc
+    from wsi_nuclei.training.datasets import load_tnbc
 
     return np.stack([s.image[:512, :512] for s in load_tnbc(shared_data / "tnbc", limit=2)])
 
@@ -77,8 +82,8 @@ def test_bf16_stays_close_to_fp32(model, tissue):
 def test_segment_precision_bf16(tmp_path):
     """The slide pipeline in bf16: summary.json says so, and the output key differs from fp32's
     (``--resume`` never takes one for the other)."""
-    from wsi_nuclei.config import SegmentConfig
-    from wsi_nuclei.plan import model_card, plan_keys
+    from wsi_nuclei.pipeline.config import SegmentConfig
+    from wsi_nuclei.pipeline.plan import model_card, plan_keys
 
     from .slides import cmu_crop_slide
 

@@ -12,17 +12,17 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from wsi_nuclei.cli import app
+from wsi_nuclei.cli.main import app
 
 runner = CliRunner()
 DEMO_IMAGE = Path(__file__).resolve().parents[1] / "wsi_nuclei" / "data" / "cmu1_crop_x900_y720.png"
 
 
 def test_help_is_fast_and_does_not_import_torch():
-    code = "import sys; from wsi_nuclei.cli import app; assert 'torch' not in sys.modules"
+    code = "import sys; from wsi_nuclei.cli.main import app; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "wsi_nuclei.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "wsi_nuclei.cli.main", "--help"], capture_output=True, text=True, check=True)
     assert time.perf_counter() - t0 < 10
     for command in ("train", "evaluate", "segment-image"):
         assert command in out.stdout

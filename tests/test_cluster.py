@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from wsi_nuclei.cli import app
-from wsi_nuclei.cluster import (
+from wsi_nuclei.cli.main import app
+from wsi_nuclei.cluster.client import (
     QUIET_DASK,
     ClusterConfig,
     gpu_for_worker,
@@ -27,7 +27,7 @@ from wsi_nuclei.cluster import (
     make_client,
     slurm_job_script,
 )
-from wsi_nuclei.pipeline import WORK_DIR, SegmentConfig, segment_many
+from wsi_nuclei.pipeline.segment import WORK_DIR, SegmentConfig, segment_many
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,15 +51,15 @@ def test_slurm_job_script_contains_the_flags(tmp_path):
     script = slurm_job_script(cfg)
     for text in ("#SBATCH -p gpu-a100", "#SBATCH -A lab42", "#SBATCH -t 02:30:00", "#SBATCH --cpus-per-task=8",
                  "#SBATCH --mem=45G", "#SBATCH --gres=gpu:2", "#SBATCH --qos=long", "module load cuda/12.4",
-                 "--nworkers 2", "--preload wsi_nuclei.gpu_pin", sys.executable,
+                 "--nworkers 2", "--preload wsi_nuclei.cluster.gpu_pin", sys.executable,
                  "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False",
                  "--lifetime 8400s --lifetime-stagger 200s"):  # 2:30 h less 10 % (15 min), capped at 10 min
         assert text in script, text
 
 
 def test_walltimes_and_worker_wait_in_slurm_formats():
+    from wsi_nuclei.cluster.slurm import parse_wait, parse_walltime, worker_lifetime
     from wsi_nuclei.errors import ConfigError
-    from wsi_nuclei.slurm import parse_wait, parse_walltime, worker_lifetime
 
     assert [parse_walltime(t) for t in ("30", "00:30", "04:00:00", "1-00", "1-02:03", "2-00:00:05")] == \
         [1800, 30, 14400, 86400, 86400 + 7200 + 180, 2 * 86400 + 5]
@@ -117,7 +117,7 @@ def test_dry_run_prints_job_script_from_yaml_and_plan(shared_data, tmp_path):
     assert "forward passes of 4 CPU threads" in result.output
     # 16 GB per worker: 1536 px chunks (the default where they fit), each 1664 px window (chunk +
     # halo) in one forward pass with the card's context
-    from wsi_nuclei.model import load_card
+    from wsi_nuclei.model.network import load_card
 
     ctx = load_card(Path(__file__).resolve().parents[1] / "wsi_nuclei" / "weights").context_px
     assert "# chunks: 1536 px" in result.output
@@ -128,7 +128,7 @@ def test_dry_run_prints_job_script_from_yaml_and_plan(shared_data, tmp_path):
     tiny = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "out"), "--cluster", "slurm", "--cores", "8",
                                "--memory", "2GB", "--processes", "2", "--device", "cpu", "--dry-run"])
     assert "TOO LITTLE MEMORY" in tiny.output and "raise --memory or lower --processes" in tiny.output
-    from wsi_nuclei.memory import memory_limit
+    from wsi_nuclei.model.memory import memory_limit
 
     local = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "out"), "--workers", "2", "--device", "cpu", "--dry-run"])
     assert f"with {memory_limit()[0] // 2 / 1e9:.1f} GB per worker" in local.output  # local workers share the memory
@@ -236,7 +236,7 @@ def _same_outputs(out: Path, reference: Path, name: str, folder: Path, slides: P
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "wsi_nuclei.cli", "segment", *args, *FLAGS, "--quiet", "--threads", "1"]
+    return [sys.executable, "-m", "wsi_nuclei.cli.main", "segment", *args, *FLAGS, "--quiet", "--threads", "1"]
 
 
 @pytest.mark.slow
@@ -310,7 +310,7 @@ def test_snakemake_workflow_segments_every_slide(slides, reference, tmp_path):
 def test_one_chunk_at_a_time_equals_the_overlapped_default(slides, reference, tmp_path, monkeypatch):
     """Without Dask, CPU_TASKS chunks run at once (their forward passes take turns, the rest
     overlaps, as in a LocalCluster worker): one chunk at a time gives the same bytes."""
-    import wsi_nuclei.batch as batch
+    import wsi_nuclei.pipeline.batch as batch
 
     monkeypatch.setattr(batch, "CPU_TASKS", 1)
     out = tmp_path / "one_at_a_time"

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from wsi_nuclei.context import ContextRow, measure_context, pick_context  # noqa: E402
+from wsi_nuclei.training.context import ContextRow, measure_context, pick_context  # noqa: E402
 
 
 def _row(c: int, ok: bool) -> ContextRow:
@@ -23,7 +23,7 @@ def test_pick_context_needs_every_larger_context_to_pass():
 
 
 def _cmu_window(side: int, card) -> np.ndarray:
-    from wsi_nuclei.slide import open_slide
+    from wsi_nuclei.slides.reader import open_slide
 
     path = Path(__file__).resolve().parents[1] / "wsi_nuclei" / "data" / "CMU-1-Small-Region.svs"
     with open_slide(path) as s:
@@ -33,8 +33,8 @@ def _cmu_window(side: int, card) -> np.ndarray:
 def test_a_per_pixel_model_needs_no_context():
     from dataclasses import replace
 
-    from wsi_nuclei.backends import make_predictor
-    from wsi_nuclei.model import ModelCard, PostProcess, build_model
+    from wsi_nuclei.model.backends import make_predictor
+    from wsi_nuclei.model.network import ModelCard, PostProcess, build_model
 
     torch.manual_seed(0)
     net = build_model("none", 1, architecture="PixelLinear").eval()
@@ -52,8 +52,8 @@ def test_a_per_pixel_model_needs_no_context():
 
 @pytest.mark.slow
 def test_the_unet_needs_context_and_more_context_converges():
-    from wsi_nuclei.backends import make_predictor
-    from wsi_nuclei.model import load_model
+    from wsi_nuclei.model.backends import make_predictor
+    from wsi_nuclei.model.network import load_model
 
     torch.set_num_threads(2)
     net, card = load_model()
@@ -68,10 +68,10 @@ def test_the_unet_needs_context_and_more_context_converges():
 def test_segment_takes_the_context_from_the_card_unless_overridden():
     from dataclasses import replace
 
-    from wsi_nuclei.model import load_card
-    from wsi_nuclei.pipeline import SegmentConfig
-    from wsi_nuclei.plan import slide_tiling
-    from wsi_nuclei.tiling import MODEL_CONTEXT_PX
+    from wsi_nuclei.model.network import load_card
+    from wsi_nuclei.pipeline.plan import slide_tiling
+    from wsi_nuclei.pipeline.segment import SegmentConfig
+    from wsi_nuclei.pipeline.tiling import MODEL_CONTEXT_PX
 
     card = load_card(Path(__file__).resolve().parents[1] / "wsi_nuclei" / "weights")
     assert slide_tiling(SegmentConfig(), replace(card, context_px=96)).context == 96
@@ -87,8 +87,8 @@ def test_measure_on_slide_writes_the_card(tmp_path):
     candidates, the chosen context lands in a copy of the shipped card."""
     import shutil
 
-    from wsi_nuclei import context
-    from wsi_nuclei.model import DEFAULT_MODEL_DIR, load_card
+    from wsi_nuclei.model.network import DEFAULT_MODEL_DIR, load_card
+    from wsi_nuclei.training import context
 
     model_dir = tmp_path / "m"
     shutil.copytree(DEFAULT_MODEL_DIR, model_dir)

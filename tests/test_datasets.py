@@ -1,4 +1,4 @@
-"""Tests for wsi_nuclei.datasets on the real MoNuSeg/TNBC files and on synthetic folders."""
+"""Tests for wsi_nuclei.training.datasets on the real MoNuSeg/TNBC files and on synthetic folders."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage as ndi
 
-from wsi_nuclei.datasets import (
+from wsi_nuclei.errors import DatasetError
+from wsi_nuclei.training.datasets import (
     MONUSEG_MPP,
     TNBC_MPP,
     load_folder,
@@ -21,8 +22,7 @@ from wsi_nuclei.datasets import (
     read_aperio_xml,
     tcga_organ,
 )
-from wsi_nuclei.errors import DatasetError
-from wsi_nuclei.evaluate import load_dataset
+from wsi_nuclei.training.evaluate import load_dataset
 
 TRAIN_IDS = ["TCGA-A7-A13F-01Z-00-DX1", "TCGA-B0-5698-01Z-00-DX1"]  # instances only / instances + XML
 TEST_ID = "TCGA-HT-8564-01Z-00-DX1"  # the test image with the fewest nuclei (249)
@@ -303,7 +303,7 @@ def test_read_aperio_xml_small(tmp_path: Path) -> None:
 
 
 def test_consep_stitching_equals_the_tiles(shared_data: Path) -> None:
-    from wsi_nuclei.consep import CONSEP_MPP, CONSEP_TILE_ORIGINS, load_consep
+    from wsi_nuclei.training.consep import CONSEP_MPP, CONSEP_TILE_ORIGINS, load_consep
 
     root = shared_data / "consep"
     (s,) = load_consep(root, "test", names=["test_2"])
@@ -328,7 +328,7 @@ def test_consep_stitching_equals_the_tiles(shared_data: Path) -> None:
 
 @pytest.mark.slow
 def test_consep_counts(shared_data: Path) -> None:
-    from wsi_nuclei.consep import load_consep
+    from wsi_nuclei.training.consep import load_consep
 
     train = load_consep(shared_data / "consep", "train")
     test = load_dataset("consep-test", shared_data / "consep")
@@ -340,7 +340,7 @@ def test_consep_counts(shared_data: Path) -> None:
 
 
 def test_consep_errors(tmp_path: Path, shared_data: Path) -> None:
-    from wsi_nuclei.consep import load_consep
+    from wsi_nuclei.training.consep import load_consep
 
     with pytest.raises(DatasetError, match="consep folder"):
         load_consep(tmp_path, "test")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_nuclei.density import CELL_UM, MAX_CELLS, DensityGrid, density_png
+from wsi_nuclei.outputs.density import CELL_UM, MAX_CELLS, DensityGrid, density_png
 
 
 @pytest.mark.parametrize("size_px, mpp", [((2000, 1000), 0.5), ((2967, 2220), 0.499), ((50000, 40000), 0.5), ((10**6, 10**6), 0.25)])

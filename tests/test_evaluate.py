@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from wsi_nuclei.cli import app
-from wsi_nuclei.evaluate import evaluate_dataset
-from wsi_nuclei.model import DEFAULT_MODEL_DIR, load_card, load_model
+from wsi_nuclei.cli.main import app
+from wsi_nuclei.model.network import DEFAULT_MODEL_DIR, load_card, load_model
+from wsi_nuclei.training.evaluate import evaluate_dataset
 
 runner = CliRunner()
 KEYS = ("dice", "iou", "aji", "pq", "dq", "sq", "f1", "n_images")

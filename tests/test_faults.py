@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from wsi_nuclei.cli import app
-from wsi_nuclei.pipeline import WORK_DIR, SegmentConfig, segment_many
+from wsi_nuclei.cli.main import app
+from wsi_nuclei.pipeline.segment import WORK_DIR, SegmentConfig, segment_many
 
 from .slides import disc_image, disc_slide, disk_fills_at_second_write, write_pyramid
 
@@ -204,7 +204,7 @@ def test_unwritable_output_folder(tmp_path):
 
 
 def test_disk_full_during_assembly_leaves_no_partial_file_and_resumes(tmp_path, monkeypatch):
-    from wsi_nuclei import export
+    from wsi_nuclei.outputs.folder import geojson as export
 
     slide = disc_slide(tmp_path / "s.tif", (600, 600), seed=9)
     real = export.GeoJSONWriter.write_encoded
@@ -227,7 +227,7 @@ def test_disk_full_during_assembly_leaves_no_partial_file_and_resumes(tmp_path, 
 # 13, 14 ---------------------------------------------------------------------------------------
 
 def _model_copy(tmp_path: Path) -> Path:
-    from wsi_nuclei.model import DEFAULT_MODEL_DIR
+    from wsi_nuclei.model.network import DEFAULT_MODEL_DIR
 
     dst = tmp_path / "model"
     shutil.copytree(DEFAULT_MODEL_DIR, dst)
@@ -325,7 +325,7 @@ def test_unreachable_scheduler(tmp_path):
 
 def _install_failing_chunk(index: int, counter: str) -> None:
     """Run inside a Dask worker: chunk ``index`` of slide 'a.tif' raises, counting attempts."""
-    from wsi_nuclei import chunk as chunk_module
+    from wsi_nuclei.pipeline.segment import chunk as chunk_module
 
     real = chunk_module.segment_chunk
 
@@ -341,8 +341,8 @@ def _install_failing_chunk(index: int, counter: str) -> None:
 
 @pytest.mark.slow
 def test_chunk_that_keeps_raising_fails_only_its_slide(tmp_path):
-    from wsi_nuclei.batch import TASK_RETRIES
-    from wsi_nuclei.cluster import ClusterConfig, close_client, make_client
+    from wsi_nuclei.cluster.client import ClusterConfig, close_client, make_client
+    from wsi_nuclei.pipeline.batch import TASK_RETRIES
 
     (tmp_path / "in").mkdir()
     disc_slide(tmp_path / "in" / "a.tif", (512, 512), seed=11)
@@ -371,7 +371,7 @@ def test_ctrl_c_pressed_several_times_stops_quickly_with_one_line_and_resumes(tm
     # run could finish before the signal arrived and exit 0)
     slide = disc_slide(tmp_path / "s.tif", (1536, 2048), seed=13)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "wsi_nuclei.cli", "segment", str(slide), "-o", str(out), *FLAGS, "--quiet", "--threads", "1"]
+    cmd = [sys.executable, "-m", "wsi_nuclei.cli.main", "segment", str(slide), "-o", str(out), *FLAGS, "--quiet", "--threads", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     chunks = out / "s" / WORK_DIR / "chunks"
@@ -423,8 +423,8 @@ def _check_feature(f: dict) -> None:
 
 
 def _features(labels: np.ndarray) -> list[dict]:
-    from wsi_nuclei.export import encode_feature, encode_nuclei, feature
-    from wsi_nuclei.polygons import PolygonFrame, label_polygons
+    from wsi_nuclei.nuclei.polygons import PolygonFrame, label_polygons
+    from wsi_nuclei.outputs.geojson import encode_feature, encode_nuclei, feature
 
     nuclei = label_polygons(labels.astype(np.int64), PolygonFrame(10, 20, 2.0, 0.25, 0.0, 0.0), labels.astype(np.float32) * 0, None)
     encoded = encode_nuclei(nuclei, "slide:1x1")  # the pipeline's encoder: equal to the reference

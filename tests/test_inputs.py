@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from wsi_nuclei.cli import app
+from wsi_nuclei.cli.main import app
 from wsi_nuclei.errors import SlideError
-from wsi_nuclei.pipeline import SegmentConfig, segment_many
-from wsi_nuclei.slide import open_slide
+from wsi_nuclei.pipeline.segment import SegmentConfig, segment_many
+from wsi_nuclei.slides.reader import open_slide
 
 from .slides import disc_image, disc_slide, write_pyramid
 
@@ -61,7 +61,7 @@ def test_unusual_mpp_is_accepted_when_asked_and_a_huge_plan_is_refused(slide, tm
     ok = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "a"), "--mpp", "0.04", "--unusual-mpp", *FLAGS])
     assert ok.exit_code == 0, ok.output
     # in a subprocess with a time limit: the planning loop once ran for ever here
-    cmd = [sys.executable, "-m", "wsi_nuclei.cli", "segment", str(slide), "-o", str(tmp_path / "b"), "--mpp", "1e300", "--unusual-mpp", *FLAGS]
+    cmd = [sys.executable, "-m", "wsi_nuclei.cli.main", "segment", str(slide), "-o", str(tmp_path / "b"), "--mpp", "1e300", "--unusual-mpp", *FLAGS]
     huge = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert huge.returncode == 1, huge.stderr  # the slide fails
     errors = _errors(huge.stderr)
@@ -95,7 +95,7 @@ def _model(tmp_path: Path, card_change: dict | None = None, weights=None) -> Pat
 
     from safetensors.torch import load_file, save_file
 
-    from wsi_nuclei.model import DEFAULT_MODEL_DIR
+    from wsi_nuclei.model.network import DEFAULT_MODEL_DIR
 
     dst = tmp_path / "model"
     shutil.copytree(DEFAULT_MODEL_DIR, dst)
@@ -152,7 +152,7 @@ def test_a_broken_model_is_refused_once_naming_its_file(slide, tmp_path, card_ch
 
 def test_nan_probabilities_are_an_error_not_zero_nuclei():
     from wsi_nuclei.errors import ModelError
-    from wsi_nuclei.infer import check_finite
+    from wsi_nuclei.model.infer import check_finite
 
     probs = np.zeros((3, 64, 64), np.float32)
     check_finite(probs, "x")
@@ -173,7 +173,7 @@ def test_an_unwritable_cache_falls_back_with_one_warning(slide, tmp_path, kind):
         cache.chmod(0o500)
     env = {**os.environ, "WSI_NUCLEI_CACHE": str(cache / "sub" if kind == "a-file" else cache), "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
-    cmd = [sys.executable, "-m", "wsi_nuclei.cli", "segment", str(slide), "-o", str(tmp_path / "out"), "--backend", "onnx",
+    cmd = [sys.executable, "-m", "wsi_nuclei.cli.main", "segment", str(slide), "-o", str(tmp_path / "out"), "--backend", "onnx",
            "--threads", "1", *FLAGS]
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -275,7 +275,7 @@ def test_thumbnail_of_a_slide_without_a_pyramid_has_bounded_memory(tmp_path):
     with tifffile.TiffWriter(tmp_path / "flat.tif") as tif:
         tif.write((tile for _ in range(n * n)), shape=(512 * n, 512 * n, 3), dtype=np.uint8, tile=(512, 512), compression="jpeg",
                   photometric="rgb", resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
-    code = ("import resource, sys; from wsi_nuclei.slide import open_slide\n"
+    code = ("import resource, sys; from wsi_nuclei.slides.reader import open_slide\n"
             "s = open_slide(sys.argv[1]); s.read_working((0, 0, 64, 64), 1.0)\n"
             "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "t, _ = s.thumbnail(2048)\n"
@@ -323,7 +323,7 @@ def test_cluster_slurm_without_sbatch_is_one_line_not_a_hang(slide, tmp_path):
     """Issue 16 item 4 (its first case): no sbatch on PATH. The rest (a rejected submission, jobs
     pending for too long) needs the real SLURM of issue 16."""
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python, but no SLURM commands
-    cmd = [sys.executable, "-m", "wsi_nuclei.cli", "segment", str(slide), "-o", str(tmp_path / "o"), "--cluster", "slurm", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "wsi_nuclei.cli.main", "segment", str(slide), "-o", str(tmp_path / "o"), "--cluster", "slurm", "--device", "cpu"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     errors = _errors(done.stderr)

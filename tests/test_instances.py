@@ -1,5 +1,5 @@
-"""Tests for the post-processing (wsi_nuclei.instances), the training targets (wsi_nuclei.targets)
-and the label resampling helpers of wsi_nuclei.infer, on synthetic label maps."""
+"""Tests for the post-processing (wsi_nuclei.nuclei.instances), the training targets (wsi_nuclei.training.targets)
+and the label resampling helpers of wsi_nuclei.model.infer, on synthetic label maps."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from wsi_nuclei.errors import ConfigError
-from wsi_nuclei.infer import resize_labels, working_shape
-from wsi_nuclei.instances import probabilities_to_instances, relabel_sequential, remove_small
-from wsi_nuclei.metrics import evaluate_pair
-from wsi_nuclei.model import PostProcess
-from wsi_nuclei.targets import augment, make_targets, random_crop
+from wsi_nuclei.model.infer import resize_labels, working_shape
+from wsi_nuclei.model.network import PostProcess
+from wsi_nuclei.nuclei.instances import probabilities_to_instances, relabel_sequential, remove_small
+from wsi_nuclei.training.metrics import evaluate_pair
+from wsi_nuclei.training.targets import augment, make_targets, random_crop
 
 OUTPUTS = ("nucleus", "boundary", "distance")
 MPP = 0.5  # working resolution: default min_area_um2 = 3 µm² is 12 px

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from wsi_nuclei.backends import (
+from wsi_nuclei.cli.main import app
+from wsi_nuclei.errors import ConfigError
+from wsi_nuclei.model.backends import (
     INT8_BACKEND,
     make_predictor,
     onnx_available,
     onnx_path,
     resolve_backend,
 )
-from wsi_nuclei.cli import app
-from wsi_nuclei.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(not onnx_available(), reason="onnx/onnxruntime not installed (extra [onnx])")
 runner = CliRunner()
@@ -25,7 +25,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def model():
-    from wsi_nuclei.model import load_model
+    from wsi_nuclei.model.network import load_model
 
     return load_model()
 
@@ -33,7 +33,7 @@ def model():
 @pytest.fixture(scope="module")
 def tissue(shared_data) -> np.ndarray:
     """Two 512 px crops of a TNBC test image (held out from training and calibration)."""
-    from wsi_nuclei.datasets import load_tnbc
+    from wsi_nuclei.training.datasets import load_tnbc
 
     images = [s.image for s in load_tnbc(shared_data / "tnbc", limit=2)]
     return np.stack([im[:512, :512] for im in images])
@@ -51,8 +51,8 @@ def test_precision_resolves_to_onnx_runtime_only():
 
 
 def test_int8_is_cached_per_weights_and_repaired(model, tissue, monkeypatch):
-    from wsi_nuclei import quantize
-    from wsi_nuclei.backends import int8_path
+    from wsi_nuclei.model.backends import int8_path
+    from wsi_nuclei.model.network import quantize
 
     net, card = model
     make_predictor(net, card, "onnx", "cpu", 2, "int8")
@@ -88,8 +88,8 @@ def test_int8_stays_close_to_fp32(model, tissue):
 
 
 def test_calibration_crops_are_training_images_only():
-    from wsi_nuclei.model import load_card
-    from wsi_nuclei.quantize import CALIBRATION_IMAGE, calibration_tiles
+    from wsi_nuclei.model.network import load_card
+    from wsi_nuclei.model.quantize import CALIBRATION_IMAGE, calibration_tiles
 
     tiles = calibration_tiles()
     assert tiles.shape == (32, 256, 256, 3)

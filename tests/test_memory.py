@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from wsi_nuclei.memory import (
+from wsi_nuclei.model.memory import (
     FORWARD_BYTES_PER_PX,
     MIN_TILE,
     cgroup_limit,
@@ -77,9 +77,9 @@ def test_cgroup_limits_v2_and_v1(tmp_path):
 
 
 def _plan_in_worker(window: int, context: int):  # noqa: ANN202
-    from wsi_nuclei.pipeline import SegmentConfig
-    from wsi_nuclei.tiling import Tiling
-    from wsi_nuclei.worker_cache import make_forward_plan
+    from wsi_nuclei.pipeline.segment import SegmentConfig
+    from wsi_nuclei.pipeline.tiling import Tiling
+    from wsi_nuclei.pipeline.worker_cache import make_forward_plan
 
     return make_forward_plan(SegmentConfig(), Tiling(window - 128, 64, context))
 
@@ -102,7 +102,7 @@ def test_cuda_budget_is_the_free_gpu_memory_shared_by_the_tasks(monkeypatch):
     """The GPU branch (no GPU here: torch's free-memory query is replaced, the arithmetic is ours)."""
     import torch
 
-    from wsi_nuclei.memory import USABLE_FRACTION, forward_budget
+    from wsi_nuclei.model.memory import USABLE_FRACTION, forward_budget
 
     asked = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(str(device)) or (40_000_000_000, 80_000_000_000))
@@ -112,10 +112,10 @@ def test_cuda_budget_is_the_free_gpu_memory_shared_by_the_tasks(monkeypatch):
 
 
 def _default_plan_in_worker():  # noqa: ANN202
-    from wsi_nuclei.memory import _rss
-    from wsi_nuclei.pipeline import SegmentConfig
-    from wsi_nuclei.plan import model_card, slide_tiling
-    from wsi_nuclei.worker_cache import make_forward_plan
+    from wsi_nuclei.model.memory import _rss
+    from wsi_nuclei.pipeline.plan import model_card, slide_tiling
+    from wsi_nuclei.pipeline.segment import SegmentConfig
+    from wsi_nuclei.pipeline.worker_cache import make_forward_plan
 
     cfg = SegmentConfig()
     fp = make_forward_plan(cfg, slide_tiling(cfg, model_card(cfg)))
@@ -127,9 +127,9 @@ def test_the_dry_run_plans_what_a_worker_plans():
     makes: the same budget and plan functions, given what the worker holds."""
     from distributed import Client, LocalCluster
 
-    from wsi_nuclei.cluster import ClusterConfig
-    from wsi_nuclei.launch import dry_forward
-    from wsi_nuclei.pipeline import SegmentConfig
+    from wsi_nuclei.cluster.client import ClusterConfig
+    from wsi_nuclei.pipeline.launch import dry_forward
+    from wsi_nuclei.pipeline.segment import SegmentConfig
 
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, memory_limit="2GB", dashboard_address=":0") as cluster:
         with Client(cluster) as client:
@@ -148,9 +148,9 @@ def test_the_default_chunk_fits_the_workers_memory():
     from typer.testing import CliRunner
 
     from wsi_nuclei.api import SAMPLE_SLIDE
-    from wsi_nuclei.cli import app
-    from wsi_nuclei.config import DEFAULT_CHUNK
-    from wsi_nuclei.launch import configs
+    from wsi_nuclei.cli.main import app
+    from wsi_nuclei.pipeline.config import DEFAULT_CHUNK
+    from wsi_nuclei.pipeline.launch import configs
 
     def chunk(memory: str, given: int | None = None) -> int:
         slurm = {"cores": 2, "memory": memory, "processes": 1}
@@ -172,7 +172,7 @@ def test_a_resumed_slide_keeps_the_chunk_size_of_its_earlier_run(tmp_path):
     and a given --chunk-size or --overwrite decides as usual."""
     from typer.testing import CliRunner
 
-    from wsi_nuclei.cli import app
+    from wsi_nuclei.cli.main import app
 
     from .slides import disc_slide
 

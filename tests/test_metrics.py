@@ -1,4 +1,4 @@
-"""Tests for wsi_nuclei.metrics: hand-computed cases and a brute-force reference."""
+"""Tests for wsi_nuclei.training.metrics: hand-computed cases and a brute-force reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from wsi_nuclei.metrics import (
+from wsi_nuclei.training.metrics import (
     ImageMetrics,
     aji,
     evaluate_pair,

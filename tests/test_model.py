@@ -1,4 +1,4 @@
-"""Tests for wsi_nuclei.model: ImageNet Lite0 weights, safetensors round trip, refusing bad folders."""
+"""Tests for wsi_nuclei.model.network: ImageNet Lite0 weights, safetensors round trip, refusing bad folders."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from wsi_nuclei.errors import ModelError  # noqa: E402
-from wsi_nuclei.model import (  # noqa: E402
+from wsi_nuclei.model.network import (  # noqa: E402
     CARD_FILE,
     WEIGHTS_FILE,
     ModelCard,
@@ -249,7 +249,7 @@ def test_load_imagenet_lite1_lite2_by_order(k: int) -> None:
     tensor by tensor (a BN mean never fills a conv weight), and the encoder holds them after."""
     import importlib
 
-    from wsi_nuclei.model import IMAGENET_LITE, load_imagenet_lite
+    from wsi_nuclei.model.network import IMAGENET_LITE, load_imagenet_lite
 
     name = f"tu-tf_efficientnet_lite{k}"
     _, module, cls = IMAGENET_LITE[name]
@@ -273,7 +273,7 @@ def test_load_imagenet_lite1_lite2_by_order(k: int) -> None:
 
 
 def test_offline_imagenet_only_for_lite_encoders() -> None:
-    from wsi_nuclei.model import load_imagenet_lite
+    from wsi_nuclei.model.network import load_imagenet_lite
 
     with pytest.raises(ModelError, match="--scratch"):
         load_imagenet_lite(build_model("efficientnet-b0", 1, DECODER), "efficientnet-b0")
@@ -283,7 +283,7 @@ def test_offline_imagenet_only_for_lite_encoders() -> None:
 
 
 def test_card_tta_and_context_round_trip(tmp_path: Path, small_model: torch.nn.Module) -> None:
-    from wsi_nuclei.model import update_card
+    from wsi_nuclei.model.network import update_card
 
     card = save_model(small_model, _card(tta="flip4", context_px=96), tmp_path / "m")
     loaded = load_card(tmp_path / "m")

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from wsi_nuclei.cli import app
-from wsi_nuclei.outputs import LOCK_NAME, SlideLock
-from wsi_nuclei.pipeline import WORK_DIR, SegmentConfig, segment_many
+from wsi_nuclei.cli.main import app
+from wsi_nuclei.outputs.folder import LOCK_NAME, SlideLock
+from wsi_nuclei.pipeline.segment import WORK_DIR, SegmentConfig, segment_many
 
 from .slides import disc_slide, disk_fills_at_second_write
 
@@ -103,7 +103,7 @@ def test_two_runs_started_together_into_one_out_never_leave_a_broken_finished_sl
     the race says so in one line; afterwards the folder equals a single run's."""
     big = disc_slide(tmp_path / "big.tif", (1024, 1024), seed=22)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "wsi_nuclei.cli", "segment", str(big), "-o", str(out), "--threads", "1", "--resume", *FLAGS]
+    cmd = [sys.executable, "-m", "wsi_nuclei.cli.main", "segment", str(big), "-o", str(out), "--threads", "1", "--resume", *FLAGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
     outs = [(p.wait(timeout=600), p.stdout.read()) for p in procs]  # type: ignore[union-attr]
@@ -142,7 +142,7 @@ def test_another_slide_with_the_same_name_gets_its_own_folder(slide, tmp_path):
 
 def test_an_explicit_folder_of_another_slide_is_a_one_line_error(slide, tmp_path):
     from wsi_nuclei.errors import OutputError
-    from wsi_nuclei.pipeline import segment_slide
+    from wsi_nuclei.pipeline.segment import segment_slide
 
     other = disc_slide(tmp_path / "other.tif", (256, 256), seed=24)
     segment_slide(slide, tmp_path / "here", SegmentConfig(**OPTS))
@@ -174,7 +174,7 @@ def test_other_settings_are_segmented_again_not_skipped(slide, reference, tmp_pa
 
 
 def test_another_model_is_segmented_again(slide, reference, tmp_path):
-    from wsi_nuclei.model import DEFAULT_MODEL_DIR
+    from wsi_nuclei.model.network import DEFAULT_MODEL_DIR
 
     model = tmp_path / "model"
     shutil.copytree(DEFAULT_MODEL_DIR, model)
@@ -233,7 +233,7 @@ def test_resume_of_a_verified_slide_skips_it(slide, reference, tmp_path):
 # 4: --overwrite replaces on success -------------------------------------------------------------
 
 def test_overwrite_keeps_the_old_outputs_until_the_new_ones_are_complete(slide, reference, tmp_path, monkeypatch):
-    from wsi_nuclei import export
+    from wsi_nuclei.outputs.folder import geojson as export
 
     out = tmp_path / "out"
     shutil.copytree(reference, out / "s")
@@ -251,7 +251,7 @@ def test_overwrite_keeps_the_old_outputs_until_the_new_ones_are_complete(slide, 
 
 
 def test_overwrite_with_a_failing_start_keeps_the_old_outputs(slide, reference, tmp_path, monkeypatch):
-    from wsi_nuclei import plan
+    from wsi_nuclei.pipeline.segment import plan
 
     def full_disk(path, arr):
         raise OSError(28, "No space left on device")
@@ -292,7 +292,7 @@ def test_damaged_chunk_files_are_computed_again_under_resume(slide, reference, t
 
 
 def test_a_chunk_file_damaged_after_the_start_is_removed_so_resume_recovers(slide, reference, tmp_path, monkeypatch):
-    from wsi_nuclei import plan
+    from wsi_nuclei.pipeline.segment import plan
 
     out = tmp_path / "out"
     segment_many([slide], out, SegmentConfig(**OPTS, keep_chunks=True))
@@ -313,7 +313,7 @@ def test_a_chunk_file_damaged_after_the_start_is_removed_so_resume_recovers(slid
 # 5, 10: any failure is that slide's, with its traceback kept -------------------------------------
 
 def test_an_unexpected_error_while_a_slide_starts_fails_only_that_slide(slide, tmp_path, monkeypatch):
-    from wsi_nuclei import batch
+    from wsi_nuclei.pipeline.segment import batch
 
     good = disc_slide(tmp_path / "good.tif", (256, 256), seed=27)
     real = batch.plan_slide
@@ -336,7 +336,7 @@ def test_an_unexpected_error_while_a_slide_starts_fails_only_that_slide(slide, t
 
 
 def test_debug_prints_the_traceback_of_a_slide_failure(slide, tmp_path, monkeypatch):
-    from wsi_nuclei import batch
+    from wsi_nuclei.pipeline.segment import batch
 
     monkeypatch.setattr(batch, "plan_slide", lambda *a, **k: 1 / 0)
     result = runner.invoke(app, ["--debug", "segment", str(slide), "-o", str(tmp_path / "out"), *FLAGS])
@@ -504,7 +504,7 @@ def test_sigterm_stops_like_ctrl_c_with_run_json_and_no_locks(tmp_path):
 
     big = disc_slide(tmp_path / "t.tif", (1536, 2048), seed=46)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "wsi_nuclei.cli", "segment", str(big), "-o", str(out), "--threads", "1", *FLAGS]
+    cmd = [sys.executable, "-m", "wsi_nuclei.cli.main", "segment", str(big), "-o", str(out), "--threads", "1", *FLAGS]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     chunks = out / "t" / WORK_DIR / "chunks"
     deadline = time.time() + 180
@@ -556,9 +556,9 @@ def test_an_assembly_task_run_twice_returns_the_finished_slide(tmp_path):
     the first one removed. Another run's plan of the same slide assembles again."""
     from dataclasses import replace
 
-    from wsi_nuclei.assemble import assemble_slide
-    from wsi_nuclei.chunk import chunk_task
-    from wsi_nuclei.plan import model_card, plan_slide, start_slide
+    from wsi_nuclei.pipeline.assemble import assemble_slide
+    from wsi_nuclei.pipeline.chunk import chunk_task
+    from wsi_nuclei.pipeline.plan import model_card, plan_slide, start_slide
 
     slide = disc_slide(tmp_path / "a.tif", (512, 512), seed=4)
     cfg = SegmentConfig(**OPTS)

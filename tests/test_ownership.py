@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_nuclei.instances import IDS_PER_CHUNK, own_by_centroid
+from wsi_nuclei.nuclei.instances import IDS_PER_CHUNK, own_by_centroid
 
 HALO, CORE = 16, 64
 
@@ -88,7 +88,7 @@ def test_nothing_outside_the_slide_is_owned_and_ids_overflow_is_refused():
 
 
 def test_overlapping_finds_the_later_version_of_a_nucleus():
-    from wsi_nuclei.instances import overlapping
+    from wsi_nuclei.nuclei.instances import overlapping
 
     under = np.zeros((20, 20), np.uint32)
     under[2:8, 2:8] = 5  # an earlier chunk's nucleus
@@ -101,7 +101,7 @@ def test_overlapping_finds_the_later_version_of_a_nucleus():
 
 
 def test_canvas_shows_what_earlier_windows_painted(tmp_path):
-    from wsi_nuclei.store import LabelCanvas, create_store
+    from wsi_nuclei.outputs.store import LabelCanvas, create_store
 
     create_store(tmp_path / "m.zarr", (300, 300), 100, 0.5, {})
     canvas = LabelCanvas(tmp_path / "m.zarr", 100)
@@ -115,8 +115,8 @@ def test_canvas_shows_what_earlier_windows_painted(tmp_path):
 
 
 def test_drop_features_removes_exactly_those_ids():
-    from wsi_nuclei.export import drop_features, encode_nuclei
-    from wsi_nuclei.polygons import PolygonFrame, label_polygons
+    from wsi_nuclei.nuclei.polygons import PolygonFrame, label_polygons
+    from wsi_nuclei.outputs.geojson import drop_features, encode_nuclei
 
     labels = np.zeros((40, 40), np.uint32)
     labels[2:10, 2:10], labels[15:25, 15:25], labels[30:36, 5:12] = 7, 8, 9

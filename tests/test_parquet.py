@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_nuclei.pipeline import WORK_DIR, SegmentConfig, segment_many
+from wsi_nuclei.pipeline.segment import WORK_DIR, SegmentConfig, segment_many
 
 from .slides import disc_slide
 
@@ -26,7 +26,7 @@ def _nuclei(seed: int, origin: tuple[int, int] = (0, 0), chunk: int = 0) -> list
     """Nuclei of a synthetic label window (discs), with all seven pipeline measurements."""
     from skimage.draw import disk
 
-    from wsi_nuclei.polygons import PolygonFrame, label_polygons
+    from wsi_nuclei.nuclei.polygons import PolygonFrame, label_polygons
 
     rng = np.random.default_rng(seed)
     lab = np.zeros((200, 200), np.int64)
@@ -51,8 +51,8 @@ def _shapely(table):  # noqa: ANN001, ANN202
 def test_wkb_centroids_and_boxes_equal_shapely():
     import shapely
 
-    from wsi_nuclei.parquet import wkb_polygons
-    from wsi_nuclei.table import NucleusTable
+    from wsi_nuclei.nuclei.table import NucleusTable
+    from wsi_nuclei.outputs.parquet import wkb_polygons
 
     table = NucleusTable.from_nuclei(_nuclei(1))
     geoms = _shapely(table)
@@ -63,7 +63,7 @@ def test_wkb_centroids_and_boxes_equal_shapely():
 
 
 def test_a_table_without_some_labels():
-    from wsi_nuclei.table import NucleusTable
+    from wsi_nuclei.nuclei.table import NucleusTable
 
     nuclei = _nuclei(2)
     table = NucleusTable.from_nuclei(nuclei)
@@ -77,8 +77,8 @@ def test_a_table_without_some_labels():
 
 
 def test_column_names_keep_the_units():
-    from wsi_nuclei.parquet import column_name
-    from wsi_nuclei.table import PIPELINE_MEASUREMENTS
+    from wsi_nuclei.nuclei.table import PIPELINE_MEASUREMENTS
+    from wsi_nuclei.outputs.parquet import column_name
 
     assert [column_name(n) for n in PIPELINE_MEASUREMENTS] == [
         "area_um2", "perimeter_um", "circularity", "solidity", "eccentricity", "nucleus_probability", "hematoxylin_od_mean"]
@@ -96,7 +96,7 @@ def _same_nuclei(parquet: Path, features: list[dict]) -> None:
     import pyarrow.parquet as pq
     import shapely
 
-    from wsi_nuclei.parquet import column_name
+    from wsi_nuclei.outputs.parquet import column_name
 
     gdf = geopandas.read_parquet(parquet)
     assert gdf.crs is None and len(gdf) == len(features)
@@ -124,9 +124,9 @@ def _same_nuclei(parquet: Path, features: list[dict]) -> None:
 def test_the_table_holds_the_geojsons_nuclei_row_for_row(tmp_path):
     import pyarrow.parquet as pq
 
-    from wsi_nuclei.export import GeoJSONWriter, encode_nuclei
-    from wsi_nuclei.parquet import ParquetWriter
-    from wsi_nuclei.table import NucleusTable
+    from wsi_nuclei.nuclei.table import NucleusTable
+    from wsi_nuclei.outputs.geojson import GeoJSONWriter, encode_nuclei
+    from wsi_nuclei.outputs.parquet import ParquetWriter
 
     key = "x.tif:100x100"
     chunks = [_nuclei(3, (0, 0), 0), [], _nuclei(4, (200, 0), 2)]
@@ -148,8 +148,8 @@ def test_an_empty_file_has_every_column_and_a_failed_one_is_not_left(tmp_path):
     import geopandas
     import pyarrow.parquet as pq
 
-    from wsi_nuclei.parquet import ParquetWriter, column_name
-    from wsi_nuclei.table import PIPELINE_MEASUREMENTS, NucleusTable
+    from wsi_nuclei.nuclei.table import PIPELINE_MEASUREMENTS, NucleusTable
+    from wsi_nuclei.outputs.parquet import ParquetWriter, column_name
 
     with ParquetWriter(tmp_path / "empty.parquet", "k"):
         pass
@@ -217,7 +217,7 @@ def test_changing_formats_under_resume_reassembles_without_recomputing(slide, ru
 def test_bad_formats_are_one_line(text):
     from typer.testing import CliRunner
 
-    from wsi_nuclei.cli import app
+    from wsi_nuclei.cli.main import app
 
     result = CliRunner().invoke(app, ["segment", "x.tif", "-o", "out", "--formats", text])
     assert result.exit_code == 2 and "--formats" in result.output and "Traceback" not in result.output
@@ -226,7 +226,7 @@ def test_bad_formats_are_one_line(text):
 
 _KILL_IN_WRITER = """
 import os, signal, sys
-from wsi_nuclei import parquet
+from wsi_nuclei.outputs.folder import parquet
 real = parquet.ParquetWriter.write
 calls = []
 def write(self, table, chunk):
@@ -235,7 +235,7 @@ def write(self, table, chunk):
     if len(calls) == 2:  # the second row group is written: kill -9, mid-file
         os.kill(os.getpid(), signal.SIGKILL)
 parquet.ParquetWriter.write = write
-from wsi_nuclei.cli import main
+from wsi_nuclei.cli.main import main
 sys.argv = ["wsi-nuclei", *sys.argv[1:]]
 main()
 """
@@ -277,9 +277,9 @@ def test_export_anndata_is_the_table_with_measurements_in_x(run, tmp_path):
     import pyarrow.parquet as pq
     from typer.testing import CliRunner
 
-    from wsi_nuclei.cli import app
-    from wsi_nuclei.parquet import column_name
-    from wsi_nuclei.table import PIPELINE_MEASUREMENTS
+    from wsi_nuclei.cli.main import app
+    from wsi_nuclei.nuclei.table import PIPELINE_MEASUREMENTS
+    from wsi_nuclei.outputs.parquet import column_name
 
     result = CliRunner().invoke(app, ["export", "anndata", str(run), "-o", str(tmp_path / "n.h5ad")])
     assert result.exit_code == 0, result.output
@@ -300,7 +300,7 @@ def test_export_anndata_errors_are_one_line(run, tmp_path, monkeypatch):
 
     from typer.testing import CliRunner
 
-    from wsi_nuclei.cli import app
+    from wsi_nuclei.cli.main import app
 
     def one_line(args: list[str], *words: str) -> None:
         result = CliRunner().invoke(app, ["export", "anndata", *args])

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from wsi_nuclei.cli import app
+from wsi_nuclei.cli.main import app
 from wsi_nuclei.errors import SlideError
-from wsi_nuclei.pipeline import SegmentConfig, segment_many, segment_slide
+from wsi_nuclei.pipeline.segment import SegmentConfig, segment_many, segment_slide
 
 from .slides import disc_image, write_pyramid
 
@@ -50,7 +50,7 @@ def test_synthetic_discs_found_at_their_level0_positions(tmp_path):
 
 def test_polygon_bounds_shift():
     """QuPath crops to openslide bounds: coordinates shift by -bounds exactly (or stay raw)."""
-    from wsi_nuclei.polygons import PolygonFrame, label_polygons
+    from wsi_nuclei.nuclei.polygons import PolygonFrame, label_polygons
 
     labels = np.zeros((40, 40), np.int64)
     labels[10:20, 12:25] = 1
@@ -69,7 +69,7 @@ def test_geojson_is_qupath_importable_and_outputs_complete(bundled_run):
     assert {p.name for p in d.iterdir()} >= {"mask.zarr", "nuclei.geojson.gz", "summary.json", "overlay.png"}
     summary = json.loads((d / "summary.json").read_text())
     assert 1000 < summary["nuclei"] < 20000 and summary["tissue_mm2"] > 0.1
-    from wsi_nuclei.model import DEFAULT_MODEL_DIR, load_card
+    from wsi_nuclei.model.network import DEFAULT_MODEL_DIR, load_card
 
     card = load_card(DEFAULT_MODEL_DIR)  # options left unset are recorded with the card's values, as they ran
     assert summary["parameters"]["context"] == card.context_px == summary["tiling"]["context"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from shapely.geometry import Polygon
 
-from wsi_nuclei.polygons import PolygonFrame, _hematoxylin_od, label_polygons
+from wsi_nuclei.nuclei.polygons import PolygonFrame, _hematoxylin_od, label_polygons
 
 FRAME = PolygonFrame(0, 0, 1.0, 0.5)
 
@@ -65,7 +65,7 @@ def _disc_labels(side: int = 160, seed: int = 0) -> np.ndarray:
 def test_feature_ids_equal_uuid5():
     import uuid
 
-    from wsi_nuclei.export import _NAMESPACE, feature_id, feature_ids
+    from wsi_nuclei.outputs.geojson import _NAMESPACE, feature_id, feature_ids
 
     labels = [0, 1, 9, 65537, 4_294_967_295, *range(1000, 1200)]
     text = feature_ids("CMU-1.svs:2220x2967", labels)
@@ -81,7 +81,7 @@ def test_pipeline_encoder_is_byte_identical_to_the_reference_features():
     import dataclasses
     import json
 
-    from wsi_nuclei.export import encode_feature, encode_nuclei, feature
+    from wsi_nuclei.outputs.geojson import encode_feature, encode_nuclei, feature
 
     rng = np.random.default_rng(3)
     lab = _disc_labels()

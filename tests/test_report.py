@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from wsi_nuclei.cli import app
-from wsi_nuclei.pipeline import SegmentConfig, segment_many
+from wsi_nuclei.cli.main import app
+from wsi_nuclei.pipeline.segment import SegmentConfig, segment_many
 
 from .browser import Browser, find_chromium
 from .slides import disc_slide
@@ -122,7 +122,7 @@ def test_the_report_command_writes_the_same_file_again(batch):
 def test_pictures_of_the_previous_report_are_reused_while_their_files_are_unchanged(batch, monkeypatch):
     from PIL import Image as PILImage
 
-    from wsi_nuclei.report import write_report
+    from wsi_nuclei.outputs.report import write_report
 
     out = batch["out"]
     before = (out / "report.html").read_bytes()
@@ -207,7 +207,7 @@ def test_a_report_that_cannot_be_written_is_a_warning_not_a_failed_run(tmp_path,
 
 
 def test_unusual_densities_are_flagged_and_come_first(tmp_path):
-    from wsi_nuclei.report import SlideRow, _flagged, _rank, render_report
+    from wsi_nuclei.outputs.report import SlideRow, _flagged, _rank, render_report
 
     rows = [SlideRow(f"s{i}.svs", f"/x/s{i}.svs", None, "ok", nuclei=n, tissue_mm2=1.0) for i, n in enumerate([1000, 1100, 900, 300, 5000, 0])]
     flagged = {r.name: r.flag for r in _flagged(rows)}

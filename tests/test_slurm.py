@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from wsi_nuclei.pipeline import WORK_DIR
+from wsi_nuclei.pipeline.segment import WORK_DIR
 
 from .slurm_cluster import Slurm, slurm  # noqa: F401 - the session fixture
 from .test_cluster import FLAGS, ROOT, _cli, _copies, _digest, _same_outputs
@@ -118,7 +118,7 @@ def test_worker_jobs_run_in_the_queue_and_a_cancelled_one_is_replaced_losing_no_
 
 
 def test_a_walltime_shorter_than_the_work_is_survived_through_new_jobs(slurm, slides, reference, tmp_path):  # noqa: F811
-    # 30 s: each worker leaves gracefully after 15 +- 3 s (wsi_nuclei.slurm.worker_lifetime); SLURM
+    # 30 s: each worker leaves gracefully after 15 +- 3 s (wsi_nuclei.cluster.slurm.worker_lifetime); SLURM
     # itself rounds the limit up to a minute, so the worker's lifetime is what ends each job here.
     # The work: the three slides and a second copy of the largest, longer than the longest
     # lifetime of one worker on this node (one core; the three alone once fitted in one job).

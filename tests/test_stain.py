@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_nuclei.stain import DEFAULT_REF, StainRef, macenko_stains, normalise, random_restain
+from wsi_nuclei.training.stain import (
+    DEFAULT_REF,
+    StainRef,
+    macenko_stains,
+    normalise,
+    random_restain,
+)
 
 # Ruifrok & Johnston haematoxylin and eosin OD vectors
 H = np.array([0.65, 0.70, 0.29]) / np.linalg.norm([0.65, 0.70, 0.29])

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_nuclei.store import LabelCanvas, create_store, open_array
+from wsi_nuclei.outputs.store import LabelCanvas, create_store, open_array
 
 
 def paste_labels(path: Path, y: int, x: int, window: np.ndarray) -> None:
@@ -72,7 +72,7 @@ def test_canvas_refuses_windows_out_of_order(tmp_path):
 def test_inner_boundaries_equal_skimage():
     from skimage.segmentation import find_boundaries
 
-    from wsi_nuclei.overlay import inner_boundaries
+    from wsi_nuclei.outputs.overlay import inner_boundaries
 
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 4, (60, 70)).repeat(3, axis=0).repeat(2, axis=1).astype(np.uint32)
@@ -86,7 +86,7 @@ def test_results_doc_recipes_open_mask_zarr(tmp_path):
     """The ome-zarr-py and dask recipes of docs/results.md, run as written on a store written by store.py."""
     import re
 
-    from wsi_nuclei.store import build_pyramids
+    from wsi_nuclei.outputs.store import build_pyramids
 
     path = tmp_path / "OUT" / "slide" / "mask.zarr"
     create_store(path, (600, 700), 256, 0.5, {})

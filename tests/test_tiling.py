@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_nuclei.metrics import aji
-from wsi_nuclei.pipeline import SegmentConfig, segment_slide
-from wsi_nuclei.store import open_array
+from wsi_nuclei.outputs.store import open_array
+from wsi_nuclei.pipeline.segment import SegmentConfig, segment_slide
+from wsi_nuclei.training.metrics import aji
 
 from .slides import cmu_crop_slide
 
@@ -85,8 +85,8 @@ def test_tiled_equals_whole(crop_slide, whole_run, tmp_path, chunk, halo):
 def test_window_split_to_fit_memory_equals_one_forward_pass(crop_slide, whole_run, tmp_path):
     """With too little memory for one forward pass of the window, each chunk window (1152 px) is
     inferred as 2x2 tiles of 576 px + the model's context and the outputs match the one-pass run."""
-    from wsi_nuclei.memory import FORWARD_BYTES_PER_PX
-    from wsi_nuclei.model import load_card
+    from wsi_nuclei.model.memory import FORWARD_BYTES_PER_PX
+    from wsi_nuclei.model.network import load_card
 
     ctx = load_card(Path(__file__).resolve().parents[1] / "wsi_nuclei" / "weights").context_px
     tile, whole_px = 576 + 2 * ctx, 1152 + 2 * ctx
@@ -99,7 +99,7 @@ def test_window_split_to_fit_memory_equals_one_forward_pass(crop_slide, whole_ru
     p_whole = np.asarray(open_array(whole_run / "mask.zarr", "probability", 0)[:]).astype(int)
     p_split = np.asarray(open_array(tmp_path / "mask.zarr", "probability", 0)[:]).astype(int)
     # within the tolerance the card's context_px was measured with (context.PROB_TOL, 99.9th pct)
-    from wsi_nuclei.context import PROB_TOL
+    from wsi_nuclei.training.context import PROB_TOL
 
     d = np.abs(p_whole - p_split)
     assert np.percentile(d, 99.9) <= 255 * PROB_TOL and d.max() <= 255 * 0.1
@@ -110,11 +110,11 @@ def test_tiles_match_whole_image_probabilities():
     """The model-level invariant: with the card's measured context, batched tiles agree with one
     forward pass within the tolerance the measurement uses (context.PROB_TOL at the 99.9th pct)."""
     from wsi_nuclei.api import SAMPLE_SLIDE
-    from wsi_nuclei.backends import make_predictor
-    from wsi_nuclei.context import PROB_TOL
-    from wsi_nuclei.infer import predict_region, tile_probabilities
-    from wsi_nuclei.model import load_model
-    from wsi_nuclei.slide import open_slide
+    from wsi_nuclei.model.backends import make_predictor
+    from wsi_nuclei.model.infer import predict_region, tile_probabilities
+    from wsi_nuclei.model.network import load_model
+    from wsi_nuclei.slides.reader import open_slide
+    from wsi_nuclei.training.context import PROB_TOL
 
     net, card = load_model()
     predict, _ = make_predictor(net, card, "torch", "cpu")

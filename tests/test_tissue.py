@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wsi_nuclei.tissue import tissue_mask
+from wsi_nuclei.slides.tissue import tissue_mask
 
 from .slides import disc_image
 
@@ -29,7 +29,7 @@ def test_slide_that_is_all_tissue_is_all_tissue():
 
 
 def test_cmu_sample_thumbnail(shared_data):
-    from wsi_nuclei.slide import open_slide
+    from wsi_nuclei.slides.reader import open_slide
 
     with open_slide(shared_data / "wsi" / "CMU-1-Small-Region.svs") as s:
         thumb, _ = s.thumbnail(512)
@@ -39,7 +39,7 @@ def test_cmu_sample_thumbnail(shared_data):
 
 def test_transparent_pixels_are_composited_on_white():
     """Slide reads come as RGBA; the fast path (only non-opaque pixels) equals compositing all."""
-    from wsi_nuclei.slide import composite_on_white
+    from wsi_nuclei.slides.reader import composite_on_white
 
     rng = np.random.default_rng(0)
     rgba = rng.integers(0, 256, (64, 48, 4), dtype=np.uint8)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_nuclei.metrics import aji
-from wsi_nuclei.pipeline import SegmentConfig, segment_slide
-from wsi_nuclei.store import open_array
-from wsi_nuclei.tiling import derive_tiling, plan_chunks, tissue_box
+from wsi_nuclei.outputs.store import open_array
+from wsi_nuclei.pipeline.segment import SegmentConfig, segment_slide
+from wsi_nuclei.pipeline.tiling import derive_tiling, plan_chunks, tissue_box
+from wsi_nuclei.training.metrics import aji
 
 from .slides import disc_image, write_pyramid
 
@@ -100,8 +100,8 @@ def test_the_read_is_the_part_the_model_is_given():
     window_probabilities hands the model, and a part read equals the whole read inside the part
     (the bundled slide: 0.499 µm/px, resampled; so the filter edges are exercised)."""
     from wsi_nuclei.api import SAMPLE_SLIDE
-    from wsi_nuclei.infer import window_extent, window_probabilities
-    from wsi_nuclei.slide import open_slide
+    from wsi_nuclei.model.infer import window_extent, window_probabilities
+    from wsi_nuclei.slides.reader import open_slide
 
     seen: list[tuple[int, int]] = []
 

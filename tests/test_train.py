@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from wsi_nuclei.datasets import load_monuseg
 from wsi_nuclei.errors import ConfigError
-from wsi_nuclei.train import PAPER_RECIPE, TrainConfig, train
-from wsi_nuclei.trainset import split_validation
+from wsi_nuclei.training.datasets import load_monuseg
+from wsi_nuclei.training.train import PAPER_RECIPE, TrainConfig, train
+from wsi_nuclei.training.trainset import split_validation
 
 pytestmark = pytest.mark.slow  # real training steps and tuning
 
@@ -79,7 +79,7 @@ def test_scratch_only_for_encoders_without_offline_weights(tmp_path, samples):
 def _fake(name: str, dataset: str):
     import numpy as np
 
-    from wsi_nuclei.datasets import Sample
+    from wsi_nuclei.training.datasets import Sample
 
     lab = np.zeros((64, 64), np.int32)
     lab[20:30, 20:30] = 1
@@ -91,7 +91,7 @@ def _fake(name: str, dataset: str):
 def test_sampler_draws_datasets_by_weight():
     import numpy as np
 
-    from wsi_nuclei.trainset import draw_image, prepare
+    from wsi_nuclei.training.trainset import draw_image, prepare
 
     samples = [_fake(f"m{i}", "monuseg") for i in range(3)] + [_fake(f"c{i}", "consep") for i in range(9)]
     cfg = TrainConfig(out=None, data=(("monuseg", 3.0), ("consep", 1.0)), outputs=("nucleus",), stain_augment="none")  # type: ignore[arg-type]
@@ -105,7 +105,7 @@ def test_sampler_draws_datasets_by_weight():
 
 
 def test_data_spec_and_missing_dataset_are_checked():
-    from wsi_nuclei.trainset import parse_data, prepare
+    from wsi_nuclei.training.trainset import parse_data, prepare
 
     assert parse_data("monuseg,consep:0.5") == (("monuseg", 1.0), ("consep", 0.5))
     with pytest.raises(ConfigError, match="unknown dataset 'tnbc'"):
@@ -118,7 +118,11 @@ def test_data_spec_and_missing_dataset_are_checked():
 
 
 def test_training_never_loads_a_test_split(shared_data):
-    from wsi_nuclei.trainset import CONSEP_VALIDATION, DEFAULT_VALIDATION, load_training_samples
+    from wsi_nuclei.training.trainset import (
+        CONSEP_VALIDATION,
+        DEFAULT_VALIDATION,
+        load_training_samples,
+    )
 
     cfg = TrainConfig(out=None, data=(("consep", 1.0),), validation=DEFAULT_VALIDATION + CONSEP_VALIDATION)  # type: ignore[arg-type]
     samples = load_training_samples(cfg, shared_data)
@@ -134,15 +138,15 @@ def test_tune_cli_stores_post_processing_chosen_on_validation(tmp_path, shared_d
 
     from typer.testing import CliRunner
 
-    from wsi_nuclei.cli import app
-    from wsi_nuclei.model import DEFAULT_MODEL_DIR, load_card, load_model
-    from wsi_nuclei.train import validate
+    from wsi_nuclei.cli.main import app
+    from wsi_nuclei.model.network import DEFAULT_MODEL_DIR, load_card, load_model
+    from wsi_nuclei.training.train import validate
 
     model_dir = tmp_path / "m"
     shutil.copytree(DEFAULT_MODEL_DIR, model_dir)
     before = load_card(model_dir)
     val_names = ["TCGA-AR-A1AS-01Z-00-DX1", "TCGA-B0-5710-01Z-00-DX1"]
-    from wsi_nuclei.model import update_card
+    from wsi_nuclei.model.network import update_card
 
     update_card(model_dir, training={**before.training, "validation_images": val_names})
     net, card = load_model(model_dir)
@@ -161,8 +165,8 @@ def test_training_data_folder_is_explicit(tmp_path, monkeypatch):
     """No hidden default: --data-root, else $WSI_NUCLEI_DATA, else one line saying both."""
     from typer.testing import CliRunner
 
-    from wsi_nuclei.cli import app
-    from wsi_nuclei.trainset import DATA_ROOT_ENV, data_root
+    from wsi_nuclei.cli.main import app
+    from wsi_nuclei.training.trainset import DATA_ROOT_ENV, data_root
 
     monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
     with pytest.raises(ConfigError, match="--data-root DIR .* or set WSI_NUCLEI_DATA"):
@@ -179,9 +183,9 @@ def test_training_data_folder_is_explicit(tmp_path, monkeypatch):
 
 
 def test_build_config_from_options():
-    from wsi_nuclei.model import DEFAULT_MODEL_DIR, load_card
-    from wsi_nuclei.train import build_config
-    from wsi_nuclei.trainset import CONSEP_VALIDATION, DEFAULT_VALIDATION
+    from wsi_nuclei.model.network import DEFAULT_MODEL_DIR, load_card
+    from wsi_nuclei.training.train import build_config
+    from wsi_nuclei.training.trainset import CONSEP_VALIDATION, DEFAULT_VALIDATION
 
     cfg = build_config(Path("o"), {"epochs": 3, "lr": None})
     assert cfg.epochs == 3 and cfg.lr == TrainConfig(out=Path("o")).lr and cfg.validation == DEFAULT_VALIDATION

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_nuclei.datasets import Sample
 from wsi_nuclei.errors import ConfigError
-from wsi_nuclei.train import TrainConfig
+from wsi_nuclei.training.datasets import Sample
+from wsi_nuclei.training.train import TrainConfig
 
 
 def _disc_sample(name: str, dataset: str, typed: bool, side: int = 192, seed: int = 0) -> Sample:
@@ -42,7 +42,7 @@ def test_context_view_is_a_window_that_ends_where_the_tensor_ends():
     """View B is box + 2·margin px cut from A at the drawn origin; its loss box is A's box there."""
     import torch
 
-    from wsi_nuclei.robust import cut_box, cut_window, draw_view
+    from wsi_nuclei.training.robust import cut_box, cut_window, draw_view
 
     rng = np.random.default_rng(3)
     x = rng.integers(0, 255, (3, 192, 192, 3), dtype=np.uint8)
@@ -64,7 +64,7 @@ def test_context_view_is_a_window_that_ends_where_the_tensor_ends():
 def test_consistency_is_zero_for_equal_views_and_types_only_where_known():
     import torch
 
-    from wsi_nuclei.robust import consistency_loss, supervised_loss
+    from wsi_nuclei.training.robust import consistency_loss, supervised_loss
 
     outputs = ("nucleus", "boundary", "distance")
     logits = torch.randn(2, 7, 16, 16)
@@ -92,12 +92,12 @@ def test_typed_robust_training_resumes_bit_for_bit(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from wsi_nuclei.model import load_card, load_model
-    from wsi_nuclei.nucleus_types import DEFAULT_TYPES
+    from wsi_nuclei.model.network import load_card, load_model
+    from wsi_nuclei.nuclei.classes import DEFAULT_TYPES
 
     train_s = [_disc_sample("t_m", "monuseg", False, seed=1), _disc_sample("t_c", "consep", True, seed=2)]
     val_s = [_disc_sample("v_m", "monuseg", False, seed=3), _disc_sample("v_c", "consep", True, seed=4)]
-    from wsi_nuclei.train import train
+    from wsi_nuclei.training.train import train
 
     straight = _cfg(tmp_path / "a")
     train(straight, train_s, val_s)
@@ -123,8 +123,8 @@ def test_head_widened_from_a_model_without_types(tmp_path):
     """--init from the shipped 3-output model: its tensors are copied, the type channels are new."""
     import torch
 
-    from wsi_nuclei.model import DEFAULT_MODEL_DIR, load_model
-    from wsi_nuclei.train import _start_model, build_config
+    from wsi_nuclei.model.network import DEFAULT_MODEL_DIR, load_model
+    from wsi_nuclei.training.train import _start_model, build_config
 
     cfg = build_config(tmp_path, {"types": True}, init=DEFAULT_MODEL_DIR)
     extra: dict = {}
@@ -138,7 +138,7 @@ def test_head_widened_from_a_model_without_types(tmp_path):
 
 
 def test_vote_gives_the_majority_type_and_its_probability():
-    from wsi_nuclei.nucleus_types import vote_types
+    from wsi_nuclei.nuclei.classes import vote_types
 
     labels = np.zeros((4, 6), np.int32)
     labels[:, :3], labels[:, 3:5] = 1, 2
@@ -158,7 +158,7 @@ def test_type_f1_on_a_hand_made_case():
     each side is unpaired. F_d = 2*2/(2*2+1+1) = 2/3; type 1: tp 1, tn 0, fp 0, fn 1 (pair 2 is
     true 1, predicted 2), fp_d 0, fn_d 1 -> 2/(2+2+1) = 0.4; type 2: tp 0, tn 1 (pair 1), fp 1
     (pair 2), fn 0, fp_d 1 (the unpaired prediction), fn_d 0 -> 2/(2+2+1) = 0.4; type 3: tn 2 -> 1."""
-    from wsi_nuclei.type_metrics import TypedNuclei, type_scores
+    from wsi_nuclei.training.type_metrics import TypedNuclei, type_scores
 
     true = TypedNuclei(np.array([[10.0, 10.0], [50.0, 50.0], [90.0, 90.0]]), np.array([1, 1, 1]))
     pred = TypedNuclei(np.array([[12.0, 11.0], [55.0, 52.0], [10.0, 90.0]]), np.array([1, 2, 2]))
@@ -174,7 +174,7 @@ def test_type_f1_on_a_hand_made_case():
 
 def test_worst_group_selection_on_a_toy_table():
     """Checkpoint 0 has the best pooled mean (one big easy group), checkpoint 1 the best worst group."""
-    from wsi_nuclei.validation import best_row, group_scores
+    from wsi_nuclei.training.validation import best_row, group_scores
 
     table = [{"breast": 0.80, "kidney": 0.78, "consep": 0.30}, {"breast": 0.70, "kidney": 0.68, "consep": 0.45}]
     assert best_row(table, "pooled") == 0
@@ -186,13 +186,13 @@ def test_worst_group_selection_on_a_toy_table():
 
 def test_grouped_validation_split_of_the_shipped_recipe(shared_data):
     """No image in both splits or twice, every group non-empty: MoNuSeg organs and CoNSeP."""
-    from wsi_nuclei.trainset import (
+    from wsi_nuclei.training.trainset import (
         CONSEP_VALIDATION,
         DEFAULT_VALIDATION,
         load_training_samples,
         split_validation,
     )
-    from wsi_nuclei.validation import check_groups
+    from wsi_nuclei.training.validation import check_groups
 
     cfg = TrainConfig(out=Path("."), data=(("monuseg", 1.0), ("consep", 1.0)), validation=DEFAULT_VALIDATION + CONSEP_VALIDATION)
     train_s, val_s = split_validation(load_training_samples(cfg, shared_data), cfg)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from wsi_nuclei.errors import ConfigError
-from wsi_nuclei.tta import TTA_MODES, transforms, with_tta
+from wsi_nuclei.model.tta import TTA_MODES, transforms, with_tta
 
 
 def _pixelwise(tiles: np.ndarray) -> np.ndarray:
@@ -55,10 +55,10 @@ def test_dihedral8_makes_any_model_equivariant():
 
 def test_segment_image_honours_tta(shared_data):
     torch = pytest.importorskip("torch")
-    from wsi_nuclei.backends import make_predictor
-    from wsi_nuclei.datasets import load_tnbc
-    from wsi_nuclei.infer import predict_probabilities, resize_image, working_shape
-    from wsi_nuclei.model import load_model
+    from wsi_nuclei.model.backends import make_predictor
+    from wsi_nuclei.model.infer import predict_probabilities, resize_image, working_shape
+    from wsi_nuclei.model.network import load_model
+    from wsi_nuclei.training.datasets import load_tnbc
 
     torch.set_num_threads(1)
     net, card = load_model()

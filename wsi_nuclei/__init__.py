@@ -28,28 +28,28 @@ from .errors import ConfigError, DatasetError, ModelError, OutputError, SlideErr
 
 #: public name -> the module that defines it (imported on first use)
 _LAZY = {
-    "open_slide": "slide",
-    "Slide": "slide",
-    "SlideInfo": "slide",
-    "segment_slide": "pipeline",
-    "segment_many": "pipeline",
-    "find_slides": "pipeline",
-    "SegmentConfig": "config",
-    "SlideResult": "results",
-    "ClusterConfig": "cluster",
-    "make_client": "cluster",
-    "close_client": "cluster",
+    "open_slide": "slides.reader",
+    "Slide": "slides.reader",
+    "SlideInfo": "slides.reader",
+    "segment_slide": "pipeline.segment",
+    "segment_many": "pipeline.segment",
+    "find_slides": "pipeline.segment",
+    "SegmentConfig": "pipeline.config",
+    "SlideResult": "pipeline.results",
+    "ClusterConfig": "cluster.client",
+    "make_client": "cluster.client",
+    "close_client": "cluster.client",
     "segment_image": "api",
     "SAMPLE_SLIDE": "api",
-    "evaluate_dataset": "evaluate",
-    "load_model": "model",
-    "load_card": "model",
-    "ModelCard": "model",
-    "PostProcess": "model",
-    "TrainConfig": "train",
-    "measure_on_slide": "context",
-    "write_report": "report",
-    "nuclei_anndata": "h5ad",
+    "evaluate_dataset": "training.evaluate",
+    "load_model": "model.network",
+    "load_card": "model.network",
+    "ModelCard": "model.network",
+    "PostProcess": "model.network",
+    "TrainConfig": "training.train",
+    "measure_on_slide": "training.context",
+    "write_report": "outputs.report",
+    "nuclei_anndata": "outputs.h5ad",
 }
 
 __all__ = [
@@ -70,17 +70,17 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import SAMPLE_SLIDE, segment_image
-    from .cluster import ClusterConfig, close_client, make_client
-    from .config import SegmentConfig
-    from .context import measure_on_slide
-    from .evaluate import evaluate_dataset
-    from .h5ad import nuclei_anndata
-    from .model import ModelCard, PostProcess, load_card, load_model
-    from .pipeline import find_slides, segment_many, segment_slide
-    from .report import write_report
-    from .results import SlideResult
-    from .slide import Slide, SlideInfo, open_slide
-    from .train import TrainConfig
+    from .cluster.client import ClusterConfig, close_client, make_client
+    from .model.network import ModelCard, PostProcess, load_card, load_model
+    from .outputs.h5ad import nuclei_anndata
+    from .outputs.report import write_report
+    from .pipeline.config import SegmentConfig
+    from .pipeline.results import SlideResult
+    from .pipeline.segment import find_slides, segment_many, segment_slide
+    from .slides.reader import Slide, SlideInfo, open_slide
+    from .training.context import measure_on_slide
+    from .training.evaluate import evaluate_dataset
+    from .training.train import TrainConfig
 
 
 def __getattr__(name: str) -> Any:

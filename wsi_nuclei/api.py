@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import check_mpp
 from .errors import WsiNucleiError, shown
+from .pipeline.config import check_mpp
 
 if TYPE_CHECKING:
-    from .backends import Predictor
-    from .model import ModelCard
+    from .model.backends import Predictor
+    from .model.network import ModelCard
 
 __all__ = ["segment_image", "segment_image_files", "ImageResult", "predictor", "SAMPLE_SLIDE"]
 
@@ -31,12 +31,12 @@ def predictor(model: Path | str | None = None, device: str = "auto", backend: st
               precision: str = "fp32") -> tuple[Predictor, ModelCard]:
     """The backend predictor (what the slide pipeline runs) and card of a model folder (default:
     the shipped model), built once per process, device, backend and precision: the chunk tasks' own
-    cache (:func:`wsi_nuclei.worker_cache.predictor`). ``precision="int8"`` runs ONNX Runtime on
+    cache (:func:`wsi_nuclei.pipeline.worker_cache.predictor`). ``precision="int8"`` runs ONNX Runtime on
     the quantised model (quantised once and cached, as ``segment --precision int8``);
     ``precision="bf16"`` OpenVINO in bf16 (CPUs with native bf16 only)."""
-    from .backends import resolve_backend
-    from .infer import select_device
-    from .worker_cache import predictor as cached
+    from .model.backends import resolve_backend
+    from .model.infer import select_device
+    from .pipeline.worker_cache import predictor as cached
 
     dev = select_device(device)
     predict, card, _ = cached(str(model) if model is not None else None, dev, resolve_backend(backend, dev, precision), 0)
@@ -73,14 +73,14 @@ def segment_image(
         (H, W) int32 labels: 0 background, 1..N one id per nucleus.
     """
     from .errors import ConfigError
-    from .infer import segment_image as _segment
+    from .model.infer import segment_image as _segment
 
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ConfigError(f"image must be an (H, W, 3) uint8 RGB array, got {getattr(image, 'shape', type(image))} "
                           f"{getattr(image, 'dtype', '')}; convert it with np.asarray(PIL.Image.open(f).convert('RGB'))")
     check_mpp(mpp, "mpp", override="")
     if tta is not None:
-        from .tta import check_tta
+        from .model.tta import check_tta
 
         check_tta(tta)
     predict, card = predictor(model, device, backend, precision)
@@ -108,11 +108,11 @@ def segment_image_files(
     for an image that could not be segmented: the next one goes on). Images whose names collide
     get ``<name>_<extension>``."""
     from .errors import ConfigError
-    from .infer import select_device
+    from .model.infer import select_device
 
     check_mpp(mpp, "--mpp", override="")
     if tta is not None:
-        from .tta import check_tta
+        from .model.tta import check_tta
 
         check_tta(tta)
     dev = select_device(device)
@@ -142,9 +142,9 @@ def _one_image(path: Path, name: str, mpp: float, out: Path, model: Path | str |
     from PIL import Image
 
     from . import atomic
-    from .datasets import read_rgb
     from .errors import ConfigError
-    from .overlay import draw_outlines
+    from .outputs.overlay import draw_outlines
+    from .training.datasets import read_rgb
 
     if path.is_dir():
         raise ConfigError(f"{shown(path)}: is a folder; give the image files (e.g. {shown(path)}/*.png)")
@@ -160,7 +160,7 @@ def _one_image(path: Path, name: str, mpp: float, out: Path, model: Path | str |
     for suffix, pixels in (("labels", labels.astype(np.uint16)), ("overlay", draw_outlines(image, labels))):
         with atomic.replacing(out / f"{name}_{suffix}.png") as tmp:
             Image.fromarray(pixels).save(tmp, format="PNG")
-    from .backends import resolve_backend
+    from .model.backends import resolve_backend
 
     summary = {"image": str(path), "mpp": mpp, "nuclei": n, "seconds": round(seconds, 3), "model": model_id, "device": dev,
                "backend": resolve_backend(backend, dev, precision), "precision": precision}

@@ -1,0 +1,79 @@
+"""The package's layers: each folder imports only from the folders below it (type-only and
+function-level imports included), and no module outgrows its room."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "wsi_nuclei"
+#: Lowest first; a folder may import its own modules and those of lower floors only.
+FLOORS = {"": 0, "slides": 1, "nuclei": 1, "cluster": 1, "model": 2, "outputs": 2, "pipeline": 3, "training": 3, "api": 4, "cli": 5}
+TOP_MODULES = {"errors", "atomic", "_version"}  # floor 0; api.py and __init__.py are the face (floor 4)
+
+
+def _folder(module: str) -> str:
+    """'wsi_nuclei.model.infer' -> 'model'; top-level modules -> '' or 'api'."""
+    parts = module.split(".")[1:]
+    if not parts or parts[0] in ("api", "__init__"):
+        return "api"
+    if parts[0] in TOP_MODULES:
+        return ""
+    return parts[0]
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] if node.module else [f"{target}.{a.name}" for a in node.names]
+            else:
+                names = [node.module or ""]
+            out += [(n, node.lineno) for n in names if n.startswith("wsi_nuclei")]
+        elif isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names if a.name.startswith("wsi_nuclei")]
+    return out
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_folders_import_only_lower_floors():
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        here = _folder(_module(path)) if path.name != "__init__.py" or path.parent != PACKAGE else "api"
+        if path.name == "__init__.py" and path.parent != PACKAGE:
+            here = path.parent.name
+        for target, line in _imports(path):
+            there = _folder(target if target.count(".") else target + ".__init__")
+            if there == here:
+                continue
+            if FLOORS[there] >= FLOORS[here]:
+                bad.append(f"{path.relative_to(PACKAGE)}:{line} ({here}) imports {target} ({there})")
+    assert not bad, "imports against the layer order:\n" + "\n".join(bad)
+
+
+def test_every_folder_is_a_known_layer():
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert folders == set(FLOORS) - {"", "api"}
+
+
+def test_no_module_over_400_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
+    assert not long, long
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    """The rule can fail: an import from a higher floor, even a lazy one, is found."""
+    fake = PACKAGE / "slides" / "reader.py"
+    found = [t for t, _ in _imports(fake)]
+    assert all(_folder(t) in ("", "slides") for t in found)
+    assert FLOORS[_folder("wsi_nuclei.pipeline.config")] > FLOORS[_folder("wsi_nuclei.slides.reader")]

@@ -1,0 +1,1 @@
+"""Clusters: Dask clients, SLURM through dask-jobqueue, worker preloads."""

@@ -1,0 +1,1 @@
+"""The model: card and weights, inference backends, quantisation, TTA, inference, memory plan."""

@@ -1,0 +1,1 @@
+"""Nuclei: probabilities to instances, ownership, polygons, the per-nucleus table, nucleus types."""

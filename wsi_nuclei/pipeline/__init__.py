@@ -1,0 +1,1 @@
+"""The pipeline, in stage order: config, tiling, plan, chunk, assemble, batch, segment."""

@@ -1,0 +1,255 @@
+"""Stage 3, one Dask task per slide: chunk files -> ``mask.zarr``, GeoJSON, Parquet, pictures, ``summary.json``.
+
+The chunk files are replayed in chunk order (so outputs do not depend on which run computed a
+chunk: a resumed run is byte-identical to an uninterrupted one), one chunk in memory at a time.
+Each output is written under a temporary name and renamed; ``summary.json`` comes last (its
+presence means "this slide is finished"), then the chunk files are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import atomic
+from .._version import __version__
+from ..errors import OutputError, WsiNucleiError
+from ..outputs.density import DensityGrid, density_png
+from ..outputs.folder import install, output_size, shown
+from .chunk import read_chunk_file
+from .config import SegmentConfig
+from .plan import SlidePlan
+from .results import SlideResult
+
+__all__ = ["assemble_slide", "PARQUET_NAME", "DENSITY_NAME"]
+
+PARQUET_NAME = "nuclei.parquet"
+DENSITY_NAME = "density.png"
+
+log = logging.getLogger(__name__)
+
+
+def assemble_slide(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None = None) -> SlideResult:
+    """Write the slide's final outputs from its chunk files, in chunk order (deterministic), each
+    under a temporary name first; ``summary.json`` last. Holds one chunk in memory at a time.
+    A failure (full disk, damaged chunk file) returns a "failed" result, leaves no partial file
+    and keeps the chunk files, so ``--resume`` can assemble again without recomputing."""
+    out_dir = Path(plan.out_dir)
+    done = _assembled_already(plan)
+    if done is not None:
+        return done
+    temps: dict[str, Path] = {}
+    try:
+        return _assemble(plan, cfg, run, temps)
+    except WsiNucleiError as err:
+        reason = str(err)
+    except OSError as err:
+        reason = (f"{shown(out_dir)}: writing the outputs failed ({err.strerror or err}); free disk space or choose another -o folder, "
+                  "then run again with --resume")
+    for leftover in temps.values():
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return SlideResult(plan.path, "failed", str(out_dir), reason=reason)
+
+
+def _assembled_already(plan: SlidePlan) -> SlideResult | None:
+    """The result of this run's assembly of the slide when it already finished. Dask runs a task
+    again when the worker holding its result leaves before the driver fetched it (a job at its
+    walltime, preempted): the second run must not fail on the chunk files the first removed."""
+    from ..outputs.folder import finished
+
+    out_dir = Path(plan.out_dir)
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or not plan.run_id or summary.get("run_id") != plan.run_id:
+        return None
+    verdict = finished(out_dir, plan.slide_file, plan.output_key)
+    if not verdict.done:
+        return None
+    log.info("%s: assembled already by this run (a repeated assembly task)", plan.path)
+    return SlideResult(plan.path, "ok", str(out_dir), verdict.nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)})
+
+
+def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, temps: dict[str, Path]) -> SlideResult:
+    from contextlib import ExitStack
+
+    from ..nuclei.instances import overlapping
+    from ..outputs.geojson import GeoJSONWriter, drop_features
+    from ..outputs.parquet import ParquetWriter
+    from ..outputs.store import LabelCanvas, build_pyramids, create_store, open_array
+
+    t0 = time.perf_counter()
+    out_dir = Path(plan.out_dir)
+    card = plan.card
+    geo_name = f"nuclei.{cfg.geojson_format}"
+    files = {"mask": "mask.zarr", **({"geojson": geo_name} if "geojson" in cfg.formats else {}),
+             **({"parquet": PARQUET_NAME} if "parquet" in cfg.formats else {}), "overlay": "overlay.png", "density": DENSITY_NAME}
+    # every output under a name of this run only (two runs never share a temporary file)
+    temps.update({name: atomic.temp_path(out_dir / name) for name in files.values()})
+    tmp_zarr = temps["mask.zarr"]
+    tiling = plan.tiling
+    attrs = {"slide": plan.path, "slide_info": plan.info.as_dict(), "working_mpp": card.working_mpp, "level0_per_working_px": plan.scale,
+             "tiling": asdict(tiling), "model_card": json.loads(card.to_json()), "version": __version__,
+             "geojson_shift": list(plan.shift)}
+    create_store(tmp_zarr, plan.size, tiling.chunk, card.working_mpp, attrs)
+    probability = open_array(tmp_zarr, "probability", 0, mode="r+")
+    labels = LabelCanvas(tmp_zarr, tiling.chunk)
+    height, width = plan.size
+    totals = {"read": 0.0, "waiting": 0.0, "inference": 0.0, "instances": 0.0, "polygons": 0.0}
+    cut = dropped = inferred = 0
+    forwards: dict[tuple[int, ...], int] = {}
+    t_write = time.perf_counter()
+    density = DensityGrid.for_slide(plan.info.dimensions, float(plan.info.level0_mpp or 0.0))
+    n_nuclei = 0
+    with ExitStack() as stack:
+        geojson = stack.enter_context(GeoJSONWriter(temps[geo_name], gzipped=geo_name.endswith(".gz"))) if "geojson" in files else None
+        parquet = stack.enter_context(ParquetWriter(temps[PARQUET_NAME], plan.slide_key, _parquet_meta(plan))) if "parquet" in files else None
+        for ch in plan.chunks:
+            part = _read_part(plan, ch)
+            core = part.probability[: height - ch.y, : width - ch.x]  # a core is one Zarr chunk, clipped at the slide edge
+            probability[ch.y : ch.y + core.shape[0], ch.x : ch.x + core.shape[1]] = core
+            y0, x0 = ch.y - tiling.halo, ch.x - tiling.halo
+            owned, features, table, count = part.owned, part.features, part.table, int(part.meta["nuclei"])
+            twice = overlapping(owned, labels.under(y0, x0, owned.shape))  # a nucleus two chunks both kept
+            if len(twice):
+                owned = np.where(np.isin(owned, twice), np.uint32(0), owned)
+                features, removed = drop_features(features, plan.slide_key, twice.tolist())
+                table, _ = table.without(twice)
+                count -= removed
+                dropped += removed
+            labels.paste(ch.row, ch.col, y0, x0, owned)
+            if geojson is not None:
+                geojson.write_encoded(features, count)
+            if parquet is not None:
+                parquet.write(table, ch.index)
+            density.add(table.centroids() + np.asarray(plan.shift))  # raw level-0 px
+            n_nuclei += count
+            cut += int(part.meta["cut"])
+            inferred += int(part.meta.get("inferred_px", 0))
+            fwd = tuple(part.meta["forward"])
+            forwards[fwd] = forwards.get(fwd, 0) + 1
+            for k in totals:
+                totals[k] += float(part.meta["times"].get(k, 0.0))
+    labels.close()
+    build_pyramids(tmp_zarr, tiling.chunk)
+    t_written = time.perf_counter()
+    if cut:
+        log.warning("%s: %d nuclei reached the edge of their chunk window; raise --halo", plan.path, cut)
+    if dropped:
+        log.warning("%s: %d nuclei were kept by two chunks in versions that overlap; the later one was dropped "
+                    "(a context below the model's measured context_px does this)", plan.path, dropped)
+    thumb = np.load(plan.work / "thumbnail.npy")
+    tissue_file = plan.work / "tissue.npy"
+    tissue = np.load(tissue_file) if tissue_file.exists() else None
+    _overlay(tmp_zarr, thumb, tissue, temps["overlay.png"])
+    per_mm2 = n_nuclei / plan.tissue_mm2 if plan.tissue_mm2 > 0 else 0.0
+    title = f"{Path(plan.path).name}: {n_nuclei:,} nuclei, {per_mm2:,.0f} per mm² of tissue"
+    atomic.write_bytes(temps[DENSITY_NAME], density_png(density, thumb, tissue, title))
+    run = run or {}
+    summary = {
+        "slide": plan.path, "nuclei": n_nuclei, "tissue_mm2": plan.tissue_mm2,
+        "chunks": {"processed": len(plan.chunks), "grid": list(plan.grid), "computed_this_run": run.get("computed", len(plan.chunks)),
+                   "reused": run.get("reused", 0)},
+        "cut_nuclei": cut,
+        # pixels the model was given, and per pixel of tissue (at the model's resolution)
+        "inferred_px": inferred,
+        "amplification": round(inferred / max(1.0, plan.tissue_mm2 / (card.working_mpp / 1000) ** 2), 3),
+        "overlaps_dropped": dropped,  # nuclei a later chunk kept over an earlier chunk's (see instances.overlapping)
+        # how the chunk windows were inferred (planned from each worker's memory, see memory.py)
+        "forward_passes": [{"tile_px": f[0] + 2 * tiling.context, "core_px": f[0], "per_call": f[1], "chunks": k}
+                           for f, k in sorted(forwards.items())],
+        "seconds": {**{k: round(v, 3) for k, v in totals.items()}, "write": round(t_written - t_write, 3),
+                    "assemble": round(time.perf_counter() - t0, 3), "wall": round(float(run.get("wall", 0.0)), 3)},
+        # the options as given, context and tta resolved (an option left unset takes the card's value)
+        "parameters": {**asdict(cfg), "context": tiling.context, "tta": plan.tta}, "tiling": asdict(tiling), "slide_info": plan.info.as_dict(),
+        "model": plan.model, "backend": plan.backend, "versions": _versions(),
+        "nuclei_per_mm2": round(per_mm2, 1),  # of tissue
+        "density": {"cell_um": density.cell_um, "grid": list(density.counts.shape),
+                    "max_per_mm2": round(float(density.per_mm2().max()), 1) if density.counts.size else 0.0},
+        "outputs": files,
+        # what --resume checks before it skips this slide (outputs.finished)
+        "slide_file": plan.slide_file, "output_key": plan.output_key, "fingerprint": plan.fingerprint,
+        "run_id": plan.run_id,
+    }
+    os.sync()  # the outputs reach the disk before the summary that declares them finished
+    install(out_dir, temps, stale=("nuclei.geojson", "nuclei.geojson.gz", PARQUET_NAME))
+    temps.clear()
+    # --resume checks them: a truncated or replaced output is not a finished slide
+    summary["output_bytes"] = {name: output_size(out_dir / name) for name in files.values()}
+    atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n", sync=True)
+    if not cfg.keep_chunks:
+        shutil.rmtree(plan.work, ignore_errors=True)
+    return SlideResult(plan.path, "ok", str(out_dir), n_nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)})
+
+
+def _parquet_meta(plan: SlidePlan) -> dict[str, Any]:
+    """What nuclei.parquet records about its slide (the schema key ``wsi_nuclei``)."""
+    return {"slide": plan.path, "slide_key": plan.slide_key, "level0_mpp": plan.info.level0_mpp, "level0_size": list(plan.info.dimensions),
+            "shift": list(plan.shift), "model": plan.model, "version": __version__,
+            "frame": "level-0 px, x right, y down, origin top-left, minus shift (the GeoJSON's frame; QuPath's)"}
+
+
+def _read_part(plan: SlidePlan, ch: Any) -> Any:
+    """Chunk ``ch``'s file; a damaged one is removed, so that ``--resume`` computes it again."""
+    path = plan.chunk_file(ch)
+    try:
+        part = read_chunk_file(path)
+    except OutputError as err:
+        cause = err.__cause__
+        why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        path.unlink(missing_ok=True)
+        raise OutputError(f"{shown(path)}: damaged chunk file{why} (removed); run again with --resume to compute chunk {ch.index} again") from None
+    if part.meta.get("fingerprint") != plan.fingerprint or part.meta.get("chunk", {}).get("index") != ch.index:
+        path.unlink(missing_ok=True)
+        raise OutputError(f"{shown(path)}: chunk file made with other settings (removed); run again with --resume to compute it again")
+    return part
+
+
+def _overlay(zarr_path: Path, thumb: np.ndarray, tissue: np.ndarray | None, out: Path) -> None:
+    from PIL import Image
+
+    from ..model.infer import resize_labels
+    from ..outputs.overlay import inner_boundaries
+    from ..outputs.store import open_array
+
+    labels_level = None
+    for k in range(8):
+        try:
+            arr = open_array(zarr_path, "labels", k)
+        except Exception:
+            break
+        labels_level = arr
+        if arr.shape[0] <= 2 * thumb.shape[0]:
+            break
+    img = thumb.copy()
+    if labels_level is not None:
+        lab = resize_labels(np.asarray(labels_level[:]), thumb.shape[:2])
+        img[inner_boundaries(lab)] = (0, 255, 0)
+    if tissue is not None:
+        img[inner_boundaries(tissue)] = (0, 0, 255)
+    with atomic.replacing(out) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG", compress_level=1)  # a quick look: fast beats small (default level 6)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"wsi-nuclei": __version__}
+    for pkg in ("torch", "segmentation-models-pytorch", "timm", "openslide-python", "tiffslide", "zarr", "dask", "shapely"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,173 @@
+"""Stage 2, one Dask task per chunk: read -> infer -> instances -> ownership -> polygons -> file.
+
+:func:`segment_chunk` does the work in memory, in named steps:
+
+1. read the chunk's window (core + halo + model context) at the working resolution: only the part
+   the model will be given (the window's tissue box and its context), glass elsewhere stays unread;
+2. infer probabilities: one forward pass, or tiles that fit this worker's memory, each with the
+   model's full context (:func:`wsi_nuclei.model.infer.tile_probabilities`), with the run's TTA;
+3. instances: the post-processing shared with ``evaluate`` (:mod:`wsi_nuclei.nuclei.instances`);
+4. ownership: keep the nuclei whose centroid lies in the core, with slide-unique ids
+   (:func:`wsi_nuclei.nuclei.instances.own_by_centroid`);
+5. polygons, as GeoJSON features (encoded) and as a table of columns (:mod:`wsi_nuclei.nuclei.polygons`,
+   :mod:`wsi_nuclei.outputs.geojson`, :mod:`wsi_nuclei.nuclei.table`).
+
+:func:`chunk_task` persists the result as one file, ``OUT/<slide>/.partial/chunks/<index>.npz``
+(atomic), and returns only numbers (:class:`~wsi_nuclei.pipeline.results.ChunkDone`), so the driver's
+memory does not grow with the slide. :func:`read_chunk_file` reads it back for assembly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import traceback
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import atomic
+from ..errors import OutputError, SlideError, WsiNucleiError
+from ..nuclei.instances import IDS_PER_CHUNK
+from ..nuclei.table import NucleusTable
+from .config import SegmentConfig
+from .plan import CHUNK_FILE_VERSION, SlidePlan
+from .results import ChunkDone
+from .tiling import Chunk
+from .worker_cache import forward_plan, predictor, slide_handle
+
+__all__ = ["ChunkResult", "StoredChunk", "segment_chunk", "chunk_task", "read_chunk_file", "CHUNK_FILE_VERSION"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """One chunk segmented in memory (:func:`segment_chunk`)."""
+
+    probability: np.ndarray  # (core, core) uint8: nucleus probability x 255 of the core
+    owned: np.ndarray  # (window, window) uint32: the owned nuclei with slide-unique ids
+    features: list[bytes]  # the owned nuclei as encoded GeoJSON features, in id order
+    cut: int  # owned nuclei that reached the window edge (halo too small)
+    forward: tuple[int, int]  # (tile core px, tiles per call) of the forward passes
+    times: dict[str, float]  # seconds: read, waiting, inference, instances, polygons
+    inferred_px: int = 0  # pixels the model was given (the window's tissue box and its context)
+    table: NucleusTable | None = None  # the same nuclei as columns (for nuclei.parquet and density.png)
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """A chunk file read back (:func:`read_chunk_file`)."""
+
+    probability: np.ndarray
+    owned: np.ndarray
+    features: bytes  # the encoded features joined by ",\n"
+    meta: dict[str, Any]
+    table: NucleusTable  # the same nuclei as columns, in the same order
+
+
+def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkResult:
+    """Segment one chunk in memory (the steps are in the module docstring); ``inference``
+    excludes the wait for another chunk's forward pass, which is ``waiting``. Reads the slide only."""
+    from ..model.backends import gate_wait_seconds
+    from ..model.infer import check_finite, window_extent, window_probabilities
+    from ..model.tta import with_tta
+    from ..nuclei.instances import own_by_centroid, probabilities_to_instances
+    from ..nuclei.polygons import PolygonFrame, label_polygons
+    from ..outputs.geojson import encode_nuclei
+
+    tiling = plan.tiling
+    predict, card, _ = predictor(cfg.model_dir, cfg.device, plan.backend, cfg.torch_threads)
+    slide = slide_handle(plan.path, cfg.reader, cfg.level0_mpp)
+    h, c, ctx, win = tiling.halo, tiling.chunk, tiling.context, tiling.window
+    t0 = time.perf_counter()
+    fp = forward_plan(cfg, tiling)  # the whole window in one pass, or tiles that fit memory
+    side = fp.read_size(win, ctx)
+    # only the part the model is given (the tissue box and its context) is read and decoded
+    part = window_extent(side - 2 * ctx, fp.tile, ctx, chunk.infer)
+    rgb = slide.read_working_part((chunk.x - h - ctx, chunk.y - h - ctx, side, side), plan.scale, part)
+    t1 = time.perf_counter()
+    waited = gate_wait_seconds()
+    probs, inferred = window_probabilities(with_tta(predict, plan.tta), card.channels, rgb, fp.tile, ctx, fp.batch, chunk.infer)
+    probs = probs[:, :win, :win]
+    t2 = time.perf_counter()
+    waited = gate_wait_seconds() - waited
+    check_finite(probs, f"{plan.path}, chunk {chunk.index} (row {chunk.row}, col {chunk.col})")
+    # the model wrote probabilities only inside part (less its context); outside they are 0, no
+    # foreground, so the instances of that rectangle are the window's (same ids, raster order)
+    px0, py0, px1, py1 = part[0], part[1], min(win, part[2] - 2 * ctx), min(win, part[3] - 2 * ctx)
+    labels = np.zeros((win, win), dtype=np.int32)
+    labels[py0:py1, px0:px1] = probabilities_to_instances(probs[: len(card.outputs), py0:py1, px0:px1], card.outputs, card.postprocess, card.working_mpp)
+    try:
+        owned = own_by_centroid(labels, h, c, (chunk.y, chunk.x), plan.size, chunk.index)
+    except OverflowError as err:
+        raise SlideError(f"{plan.path}: chunk {chunk.row},{chunk.col} holds {err}; use a smaller --chunk-size") from err
+    t3 = time.perf_counter()
+    frame = PolygonFrame(chunk.x - h, chunk.y - h, plan.scale, float(plan.info.level0_mpp or 0.0), *plan.shift)
+    nuclei = label_polygons(owned.labels, frame, probs[0], rgb[ctx : ctx + win, ctx : ctx + win]) if owned.count else []
+    features = encode_nuclei(nuclei, plan.slide_key)
+    table = NucleusTable.from_nuclei(nuclei)
+    t4 = time.perf_counter()
+    core_prob = np.round(probs[0, h : h + c, h : h + c] * 255).astype(np.uint8)
+    times = {"read": t1 - t0, "waiting": waited, "inference": t2 - t1 - waited, "instances": t3 - t2, "polygons": t4 - t3}
+    return ChunkResult(core_prob, owned.labels, features, owned.cut, (fp.tile, fp.batch), times, inferred, table)
+
+
+def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
+    """Segment one chunk and persist it as ``plan.chunk_file(chunk)`` (atomic: temporary name,
+    then rename; a task run twice writes the same bytes). Returns only counts and seconds."""
+    t0 = time.perf_counter()
+    try:
+        res = segment_chunk(plan, chunk, cfg)
+    except WsiNucleiError as err:
+        return ChunkDone(chunk.index, 0, 0.0, error=str(err), trace=traceback.format_exc())
+    blob = b",\n".join(res.features)
+    table = res.table if res.table is not None else NucleusTable.empty()
+    meta: dict[str, Any] = {"chunk": asdict(chunk), "nuclei": len(res.features), "cut": res.cut,
+            "times": res.times, "forward": list(res.forward), "fingerprint": plan.fingerprint, "inferred_px": res.inferred_px,
+            "measurements": list(table.names)}
+    # ids are chunk.index * 2**16 + local id: store the local part (uint16, half the bytes)
+    local = (res.owned & np.uint32(IDS_PER_CHUNK - 1)).astype(np.uint16)
+    data = _npz_bytes({"probability": res.probability, "owned_local": local,
+                       "features": np.frombuffer(blob, dtype=np.uint8), "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                       **table.arrays()})
+    target = plan.chunk_file(chunk)
+    try:
+        atomic.write_bytes(target, data)
+    except OSError as err:
+        return ChunkDone(chunk.index, 0, 0.0, error=f"{target}: cannot write the chunk result ({err.strerror}); free disk space or choose another -o folder")
+    seconds = time.perf_counter() - t0
+    log.debug("%s: chunk %d done (%d nuclei, %.2f s)", plan.path, chunk.index, meta["nuclei"], seconds)
+    return ChunkDone(chunk.index, int(meta["nuclei"]), round(seconds, 4))
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz (what ``np.load`` reads) deflated at level 1: a temporary file, written once and
+    read once, so compressing it harder (``np.savez_compressed``: level 6) is not worth the time."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, arr in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def read_chunk_file(path: Path) -> StoredChunk:
+    """A chunk file as written by :func:`chunk_task`; ``owned`` with global ids (uint32)."""
+    try:
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            local = z["owned_local"]
+            base = np.uint32(int(meta["chunk"]["index"]) * IDS_PER_CHUNK)
+            owned = np.where(local > 0, local.astype(np.uint32) + base, np.uint32(0))
+            table = NucleusTable.from_arrays(z, meta["measurements"])
+            if len(table) != int(meta["nuclei"]):
+                raise ValueError(f"{len(table)} nuclei in the table, {meta['nuclei']} features")
+            return StoredChunk(z["probability"], owned, bytes(z["features"]), meta, table)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise OutputError(f"{path}: unreadable chunk file ({type(err).__name__}: {err})") from err

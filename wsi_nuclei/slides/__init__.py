@@ -1,0 +1,1 @@
+"""Slides: the reader (the only place that imports openslide or tiffslide), pixel formats, tissue."""

@@ -1,0 +1,1 @@
+"""Training and evaluation: datasets, targets, stain, the training run, metrics, context, validation."""
