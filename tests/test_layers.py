@@ -22,8 +22,8 @@ def _folder(module: str) -> str:
     return parts[0]
 
 
-def _imports(path: Path) -> list[tuple[str, int]]:
-    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+def _imports(path: Path, package: Path = PACKAGE) -> list[tuple[str, int]]:
+    rel = path.relative_to(package.parent).with_suffix("")
     package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
     out = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -46,19 +46,52 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def test_folders_import_only_lower_floors():
+def _here(path: Path, package: Path) -> str:
+    if path.parent == package:
+        return "api" if path.stem in ("api", "__init__") else ""
+    return path.relative_to(package).parts[0]
+
+
+def _violations(package: Path) -> list[str]:
     bad = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        here = _folder(_module(path)) if path.name != "__init__.py" or path.parent != PACKAGE else "api"
-        if path.name == "__init__.py" and path.parent != PACKAGE:
-            here = path.parent.name
-        for target, line in _imports(path):
+    for path in sorted(package.rglob("*.py")):
+        here = _here(path, package)
+        for target, line in _imports(path, package):
             there = _folder(target if target.count(".") else target + ".__init__")
-            if there == here:
-                continue
-            if FLOORS[there] >= FLOORS[here]:
-                bad.append(f"{path.relative_to(PACKAGE)}:{line} ({here}) imports {target} ({there})")
+            if there != here and FLOORS[there] >= FLOORS[here]:
+                bad.append(f"{path.relative_to(package)}:{line} ({here}) imports {target} ({there})")
+    return bad
+
+
+def test_folders_import_only_lower_floors():
+    bad = _violations(PACKAGE)
     assert not bad, "imports against the layer order:\n" + "\n".join(bad)
+
+
+def test_no_import_cycle_between_modules():
+    """Module-level graph over every import (lazy and type-only too): no cycle inside a folder either."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        graph[_module(path)] = {t for t, _ in _imports(path, PACKAGE) if t != "wsi_nuclei"}
+    face = {"wsi_nuclei", "wsi_nuclei.api"}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if nxt in face or nxt not in graph:
+                continue
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]) if nxt in stack else nxt)
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
 
 
 def test_every_folder_is_a_known_layer():
@@ -72,8 +105,16 @@ def test_no_module_over_400_lines():
 
 
 def test_the_checker_sees_a_violation(tmp_path):
-    """The rule can fail: an import from a higher floor, even a lazy one, is found."""
-    fake = PACKAGE / "slides" / "reader.py"
-    found = [t for t, _ in _imports(fake)]
-    assert all(_folder(t) in ("", "slides") for t in found)
-    assert FLOORS[_folder("wsi_nuclei.pipeline.config")] > FLOORS[_folder("wsi_nuclei.slides.reader")]
+    """The rule can fail: a lazy import of a higher floor inside a function, and a type-only one, are found."""
+    pkg = tmp_path / "wsi_nuclei"
+    (pkg / "slides").mkdir(parents=True)
+    (pkg / "model").mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "errors.py").write_text("")
+    (pkg / "slides" / "__init__.py").write_text("")
+    (pkg / "model" / "__init__.py").write_text("from ..errors import x\n")
+    (pkg / "slides" / "reader.py").write_text(
+        "from typing import TYPE_CHECKING\nfrom ..errors import E\nif TYPE_CHECKING:\n    from ..model.network import M\n"
+        "def f():\n    from ..pipeline import config\n")
+    bad = _violations(pkg)
+    assert len(bad) == 2 and "model.network" in bad[0] and "pipeline" in bad[1]

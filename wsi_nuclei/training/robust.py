@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .options import TrainConfig
     from .trainset import Prepared
 
 __all__ = ["ContextView", "draw_view", "make_pair_batch", "cut_window", "cut_box", "supervised_loss", "consistency_loss"]

@@ -16,7 +16,7 @@ from ..model.network import ModelCard, PostProcess
 from .datasets import Sample
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .options import TrainConfig
     from .trainset import Prepared
 
 __all__ = ["lr_at", "freeze_batchnorm", "widen_head", "step_loss", "validate_groups", "probe_context", "probe_image"]

@@ -13,31 +13,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
 from .datasets import Sample
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
+from .options import CONSEP_VALIDATION, DATA_SOURCES, DEFAULT_VALIDATION, TrainConfig, parse_data
 
 __all__ = ["DEFAULT_VALIDATION", "CONSEP_VALIDATION", "DATA_SOURCES", "DATA_ROOT_ENV", "parse_data", "data_root",
            "load_training_samples", "split_validation", "prepare", "draw_image", "make_batch", "type_weights"]
 
-#: Held-out MoNuSeg training images for model selection: one per organ (5 organs).
-DEFAULT_VALIDATION = (
-    "TCGA-AR-A1AS-01Z-00-DX1",  # breast
-    "TCGA-B0-5710-01Z-00-DX1",  # kidney
-    "TCGA-21-5786-01Z-00-DX1",  # liver
-    "TCGA-G9-6363-01Z-00-DX1",  # prostate
-    "TCGA-RD-A8N9-01A-01-TS1",  # stomach
-)
-#: Held-out CoNSeP *train* images (293, 749 and 1242 nuclei), validation when CoNSeP trains.
-CONSEP_VALIDATION = ("train_2", "train_13", "train_23")
-#: Datasets ``--data`` names, their folders under the data root, and their loaders' split.
-DATA_SOURCES = {"monuseg": "monuseg/train", "consep": "consep"}
 #: Environment variable naming the folder that holds ``monuseg/train`` and ``consep``.
 DATA_ROOT_ENV = "WSI_NUCLEI_DATA"
 
@@ -51,24 +37,6 @@ def data_root(given: Path | str | None) -> Path:
     if not root.is_dir():
         raise ConfigError(f"{root}: training data folder not found; pass --data-root DIR holding monuseg/train and consep")
     return root
-
-
-def parse_data(spec: str) -> tuple[tuple[str, float], ...]:
-    """``"monuseg,consep:0.5"`` -> ``(("monuseg", 1.0), ("consep", 0.5))``: dataset names of
-    :data:`DATA_SOURCES`, each with an optional sampling weight (default 1)."""
-    out = []
-    for item in (x.strip() for x in spec.split(",") if x.strip()):
-        name, _, weight = item.partition(":")
-        if name not in DATA_SOURCES:
-            raise ConfigError(f"--data: unknown dataset {name!r}; use {', '.join(DATA_SOURCES)} (e.g. --data monuseg,consep:0.5)")
-        try:
-            w = float(weight) if weight else 1.0
-        except ValueError:
-            raise ConfigError(f"--data: weight of {name} must be a number, got {weight!r}") from None
-        out.append((name, w))
-    if not out or len({n for n, _ in out}) != len(out):
-        raise ConfigError(f"--data must name each dataset once, got {spec!r}")
-    return tuple(out)
 
 
 def load_training_samples(cfg: TrainConfig, root: Path | str, monuseg_dir: Path | str | None = None) -> list[Sample]:
