@@ -30,7 +30,7 @@ def forward_seconds(n: int = 5) -> float:
     """Median forward time of one 1792 px window in the calling process (after one warm-up)."""
     import numpy as np
 
-    from wsi_nuclei.pipeline.segment import worker_cache
+    from wsi_nuclei.pipeline import worker_cache
 
     predict, _, _ = worker_cache.predictor(None, "cpu", "onnx", 2)
     x = np.random.default_rng(0).integers(0, 255, (1, 1792, 1792, 3), dtype=np.uint8)

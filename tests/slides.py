@@ -67,7 +67,7 @@ def disc_slide(path: Path, shape: tuple[int, int], seed: int, mpp: float = 0.5, 
 
 def disk_fills_at_second_write(monkeypatch) -> None:  # noqa: ANN001
     """Fault injection: the GeoJSON writer's second write fails as on a full disk (ENOSPC)."""
-    from wsi_nuclei.outputs.folder import geojson as export
+    from wsi_nuclei.outputs import geojson as export
 
     real = export.GeoJSONWriter.write_encoded
     calls = {"n": 0}

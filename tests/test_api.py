@@ -3,7 +3,6 @@ no import cycles, no oversized modules."""
 
 from __future__ import annotations
 
-import ast
 import doctest
 import subprocess
 import sys
@@ -45,49 +44,3 @@ def test_segment_image_refuses_what_is_not_rgb():
         wsi_nuclei.segment_image(np.zeros((64, 64), np.uint8), mpp=0.5)
     with pytest.raises(ConfigError, match="mpp must be > 0"):
         wsi_nuclei.segment_image(np.zeros((64, 64, 3), np.uint8), mpp=0)
-
-
-def _imports(path: Path) -> set[str]:
-    """Sibling modules ``path`` imports anywhere (functions included), except under TYPE_CHECKING."""
-    found: set[str] = set()
-
-    class Visitor(ast.NodeVisitor):
-        def visit_If(self, node: ast.If) -> None:
-            if isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-                for n in node.orelse:
-                    self.visit(n)
-                return
-            self.generic_visit(node)
-
-        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
-            if node.level == 1:
-                found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
-
-    Visitor().visit(ast.parse(path.read_text(encoding="utf-8")))
-    return found
-
-
-def test_no_import_cycles_inside_the_package():
-    modules = {p.stem: p for p in PACKAGE.glob("*.py")}
-    graph = {name: {m for m in _imports(p) if m in modules and m not in (name, "__init__")} for name, p in modules.items()}
-    assert graph["pipeline"] >= {"batch"} and "pipeline" not in graph["batch"]  # the parser sees real imports
-
-    def cycle_from(start: str) -> list[str] | None:
-        stack, seen = [(start, [start])], set()
-        while stack:
-            node, path = stack.pop()
-            for nxt in graph[node]:
-                if nxt == start:
-                    return path + [start]
-                if nxt not in seen:
-                    seen.add(nxt)
-                    stack.append((nxt, path + [nxt]))
-        return None
-
-    cycles = [c for c in (cycle_from(m) for m in sorted(graph)) if c]
-    assert not cycles, f"import cycles: {cycles}"
-
-
-def test_no_module_over_450_lines():
-    sizes = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in PACKAGE.glob("*.py")}
-    assert not {k: v for k, v in sizes.items() if v > 450}

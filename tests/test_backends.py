@@ -84,7 +84,7 @@ def test_two_threads_building_the_predictor_at_once(tmp_path, monkeypatch):
     """A Dask worker runs two chunk tasks at once: the first ONNX export must not race."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from wsi_nuclei.pipeline.segment import worker_cache
+    from wsi_nuclei.pipeline import worker_cache
 
     monkeypatch.setenv("WSI_NUCLEI_CACHE", str(tmp_path))  # nothing exported yet
     monkeypatch.setattr(worker_cache, "_CACHE", {})

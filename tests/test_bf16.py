@@ -10,13 +10,13 @@ from typer.testing import CliRunner
 
 from wsi_nuclei.cli.main import app
 from wsi_nuclei.errors import ConfigError
+from wsi_nuclei.model import backends
 from wsi_nuclei.model.backends import (
     BF16_BACKEND,
     make_predictor,
     openvino_available,
     resolve_backend,
 )
-from wsi_nuclei.model.network import backends
 
 pytestmark = pytest.mark.skipif(not openvino_available(), reason="onnx/openvino not installed (extra [openvino])")
 runner = CliRunner()

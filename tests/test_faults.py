@@ -204,7 +204,7 @@ def test_unwritable_output_folder(tmp_path):
 
 
 def test_disk_full_during_assembly_leaves_no_partial_file_and_resumes(tmp_path, monkeypatch):
-    from wsi_nuclei.outputs.folder import geojson as export
+    from wsi_nuclei.outputs import geojson as export
 
     slide = disc_slide(tmp_path / "s.tif", (600, 600), seed=9)
     real = export.GeoJSONWriter.write_encoded
@@ -325,7 +325,7 @@ def test_unreachable_scheduler(tmp_path):
 
 def _install_failing_chunk(index: int, counter: str) -> None:
     """Run inside a Dask worker: chunk ``index`` of slide 'a.tif' raises, counting attempts."""
-    from wsi_nuclei.pipeline.segment import chunk as chunk_module
+    from wsi_nuclei.pipeline import chunk as chunk_module
 
     real = chunk_module.segment_chunk
 

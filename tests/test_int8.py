@@ -51,8 +51,8 @@ def test_precision_resolves_to_onnx_runtime_only():
 
 
 def test_int8_is_cached_per_weights_and_repaired(model, tissue, monkeypatch):
+    from wsi_nuclei.model import quantize
     from wsi_nuclei.model.backends import int8_path
-    from wsi_nuclei.model.network import quantize
 
     net, card = model
     make_predictor(net, card, "onnx", "cpu", 2, "int8")

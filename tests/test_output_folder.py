@@ -233,7 +233,7 @@ def test_resume_of_a_verified_slide_skips_it(slide, reference, tmp_path):
 # 4: --overwrite replaces on success -------------------------------------------------------------
 
 def test_overwrite_keeps_the_old_outputs_until_the_new_ones_are_complete(slide, reference, tmp_path, monkeypatch):
-    from wsi_nuclei.outputs.folder import geojson as export
+    from wsi_nuclei.outputs import geojson as export
 
     out = tmp_path / "out"
     shutil.copytree(reference, out / "s")
@@ -251,7 +251,7 @@ def test_overwrite_keeps_the_old_outputs_until_the_new_ones_are_complete(slide, 
 
 
 def test_overwrite_with_a_failing_start_keeps_the_old_outputs(slide, reference, tmp_path, monkeypatch):
-    from wsi_nuclei.pipeline.segment import plan
+    from wsi_nuclei.pipeline import plan
 
     def full_disk(path, arr):
         raise OSError(28, "No space left on device")
@@ -292,7 +292,7 @@ def test_damaged_chunk_files_are_computed_again_under_resume(slide, reference, t
 
 
 def test_a_chunk_file_damaged_after_the_start_is_removed_so_resume_recovers(slide, reference, tmp_path, monkeypatch):
-    from wsi_nuclei.pipeline.segment import plan
+    from wsi_nuclei.pipeline import plan
 
     out = tmp_path / "out"
     segment_many([slide], out, SegmentConfig(**OPTS, keep_chunks=True))
@@ -313,7 +313,7 @@ def test_a_chunk_file_damaged_after_the_start_is_removed_so_resume_recovers(slid
 # 5, 10: any failure is that slide's, with its traceback kept -------------------------------------
 
 def test_an_unexpected_error_while_a_slide_starts_fails_only_that_slide(slide, tmp_path, monkeypatch):
-    from wsi_nuclei.pipeline.segment import batch
+    from wsi_nuclei.pipeline import batch
 
     good = disc_slide(tmp_path / "good.tif", (256, 256), seed=27)
     real = batch.plan_slide
@@ -336,7 +336,7 @@ def test_an_unexpected_error_while_a_slide_starts_fails_only_that_slide(slide, t
 
 
 def test_debug_prints_the_traceback_of_a_slide_failure(slide, tmp_path, monkeypatch):
-    from wsi_nuclei.pipeline.segment import batch
+    from wsi_nuclei.pipeline import batch
 
     monkeypatch.setattr(batch, "plan_slide", lambda *a, **k: 1 / 0)
     result = runner.invoke(app, ["--debug", "segment", str(slide), "-o", str(tmp_path / "out"), *FLAGS])

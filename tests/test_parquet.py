@@ -226,7 +226,7 @@ def test_bad_formats_are_one_line(text):
 
 _KILL_IN_WRITER = """
 import os, signal, sys
-from wsi_nuclei.outputs.folder import parquet
+from wsi_nuclei.outputs import parquet
 real = parquet.ParquetWriter.write
 calls = []
 def write(self, table, chunk):
