@@ -1,7 +1,7 @@
 """The command line's shared parts: the Typer app, the global options, one-line errors.
 
-The commands live in :mod:`.cli_models` (train, tune, evaluate, measure-context, segment-image)
-and :mod:`.cli_slides` (info, segment); :mod:`.cli` assembles them.
+The commands live in :mod:`.models` (train, tune, evaluate, measure-context, segment-image)
+and :mod:`.slides` (info, segment); :mod:`.main` assembles them.
 """
 
 from __future__ import annotations

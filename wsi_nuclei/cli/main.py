@@ -1,12 +1,12 @@
 """Command line: thin wrappers that parse options, call one library function and set the exit code.
 
 Heavy imports (torch, smp) happen inside the commands so that ``wsi-nuclei --help`` is instant.
-The commands are in :mod:`.cli_models`, :mod:`.cli_slides` and :mod:`.cli_results`; importing them registers them.
+The commands are in :mod:`.models`, :mod:`.slides` and :mod:`.results`; importing them registers them.
 """
 
 from __future__ import annotations
 
-from . import models as cli_models  # noqa: F401  (registers the commands)
+from . import models, results, slides  # noqa: F401  (importing them registers the commands)
 from .common import app
 
 __all__ = ["app", "main"]
