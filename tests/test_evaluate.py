@@ -45,6 +45,28 @@ def test_evaluate_table_output(shared_data):
     assert "aji" in result.stdout and "mean" in result.stdout
 
 
+def test_evaluate_folder_per_image_rows(shared_data, tmp_path):
+    """A user's own annotated images (folder layout): means and groups by default, a row per
+    image with --per-image; the JSON always has both, and a group's AJI is nucleus-weighted."""
+    import shutil
+
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+        for name in ("01_1.png", "02_1.png"):
+            shutil.copy(shared_data / "tnbc" / sub / name, tmp_path / sub / name)
+    args = ["evaluate", str(tmp_path), "--dataset", "folder", "--mpp", "0.25"]
+    plain = runner.invoke(app, args)
+    rows = runner.invoke(app, [*args, "--per-image"])
+    assert plain.exit_code == 0 and rows.exit_code == 0, plain.output + rows.output
+    assert "01_1" in rows.stdout and "02_1" in rows.stdout and "mean" in rows.stdout
+    assert "01_1" not in plain.stdout and "mean" in plain.stdout
+    report = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert [r["name"] for r in report["images"]] == ["01_1", "02_1"] and set(report["groups"]) == {"folder"}
+    n = [r["n_true"] for r in report["images"]]
+    weighted = sum(r["aji"] * k for r, k in zip(report["images"], n)) / sum(n)
+    assert report["groups"]["folder"]["aji"] == pytest.approx(weighted)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,sub", [("tnbc", "tnbc"), ("monuseg-test", "monuseg/test"), ("consep-test", "consep")])
 def test_model_card_metrics_are_reproduced(shared_data, kind, sub):

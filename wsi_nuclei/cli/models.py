@@ -113,7 +113,8 @@ def evaluate(
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
     mpp: Optional[float] = typer.Option(None, help="µm/px of a 'folder' dataset (default 0.25)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (means and per-image rows)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (means, per-group and per-image rows)."),
+    per_image: bool = typer.Option(False, "--per-image", help="Print a row per image too (the table shows the means and one row per tissue group)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: default)."),
     record: bool = typer.Option(False, "--record", help="For model authors: store the means in the model card under metrics.<dataset>."),
@@ -145,8 +146,12 @@ def evaluate(
     table.add_column("image")
     for k in keys:
         table.add_column(k, justify="right")
-    for row in report["images"]:
-        table.add_row(row["name"], *(f"{row[k]:.3f}" for k in keys))
+    if per_image:
+        for row in report["images"]:
+            table.add_row(row["name"], *(f"{row[k]:.3f}" for k in keys))
+    if len(report["groups"]) > 1:
+        for name, g in report["groups"].items():
+            table.add_row(f"group {name} ({g['n_images']} img)", f"{g['dice']:.3f}", "", f"{g['aji']:.3f}", "", "", "", "")
     table.add_row("[bold]mean", *(f"[bold]{report[k]:.3f}" for k in keys))
     Console().print(table)
 

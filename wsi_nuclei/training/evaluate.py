@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,8 @@ def evaluate_dataset(
     dict
         Means (``dice``, ``iou``, ``aji``, ``pq``, ``dq``, ``sq``, ``f1``, ``precision``,
         ``recall``), ``n_images``, ``model`` (card name and sha256 prefix), ``seconds_per_image``
-        and ``images``: one row per image with the same metrics.
+        ``groups`` (per tissue group, :mod:`.validation`: nucleus-weighted AJI and Dice) and
+        ``images``: one row per image with the same metrics and its group.
     """
     import torch
 
@@ -90,6 +92,7 @@ def evaluate_dataset(
     from ..model.infer import segment_image, select_device
     from ..model.network import load_model
     from .metrics import evaluate_pair, mean_metrics
+    from .validation import group_scores, sample_group
 
     if kind not in DATASET_KINDS:
         raise ConfigError(f"unknown --dataset {kind!r}; use one of {', '.join(DATASET_KINDS)}")
@@ -112,7 +115,7 @@ def evaluate_dataset(
         seconds += time.perf_counter() - t0
         m = evaluate_pair(s.labels, pred)
         items.append(m)
-        rows.append({"name": s.name, "group": s.group, **m.as_dict()})
+        rows.append({"name": s.name, "group": sample_group(s), **m.as_dict()})
         log.info("%s: AJI %.3f Dice %.3f PQ %.3f", s.name, m.aji, m.dice, m.pq)
     report: dict[str, Any] = dict(mean_metrics(items))
     report.update(
@@ -123,6 +126,7 @@ def evaluate_dataset(
         tta=tta or card.tta,
         backend=backend_name,
         seconds_per_image=round(seconds / max(1, len(samples)), 4),
+        groups={g: asdict(v) for g, v in group_scores([(sample_group(s), m.aji, m.dice, m.n_true) for s, m in zip(samples, items)]).items()},
         images=rows,
     )
     return report
