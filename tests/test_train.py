@@ -140,7 +140,6 @@ def test_tune_cli_stores_post_processing_chosen_on_validation(tmp_path, shared_d
 
     from wsi_nuclei.cli.main import app
     from wsi_nuclei.model.network import DEFAULT_MODEL_DIR, load_card, load_model
-    from wsi_nuclei.training.train import validate
 
     model_dir = tmp_path / "m"
     shutil.copytree(DEFAULT_MODEL_DIR, model_dir)
@@ -151,11 +150,18 @@ def test_tune_cli_stores_post_processing_chosen_on_validation(tmp_path, shared_d
     update_card(model_dir, training={**before.training, "validation_images": val_names})
     net, card = load_model(model_dir)
     val_s = load_monuseg(shared_data / "monuseg" / "train", names=val_names)
-    old = validate(net, card, val_s)["aji"]
+    from wsi_nuclei.training.steps import validate_groups
+
+    old_worst = min(g.aji for g in validate_groups(net, card, val_s)["groups"].values())
     result = CliRunner().invoke(app, ["tune", "--model", str(model_dir), "--data-root", str(shared_data), "--threads", "2"])
     assert result.exit_code == 0, result.output
     after = load_card(model_dir)
-    assert after.metrics["val"]["n_images"] == 2 and after.metrics["val"]["aji"] >= old - 1e-9
+    tune = after.metrics["tune"]
+    assert after.metrics["val"]["n_images"] == 2 and tune["select"] == "worst_group"
+    # the grid holds the card's own setting: the chosen one's worst group is at least as good
+    assert tune["score"] >= min(tune["groups"].values()) - 1e-9 and tune["score"] == min(tune["groups"].values())
+    assert old_worst <= tune["score"] + 1e-9
+    assert 1 <= tune["plateau_width"] <= tune["grid_size"] and set(tune["group_optima"]) == set(tune["groups"])
     assert after.training["tune_command"].startswith("wsi-nuclei tune")
     _, reloaded = load_model(model_dir)  # weights and card still belong together
     assert reloaded.postprocess == after.postprocess

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import WsiNucleiError
+from ..errors import ConfigError, WsiNucleiError
 from .common import DATA_ROOT_HELP, app, fail, set_threads
 
 
@@ -41,7 +41,7 @@ def train(
     context_margins: Optional[str] = typer.Option(None, help="Margins (px) the short window keeps around its loss box, e.g. 32,48,64,80,96."),
     freeze_bn: bool = typer.Option(False, help="Batch-norm statistics fixed while training (as at inference)."),
     schedule: str = typer.Option("step", help="Learning-rate schedule: step (÷10 at --lr-drop-epoch) or cosine."),
-    select: str = typer.Option("pooled", help="Checkpoint selection on validation: worst_group, mean_minus_std or pooled."),
+    select: str = typer.Option("worst_group", help="Checkpoint (and post-processing) selection on validation groups: worst_group, mean_minus_std or pooled."),
     val_every: Optional[int] = typer.Option(None, help="Validate every this many epochs."),
     snapshot_every: int = typer.Option(0, help="Keep a copy of the model every this many epochs (0: none)."),
     probe_every: int = typer.Option(0, help="Log tiled-vs-whole agreement at 96 px context every this many epochs (0: never)."),
@@ -72,7 +72,7 @@ def train(
                                  "dataset": ", ".join(f"{n} train (weight {w})" for n, w in cfg.data) + f" under {root}",
                                  "validation_images": sorted(s.name for s in val_s)})
         if tune and val_s:
-            typer.echo(json.dumps(tr.tune_model(out / "best", val_s)))
+            typer.echo(json.dumps(tr.tune_model(out / "best", val_s, select=cfg.select)))
         typer.echo(f"best model: {out / 'best'}")
     except WsiNucleiError as err:
         fail(err)
@@ -83,9 +83,11 @@ def tune(
     model: Path = typer.Option(..., "--model", help="A model folder written by `wsi-nuclei train`."),
     data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
     tta: Optional[str] = typer.Option(None, "--tta", help="Tune (and store) for this test-time augmentation: none, flip4 or dihedral8."),
+    select: str = typer.Option("worst_group", help="Score of a setting over the validation groups: worst_group, mean_minus_std or pooled."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: default)."),
 ) -> None:
-    """Tune post-processing on the model's own validation images (from its card) and store it."""
+    """Tune post-processing on the model's own validation images (from its card) and store it:
+    the setting whose worst validation group does best, with the width of its plateau."""
     from ..model.network import load_card
     from ..training import train as tr
     from ..training import trainset
@@ -98,8 +100,12 @@ def tune(
             check_tta(tta)
         root = trainset.data_root(data_root)
         samples = tr.validation_samples(load_card(model), root)
-        command = f"wsi-nuclei tune --model {model} --data-root {root}" + (f" --tta {tta}" if tta else "")
-        result = tr.tune_model(model, samples, tta, command)
+        from ..training.validation import CRITERIA
+
+        if select not in CRITERIA:
+            raise ConfigError(f"--select must be one of {', '.join(CRITERIA)}, got {select!r}")
+        command = f"wsi-nuclei tune --model {model} --data-root {root} --select {select}" + (f" --tta {tta}" if tta else "")
+        result = tr.tune_model(model, samples, tta, command, select)
     except WsiNucleiError as err:
         fail(err)
         return

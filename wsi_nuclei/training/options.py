@@ -69,7 +69,7 @@ class TrainConfig:
     #: Learning-rate schedule: step (÷10 from lr_drop_epoch) or cosine (to lr/100).
     schedule: str = "step"
     #: Checkpoint selection: worst_group, mean_minus_std or pooled (:mod:`.validation`).
-    select: str = "pooled"
+    select: str = "worst_group"
     #: Keep a copy of the model every this many epochs (0: none).
     snapshot_every: int = 0
     #: Log the tiled-vs-whole agreement at ``probe_context`` px every this many epochs (0: never).

@@ -32,15 +32,22 @@ def validate(model: Any, card: ModelCard, samples: list[Sample], post: PostProce
 
 
 def tune_postprocess(
-    model: Any, card: ModelCard, samples: list[Sample], tta: str | None = None
-) -> tuple[PostProcess, dict[str, float]]:
+    model: Any, card: ModelCard, samples: list[Sample], tta: str | None = None, select: str = "worst_group",
+    tolerance: float = 0.005,
+) -> tuple[PostProcess, dict[str, Any]]:
     """Grid-search method and thresholds on ``samples`` (validation only), then the smallest
     nucleus area at the best thresholds (small pale specks on stroma are the commonest false
-    detections); returns the best by mean AJI and the best AJI per method."""
+    detections). Settings are scored by ``select`` over the validation groups
+    (:func:`.validation.criterion`: by default the worst group's nucleus-weighted AJI).
+
+    Returns the best setting and a report: its score, the best score per method, the plateau
+    (every grid setting within ``tolerance`` of the best: a wide plateau is a flat optimum), and
+    each group's own best setting (where they differ, one threshold does not suit every group)."""
     from ..model.backends import make_predictor
     from ..model.infer import predict_probabilities, resize_image, resize_labels, working_shape
     from ..nuclei.instances import probabilities_to_instances
     from .metrics import evaluate_pair
+    from .validation import criterion, group_scores, sample_group
 
     model.eval()
     predict, _ = make_predictor(model, card, "torch", "cpu")
@@ -55,29 +62,47 @@ def tune_postprocess(
         for fg in (0.3, 0.4, 0.5, 0.6, 0.7):
             for seed in seeds:
                 grid.append(replace(card.postprocess, method=method, fg_threshold=fg, seed_threshold=seed))
+    groups_of: dict[PostProcess, dict[str, float]] = {}
+
     def score(post: PostProcess) -> float:
-        ajis = []
+        rows = []
         for s, probs in cached:
             labels = probabilities_to_instances(probs[: len(card.outputs)], card.outputs, post, card.working_mpp)
-            ajis.append(evaluate_pair(s.labels, resize_labels(labels, s.labels.shape)).aji)
-        return float(np.mean(ajis))
+            m = evaluate_pair(s.labels, resize_labels(labels, s.labels.shape))
+            rows.append((sample_group(s), m.aji, m.dice, m.n_true))
+        groups = group_scores(rows)
+        groups_of[post] = {g: v.aji for g, v in groups.items()}
+        return criterion(groups, select, pooled=float(np.mean([r[1] for r in rows])))
 
-    best: tuple[float, PostProcess] = (-1.0, card.postprocess)
+    scored = [(score(post), post) for post in grid]
     per_method: dict[str, float] = {}
-    for post in grid:
-        value = score(post)
+    for value, post in scored:
         per_method[post.method] = max(per_method.get(post.method, -1.0), value)
-        log.info("tune %s fg=%.2f seed=%.2f: val AJI %.4f", post.method, post.fg_threshold, post.seed_threshold, value)
-        if value > best[0]:
-            best = (value, post)
+        log.info("tune %s fg=%.2f seed=%.2f: %s %.4f", post.method, post.fg_threshold, post.seed_threshold, select, value)
+    best = max(scored, key=lambda vp: vp[0])
     for area in (1.0, 3.0, 6.0, 10.0, 15.0):
         post = replace(best[1], min_area_um2=area)
         if post != best[1]:
             value = score(post)
-            log.info("tune min_area_um2=%.1f: val AJI %.4f", area, value)
+            log.info("tune min_area_um2=%.1f: %s %.4f", area, select, value)
             if value > best[0]:
                 best = (value, post)
-    return best[1], per_method
+    plateau = [_setting(p) for v, p in scored if v >= best[0] - tolerance]
+    group_names = sorted(groups_of[best[1]])
+    optima = {g: _setting(_best_for(grid, groups_of, g)) for g in group_names}
+    report = {"select": select, "score": best[0], "by_method": per_method, "tolerance": tolerance,
+              "plateau": plateau, "plateau_width": len(plateau), "grid_size": len(grid),
+              "groups": groups_of[best[1]], "group_optima": optima,
+              "optima_differ": len({tuple(o.values()) for o in optima.values()}) > 1}
+    return best[1], report
+
+
+def _best_for(grid: list[PostProcess], groups_of: dict[PostProcess, dict[str, float]], group: str) -> PostProcess:
+    return max(grid, key=lambda p: groups_of[p].get(group, -1.0))
+
+
+def _setting(post: PostProcess) -> dict[str, Any]:
+    return {"method": post.method, "fg": post.fg_threshold, "seed": post.seed_threshold}
 
 
 def card_split(card: ModelCard, root: Path | str) -> tuple[list[Sample], list[Sample]]:
@@ -96,7 +121,8 @@ def validation_samples(card: ModelCard, root: Path | str) -> list[Sample]:
     return card_split(card, root)[1]
 
 
-def tune_model(model_dir: Path | str, samples: list[Sample], tta: str | None = None, command: str | None = None) -> dict[str, Any]:
+def tune_model(model_dir: Path | str, samples: list[Sample], tta: str | None = None, command: str | None = None,
+               select: str = "worst_group") -> dict[str, Any]:
     """Tune the post-processing of the model in ``model_dir`` on ``samples`` (its validation
     images, see :func:`validation_samples`) and store it in the card, for ``tta``
     (default: the card's). Test-set metrics recorded in the card are dropped: they were measured
@@ -107,9 +133,10 @@ def tune_model(model_dir: Path | str, samples: list[Sample], tta: str | None = N
         raise ConfigError(f"{model_dir}: no validation images to tune on")
     net, card = load_model(model_dir)
     card = replace(card, tta=tta or card.tta)
-    post, per_method = tune_postprocess(net, card, samples, card.tta)
+    post, report = tune_postprocess(net, card, samples, card.tta, select)
     val = validate(net, replace(card, postprocess=post), samples)
-    metrics = {"epoch": card.metrics.get("epoch"), "val_aji": card.metrics.get("val_aji"), "val": val, "val_aji_by_method": per_method}
+    metrics = {"epoch": card.metrics.get("epoch"), "val_aji": card.metrics.get("val_aji"), "val": val,
+               "val_aji_by_method": report["by_method"], "tune": report}
     training = {**card.training, "tune_command": command} if command else card.training
     save_model(net, replace(card, postprocess=post, metrics=metrics, training=training), model_dir)
-    return {"postprocess": asdict(post), "tta": card.tta, "val": val, "val_aji_by_method": per_method}
+    return {"postprocess": asdict(post), "tta": card.tta, "val": val, "tune": report}
