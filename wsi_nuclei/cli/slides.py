@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from ..errors import WsiNucleiError
+from ..errors import ConfigError, WsiNucleiError
 from ..pipeline.config import DEFAULT_CHUNK
 from .common import _state, app, fail
 
@@ -47,6 +47,7 @@ def segment(
     halo: Optional[int] = typer.Option(None, help="Instance halo in working px (default: largest nucleus, from the model)."),
     context: Optional[int] = typer.Option(None, help="Model context in working px (default: the model card's measured context_px)."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
+    types: str = typer.Option("on", "--types", help="on: a typed model's nucleus types as QuPath classes (Tumor, Immune cells, Stroma, Other); off: one class, Nucleus."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per model call when a window is split (default: as many as fit in memory)."),
     forward_memory: Optional[str] = typer.Option(None, help="Memory a forward pass may use, e.g. 2GB (default: from the worker's memory "
                                                  "limit, cgroup or RAM). A chunk window that does not fit is inferred in tiles."),
@@ -106,7 +107,7 @@ def segment(
         inputs, out = [Path(a) for a in input_args], Path(out_arg)
         from ..pipeline.config import parse_formats
 
-        segment_options = dict(formats=parse_formats(formats), model_dir=str(model) if model else None, level0_mpp=mpp, unusual_mpp=unusual_mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta,
+        segment_options = dict(formats=parse_formats(formats), model_dir=str(model) if model else None, level0_mpp=mpp, unusual_mpp=unusual_mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta, types=_on_off("--types", types),
                                batch_size=batch_size, forward_memory=parse_size(forward_memory, "--forward-memory"), device=device,
                                tissue_mask=not no_tissue_mask, whole_windows=whole_windows, reader=reader, backend=backend, precision=precision, geojson_format=fmt,
                                raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite, keep_chunks=keep_chunks)
@@ -233,3 +234,9 @@ def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterCon
     if len(ok) < len(rows):  # the run would fail these: the same exit code as the run
         typer.echo(f"error: {len(rows) - len(ok)} of {len(rows)} slides would fail (the 'error:' notes above)", err=True)
         raise typer.Exit(1)
+
+
+def _on_off(option: str, value: str) -> bool:
+    if value not in ("on", "off"):
+        raise ConfigError(f"{option} must be on or off, got {value!r}")
+    return value == "on"

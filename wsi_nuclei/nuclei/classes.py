@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NucleusType", "DEFAULT_TYPES", "CONSEP_TO_TYPE", "consep_type_map", "types_to_card", "types_from_card", "vote_types"]
+__all__ = ["NucleusType", "DEFAULT_TYPES", "CONSEP_TO_TYPE", "consep_type_map", "types_to_card", "types_from_card", "vote_types",
+           "qupath_classes", "TYPE_PROBABILITY"]
 
 
 @dataclass(frozen=True)
@@ -117,3 +118,12 @@ def vote_types(labels: np.ndarray, type_probs: np.ndarray) -> tuple[np.ndarray, 
     kinds = np.where(area > 0, mean.argmax(axis=1) + 1, 0)
     prob = np.where(area > 0, mean.max(axis=1), 0).astype(np.float32)
     return kinds, prob
+
+
+#: The measurement a typed nucleus carries: the mean probability of its type over its pixels.
+TYPE_PROBABILITY = "Type probability"
+
+
+def qupath_classes(types: tuple[NucleusType, ...]) -> list[dict[str, Any]]:
+    """GeoJSON ``classification`` objects of types 1..n (QuPath: a name and an RGB colour)."""
+    return [{"name": t.qupath, "color": list(t.color)} for t in types]

@@ -44,12 +44,13 @@ class PolygonFrame:
 
 @dataclass(frozen=True)
 class Nucleus:
-    """One nucleus: its label id, exterior ring (level-0 px, closed, (n, 2) float array of x, y)
-    and measurements."""
+    """One nucleus: its label id, exterior ring (level-0 px, closed, (n, 2) float array of x, y),
+    measurements and type (0: none; 1..n: the model card's ``types``)."""
 
     label: int
     ring: np.ndarray
     measurements: dict[str, float]
+    kind: int = 0
 
 
 _OD_LUT: np.ndarray | None = None

@@ -43,6 +43,10 @@ class NucleusTable:
         The measurement names (QuPath's, units in the name: "Area µm^2").
     values : np.ndarray
         (n, len(names)) float64 measurements; a value that is not finite is 0.0, as in the GeoJSON.
+    kinds : np.ndarray or None
+        (n,) int8 type of each nucleus (0: none, k: ``type_names[k - 1]``); None: an untyped table.
+    type_names : tuple of str
+        The types' QuPath names (empty for an untyped model).
     """
 
     labels: np.ndarray
@@ -50,29 +54,40 @@ class NucleusTable:
     xy: np.ndarray
     names: tuple[str, ...]
     values: np.ndarray
+    kinds: np.ndarray | None = None
+    type_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     @classmethod
-    def empty(cls, names: Sequence[str] = PIPELINE_MEASUREMENTS) -> NucleusTable:
-        return cls(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros((0, 2)), tuple(names), np.zeros((0, len(names))))
+    def empty(cls, names: Sequence[str] = PIPELINE_MEASUREMENTS, type_names: Sequence[str] = ()) -> NucleusTable:
+        return cls(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros((0, 2)), tuple(names), np.zeros((0, len(names))),
+                   np.zeros(0, np.int8) if type_names else None, tuple(type_names))
+
+    def type_counts(self) -> dict[str, int]:
+        """Nuclei per type name (empty for an untyped table)."""
+        if not self.type_names or self.kinds is None:
+            return {}
+        counts = np.bincount(self.kinds.astype(np.int64), minlength=len(self.type_names) + 1)
+        return {name: int(counts[k + 1]) for k, name in enumerate(self.type_names)}
 
     @classmethod
-    def from_nuclei(cls, nuclei: Sequence[Nucleus], names: Sequence[str] | None = None) -> NucleusTable:
+    def from_nuclei(cls, nuclei: Sequence[Nucleus], names: Sequence[str] | None = None, type_names: Sequence[str] = ()) -> NucleusTable:
         """The table of ``nuclei`` (in their order); ``names``: the measurement names when there
         are no nuclei (default :data:`PIPELINE_MEASUREMENTS`). Every nucleus must have the same
-        measurement names, in the same order."""
+        measurement names, in the same order. ``type_names``: the types of a typed model."""
         if not nuclei:
-            return cls.empty(PIPELINE_MEASUREMENTS if names is None else names)
+            return cls.empty(PIPELINE_MEASUREMENTS if names is None else names, type_names)
         keys = tuple(nuclei[0].measurements)
         if any(tuple(nu.measurements) != keys for nu in nuclei):
             raise ValueError("nuclei with different measurement names cannot share a table")
         rings = [np.asarray(nu.ring, np.float64).reshape(-1, 2) for nu in nuclei]
         counts = np.array([len(r) for r in rings], np.int64)
         values = np.array([[v if math.isfinite(v) else 0.0 for v in nu.measurements.values()] for nu in nuclei], np.float64)
+        kinds = np.array([nu.kind for nu in nuclei], np.int8) if type_names else None
         return cls(np.array([nu.label for nu in nuclei], np.int64), np.r_[0, np.cumsum(counts)].astype(np.int64),
-                   np.concatenate(rings), keys, values.reshape(len(nuclei), len(keys)))
+                   np.concatenate(rings), keys, values.reshape(len(nuclei), len(keys)), kinds, tuple(type_names))
 
     def without(self, labels: Sequence[int] | np.ndarray) -> tuple[NucleusTable, int]:
         """This table without the nuclei of ``labels``, and how many were removed."""
@@ -83,7 +98,7 @@ class NucleusTable:
         counts = np.diff(self.offsets)
         vertex_keep = np.repeat(keep, counts)
         return (NucleusTable(self.labels[keep], np.r_[0, np.cumsum(counts[keep])].astype(np.int64), self.xy[vertex_keep], self.names,
-                             self.values[keep]), int(gone.sum()))
+                             self.values[keep], None if self.kinds is None else self.kinds[keep], self.type_names), int(gone.sum()))
 
     def bounds(self) -> np.ndarray:
         """(n, 4) float64 (xmin, ymin, xmax, ymax) of each ring."""
@@ -122,15 +137,22 @@ class NucleusTable:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The columns as named arrays (how a chunk file stores them); :meth:`from_arrays` reads them."""
-        return {"nuclei_labels": self.labels, "nuclei_offsets": self.offsets, "nuclei_xy": self.xy, "nuclei_values": self.values}
+        out = {"nuclei_labels": self.labels, "nuclei_offsets": self.offsets, "nuclei_xy": self.xy, "nuclei_values": self.values}
+        if self.kinds is not None:
+            out["nuclei_kinds"] = self.kinds
+        return out
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> NucleusTable:
-        """The table of :meth:`arrays` (a dict or an open ``.npz``) with measurement ``names``."""
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], names: Sequence[str], type_names: Sequence[str] = ()) -> NucleusTable:
+        """The table of :meth:`arrays` (a dict or an open ``.npz``) with measurement ``names``
+        (and ``type_names`` for a typed table, whose ``nuclei_kinds`` it then reads)."""
         get = arrays.__getitem__
         labels, offsets = np.asarray(get("nuclei_labels"), np.int64), np.asarray(get("nuclei_offsets"), np.int64)
         xy, values = np.asarray(get("nuclei_xy"), np.float64), np.asarray(get("nuclei_values"), np.float64)
         n = len(labels)
         if offsets.shape != (n + 1,) or xy.ndim != 2 or xy.shape[1] != 2 or int(offsets[-1]) != len(xy) or values.shape != (n, len(names)):
             raise ValueError(f"inconsistent nucleus columns: {n} labels, offsets {offsets.shape}, xy {xy.shape}, values {values.shape}")
-        return cls(labels, offsets, xy, tuple(names), values)
+        kinds = np.asarray(get("nuclei_kinds"), np.int8) if type_names else None
+        if kinds is not None and kinds.shape != (n,):
+            raise ValueError(f"inconsistent nucleus types: {n} labels, {kinds.shape} types")
+        return cls(labels, offsets, xy, tuple(names), values, kinds, tuple(type_names))

@@ -40,14 +40,19 @@ def feature_id(slide_key: str, label: int) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{slide_key}/{label}"))
 
 
-def feature(nucleus: Nucleus, slide_key: str) -> dict[str, Any]:
-    """A QuPath detection feature for ``nucleus``."""
+def _classification(nucleus: Nucleus, classes: Sequence[dict[str, Any]] | None) -> dict[str, Any]:
+    return dict(classes[nucleus.kind - 1]) if classes and 0 < nucleus.kind <= len(classes) else NUCLEUS_CLASS
+
+
+def feature(nucleus: Nucleus, slide_key: str, classes: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A QuPath detection feature for ``nucleus``: classified as its type (``classes[kind - 1]``,
+    :func:`wsi_nuclei.nuclei.classes.qupath_classes`) or, untyped, as "Nucleus"."""
     measurements = {k: (float(v) if math.isfinite(v) else 0.0) for k, v in nucleus.measurements.items()}
     return {
         "type": "Feature",
         "id": feature_id(slide_key, nucleus.label),
         "geometry": {"type": "Polygon", "coordinates": [np.asarray(nucleus.ring, dtype=np.float64).tolist()]},
-        "properties": {"objectType": "detection", "classification": NUCLEUS_CLASS, "measurements": measurements},
+        "properties": {"objectType": "detection", "classification": _classification(nucleus, classes), "measurements": measurements},
     }
 
 
@@ -66,8 +71,11 @@ def _check_finite(feat: dict[str, Any]) -> None:
 # the constant parts of a nucleus feature, in the key order of :func:`feature`
 _HEAD = b'{"type":"Feature","id":"'
 _GEOMETRY = b'","geometry":{"type":"Polygon","coordinates":['
-_PROPERTIES = (b']},"properties":' + orjson.dumps({"objectType": "detection", "classification": NUCLEUS_CLASS})[:-1]
-               + b',"measurements":')
+def _properties(classification: dict[str, Any]) -> bytes:
+    return b']},"properties":' + orjson.dumps({"objectType": "detection", "classification": classification})[:-1] + b',"measurements":'
+
+
+_PROPERTIES = _properties(NUCLEUS_CLASS)
 
 
 def feature_ids(slide_key: str, labels: Sequence[int]) -> bytes:
@@ -104,8 +112,8 @@ def drop_features(blob: bytes, slide_key: str, labels: Sequence[int]) -> tuple[b
     return b",\n".join(kept), len(parts) - len(kept)
 
 
-def encode_nuclei(nuclei: Sequence[Nucleus], slide_key: str) -> list[bytes]:
-    """``[encode_feature(feature(n, slide_key)) for n in nuclei]``, byte for byte (a test checks
+def encode_nuclei(nuclei: Sequence[Nucleus], slide_key: str, classes: Sequence[dict[str, Any]] | None = None) -> list[bytes]:
+    """``[encode_feature(feature(n, slide_key, classes)) for n in nuclei]``, byte for byte (a test checks
     it), without building a dict per feature: the constant parts are encoded once, the ids are
     formatted together (:func:`feature_ids`), and the rings of all nuclei go through one orjson
     call whose text is cut at the vertex brackets. The slide pipeline's encoder."""
@@ -116,7 +124,7 @@ def encode_nuclei(nuclei: Sequence[Nucleus], slide_key: str) -> list[bytes]:
     values = list(itertools.chain.from_iterable(nu.measurements.values() for nu in nuclei))
     # plain finite floats everywhere (what label_polygons gives): else the reference, which converts
     if not counts.all() or set(map(type, values)) != {float} or not np.isfinite(np.array(values)).all():
-        return [encode_feature(feature(nu, slide_key)) for nu in nuclei]
+        return [encode_feature(feature(nu, slide_key, classes)) for nu in nuclei]
     # "[[x,y],[x,y],...]": the i-th "[" after the first opens vertex i, the i-th "]" closes it
     text = orjson.dumps(np.concatenate(rings), option=orjson.OPT_SERIALIZE_NUMPY)
     buf = np.frombuffer(text, np.uint8)
@@ -125,7 +133,9 @@ def encode_nuclei(nuclei: Sequence[Nucleus], slide_key: str) -> list[bytes]:
     last = np.cumsum(counts) - 1
     begin, stop = opens[last - counts + 1].tolist(), (closes[last] + 1).tolist()
     ids = feature_ids(slide_key, [nu.label for nu in nuclei])
-    return [b"".join((_HEAD, ids[36 * i : 36 * i + 36], _GEOMETRY, b"[", text[a:b], b"]", _PROPERTIES, orjson.dumps(nu.measurements), b"}}"))
+    props = [_PROPERTIES] + ([_properties(dict(c)) for c in classes] if classes else [])
+    return [b"".join((_HEAD, ids[36 * i : 36 * i + 36], _GEOMETRY, b"[", text[a:b], b"]",
+                      props[nu.kind] if 0 < nu.kind < len(props) else _PROPERTIES, orjson.dumps(nu.measurements), b"}}"))
             for i, (nu, a, b) in enumerate(zip(nuclei, begin, stop))]
 
 

@@ -96,7 +96,7 @@ def _ids(slide_key: str, labels: np.ndarray) -> Any:
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer((np.arange(n + 1) * 36).astype(np.int32)), pa.py_buffer(text)])
 
 
-def _schema(names: Sequence[str], meta: dict[str, Any]) -> Any:
+def _schema(names: Sequence[str], meta: dict[str, Any], type_names: Sequence[str] = ()) -> Any:
     import pyarrow as pa
 
     px = {b"unit": b"px (level 0)"}
@@ -107,6 +107,9 @@ def _schema(names: Sequence[str], meta: dict[str, Any]) -> Any:
               pa.field("centroid_y", pa.float64(), nullable=False, metadata=px),
               pa.field("bbox", pa.struct([pa.field(k, pa.float64(), nullable=False) for k in ("xmin", "ymin", "xmax", "ymax")]),
                        nullable=False, metadata=px)]
+    if type_names:
+        fields.append(pa.field("type", pa.dictionary(pa.int32(), pa.string()), nullable=True,
+                               metadata={b"description": b"nucleus type (QuPath class name); null: none", b"types": json.dumps(list(type_names)).encode()}))
     for name in names:
         fields.append(pa.field(column_name(name), pa.float64(), nullable=False,
                                metadata={b"qupath_name": name.encode(), b"unit": _unit(name).encode()}))
@@ -121,14 +124,16 @@ class ParquetWriter(atomic.CommitOnSuccess):
     """Stream nucleus tables to ``path`` as GeoParquet, one row group per :meth:`write`.
 
     ``meta`` (JSON) is stored under the schema key ``wsi_nuclei`` (slide, resolution, frame);
-    ``names``: the measurement names when nothing is written (default: the pipeline's). The
+    ``names``: the measurement names when nothing is written (default: the pipeline's);
+    ``type_names``: a typed model's QuPath class names (a ``type`` column then holds them). The
     file gets its final name only when the writer is closed without error; ids are
     :func:`wsi_nuclei.outputs.geojson.feature_id` of ``slide_key`` and the label, as in the GeoJSON.
     """
 
     def __init__(self, path: Path | str, slide_key: str, meta: dict[str, Any] | None = None,
-                 names: Sequence[str] = PIPELINE_MEASUREMENTS, compression: str = COMPRESSION) -> None:
+                 names: Sequence[str] = PIPELINE_MEASUREMENTS, compression: str = COMPRESSION, type_names: Sequence[str] = ()) -> None:
         self.path = Path(path)
+        self.type_names = tuple(type_names)
         self.compression = compression
         self.slide_key = slide_key
         self.meta = dict(meta or {})
@@ -142,7 +147,7 @@ class ParquetWriter(atomic.CommitOnSuccess):
         import pyarrow.parquet as pq
 
         self.names = names
-        self._schema = _schema(names, self.meta)
+        self._schema = _schema(names, self.meta, self.type_names)
         stats = ["label", "chunk", "centroid_x", "centroid_y", "bbox.xmin", "bbox.ymin", "bbox.xmax", "bbox.ymax",
                  *(column_name(n) for n in names)]
         self._writer = pq.ParquetWriter(self._tmp, self._schema, compression=self.compression, use_dictionary=["chunk"],
@@ -160,12 +165,18 @@ class ParquetWriter(atomic.CommitOnSuccess):
             return
         if table.names != self.names:
             raise ValueError(f"chunk {chunk}: measurements {table.names} differ from the file's {self.names}")
+        if table.type_names != self.type_names:
+            raise ValueError(f"chunk {chunk}: types {table.type_names} differ from the file's {self.type_names}")
         n = len(table)
         box, centre = table.bounds(), table.centroids()
         columns = [_ids(self.slide_key, table.labels), pa.array(table.labels.astype(np.uint32)), pa.array(np.full(n, chunk, np.int32)),
                    pa.array(centre[:, 0]), pa.array(centre[:, 1]),
                    pa.StructArray.from_arrays([pa.array(box[:, k]) for k in range(4)],
                                               fields=list(self._schema.field("bbox").type))]
+        if self.type_names:
+            kinds = np.zeros(n, np.int8) if table.kinds is None else table.kinds
+            columns.append(pa.DictionaryArray.from_arrays(pa.array(kinds.astype(np.int32) - 1, mask=kinds == 0),
+                                                          pa.array(list(self.type_names), pa.string())))
         columns += [pa.array(np.ascontiguousarray(table.values[:, k])) for k in range(len(self.names))]
         columns.append(wkb_polygons(table.offsets, table.xy))
         self._writer.write_table(pa.Table.from_arrays(columns, schema=self._schema), row_group_size=n)

@@ -24,7 +24,7 @@ from .._version import __version__
 from ..errors import OutputError, WsiNucleiError
 from ..outputs.density import DensityGrid, density_png
 from ..outputs.folder import install, output_size, shown
-from .chunk import read_chunk_file
+from .chunk import measurement_names, read_chunk_file, typed
 from .config import SegmentConfig
 from .plan import SlidePlan
 from .results import SlideResult
@@ -112,10 +112,13 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
     forwards: dict[tuple[int, ...], int] = {}
     t_write = time.perf_counter()
     density = DensityGrid.for_slide(plan.info.dimensions, float(plan.info.level0_mpp or 0.0))
+    types = typed(card, cfg)
+    per_type: dict[str, int] = {t.qupath: 0 for t in types}
     n_nuclei = 0
     with ExitStack() as stack:
         geojson = stack.enter_context(GeoJSONWriter(temps[geo_name], gzipped=geo_name.endswith(".gz"))) if "geojson" in files else None
-        parquet = stack.enter_context(ParquetWriter(temps[PARQUET_NAME], plan.slide_key, _parquet_meta(plan))) if "parquet" in files else None
+        parquet = stack.enter_context(ParquetWriter(temps[PARQUET_NAME], plan.slide_key, _parquet_meta(plan), names=measurement_names(types),
+                                                    type_names=tuple(t.qupath for t in types))) if "parquet" in files else None
         for ch in plan.chunks:
             part = _read_part(plan, ch)
             core = part.probability[: height - ch.y, : width - ch.x]  # a core is one Zarr chunk, clipped at the slide edge
@@ -135,6 +138,8 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
             if parquet is not None:
                 parquet.write(table, ch.index)
             density.add(table.centroids() + np.asarray(plan.shift))  # raw level-0 px
+            for name, k in table.type_counts().items():
+                per_type[name] = per_type.get(name, 0) + k
             n_nuclei += count
             cut += int(part.meta["cut"])
             inferred += int(part.meta.get("inferred_px", 0))
@@ -176,6 +181,9 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
         "parameters": {**asdict(cfg), "context": tiling.context, "tta": plan.tta}, "tiling": asdict(tiling), "slide_info": plan.info.as_dict(),
         "model": plan.model, "backend": plan.backend, "versions": _versions(),
         "nuclei_per_mm2": round(per_mm2, 1),  # of tissue
+        # a typed model's nuclei per type (QuPath class name), and per mm² of tissue
+        **({"types": {name: {"nuclei": k, "per_mm2": round(k / plan.tissue_mm2, 1) if plan.tissue_mm2 > 0 else 0.0}
+                      for name, k in per_type.items()}} if types else {}),
         "density": {"cell_um": density.cell_um, "grid": list(density.counts.shape),
                     "max_per_mm2": round(float(density.per_mm2().max()), 1) if density.counts.size else 0.0},
         "outputs": files,

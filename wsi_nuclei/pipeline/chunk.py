@@ -25,7 +25,7 @@ import logging
 import time
 import traceback
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,16 @@ import numpy as np
 
 from .. import atomic
 from ..errors import OutputError, SlideError, WsiNucleiError
+from ..nuclei.classes import (
+    TYPE_PROBABILITY,
+    NucleusType,
+    qupath_classes,
+    types_from_card,
+    vote_types,
+)
 from ..nuclei.instances import IDS_PER_CHUNK
-from ..nuclei.table import NucleusTable
+from ..nuclei.polygons import Nucleus
+from ..nuclei.table import PIPELINE_MEASUREMENTS, NucleusTable
 from .config import SegmentConfig
 from .plan import CHUNK_FILE_VERSION, SlidePlan
 from .results import ChunkDone
@@ -110,12 +118,41 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     t3 = time.perf_counter()
     frame = PolygonFrame(chunk.x - h, chunk.y - h, plan.scale, float(plan.info.level0_mpp or 0.0), *plan.shift)
     nuclei = label_polygons(owned.labels, frame, probs[0], rgb[ctx : ctx + win, ctx : ctx + win]) if owned.count else []
-    features = encode_nuclei(nuclei, plan.slide_key)
-    table = NucleusTable.from_nuclei(nuclei)
+    types = typed(card, cfg)
+    if types:
+        nuclei = _with_types(nuclei, owned.labels, probs[len(card.outputs) :])
+    classes = qupath_classes(types) if types else None
+    features = encode_nuclei(nuclei, plan.slide_key, classes)
+    table = NucleusTable.from_nuclei(nuclei, measurement_names(types), tuple(t.qupath for t in types))
     t4 = time.perf_counter()
     core_prob = np.round(probs[0, h : h + c, h : h + c] * 255).astype(np.uint8)
     times = {"read": t1 - t0, "waiting": waited, "inference": t2 - t1 - waited, "instances": t3 - t2, "polygons": t4 - t3}
     return ChunkResult(core_prob, owned.labels, features, owned.cut, (fp.tile, fp.batch), times, inferred, table)
+
+
+def typed(card: Any, cfg: SegmentConfig) -> tuple[NucleusType, ...]:
+    """The types a run writes: the card's, unless ``--types off`` (or the model has none)."""
+    return types_from_card(card.types) if card.types and cfg.types else ()
+
+
+def measurement_names(types: tuple[NucleusType, ...]) -> tuple[str, ...]:
+    return PIPELINE_MEASUREMENTS + ((TYPE_PROBABILITY,) if types else ())
+
+
+def _with_types(nuclei: list[Nucleus], labels: np.ndarray, type_probs: np.ndarray) -> list[Nucleus]:
+    """Each nucleus with its type by a vote over its pixels, and the type's probability."""
+    if not nuclei:
+        return nuclei
+    fg = labels > 0
+    ids = np.unique(labels[fg])
+    dense = np.zeros(labels.shape, np.int64)
+    dense[fg] = np.searchsorted(ids, labels[fg]) + 1
+    kinds, prob = vote_types(dense, type_probs)
+    out = []
+    for nu in nuclei:
+        i = int(np.searchsorted(ids, nu.label))
+        out.append(replace(nu, kind=int(kinds[i]), measurements={**nu.measurements, TYPE_PROBABILITY: round(float(prob[i]), 4)}))
+    return out
 
 
 def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
@@ -130,7 +167,7 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
     table = res.table if res.table is not None else NucleusTable.empty()
     meta: dict[str, Any] = {"chunk": asdict(chunk), "nuclei": len(res.features), "cut": res.cut,
             "times": res.times, "forward": list(res.forward), "fingerprint": plan.fingerprint, "inferred_px": res.inferred_px,
-            "measurements": list(table.names)}
+            "measurements": list(table.names), **({"types": list(table.type_names)} if table.type_names else {})}
     # ids are chunk.index * 2**16 + local id: store the local part (uint16, half the bytes)
     local = (res.owned & np.uint32(IDS_PER_CHUNK - 1)).astype(np.uint16)
     data = _npz_bytes({"probability": res.probability, "owned_local": local,
@@ -165,7 +202,7 @@ def read_chunk_file(path: Path) -> StoredChunk:
             local = z["owned_local"]
             base = np.uint32(int(meta["chunk"]["index"]) * IDS_PER_CHUNK)
             owned = np.where(local > 0, local.astype(np.uint32) + base, np.uint32(0))
-            table = NucleusTable.from_arrays(z, meta["measurements"])
+            table = NucleusTable.from_arrays(z, meta["measurements"], meta.get("types", ()))
             if len(table) != int(meta["nuclei"]):
                 raise ValueError(f"{len(table)} nuclei in the table, {meta['nuclei']} features")
             return StoredChunk(z["probability"], owned, bytes(z["features"]), meta, table)

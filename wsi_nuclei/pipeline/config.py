@@ -67,6 +67,7 @@ class SegmentConfig:
     torch_threads: int = 0
     keep_chunks: bool = False
     tta: str | None = None  # test-time augmentation: none, flip4, dihedral8; None: the model card's
+    types: bool = True  # --types on|off: a typed model's nucleus types as QuPath classes (off: one class "Nucleus")
     unusual_mpp: bool = False  # accept resolutions outside PLAUSIBLE_MPP (--mpp and slide metadata)
     whole_windows: bool = False  # infer every chunk window whole, glass included (default: its tissue box)
 

@@ -111,6 +111,8 @@ def plan_keys(path: Path | str, cfg: SegmentConfig, card: ModelCard, backend: st
                "tiling": asdict(slide_tiling(cfg, card)), "level0_mpp": cfg.level0_mpp, "reader": cfg.reader,
                "raw_coordinates": cfg.raw_coordinates, "tissue_mask": cfg.tissue_mask, "whole_windows": cfg.whole_windows, "tta": cfg.tta or card.tta,
                "format": cfg.geojson_format,
+               # a typed model's classes change the GeoJSON and the tables: part of the key (only then)
+               **({"types": cfg.types} if card.types else {}),
                # int8 and bf16 change the probabilities (fp32 backends agree within 1e-4): only then part of the key
                **({"precision": cfg.precision} if cfg.precision != "fp32" else {})}
     pixels = hashlib.sha256(json.dumps(outputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
