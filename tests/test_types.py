@@ -151,3 +151,47 @@ def test_til_density_recipe(whole):
     per_mm2 = len(tils) / tissue_mm2
     summary = json.loads((whole / "summary.json").read_text())
     assert 0 < per_mm2 <= summary["types"]["Immune cells"]["per_mm2"] + 0.1
+
+
+def test_evaluate_prints_detection_and_per_type_f1(typed_model, shared_data):
+    from typer.testing import CliRunner
+
+    from wsi_nuclei.cli.main import app
+    from wsi_nuclei.training.evaluate import evaluate_dataset
+
+    report = evaluate_dataset("consep-test", shared_data / "consep", model_dir=typed_model, limit=1, backend="torch")
+    t = report["types"]
+    assert set(t) >= {"f_d", "f_c_other", "f_c_inflammatory", "f_c_epithelial", "f_c_spindle"} and 0 < t["f_d"] <= 1
+    assert t["pairing_radius_um"] == 3.0 and t["paired"] > 0
+    out = CliRunner().invoke(app, ["evaluate", str(shared_data / "consep"), "--dataset", "consep-test", "--limit", "1",
+                                   "--model", str(typed_model), "--backend", "torch"])
+    assert out.exit_code == 0 and "F_d" in out.stdout and "f_c_epithelial" in out.stdout
+
+
+def test_anndata_export_has_the_type(whole, tmp_path):
+    pytest.importorskip("anndata")
+    from wsi_nuclei.outputs.h5ad import nuclei_anndata
+
+    adata = nuclei_anndata(whole / "nuclei.parquet")
+    assert "type" in adata.obs and set(adata.obs["type"].cat.categories) <= set(QUPATH)
+    assert "type_probability" in adata.var_names and "type" not in adata.var_names
+    feats = {f["id"]: f["properties"]["classification"]["name"] for f in _features(whole)}
+    assert all(feats[i] == t for i, t in zip(adata.obs_names, adata.obs["type"]))
+
+
+def test_overlay_and_report_show_the_types(whole, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from wsi_nuclei.outputs.report import write_report
+
+    overlay = np.asarray(Image.open(whole / "overlay.png").convert("RGB")).reshape(-1, 3)
+    colours = {tuple(c) for c in np.unique(overlay, axis=0).tolist()}
+    assert sum(tuple(t.color) in colours for t in DEFAULT_TYPES) >= 2  # outlines in the types' colours (and the legend)
+    shutil.copytree(whole, tmp_path / "out" / "crop")
+    html = write_report(tmp_path / "out").read_text()
+    summary = json.loads((whole / "summary.json").read_text())
+    for name, v in summary["types"].items():
+        assert f"<th>{name} per mm²</th>" in html
+        assert f'data-sort="{v["per_mm2"]}"' in html

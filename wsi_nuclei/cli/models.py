@@ -160,6 +160,9 @@ def evaluate(
             table.add_row(f"group {name} ({g['n_images']} img)", f"{g['dice']:.3f}", "", f"{g['aji']:.3f}", "", "", "", "")
     table.add_row("[bold]mean", *(f"[bold]{report[k]:.3f}" for k in keys))
     Console().print(table)
+    if "types" in report:  # HoVer-Net's detection and per-type F1 (centroids paired within 3 µm)
+        t = report["types"]
+        typer.echo("F_d {:.3f}  ".format(t["f_d"]) + "  ".join(f"{k}: {v:.3f}" for k, v in t.items() if k.startswith("f_c_")))
 
 
 @app.command("measure-context")

@@ -20,7 +20,7 @@ from ..errors import ConfigError, OutputError, shown
 
 __all__ = ["nuclei_anndata", "write_h5ad"]
 
-_NOT_MEASUREMENTS = ("id", "label", "chunk", "centroid_x", "centroid_y", "bbox", "geometry")
+_NOT_MEASUREMENTS = ("id", "label", "chunk", "centroid_x", "centroid_y", "bbox", "geometry", "type")
 
 
 def nuclei_anndata(parquet: Path | str) -> Any:
@@ -46,6 +46,8 @@ def nuclei_anndata(parquet: Path | str) -> Any:
     ids = table.column("id").to_pylist()
     obs = pd.DataFrame({"label": table.column("label").to_numpy(), "chunk": table.column("chunk").to_numpy()},
                        index=pd.Index(ids, name="id"))
+    if "type" in schema.names:  # a typed model's nuclei: their QuPath class as a categorical
+        obs["type"] = pd.Categorical(table.column("type").to_pandas().astype(object).values)
     var = pd.DataFrame({"qupath_name": [meta[n].get("qupath_name", n) for n in names], "unit": [meta[n].get("unit", "") for n in names]},
                        index=pd.Index(names, name="measurement"))
     spatial = np.column_stack([table.column("centroid_x").to_numpy(), table.column("centroid_y").to_numpy()])

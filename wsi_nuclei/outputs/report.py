@@ -61,6 +61,8 @@ class SlideRow:
     seconds: float | None = None
     model: str = ""
     flag: str = ""  # "no nuclei", "few nuclei", "many nuclei" (against the batch's median density)
+    #: a typed model's nuclei per mm² of tissue, per type (QuPath class name); empty otherwise
+    types: tuple[tuple[str, float], ...] = ()
 
     @property
     def per_mm2(self) -> float | None:
@@ -91,8 +93,11 @@ def _row(entry: dict[str, Any], folder: Path | None) -> SlideRow:
         times = summary.get("seconds")
         times = times if isinstance(times, dict) else {}
         seconds = sum(v for v in (_number(times.get("wall")), _number(times.get("assemble"))) if v is not None) or None
+    raw = summary.get("types")
+    types = tuple((str(k), float(v["per_mm2"])) for k, v in raw.items()
+                  if isinstance(v, dict) and _number(v.get("per_mm2")) is not None) if isinstance(raw, dict) else ()
     return SlideRow(name, slide or str(summary.get("slide", "")), folder, status, reason, int(nuclei) if nuclei is not None else None,
-                    _number(summary.get("tissue_mm2")), seconds, str(summary.get("model", "")))
+                    _number(summary.get("tissue_mm2")), seconds, str(summary.get("model", "")), types=types)
 
 
 def _flagged(rows: list[SlideRow]) -> list[SlideRow]:
@@ -280,7 +285,10 @@ def render_report(rows: list[SlideRow], out: Path | str, run: dict[str, Any] | N
               f"<span>model <b>{esc(', '.join(models) or '—')}</b></span>"]
     if flagged:
         totals.append(f'<span class="flag">{flagged} with unusual nucleus counts</span>')
-    head = ("status", "slide", "overlay", "density", "nuclei", "tissue mm²", "nuclei per mm²", "seconds", "model")
+    type_names = list(dict.fromkeys(name for r in rows for name, _ in r.types))
+    head = ("status", "slide", "overlay", "density", "nuclei", "tissue mm²", "nuclei per mm²",
+            *(f"{name} per mm²" for name in type_names), "seconds", "model")
+    k = len(type_names)
     body = []
     for r in rows:
         slide = f'<b>{esc(r.name)}</b><div class="path">{esc(r.slide)}</div>'
@@ -296,7 +304,9 @@ def render_report(rows: list[SlideRow], out: Path | str, run: dict[str, Any] | N
                  _cell(_fmt(r.nuclei), r.nuclei if r.nuclei is not None else -1, "num", 4),
                  _cell(_fmt(r.tissue_mm2, 2), r.tissue_mm2 if r.tissue_mm2 is not None else -1, "num", 5),
                  _cell(_fmt(r.per_mm2), r.per_mm2 if r.per_mm2 is not None else -1, "num", 6),
-                 _cell(_fmt(r.seconds, 1), r.seconds if r.seconds is not None else -1, "num", 7), _cell(esc(r.model), cls="model", col=8)]
+                 *(_cell(_fmt(dict(r.types).get(name)), dict(r.types).get(name, -1), "num", 7 + i) for i, name in enumerate(type_names)),
+                 _cell(_fmt(r.seconds, 1), r.seconds if r.seconds is not None else -1, "num", 7 + k),
+                 _cell(esc(r.model), cls="model", col=8 + k)]
         body.append(f'<tr class="{esc(r.status)}">' + "".join(cells) + "</tr>")
     title = f"wsi-nuclei report: {out.resolve().name}"
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

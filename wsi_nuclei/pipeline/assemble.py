@@ -114,6 +114,7 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
     density = DensityGrid.for_slide(plan.info.dimensions, float(plan.info.level0_mpp or 0.0))
     types = typed(card, cfg)
     per_type: dict[str, int] = {t.qupath: 0 for t in types}
+    typed_parts: list[tuple[np.ndarray, np.ndarray]] = []
     n_nuclei = 0
     with ExitStack() as stack:
         geojson = stack.enter_context(GeoJSONWriter(temps[geo_name], gzipped=geo_name.endswith(".gz"))) if "geojson" in files else None
@@ -140,6 +141,8 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
             density.add(table.centroids() + np.asarray(plan.shift))  # raw level-0 px
             for name, k in table.type_counts().items():
                 per_type[name] = per_type.get(name, 0) + k
+            if types and table.kinds is not None:
+                typed_parts.append((table.labels, table.kinds))
             n_nuclei += count
             cut += int(part.meta["cut"])
             inferred += int(part.meta.get("inferred_px", 0))
@@ -158,7 +161,12 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
     thumb = np.load(plan.work / "thumbnail.npy")
     tissue_file = plan.work / "tissue.npy"
     tissue = np.load(tissue_file) if tissue_file.exists() else None
-    _overlay(tmp_zarr, thumb, tissue, temps["overlay.png"])
+    typed_labels = None
+    if typed_parts:
+        all_ids = np.concatenate([p[0] for p in typed_parts])
+        order = np.argsort(all_ids, kind="stable")
+        typed_labels = (all_ids[order], np.concatenate([p[1] for p in typed_parts])[order])
+    _overlay(tmp_zarr, thumb, tissue, temps["overlay.png"], typed_labels, types)
     per_mm2 = n_nuclei / plan.tissue_mm2 if plan.tissue_mm2 > 0 else 0.0
     title = f"{Path(plan.path).name}: {n_nuclei:,} nuclei, {per_mm2:,.0f} per mm² of tissue"
     atomic.write_bytes(temps[DENSITY_NAME], density_png(density, thumb, tissue, title))
@@ -225,7 +233,10 @@ def _read_part(plan: SlidePlan, ch: Any) -> Any:
     return part
 
 
-def _overlay(zarr_path: Path, thumb: np.ndarray, tissue: np.ndarray | None, out: Path) -> None:
+def _overlay(zarr_path: Path, thumb: np.ndarray, tissue: np.ndarray | None, out: Path,
+             typed_labels: tuple[np.ndarray, np.ndarray] | None = None, types: tuple[Any, ...] = ()) -> None:
+    """The thumbnail with nucleus outlines (green; a typed model's in its types' colours, with a
+    legend) and the tissue outline (blue). ``typed_labels``: (sorted labels, their types)."""
     from PIL import Image
 
     from ..model.infer import resize_labels
@@ -244,11 +255,35 @@ def _overlay(zarr_path: Path, thumb: np.ndarray, tissue: np.ndarray | None, out:
     img = thumb.copy()
     if labels_level is not None:
         lab = resize_labels(np.asarray(labels_level[:]), thumb.shape[:2])
-        img[inner_boundaries(lab)] = (0, 255, 0)
+        edge = inner_boundaries(lab)
+        img[edge] = (0, 255, 0)
+        if typed_labels is not None and types and len(typed_labels[0]):
+            ids, kinds = typed_labels
+            at = np.clip(np.searchsorted(ids, lab[edge]), 0, len(ids) - 1)
+            kind = np.where(ids[at] == lab[edge], kinds[at], 0)
+            palette = np.array([(0, 255, 0)] + [t.color for t in types], np.uint8)
+            img[edge] = palette[kind]
+    if types:
+        img = _legend(img, types)
     if tissue is not None:
         img[inner_boundaries(tissue)] = (0, 0, 255)
     with atomic.replacing(out) as tmp:
         Image.fromarray(img).save(tmp, format="PNG", compress_level=1)  # a quick look: fast beats small (default level 6)
+
+
+def _legend(img: np.ndarray, types: tuple[Any, ...]) -> np.ndarray:
+    """A legend of the type colours in the top left corner."""
+    from PIL import Image, ImageDraw
+
+    pic = Image.fromarray(img)
+    draw = ImageDraw.Draw(pic)
+    height = 14 * len(types) + 6
+    draw.rectangle((2, 2, 110, height), fill=(255, 255, 255))
+    for i, t in enumerate(types):
+        y = 5 + 14 * i
+        draw.rectangle((6, y, 16, y + 10), fill=tuple(t.color))
+        draw.text((22, y - 1), t.qupath, fill=(0, 0, 0))
+    return np.asarray(pic)
 
 
 def _versions() -> dict[str, str]:

@@ -8,6 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import atomic
 from ..errors import ConfigError, DatasetError
 from .datasets import MONUSEG_MPP, Sample, list_images, load_folder, load_monuseg, load_tnbc
@@ -92,6 +94,7 @@ def evaluate_dataset(
     from ..model.infer import segment_image, select_device
     from ..model.network import load_model
     from .metrics import evaluate_pair, mean_metrics
+    from .type_metrics import TypeCounts, typed_nuclei
     from .validation import group_scores, sample_group
 
     if kind not in DATASET_KINDS:
@@ -109,10 +112,17 @@ def evaluate_dataset(
     predict, backend_name = make_predictor(model, card, backend, dev, threads, precision)
     samples = load_dataset(kind, path, mpp=mpp, limit=limit)
     rows, items, seconds = [], [], 0.0
+    counts = TypeCounts()
+    typed_set = bool(card.types) and any(s.types is not None for s in samples)
     for s in samples:
         t0 = time.perf_counter()
-        pred = segment_image(predict, card, s.image, s.mpp, tta=tta)
+        if typed_set:
+            pred, kinds = segment_typed(predict, card, s.image, s.mpp, tta)
+        else:
+            pred = segment_image(predict, card, s.image, s.mpp, tta=tta)
         seconds += time.perf_counter() - t0
+        if typed_set and s.types is not None:
+            counts.add(typed_nuclei(s.labels, s.types), typed_nuclei(pred, kinds), radius=3.0 / s.mpp)
         m = evaluate_pair(s.labels, pred)
         items.append(m)
         rows.append({"name": s.name, "group": sample_group(s), **m.as_dict()})
@@ -129,7 +139,28 @@ def evaluate_dataset(
         groups={g: asdict(v) for g, v in group_scores([(sample_group(s), m.aji, m.dice, m.n_true) for s, m in zip(samples, items)]).items()},
         images=rows,
     )
+    if typed_set and counts.true_paired:
+        scores = counts.scores(len(card.types))
+        names = [t["name"] for t in card.types]
+        report["types"] = {"f_d": scores["f_d"], **{f"f_c_{n}": scores[f"f_c_{k + 1}"] for k, n in enumerate(names)},
+                           "pairing_radius_um": 3.0, "paired": scores["paired"]}
     return report
+
+
+def segment_typed(predict: Any, card: Any, image: np.ndarray, mpp: float, tta: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Instances (H, W) int32 at the image's resolution and, per pixel, the type of its nucleus
+    (0 background, 1..n by the vote of :func:`wsi_nuclei.nuclei.classes.vote_types`)."""
+    from ..model.infer import predict_probabilities, resize_image, resize_labels, working_shape
+    from ..nuclei.classes import vote_types
+    from ..nuclei.instances import probabilities_to_instances
+
+    work = working_shape(image.shape[:2], mpp, card.working_mpp)
+    probs = predict_probabilities(predict, card, resize_image(image, work), tta)
+    labels = probabilities_to_instances(probs[: len(card.outputs)], card.outputs, card.postprocess, card.working_mpp)
+    kinds, _ = vote_types(labels, probs[len(card.outputs) :])
+    per_pixel = np.zeros(labels.shape, np.uint8)
+    per_pixel[labels > 0] = kinds[labels[labels > 0] - 1]
+    return resize_labels(labels, image.shape[:2]), resize_labels(per_pixel, image.shape[:2])
 
 
 def record_in_card(report: dict[str, Any], model_dir: Path | str | None = None) -> None:
