@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-fast test-slurm bench bench-memory lint clean
+.PHONY: demo test test-fast test-slurm bench bench-memory lint clean train-v3
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,3 +58,13 @@ bench-memory: $(STAMP)
 	$(PY) benchmarks/memory_scaling.py --model standin --sizes 1,16 --huge 100000 --huge-tissue 0.5
 	$(PY) benchmarks/worker_memory.py --limit 2.5GB
 	$(PY) benchmarks/worker_memory.py --limit 4GB
+
+# model v3's long training run (docs/model.md), resumed from runs/v3 or, on a new machine, from the
+# state committed in checkpoints/v3; runs in the background at one thread (log: runs/v3.out)
+V3_ARGS = --data monuseg,consep --stain-augment both --init wsi_nuclei/weights --types --context-pairs --freeze-bn \
+	--crop 384 --lr 3e-4 --schedule cosine --epochs 600 --select worst_group --val-every 5 --probe-every 10 \
+	--snapshot-every 50 --threads 1 --no-tune
+DATA ?= ../shared/data
+train-v3: $(STAMP)
+	test -f runs/v3/state.pt || { mkdir -p runs && cp -r checkpoints/v3 runs/v3; }
+	nohup $(VENV)/bin/wsi-nuclei train -o runs/v3 --data-root $(DATA) $(V3_ARGS) --resume >> runs/v3.out 2>&1 &
