@@ -333,6 +333,7 @@ def test_the_docs_recipes_run_as_written(run):
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text(encoding="utf-8")
     blocks = [b for b in re.findall(r"```python\n(.*?)```", docs, re.S) if "OUT/slide/nuclei.parquet" in b]
+    blocks = [b for b in blocks if "Immune cells" not in b]  # the TIL recipe needs a typed model: tests/test_types.py
     assert len(blocks) == 3
     features = _geojson_features(run / "nuclei.geojson.gz")
     scope: dict = {}

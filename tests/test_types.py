@@ -141,16 +141,21 @@ def test_types_option_is_checked(tmp_path):
     assert result.exit_code == 2 and "--types must be on or off" in result.output and "Traceback" not in result.output
 
 
-def test_til_density_recipe(whole):
-    """docs/results.md: immune cells per mm² of tissue from nuclei.parquet and summary.json."""
-    import pandas as pd
+def test_til_density_recipe(whole, capsys):
+    """docs/results.md's TIL recipe, as written: immune cells per mm² of tissue from nuclei.parquet."""
+    import re
 
-    nuclei = pd.read_parquet(whole / "nuclei.parquet", columns=["type", "type_probability"])
-    tissue_mm2 = json.loads((whole / "summary.json").read_text())["tissue_mm2"]
-    tils = nuclei[(nuclei["type"] == "Immune cells") & (nuclei["type_probability"] >= 0.5)]
-    per_mm2 = len(tils) / tissue_mm2
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", docs, re.S) if "Immune cells" in b]
+    assert len(blocks) == 1
+    scope: dict = {}
+    exec(blocks[0].replace('"OUT/slide/', f'"{whole}/'), scope)
     summary = json.loads((whole / "summary.json").read_text())
-    assert 0 < per_mm2 <= summary["types"]["Immune cells"]["per_mm2"] + 0.1
+    feats = [f["properties"] for f in _features(whole)]
+    expected = sum(p["classification"]["name"] == "Immune cells" and p["measurements"][TYPE_PROBABILITY] >= 0.5 for p in feats)
+    assert len(scope["tils"]) == expected <= summary["types"]["Immune cells"]["nuclei"]
+    assert scope["tissue_mm2"] == summary["tissue_mm2"]
+    assert "TILs per mm² of tissue" in capsys.readouterr().out
 
 
 def test_evaluate_prints_detection_and_per_type_f1(typed_model, shared_data):
