@@ -118,8 +118,9 @@ def test_resumed_typed_slide_is_byte_identical(crop, typed_model, whole, tmp_pat
         assert (out / name).read_bytes() == (whole / name).read_bytes(), name
 
 
-def test_types_off_and_single_class_models_write_one_class(crop, typed_model, tmp_path):
+def test_types_off_and_single_class_models_write_one_class(crop, typed_model, whole, tmp_path):
     import pyarrow.parquet as pq
+    from PIL import Image
 
     from wsi_nuclei.model.network import DEFAULT_MODEL_DIR
 
@@ -130,6 +131,9 @@ def test_types_off_and_single_class_models_write_one_class(crop, typed_model, tm
         assert all(TYPE_PROBABILITY not in f["properties"]["measurements"] for f in feats)
         assert "type" not in pq.read_schema(out / "nuclei.parquet").names
         assert "types" not in json.loads((out / "summary.json").read_text())
+        # density.png: one map; the typed run's has a panel per type beside it (two to a row)
+        one, typed = Image.open(out / "density.png").size, Image.open(whole / "density.png").size
+        assert typed[0] > 1.6 * one[0] and typed[1] > 2.2 * one[1]
 
 
 def test_types_option_is_checked(tmp_path):

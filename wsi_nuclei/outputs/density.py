@@ -19,7 +19,9 @@ from __future__ import annotations
 import io
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -105,12 +107,41 @@ class DensityGrid:
 _DPI = 100
 
 
-def density_png(grid: DensityGrid, thumb: np.ndarray, tissue: np.ndarray | None, title: str) -> bytes:
+def density_png(grid: DensityGrid, thumb: np.ndarray, tissue: np.ndarray | None, title: str,
+                panels: Sequence[tuple[str, DensityGrid]] = ()) -> bytes:
     """PNG bytes of the density of ``grid`` over ``thumb`` ((H, W, 3) uint8 of the whole slide);
-    ``tissue``: the bool tissue mask on the thumbnail's grid (None: every cell is shown)."""
+    ``tissue``: the bool tissue mask on the thumbnail's grid (None: every cell is shown).
+    ``panels``: more (title, grid) pairs (a typed model's nuclei per type), each drawn beside the
+    first with its own colour scale, two panels to a row."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    w_mm, h_mm = grid.width_px * grid.level0_mpp / 1000, grid.height_px * grid.level0_mpp / 1000
+    width_in = 7.0
+    height_in = float(np.clip(width_in * h_mm / w_mm, 2.5, 10.0))
+    # the thumbnail at about the axes' pixel size (area averaging): matplotlib then draws it without
+    # resampling a 2048 px image itself, which was half of this picture's time
+    fit = max(thumb.shape[1] / (width_in * _DPI), thumb.shape[0] / (height_in * _DPI))
+    if fit > 1:
+        from PIL import Image
+
+        thumb = np.asarray(Image.fromarray(thumb).reduce(int(fit)))
+    every = [(title, grid), *panels]
+    cols = 1 if len(every) == 1 else 2
+    rows = (len(every) + cols - 1) // cols
+    with _DRAW:
+        fig = Figure(figsize=(width_in * cols, height_in * rows), dpi=_DPI)
+        FigureCanvasAgg(fig)
+        for i, (name, g) in enumerate(every):
+            _panel(fig, fig.add_subplot(rows, cols, i + 1), g, thumb, tissue, name, (w_mm, h_mm))
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _panel(fig: Any, ax: Any, grid: DensityGrid, thumb: np.ndarray, tissue: np.ndarray | None, title: str,
+           size_mm: tuple[float, float]) -> None:
+    """One density map with its colour bar on ``ax``."""
     density = grid.per_mm2()
     shown = grid.counts > 0
     if tissue is not None:
@@ -121,30 +152,14 @@ def density_png(grid: DensityGrid, thumb: np.ndarray, tissue: np.ndarray | None,
     vmax = float(np.percentile(values, 99)) if values.size else 0.0
     vmax = max(vmax, 1.0)
     clipped = bool(values.size and values.max() > vmax)
-    w_mm, h_mm = grid.width_px * grid.level0_mpp / 1000, grid.height_px * grid.level0_mpp / 1000
+    w_mm, h_mm = size_mm
     x_mm, y_mm = (e * grid.level0_mpp / 1000 for e in grid.edges_px())
-    width_in = 7.0
-    height_in = float(np.clip(width_in * h_mm / w_mm, 2.5, 10.0))
-    # the thumbnail at about the axes' pixel size (area averaging): matplotlib then draws it without
-    # resampling a 2048 px image itself, which was half of this picture's time
-    fit = max(thumb.shape[1] / (width_in * _DPI), thumb.shape[0] / (height_in * _DPI))
-    if fit > 1:
-        from PIL import Image
-
-        thumb = np.asarray(Image.fromarray(thumb).reduce(int(fit)))
-    with _DRAW:
-        fig = Figure(figsize=(width_in, height_in), dpi=_DPI)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        ax.imshow(thumb, extent=(0, w_mm, h_mm, 0), interpolation="antialiased")
-        image = ax.pcolormesh(x_mm, y_mm, np.ma.masked_array(density, ~shown), cmap="viridis", vmin=0, vmax=vmax, alpha=0.7)
-        ax.set_xlim(0, w_mm)
-        ax.set_ylim(h_mm, 0)
-        ax.set_xlabel("mm")
-        ax.set_ylabel("mm")
-        ax.set_title("".join(ch if ch.isprintable() else " " for ch in title), fontsize=9, parse_math=False)  # a "$" is no TeX
-        bar = fig.colorbar(image, ax=ax, extend="max" if clipped else "neither", shrink=0.85)
-        bar.set_label(f"nuclei per mm² ({grid.cell_um:g} µm cells)")
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", metadata={"Software": None})
-    return buf.getvalue()
+    ax.imshow(thumb, extent=(0, w_mm, h_mm, 0), interpolation="antialiased")
+    image = ax.pcolormesh(x_mm, y_mm, np.ma.masked_array(density, ~shown), cmap="viridis", vmin=0, vmax=vmax, alpha=0.7)
+    ax.set_xlim(0, w_mm)
+    ax.set_ylim(h_mm, 0)
+    ax.set_xlabel("mm")
+    ax.set_ylabel("mm")
+    ax.set_title("".join(ch if ch.isprintable() else " " for ch in title), fontsize=9, parse_math=False)  # a "$" is no TeX
+    bar = fig.colorbar(image, ax=ax, extend="max" if clipped else "neither", shrink=0.85)
+    bar.set_label(f"nuclei per mm² ({grid.cell_um:g} µm cells)")

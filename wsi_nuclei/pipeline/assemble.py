@@ -114,6 +114,7 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
     density = DensityGrid.for_slide(plan.info.dimensions, float(plan.info.level0_mpp or 0.0))
     types = typed(card, cfg)
     per_type: dict[str, int] = {t.qupath: 0 for t in types}
+    type_density = {t.qupath: DensityGrid.for_slide(plan.info.dimensions, float(plan.info.level0_mpp or 0.0)) for t in types}
     typed_parts: list[tuple[np.ndarray, np.ndarray]] = []
     n_nuclei = 0
     with ExitStack() as stack:
@@ -143,6 +144,9 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
                 per_type[name] = per_type.get(name, 0) + k
             if types and table.kinds is not None:
                 typed_parts.append((table.labels, table.kinds))
+                xy = table.centroids() + np.asarray(plan.shift)
+                for k, t in enumerate(types, start=1):
+                    type_density[t.qupath].add(xy[table.kinds == k])
             n_nuclei += count
             cut += int(part.meta["cut"])
             inferred += int(part.meta.get("inferred_px", 0))
@@ -169,7 +173,8 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
     _overlay(tmp_zarr, thumb, tissue, temps["overlay.png"], typed_labels, types)
     per_mm2 = n_nuclei / plan.tissue_mm2 if plan.tissue_mm2 > 0 else 0.0
     title = f"{Path(plan.path).name}: {n_nuclei:,} nuclei, {per_mm2:,.0f} per mm² of tissue"
-    atomic.write_bytes(temps[DENSITY_NAME], density_png(density, thumb, tissue, title))
+    panels = [(f"{name}: {per_type[name]:,} nuclei", grid) for name, grid in type_density.items()]
+    atomic.write_bytes(temps[DENSITY_NAME], density_png(density, thumb, tissue, title, panels))
     run = run or {}
     summary = {
         "slide": plan.path, "nuclei": n_nuclei, "tissue_mm2": plan.tissue_mm2,
