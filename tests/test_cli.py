@@ -57,3 +57,19 @@ def test_segment_size_options_are_one_line_errors(tmp_path):
         assert result.exit_code == 2 and text in result.output and "Traceback" not in result.output, result.output
     result = runner.invoke(app, ["segment", str(tmp_path), "-o", str(tmp_path / "o"), "--batch-size", "0", "--workers", "0"])
     assert result.exit_code == 2 and "--batch-size must be > 0" in result.output
+
+
+def test_segment_help_is_short_and_help_all_lists_every_option(tmp_path):
+    """segment --help shows at most 25 options; the expert and SLURM ones are hidden, not gone:
+    --help-all lists them and they still work under their old spellings."""
+    import re
+
+    short = runner.invoke(app, ["segment", "--help"], terminal_width=200)
+    full = runner.invoke(app, ["segment", "--help-all"], terminal_width=200)
+    assert short.exit_code == 0 and full.exit_code == 0
+    opts = lambda text: set(re.findall(r"(?m)^│\s+(?:\*\s+)?(--[a-z0-9-]+)", text))  # noqa: E731
+    assert len(opts(short.stdout)) <= 25
+    hidden = {"--halo", "--forward-memory", "--batch-size", "--walltime", "--queue", "--account", "--job-extra", "--max-jobs"}
+    assert not hidden & opts(short.stdout) and hidden <= opts(full.stdout)
+    result = runner.invoke(app, ["segment", str(tmp_path / "x.svs"), "-o", str(tmp_path / "o"), "--halo", "33"])
+    assert result.exit_code == 2 and "--halo" in result.output and "multiple of 32" in result.output
