@@ -32,7 +32,7 @@ def forward_seconds(n: int = 5) -> float:
 
     from wsi_nuclei.pipeline import worker_cache
 
-    predict, _, _ = worker_cache.predictor(None, "cpu", "onnx", 2)
+    predict, _, _ = worker_cache.cached_predictor(None, "cpu", "onnx", 2)
     x = np.random.default_rng(0).integers(0, 255, (1, 1792, 1792, 3), dtype=np.uint8)
     predict(x)
     times = []

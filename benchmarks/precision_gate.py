@@ -44,11 +44,11 @@ def _sets(card: Any, data: Path) -> dict[str, list[Any]]:
 
 
 def _score(predict: Any, card: Any, samples: list[Any]) -> dict[str, float]:
-    from wsi_nuclei.model.infer import segment_image
+    from wsi_nuclei.model.infer import segment_array
     from wsi_nuclei.training.metrics import evaluate_pair, mean_metrics
 
     t0 = time.perf_counter()
-    means = mean_metrics([evaluate_pair(s.labels, segment_image(predict, card, s.image, s.mpp)) for s in samples])
+    means = mean_metrics([evaluate_pair(s.labels, segment_array(predict, card, s.image, s.mpp)) for s in samples])
     return {"aji": round(means["aji"], 4), "pq": round(means["pq"], 4), "n": len(samples), "s": round(time.perf_counter() - t0, 1)}
 
 

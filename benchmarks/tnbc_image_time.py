@@ -25,7 +25,7 @@ def main() -> None:
     from wsi_nuclei.model.infer import (
         predict_probabilities,
         resize_image,
-        segment_image,
+        segment_array,
         working_shape,
     )
     from wsi_nuclei.model.network import load_model
@@ -50,7 +50,7 @@ def main() -> None:
             model(x)
 
     def ours() -> None:
-        segment_image(predict, card, sample.image, sample.mpp)
+        segment_array(predict, card, sample.image, sample.mpp)
 
     def forward_only() -> None:
         predict_probabilities(predict, card, work)

@@ -89,7 +89,7 @@ def test_two_threads_building_the_predictor_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("WSI_NUCLEI_CACHE", str(tmp_path))  # nothing exported yet
     monkeypatch.setattr(worker_cache, "_CACHE", {})
     with ThreadPoolExecutor(2) as pool:
-        got = list(pool.map(lambda _: worker_cache.predictor(None, "cpu", "onnx", 1), range(2)))
+        got = list(pool.map(lambda _: worker_cache.cached_predictor(None, "cpu", "onnx", 1), range(2)))
     assert got[0] is got[1] and got[0][2] == "onnx"
     assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
 

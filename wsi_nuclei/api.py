@@ -31,12 +31,12 @@ def predictor(model: Path | str | None = None, device: str = "auto", backend: st
               precision: str = "fp32") -> tuple[Predictor, ModelCard]:
     """The backend predictor (what the slide pipeline runs) and card of a model folder (default:
     the shipped model), built once per process, device, backend and precision: the chunk tasks' own
-    cache (:func:`wsi_nuclei.pipeline.worker_cache.predictor`). ``precision="int8"`` runs ONNX Runtime on
+    cache (:func:`wsi_nuclei.pipeline.worker_cache.cached_predictor`). ``precision="int8"`` runs ONNX Runtime on
     the quantised model (quantised once and cached, as ``segment --precision int8``);
     ``precision="bf16"`` OpenVINO in bf16 (CPUs with native bf16 only)."""
     from .model.backends import resolve_backend
     from .model.infer import select_device
-    from .pipeline.worker_cache import predictor as cached
+    from .pipeline.worker_cache import cached_predictor as cached
 
     dev = select_device(device)
     predict, card, _ = cached(str(model) if model is not None else None, dev, resolve_backend(backend, dev, precision), 0)
@@ -73,7 +73,7 @@ def segment_image(
         (H, W) int32 labels: 0 background, 1..N one id per nucleus.
     """
     from .errors import ConfigError
-    from .model.infer import segment_image as _segment
+    from .model.infer import segment_array as _segment
 
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ConfigError(f"image must be an (H, W, 3) uint8 RGB array, got {getattr(image, 'shape', type(image))} "

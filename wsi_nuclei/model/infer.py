@@ -2,7 +2,7 @@
 
 Frames: ``image`` arrays are (H, W, 3) uint8 RGB at their own ``mpp``; probabilities are
 (C, H', W') float32 at the model's working mpp (``card.working_mpp``); labels returned by
-:func:`segment_image` are back at the image's own resolution.
+:func:`segment_array` are back at the image's own resolution.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = [
     "resize_image",
     "resize_labels",
     "predict_probabilities",
-    "segment_image",
+    "segment_array",
     "check_finite",
     "select_device",
     "predict_region",
@@ -98,7 +98,7 @@ def predict_probabilities(predict: Predictor, card: ModelCard, image: np.ndarray
     return np.asarray(probs[:, ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w])
 
 
-def segment_image(
+def segment_array(
     predict: Predictor,
     card: ModelCard,
     image: np.ndarray,

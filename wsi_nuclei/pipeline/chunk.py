@@ -47,7 +47,7 @@ from .config import SegmentConfig
 from .plan import CHUNK_FILE_VERSION, SlidePlan
 from .results import ChunkDone
 from .tiling import Chunk
-from .worker_cache import forward_plan, predictor, slide_handle
+from .worker_cache import cached_predictor, forward_plan, slide_handle
 
 __all__ = ["ChunkResult", "StoredChunk", "segment_chunk", "chunk_task", "read_chunk_file", "CHUNK_FILE_VERSION"]
 
@@ -90,7 +90,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     from ..outputs.geojson import encode_nuclei
 
     tiling = plan.tiling
-    predict, card, _ = predictor(cfg.model_dir, cfg.device, plan.backend, cfg.torch_threads)
+    predict, card, _ = cached_predictor(cfg.model_dir, cfg.device, plan.backend, cfg.torch_threads)
     slide = slide_handle(plan.path, cfg.reader, cfg.level0_mpp)
     h, c, ctx, win = tiling.halo, tiling.chunk, tiling.context, tiling.window
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..model.memory import ForwardPlan
     from .tiling import Tiling
 
-__all__ = ["predictor", "forward_plan", "make_forward_plan", "slide_handle"]
+__all__ = ["cached_predictor", "forward_plan", "make_forward_plan", "slide_handle"]
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ _CACHE_LOCK = threading.RLock()
 _THREAD = threading.local()
 
 
-def predictor(model_dir: str | None, device: str, backend: str, threads: int) -> Any:
+def cached_predictor(model_dir: str | None, device: str, backend: str, threads: int) -> Any:
     """(predict, card, backend name) for this worker process, built once."""
     key = ("model", model_dir, device, backend, threads)
     with _CACHE_LOCK:

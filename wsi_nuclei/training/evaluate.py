@@ -91,7 +91,7 @@ def evaluate_dataset(
     import torch
 
     from ..model.backends import make_predictor
-    from ..model.infer import segment_image, select_device
+    from ..model.infer import segment_array, select_device
     from ..model.network import load_model
     from .metrics import evaluate_pair, mean_metrics
     from .type_metrics import TypeCounts, typed_nuclei
@@ -119,7 +119,7 @@ def evaluate_dataset(
         if typed_set:
             pred, kinds = segment_typed(predict, card, s.image, s.mpp, tta)
         else:
-            pred = segment_image(predict, card, s.image, s.mpp, tta=tta)
+            pred = segment_array(predict, card, s.image, s.mpp, tta=tta)
         seconds += time.perf_counter() - t0
         if typed_set and s.types is not None:
             counts.add(typed_nuclei(s.labels, s.types), typed_nuclei(pred, kinds), radius=3.0 / s.mpp)

@@ -2,7 +2,7 @@
 
 The data side (which images, resampling, weighted crops, augmentation) is :mod:`.trainset`.
 Validation runs the exact post-processing of the
-pipeline (:func:`wsi_nuclei.model.infer.segment_image`) on held-out training images and the best
+pipeline (:func:`wsi_nuclei.model.infer.segment_array`) on held-out training images and the best
 epoch by validation AJI is kept. TNBC, MoNuSeg test and CoNSeP test are never touched here.
 
 Outputs in ``TrainConfig.out``: ``last/`` and ``best/`` model folders (safetensors + card),

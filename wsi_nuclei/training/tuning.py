@@ -22,12 +22,12 @@ log = logging.getLogger(__name__)
 def validate(model: Any, card: ModelCard, samples: list[Sample], post: PostProcess | None = None) -> dict[str, float | int]:
     """Mean metrics of ``model`` on ``samples`` with the pipeline's post-processing."""
     from ..model.backends import make_predictor
-    from ..model.infer import segment_image
+    from ..model.infer import segment_array
     from .metrics import evaluate_pair, mean_metrics
 
     model.eval()
     predict, _ = make_predictor(model, card, "torch", "cpu")  # the pipeline's torch path (the weights change every epoch)
-    items = [evaluate_pair(s.labels, segment_image(predict, card, s.image, s.mpp, post)) for s in samples]
+    items = [evaluate_pair(s.labels, segment_array(predict, card, s.image, s.mpp, post)) for s in samples]
     return mean_metrics(items)
 
 
