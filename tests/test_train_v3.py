@@ -203,3 +203,20 @@ def test_grouped_validation_split_of_the_shipped_recipe(shared_data):
         check_groups(train_s + val_s[:1], val_s)
     consep = [s for s in train_s if s.dataset == "consep"]
     assert all(s.types is not None and ((s.types > 0) == (s.labels > 0)).all() for s in consep)
+
+
+@pytest.mark.slow
+def test_train_cli_card_records_the_criterion_and_the_groups(tmp_path, shared_data):
+    from typer.testing import CliRunner
+
+    from wsi_nuclei.cli.main import app
+    from wsi_nuclei.model.network import load_card
+
+    val = "TCGA-AR-A1AS-01Z-00-DX1,TCGA-B0-5710-01Z-00-DX1"
+    result = CliRunner().invoke(app, ["train", "-o", str(tmp_path / "run"), "--data-root", str(shared_data), "--epochs", "1",
+                                      "--steps-per-epoch", "1", "--batch-size", "2", "--crop", "128", "--validation", val,
+                                      "--val-every", "1", "--threads", "2", "--no-tune"])
+    assert result.exit_code == 0, result.output
+    card = load_card(tmp_path / "run" / "best")
+    assert card.training["selection"] == "worst_group"
+    assert card.training["validation_groups"] == {"monuseg:breast": ["TCGA-AR-A1AS-01Z-00-DX1"], "monuseg:kidney": ["TCGA-B0-5710-01Z-00-DX1"]}

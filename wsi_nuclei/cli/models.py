@@ -63,6 +63,8 @@ def train(
         folder = Path(data) if Path(data).is_dir() else None
         root = folder or trainset.data_root(data_root)
         train_s, val_s = trainset.split_validation(trainset.load_training_samples(cfg, root, folder), cfg)
+        from ..training.validation import check_groups
+
         command = " ".join(["wsi-nuclei", *sys.argv[1:]])
         with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
                       TimeRemainingColumn(), disable=not sys.stderr.isatty()) as bar:
@@ -70,7 +72,8 @@ def train(
             tr.train(cfg, train_s, val_s, resume=resume, progress=lambda i, n, loss: bar.update(task, completed=i, loss=loss),
                      extra_card={"command": command,
                                  "dataset": ", ".join(f"{n} train (weight {w})" for n, w in cfg.data) + f" under {root}",
-                                 "validation_images": sorted(s.name for s in val_s)})
+                                 "validation_images": sorted(s.name for s in val_s),
+                                 "validation_groups": check_groups(train_s, val_s), "selection": cfg.select})
         if tune and val_s:
             typer.echo(json.dumps(tr.tune_model(out / "best", val_s, select=cfg.select)))
         typer.echo(f"best model: {out / 'best'}")
