@@ -24,7 +24,8 @@ from .._version import __version__
 from ..errors import OutputError, WsiNucleiError
 from ..outputs.density import DensityGrid, density_png
 from ..outputs.folder import install, output_size, shown
-from .chunk import measurement_names, read_chunk_file, typed
+from .chunk import measurement_names, typed
+from .chunkfile import chunk_file_problem, read_chunk_file
 from .config import SegmentConfig
 from .plan import SlidePlan
 from .results import SlideResult
@@ -232,7 +233,7 @@ def _read_part(plan: SlidePlan, ch: Any) -> Any:
         why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
         path.unlink(missing_ok=True)
         raise OutputError(f"{shown(path)}: damaged chunk file{why} (removed); run again with --resume to compute chunk {ch.index} again") from None
-    if part.meta.get("fingerprint") != plan.fingerprint or part.meta.get("chunk", {}).get("index") != ch.index:
+    if chunk_file_problem(path, plan.fingerprint, ch.index, part.meta) is not None:
         path.unlink(missing_ok=True)
         raise OutputError(f"{shown(path)}: chunk file made with other settings (removed); run again with --resume to compute it again")
     return part

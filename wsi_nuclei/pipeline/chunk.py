@@ -14,25 +14,21 @@
 
 :func:`chunk_task` persists the result as one file, ``OUT/<slide>/.partial/chunks/<index>.npz``
 (atomic), and returns only numbers (:class:`~wsi_nuclei.pipeline.results.ChunkDone`), so the driver's
-memory does not grow with the slide. :func:`read_chunk_file` reads it back for assembly.
+memory does not grow with the slide. :mod:`.chunkfile` holds the file's codec, its version and the check that start and assembly share.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
 import traceback
-import zipfile
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import atomic
-from ..errors import OutputError, SlideError, WsiNucleiError
+from ..errors import SlideError, WsiNucleiError
 from ..nuclei.classes import (
     TYPE_PROBABILITY,
     NucleusType,
@@ -43,13 +39,14 @@ from ..nuclei.classes import (
 from ..nuclei.instances import IDS_PER_CHUNK
 from ..nuclei.polygons import Nucleus
 from ..nuclei.table import PIPELINE_MEASUREMENTS, NucleusTable
+from .chunkfile import encode_chunk_file, read_chunk_file
 from .config import SegmentConfig
-from .plan import CHUNK_FILE_VERSION, SlidePlan
+from .plan import SlidePlan
 from .results import ChunkDone
 from .tiling import Chunk
 from .worker_cache import cached_predictor, forward_plan, slide_handle
 
-__all__ = ["ChunkResult", "StoredChunk", "segment_chunk", "chunk_task", "read_chunk_file", "CHUNK_FILE_VERSION"]
+__all__ = ["ChunkResult", "segment_chunk", "chunk_task", "read_chunk_file"]
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +63,6 @@ class ChunkResult:
     times: dict[str, float]  # seconds: read, waiting, inference, instances, polygons
     inferred_px: int = 0  # pixels the model was given (the window's tissue box and its context)
     table: NucleusTable | None = None  # the same nuclei as columns (for nuclei.parquet and density.png)
-
-
-@dataclass(frozen=True)
-class StoredChunk:
-    """A chunk file read back (:func:`read_chunk_file`)."""
-
-    probability: np.ndarray
-    owned: np.ndarray
-    features: bytes  # the encoded features joined by ",\n"
-    meta: dict[str, Any]
-    table: NucleusTable  # the same nuclei as columns, in the same order
 
 
 def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkResult:
@@ -170,9 +156,7 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
             "measurements": list(table.names), **({"types": list(table.type_names)} if table.type_names else {})}
     # ids are chunk.index * 2**16 + local id: store the local part (uint16, half the bytes)
     local = (res.owned & np.uint32(IDS_PER_CHUNK - 1)).astype(np.uint16)
-    data = _npz_bytes({"probability": res.probability, "owned_local": local,
-                       "features": np.frombuffer(blob, dtype=np.uint8), "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                       **table.arrays()})
+    data = encode_chunk_file(res.probability, local, blob, meta, table)
     target = plan.chunk_file(chunk)
     try:
         atomic.write_bytes(target, data)
@@ -181,30 +165,3 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
     seconds = time.perf_counter() - t0
     log.debug("%s: chunk %d done (%d nuclei, %.2f s)", plan.path, chunk.index, meta["nuclei"], seconds)
     return ChunkDone(chunk.index, int(meta["nuclei"]), round(seconds, 4))
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An .npz (what ``np.load`` reads) deflated at level 1: a temporary file, written once and
-    read once, so compressing it harder (``np.savez_compressed``: level 6) is not worth the time."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        for name, arr in arrays.items():
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
-                np.lib.format.write_array(fh, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def read_chunk_file(path: Path) -> StoredChunk:
-    """A chunk file as written by :func:`chunk_task`; ``owned`` with global ids (uint32)."""
-    try:
-        with np.load(path) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            local = z["owned_local"]
-            base = np.uint32(int(meta["chunk"]["index"]) * IDS_PER_CHUNK)
-            owned = np.where(local > 0, local.astype(np.uint32) + base, np.uint32(0))
-            table = NucleusTable.from_arrays(z, meta["measurements"], meta.get("types", ()))
-            if len(table) != int(meta["nuclei"]):
-                raise ValueError(f"{len(table)} nuclei in the table, {meta['nuclei']} features")
-            return StoredChunk(z["probability"], owned, bytes(z["features"]), meta, table)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise OutputError(f"{path}: unreadable chunk file ({type(err).__name__}: {err})") from err

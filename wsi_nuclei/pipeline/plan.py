@@ -34,6 +34,7 @@ from ..outputs.folder import (
     slide_file,
 )
 from ..slides.reader import SlideInfo
+from .chunkfile import CHUNK_FILE_VERSION, chunk_file_problem
 from .config import WORK_DIR, SegmentConfig, check_mpp
 from .results import SlideResult
 from .tiling import Chunk, Tiling
@@ -42,9 +43,6 @@ __all__ = ["SlidePlan", "model_card", "slide_tiling", "slide_config", "plan_keys
 
 log = logging.getLogger(__name__)
 
-#: The chunk-file format (:mod:`wsi_nuclei.pipeline.chunk`); part of the fingerprint, so files of another
-#: format are recomputed, never misread.
-CHUNK_FILE_VERSION = 4
 #: Working pixels no slide exceeds (a 2 m² section at 0.5 µm/px would be 8e12): a larger plan is
 #: a wrong resolution, refused before any chunk is listed.
 MAX_WORKING_PX = 10**13
@@ -267,25 +265,12 @@ def start_slide(plan: SlidePlan, thumb: np.ndarray, tissue: np.ndarray | None, c
 
 
 def usable_chunk_file(plan: SlidePlan, chunk: Chunk) -> bool:
-    """Whether ``chunk``'s file from an earlier run can be reused: it exists, every member passes
-    its CRC and it was made with this plan's fingerprint. A damaged one is removed (a warning
-    names it) so the chunk is computed again."""
-    import zipfile
-
+    """Whether ``chunk``'s file from an earlier run can be reused (:func:`.chunkfile.chunk_file_problem`).
+    A damaged one is removed (a warning names it) so the chunk is computed again."""
     path = plan.chunk_file(chunk)
     if not path.exists():
         return False
-    try:
-        with zipfile.ZipFile(path) as zf:
-            member = zf.testzip()  # reads every member, checking its CRC
-        if member is not None:
-            raise ValueError(f"bad CRC in {member}")
-        with np.load(path) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-        ok = isinstance(meta, dict) and meta.get("fingerprint") == plan.fingerprint and meta.get("chunk", {}).get("index") == chunk.index
-        bad = None if ok else "made with other settings or for another chunk"
-    except (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError) as err:
-        bad = f"{type(err).__name__}: {err}"
+    bad = chunk_file_problem(path, plan.fingerprint, chunk.index)
     if bad is not None:
         log.warning("%s: damaged chunk file (%s); computing chunk %d again", shown(path), bad, chunk.index)
         path.unlink(missing_ok=True)
