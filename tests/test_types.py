@@ -204,3 +204,14 @@ def test_overlay_and_report_show_the_types(whole, tmp_path):
     for name, v in summary["types"].items():
         assert f"<th>{name} per mm²</th>" in html
         assert f'data-sort="{v["per_mm2"]}"' in html
+
+
+def test_typed_slide_with_its_tissue_mask(crop, typed_model, tmp_path):
+    """The default run (tissue mask on): the overlay gets the tissue outline and the legend."""
+    from PIL import Image
+
+    res = segment_slide(crop, tmp_path, SegmentConfig(model_dir=str(typed_model), chunk_size=1024))
+    assert res.status == "ok", res.error
+    overlay = np.asarray(Image.open(tmp_path / "overlay.png").convert("RGB")).reshape(-1, 3)
+    colours = {tuple(c) for c in np.unique(overlay, axis=0).tolist()}
+    assert (0, 0, 255) in colours and all(tuple(t.color) in colours for t in DEFAULT_TYPES)  # tissue outline, legend

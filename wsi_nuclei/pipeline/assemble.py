@@ -269,10 +269,11 @@ def _overlay(zarr_path: Path, thumb: np.ndarray, tissue: np.ndarray | None, out:
             kind = np.where(ids[at] == lab[edge], kinds[at], 0)
             palette = np.array([(0, 255, 0)] + [t.color for t in types], np.uint8)
             img[edge] = palette[kind]
-    if types:
-        img = _legend(img, types)
+
     if tissue is not None:
         img[inner_boundaries(tissue)] = (0, 0, 255)
+    if types:
+        img = _legend(img, types)
     with atomic.replacing(out) as tmp:
         Image.fromarray(img).save(tmp, format="PNG", compress_level=1)  # a quick look: fast beats small (default level 6)
 
@@ -289,7 +290,7 @@ def _legend(img: np.ndarray, types: tuple[Any, ...]) -> np.ndarray:
         y = 5 + 14 * i
         draw.rectangle((6, y, 16, y + 10), fill=tuple(t.color))
         draw.text((22, y - 1), t.qupath, fill=(0, 0, 0))
-    return np.asarray(pic)
+    return np.array(pic)
 
 
 def _versions() -> dict[str, str]:
