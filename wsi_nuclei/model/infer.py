@@ -26,6 +26,7 @@ __all__ = [
     "resize_labels",
     "predict_probabilities",
     "segment_array",
+    "segment_array_typed",
     "check_finite",
     "select_device",
     "predict_region",
@@ -118,6 +119,24 @@ def segment_array(
     check_finite(probs, "the image")
     labels = probabilities_to_instances(probs[: len(card.outputs)], card.outputs, post or card.postprocess, card.working_mpp)
     return resize_labels(labels, image.shape[:2])
+
+
+def segment_array_typed(
+    predict: Predictor, card: ModelCard, image: np.ndarray, mpp: float, post: PostProcess | None = None, tta: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`segment_array` for a typed model: (H, W) int32 labels and (H, W) uint8 the type of
+    each pixel's nucleus (0: background; 1..n by :func:`wsi_nuclei.nuclei.classes.vote_types`),
+    both at the image's own resolution."""
+    from ..nuclei.classes import vote_types
+
+    work = working_shape(image.shape[:2], mpp, card.working_mpp)
+    probs = predict_probabilities(predict, card, resize_image(image, work), tta)
+    check_finite(probs, "the image")
+    labels = probabilities_to_instances(probs[: len(card.outputs)], card.outputs, post or card.postprocess, card.working_mpp)
+    kinds, _ = vote_types(labels, probs[len(card.outputs) :])
+    per_pixel = np.zeros(labels.shape, np.uint8)
+    per_pixel[labels > 0] = kinds[labels[labels > 0] - 1]
+    return resize_labels(labels, image.shape[:2]), resize_labels(per_pixel, image.shape[:2])
 
 
 def check_finite(probs: np.ndarray, where: str) -> None:

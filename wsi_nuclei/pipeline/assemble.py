@@ -140,12 +140,12 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
                 geojson.write_encoded(features, count)
             if parquet is not None:
                 parquet.write(table, ch.index)
-            density.add(table.centroids() + np.asarray(plan.shift))  # raw level-0 px
+            xy = table.centroids() + np.asarray(plan.shift)  # raw level-0 px
+            density.add(xy)
             for name, k in table.type_counts().items():
                 per_type[name] = per_type.get(name, 0) + k
             if types and table.kinds is not None:
                 typed_parts.append((table.labels, table.kinds))
-                xy = table.centroids() + np.asarray(plan.shift)
                 for k, t in enumerate(types, start=1):
                     type_density[t.qupath].add(xy[table.kinds == k])
             n_nuclei += count

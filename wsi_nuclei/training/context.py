@@ -33,6 +33,8 @@ AJI_MIN = 0.995
 PROB_TOL = 0.05
 #: Contexts tried by default (working px).
 CANDIDATES = tuple(range(0, 416, 32))
+#: Top left (x, y), working px, of the default region on the bundled sample (tissue).
+DEFAULT_REGION = (600, 1000)
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,20 @@ class ContextMeasurement:
         return {"context_px": self.context_px, "slide": self.slide, "region": list(self.region), "rows": [r.as_dict() for r in self.rows]}
 
 
+def region_image(card: ModelCard, slide: Path | str | None, x: int, y: int, side: int) -> np.ndarray:
+    """A ``side`` px square at (``x``, ``y``) working px of ``slide`` (default: the bundled sample)."""
+    from ..errors import ConfigError
+    from ..slides.reader import open_slide
+
+    path = Path(slide) if slide is not None else Path(__file__).parent.parent / "data" / "CMU-1-Small-Region.svs"
+    with open_slide(path) as s:
+        if s.info.level0_mpp is None:
+            raise ConfigError(f"{path}: the slide has no mpp metadata; measure on a slide that has it (e.g. the bundled sample)")
+        return s.read_working((x, y, side, side), card.working_mpp / s.info.level0_mpp)
+
+
 def measure_on_slide(
-    model_dir: Path | str | None = None, slide: Path | str | None = None, x: int = 600, y: int = 1000, tiles: int = 3,
+    model_dir: Path | str | None = None, slide: Path | str | None = None, x: int = DEFAULT_REGION[0], y: int = DEFAULT_REGION[1], tiles: int = 3,
     write: bool = False,
 ) -> ContextMeasurement:
     """:func:`measure_context` for the model in ``model_dir`` (default: the shipped one) on a
@@ -133,15 +147,11 @@ def measure_on_slide(
     from ..errors import ConfigError
     from ..model.backends import make_predictor
     from ..model.network import DEFAULT_MODEL_DIR, load_model, update_card
-    from ..slides.reader import open_slide
 
     net, card = load_model(model_dir)
     path = Path(slide) if slide is not None else Path(__file__).parent.parent / "data" / "CMU-1-Small-Region.svs"
     side = tiles * 256 + 2 * max(CANDIDATES)
-    with open_slide(path) as s:
-        if s.info.level0_mpp is None:
-            raise ConfigError(f"{path}: the slide has no mpp metadata; measure on a slide that has it (e.g. the bundled sample)")
-        img = s.read_working((x, y, side, side), card.working_mpp / s.info.level0_mpp)
+    img = region_image(card, path, x, y, side)
     predict, _ = make_predictor(net, card, "torch", "cpu")
     rows = measure_context(predict, card, img)
     best = pick_context(rows)

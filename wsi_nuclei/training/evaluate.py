@@ -8,8 +8,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import atomic
 from ..errors import ConfigError, DatasetError
 from .datasets import MONUSEG_MPP, Sample, list_images, load_folder, load_monuseg, load_tnbc
@@ -91,7 +89,7 @@ def evaluate_dataset(
     import torch
 
     from ..model.backends import make_predictor
-    from ..model.infer import segment_array, select_device
+    from ..model.infer import segment_array, segment_array_typed, select_device
     from ..model.network import load_model
     from .metrics import evaluate_pair, mean_metrics
     from .type_metrics import TypeCounts, typed_nuclei
@@ -117,7 +115,7 @@ def evaluate_dataset(
     for s in samples:
         t0 = time.perf_counter()
         if typed_set:
-            pred, kinds = segment_typed(predict, card, s.image, s.mpp, tta)
+            pred, kinds = segment_array_typed(predict, card, s.image, s.mpp, tta=tta)
         else:
             pred = segment_array(predict, card, s.image, s.mpp, tta=tta)
         seconds += time.perf_counter() - t0
@@ -145,22 +143,6 @@ def evaluate_dataset(
         report["types"] = {"f_d": scores["f_d"], **{f"f_c_{n}": scores[f"f_c_{k + 1}"] for k, n in enumerate(names)},
                            "pairing_radius_um": 3.0, "paired": scores["paired"]}
     return report
-
-
-def segment_typed(predict: Any, card: Any, image: np.ndarray, mpp: float, tta: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Instances (H, W) int32 at the image's resolution and, per pixel, the type of its nucleus
-    (0 background, 1..n by the vote of :func:`wsi_nuclei.nuclei.classes.vote_types`)."""
-    from ..model.infer import predict_probabilities, resize_image, resize_labels, working_shape
-    from ..nuclei.classes import vote_types
-    from ..nuclei.instances import probabilities_to_instances
-
-    work = working_shape(image.shape[:2], mpp, card.working_mpp)
-    probs = predict_probabilities(predict, card, resize_image(image, work), tta)
-    labels = probabilities_to_instances(probs[: len(card.outputs)], card.outputs, card.postprocess, card.working_mpp)
-    kinds, _ = vote_types(labels, probs[len(card.outputs) :])
-    per_pixel = np.zeros(labels.shape, np.uint8)
-    per_pixel[labels > 0] = kinds[labels[labels > 0] - 1]
-    return resize_labels(labels, image.shape[:2]), resize_labels(per_pixel, image.shape[:2])
 
 
 def record_in_card(report: dict[str, Any], model_dir: Path | str | None = None) -> None:

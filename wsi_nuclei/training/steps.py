@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -101,9 +100,7 @@ def validate_groups(model: Any, card: ModelCard, samples: list[Sample], post: Po
     """Pooled means, per-group scores (:mod:`.validation`) and, on typed samples, the detection
     and per-type F1 (:mod:`.type_metrics`) of ``model`` with the pipeline's post-processing."""
     from ..model.backends import make_predictor
-    from ..model.infer import predict_probabilities, resize_image, resize_labels, working_shape
-    from ..nuclei.classes import vote_types
-    from ..nuclei.instances import probabilities_to_instances
+    from ..model.infer import segment_array, segment_array_typed
     from .metrics import evaluate_pair, mean_metrics
     from .type_metrics import TypeCounts, typed_nuclei
     from .validation import group_scores, sample_group
@@ -112,20 +109,14 @@ def validate_groups(model: Any, card: ModelCard, samples: list[Sample], post: Po
     predict, _ = make_predictor(model, card, "torch", "cpu")
     items, rows, counts = [], [], TypeCounts()
     for s in samples:
-        work = working_shape(s.image.shape[:2], s.mpp, card.working_mpp)
-        probs = predict_probabilities(predict, card, resize_image(s.image, work))
-        labels = probabilities_to_instances(probs[: len(card.outputs)], card.outputs, post or card.postprocess, card.working_mpp)
-        m = evaluate_pair(s.labels, resize_labels(labels, s.labels.shape))
+        if card.types and s.types is not None:
+            labels, kinds = segment_array_typed(predict, card, s.image, s.mpp, post)
+            counts.add(typed_nuclei(s.labels, s.types), typed_nuclei(labels, kinds), radius=3.0 / s.mpp)  # 3 µm: HoVer-Net's 12 px at 0.25
+        else:
+            labels = segment_array(predict, card, s.image, s.mpp, post)
+        m = evaluate_pair(s.labels, labels)
         items.append(m)
         rows.append((sample_group(s), m.aji, m.dice, m.n_true))
-        if card.types and s.types is not None:
-            kinds, _ = vote_types(labels, probs[len(card.outputs):])
-            pred_types = np.zeros(labels.shape, np.uint8)
-            pred_types[labels > 0] = kinds[labels[labels > 0] - 1]
-            scale = s.mpp / card.working_mpp
-            true = typed_nuclei(s.labels, s.types)
-            pred = typed_nuclei(labels, pred_types)
-            counts.add(true, type(pred)(pred.centroids / scale, pred.types), radius=3.0 / s.mpp)  # 3 µm: HoVer-Net's 12 px at 0.25
     out: dict[str, Any] = {"pooled": mean_metrics(items), "groups": group_scores(rows)}
     if card.types and counts.true_paired:
         out["types"] = counts.scores(len(card.types))
@@ -145,13 +136,9 @@ def probe_context(model: Any, card: ModelCard, context: int, image: np.ndarray) 
 
 
 def probe_image(card: ModelCard, context: int, tiles: int = 3) -> np.ndarray:
-    """The bundled CMU sample's tissue square the context probe runs on (as measure-context's)."""
-    from ..slides.reader import open_slide
+    """The centre of measure-context's default region on the bundled sample, with ``context`` px
+    around it: the square the context probe runs on."""
+    from .context import CANDIDATES, DEFAULT_REGION, region_image
 
-    path = Path(__file__).parent.parent / "data" / "CMU-1-Small-Region.svs"
-    side = tiles * 256 + 2 * context
-    with open_slide(path) as s:
-        if s.info.level0_mpp is None:
-            raise ConfigError(f"{path}: no mpp metadata")
-        # the centre square of measure-context's default region (top left 600 + 384, 1000 + 384)
-        return s.read_working((984 - context, 1384 - context, side, side), card.working_mpp / s.info.level0_mpp)
+    x, y = (v + max(CANDIDATES) - context for v in DEFAULT_REGION)
+    return region_image(card, None, x, y, tiles * 256 + 2 * context)
