@@ -1,4 +1,4 @@
-"""Bad input and faults: the catalogue of issue 5, one test (or test case) per item.
+"""Bad input and faults: one test (or test case) per kind of fault.
 
 Every failure gives one line naming the file and the fix; the other slides of a batch complete;
 the exit code is non-zero only at the end; OUT/run.json records every slide as ok / failed /
@@ -148,7 +148,7 @@ def test_corrupt_tile_fails_its_slide_naming_the_region_and_the_batch_goes_on(tm
     assert "\n" not in r.reason and not (tmp_path / "out" / "bad" / "nuclei.geojson.gz").exists()
 
 
-# 10 -------------------------------------------------------------------------------------------
+# pixel formats ------------------------------------------------------------------------------------
 
 def _tiff(path: Path, img: np.ndarray, mpp: float = 0.5, **kw) -> Path:
     import tifffile
@@ -191,7 +191,7 @@ def test_segment_image_pixel_formats(tmp_path, kind):
     assert (tmp_path / "o" / "x_labels.png").exists()
 
 
-# 11 -------------------------------------------------------------------------------------------
+# unwritable and full output folders ---------------------------------------------------------------
 
 def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "a_file"
@@ -224,7 +224,7 @@ def test_disk_full_during_assembly_leaves_no_partial_file_and_resumes(tmp_path, 
     assert again.nuclei == clean.nuclei
 
 
-# 13, 14 ---------------------------------------------------------------------------------------
+# a damaged model ----------------------------------------------------------------------------------
 
 def _model_copy(tmp_path: Path) -> Path:
     from wsi_nuclei.model.network import DEFAULT_MODEL_DIR
@@ -267,7 +267,7 @@ def test_bad_model_is_refused_once(tmp_path, damage, words):
     assert not (tmp_path / "out").exists()
 
 
-# 15, 16 ---------------------------------------------------------------------------------------
+# invalid options and an unreachable scheduler -----------------------------------------------------
 
 @pytest.mark.parametrize("args, words", [
     (["--chunk-size", "0"], ["--chunk", "> 0"]),
@@ -321,7 +321,7 @@ def test_unreachable_scheduler(tmp_path):
     assert len(errors) == 1 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in errors[0]
 
 
-# 17 -------------------------------------------------------------------------------------------
+# a chunk that keeps failing -----------------------------------------------------------------------
 
 def _install_failing_chunk(index: int, counter: str) -> None:
     """Run inside a Dask worker: chunk ``index`` of slide 'a.tif' raises, counting attempts."""
@@ -363,7 +363,7 @@ def test_chunk_that_keeps_raising_fails_only_its_slide(tmp_path):
     assert not (tmp_path / "out" / "a" / "nuclei.geojson.gz").exists()
 
 
-# 18 -------------------------------------------------------------------------------------------
+# Ctrl-C -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_ctrl_c_pressed_several_times_stops_quickly_with_one_line_and_resumes(tmp_path):
@@ -397,7 +397,7 @@ def test_ctrl_c_pressed_several_times_stops_quickly_with_one_line_and_resumes(tm
     assert summary["chunks"]["reused"] >= 4
 
 
-# 19 -------------------------------------------------------------------------------------------
+# degenerate label maps ----------------------------------------------------------------------------
 
 def _check_feature(f: dict) -> None:
     """The QuPath rules of DESIGN.md for one feature."""
@@ -469,7 +469,7 @@ def test_random_label_maps_always_give_valid_qupath_features():
     check()
 
 
-# 20 -------------------------------------------------------------------------------------------
+# odd slide names ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["my slide ü 1.tif", "..tif", "a..b.tif", "ü°.tif"])
 def test_odd_slide_names_stay_inside_out(tmp_path, name):

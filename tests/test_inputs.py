@@ -1,4 +1,4 @@
-"""Every input value checked once (fault catalogue, issue 14): resolutions, the model, the cache,
+"""Every input value checked once: resolutions, the model, the cache,
 every pixel format a slide can carry, and memory of single-level slides. Each case is a class
 (several examples), never read as something else and never a traceback."""
 
@@ -37,7 +37,7 @@ def slide(tmp_path_factory) -> Path:
     return disc_slide(tmp_path_factory.mktemp("in") / "s.tif", (256, 256), seed=31)
 
 
-# 6: resolutions ---------------------------------------------------------------------------------
+# resolutions -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mpp, words", [
     ("0.00025", ["outside", "mm or nm", "--unusual-mpp"]),  # mm typed for µm
@@ -86,7 +86,7 @@ def test_a_chunk_larger_than_the_slide_is_clipped(slide, tmp_path):
     assert summary["tiling"]["chunk"] <= 256
 
 
-# 7: the model, checked once, up front -----------------------------------------------------------
+# the model, checked once, up front ---------------------------------------------------------------
 
 def _model(tmp_path: Path, card_change: dict | None = None, weights=None) -> Path:
     """A copy of the shipped model with ``card_change`` merged into its card and ``weights``
@@ -161,7 +161,7 @@ def test_nan_probabilities_are_an_error_not_zero_nuclei():
         check_finite(probs, "chunk 3")
 
 
-# 9: the model cache -----------------------------------------------------------------------------
+# the model cache ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["a-file", "read-only"])
 def test_an_unwritable_cache_falls_back_with_one_warning(slide, tmp_path, kind):
@@ -252,7 +252,7 @@ def test_a_refused_format_is_one_line_in_a_batch(tmp_path):
     assert "5 samples per pixel" in res[0].reason and "\n" not in res[0].reason
 
 
-# 11: single-level slides: memory flat ----------------------------------------------------------
+# single-level slides: memory flat --------------------------------------------------------------
 
 def test_thumbnail_in_tiles_equals_one_read(tmp_path):
     img = disc_image((1500, 1300), [(x, y) for y in range(30, 1500, 90) for x in range(30, 1300, 90)], 12, seed=35)

@@ -62,7 +62,7 @@ def _same_outputs(a: Path, b: Path) -> None:
     assert ta == _tree(b / "mask.zarr")
 
 
-# 1: one writer per slide -----------------------------------------------------------------------
+# one writer per slide ---------------------------------------------------------------------------
 
 def test_a_live_lock_fails_the_slide_at_once_naming_the_other_run(slide, tmp_path):
     out = tmp_path / "out"
@@ -118,7 +118,7 @@ def test_two_runs_started_together_into_one_out_never_leave_a_broken_finished_sl
     _same_outputs(out / "big", tmp_path / "ref" / "big")
 
 
-# 2, 3: --resume verifies ----------------------------------------------------------------------
+# --resume verifies ----------------------------------------------------------------------
 
 def test_another_slide_with_the_same_name_gets_its_own_folder(slide, tmp_path):
     a = tmp_path / "A"
@@ -230,7 +230,7 @@ def test_resume_of_a_verified_slide_skips_it(slide, reference, tmp_path):
     assert res.status == "skipped" and res.nuclei == json.loads((reference / "summary.json").read_text())["nuclei"]
 
 
-# 4: --overwrite replaces on success -------------------------------------------------------------
+# --overwrite replaces on success -----------------------------------------------------------------
 
 def test_overwrite_keeps_the_old_outputs_until_the_new_ones_are_complete(slide, reference, tmp_path, monkeypatch):
     from wsi_nuclei.outputs import geojson as export
@@ -265,7 +265,7 @@ def test_overwrite_with_a_failing_start_keeps_the_old_outputs(slide, reference, 
     assert {k: v for k, v in _tree(out / "s").items() if k != "error.txt"} == before
 
 
-# 8: damaged chunk files ------------------------------------------------------------------------
+# damaged chunk files ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["truncated", "bad-crc", "empty"])
 def test_damaged_chunk_files_are_computed_again_under_resume(slide, reference, tmp_path, damage, caplog):
@@ -310,7 +310,7 @@ def test_a_chunk_file_damaged_after_the_start_is_removed_so_resume_recovers(slid
     _same_outputs(folder, reference)
 
 
-# 5, 10: any failure is that slide's, with its traceback kept -------------------------------------
+# any failure is that slide's, with its traceback kept -------------------------------------
 
 def test_an_unexpected_error_while_a_slide_starts_fails_only_that_slide(slide, tmp_path, monkeypatch):
     from wsi_nuclei.pipeline import batch

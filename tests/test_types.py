@@ -18,6 +18,7 @@ import pytest
 
 from wsi_nuclei.nuclei.classes import DEFAULT_TYPES, TYPE_PROBABILITY
 from wsi_nuclei.pipeline.segment import SegmentConfig, segment_slide
+from wsi_nuclei.pipeline.summary import Summary
 
 from .slides import cmu_crop_slide
 
@@ -84,6 +85,7 @@ def test_types_reach_geojson_parquet_and_summary(whole):
     assert {k: v["nuclei"] for k, v in summary["types"].items() if v["nuclei"]} == dict(names)
     assert sum(v["nuclei"] for v in summary["types"].values()) == summary["nuclei"] == len(feats)
     assert summary["parameters"]["types"] is True
+    assert list(summary) == Summary.keys(typed=True)  # the documented schema, in its order
 
 
 def test_tiled_types_equal_whole(crop, typed_model, whole, tmp_path):
@@ -130,7 +132,7 @@ def test_types_off_and_single_class_models_write_one_class(crop, typed_model, wh
         assert {f["properties"]["classification"]["name"] for f in feats} == {"Nucleus"}
         assert all(TYPE_PROBABILITY not in f["properties"]["measurements"] for f in feats)
         assert "type" not in pq.read_schema(out / "nuclei.parquet").names
-        assert "types" not in json.loads((out / "summary.json").read_text())
+        assert list(json.loads((out / "summary.json").read_text())) == Summary.keys(typed=False)
         # density.png: one map; the typed run's has a panel per type beside it (two to a row)
         one, typed = Image.open(out / "density.png").size, Image.open(whole / "density.png").size
         assert typed[0] > 1.6 * one[0] and typed[1] > 2.2 * one[1]

@@ -74,3 +74,18 @@ class CommitOnSuccess:
             self.close()
         else:
             self.abort()
+
+
+#: The name prefix of :func:`probe_write`'s file (a kill between its two steps leaves one behind;
+#: ``outputs.folder.remove_leftovers`` removes it).
+PROBE_PREFIX = ".write-test-"
+
+
+def probe_write(folder: Path | str) -> None:
+    """Create ``folder`` (and parents) and write and remove an empty file in it: the one test that
+    this process can write there (a read-only mount, a full disk or a quota all fail it). Raises OSError."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    probe.write_bytes(b"")
+    probe.unlink()

@@ -28,7 +28,7 @@ def info(slide: Path = typer.Argument(..., help="Slide file."), reader: str = ty
     except WsiNucleiError as err:
         fail(err)
         return
-    typer.echo(f"{i.path}\n  backend  {i.backend}\n  vendor   {i.vendor}\n  mpp      {i.level0_mpp if i.level0_mpp else 'unknown (pass --mpp to segment)'}")
+    typer.echo(f"{i.path}\n  reader   {i.reader}\n  vendor   {i.vendor}\n  mpp      {i.level0_mpp if i.level0_mpp else 'unknown (pass --mpp to segment)'}")
     typer.echo(f"  objective {i.objective or 'unknown'}\n  bounds   {i.bounds or 'none'}\n  associated {', '.join(i.associated) or 'none'}")
     for k, (dims, ds) in enumerate(zip(i.level_dimensions, i.level_downsamples)):
         typer.echo(f"  level {k}: {dims[0]} x {dims[1]} px, downsample {ds:g}")

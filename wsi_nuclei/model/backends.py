@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import atomic
 from ..errors import ConfigError, ModelError
 
 __all__ = ["Predictor", "make_predictor", "to_tensor", "onnx_available", "openvino_available", "resolve_backend", "BACKENDS", "cache_dir", "usable_cache_dir", "MODEL_GATE", "gate_wait_seconds", "PRECISIONS", "INT8_BACKEND", "BF16_BACKEND", "REDUCED", "backend_precision", "cpu_has_bf16",
@@ -163,10 +164,7 @@ def usable_cache_dir() -> Path:
     if str(wanted) in _usable:
         return _usable[str(wanted)]
     try:
-        (wanted / "onnx").mkdir(parents=True, exist_ok=True)
-        probe = wanted / "onnx" / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        atomic.probe_write(wanted / "onnx")
         found = wanted
     except OSError as err:
         found = Path(tempfile.gettempdir()) / f"wsi-nuclei-cache-{os.getuid()}"
@@ -240,8 +238,6 @@ def export_onnx(model: Any, card: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     import copy
     import warnings
-
-    from .. import atomic
 
     # a copy in the default memory format: exporting a channels_last module gives wrong outputs
     net = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()

@@ -21,7 +21,7 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +217,51 @@ def finished(out_dir: Path, ident: dict[str, Any], output_key: str) -> Verdict:
     return Verdict(True, nuclei=nuclei)
 
 
+#: What an output folder holds for a slide, as ``--resume`` and ``--dry-run`` see it.
+SLIDE_STATES = ("finished", "outdated", "interrupted", "new")
+
+
+@dataclass(frozen=True)
+class SlideState:
+    """``state``: "finished" (verified outputs of this slide file with these settings), "outdated"
+    (a summary.json that is not: another model, options or slide version, or outputs missing;
+    ``why`` says which), "interrupted" (chunk files of an unfinished run) or "new" (nothing).
+    ``nuclei``: the count of a finished slide."""
+
+    state: str
+    why: str = ""
+    nuclei: int = 0
+
+
+def slide_state(out_dir: Path, ident: dict[str, Any], output_key: str | Callable[[], str]) -> SlideState:
+    """The one answer to "is this slide finished?" (``ident``: :func:`slide_file` of the slide;
+    ``output_key``: what its outputs depend on, see ``pipeline.plan.plan_keys``; a function is
+    called only when there is a summary to verify)."""
+    if (out_dir / "summary.json").exists():
+        verdict = finished(out_dir, ident, output_key() if callable(output_key) else output_key)
+        if verdict.done:
+            return SlideState("finished", nuclei=verdict.nuclei)
+        return SlideState("outdated", verdict.why)
+    if (out_dir / WORK_DIR).exists():
+        return SlideState("interrupted", "an interrupted run left unfinished outputs")
+    return SlideState("new")
+
+
+def check_writable(folder: Path, create: bool = True) -> None:
+    """Raise OutputError (one line naming ``folder`` and the fix) unless this process can write
+    there. ``create``: make the folder and write a probe file (the real test: a full or read-only
+    file system fails it); else only ask the nearest existing parent (a dry run creates nothing)."""
+    if not create:
+        where = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+        if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+            raise OutputError(f"{shown(folder)}: cannot write outputs ({shown(where)} is not a writable folder); choose a writable -o folder")
+        return
+    try:
+        atomic.probe_write(folder)
+    except OSError as err:
+        raise OutputError(f"{shown(folder)}: cannot write outputs ({err.strerror or err}); choose a writable -o folder") from None
+
+
 def remove_leftovers(out_dir: Path) -> None:
     """Remove temporary files of earlier runs killed while writing (``<name>.<32 hex>.tmp``);
     call only while holding the folder's lock."""
@@ -225,7 +270,7 @@ def remove_leftovers(out_dir: Path) -> None:
     except OSError:
         return
     for entry in entries:
-        if _TEMP.search(entry.name) or entry.name.startswith(".write-test-"):
+        if _TEMP.search(entry.name) or entry.name.startswith(atomic.PROBE_PREFIX):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from .chunkfile import chunk_file_problem, read_chunk_file
 from .config import SegmentConfig
 from .plan import SlidePlan
 from .results import SlideResult
+from .summary import SUMMARY_NAME, Summary
 
 __all__ = ["assemble_slide", "PARQUET_NAME", "DENSITY_NAME"]
 
@@ -67,7 +68,7 @@ def _assembled_already(plan: SlidePlan) -> SlideResult | None:
     """The result of this run's assembly of the slide when it already finished. Dask runs a task
     again when the worker holding its result leaves before the driver fetched it (a job at its
     walltime, preempted): the second run must not fail on the chunk files the first removed."""
-    from ..outputs.folder import finished
+    from ..outputs.folder import slide_state
 
     out_dir = Path(plan.out_dir)
     try:
@@ -76,14 +77,90 @@ def _assembled_already(plan: SlidePlan) -> SlideResult | None:
         return None
     if not isinstance(summary, dict) or not plan.run_id or summary.get("run_id") != plan.run_id:
         return None
-    verdict = finished(out_dir, plan.slide_file, plan.output_key)
-    if not verdict.done:
+    state = slide_state(out_dir, plan.slide_file, plan.output_key)
+    if state.state != "finished":
         return None
     log.info("%s: assembled already by this run (a repeated assembly task)", plan.path)
-    return SlideResult(plan.path, "ok", str(out_dir), verdict.nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)})
+    return SlideResult(plan.path, "ok", str(out_dir), state.nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)})
+
+
+@dataclass
+class _Tally:
+    """What the replay of the chunk files adds up, for the pictures and ``summary.json``."""
+
+    density: DensityGrid
+    type_density: dict[str, DensityGrid]
+    per_type: dict[str, int]
+    nuclei: int = 0
+    cut: int = 0
+    dropped: int = 0
+    inferred: int = 0
+    forwards: dict[tuple[int, ...], int] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("read", "waiting", "inference", "instances", "polygons"), 0.0))
+    typed_parts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    @classmethod
+    def for_plan(cls, plan: SlidePlan, types: tuple[Any, ...]) -> _Tally:
+        def grid() -> DensityGrid:
+            return DensityGrid.for_slide(plan.info.dimensions, float(plan.info.level0_mpp or 0.0))
+
+        return cls(grid(), {t.qupath: grid() for t in types}, {t.qupath: 0 for t in types})
+
+    def add(self, meta: dict[str, Any], table: Any, count: int, shift: tuple[float, float], types: tuple[Any, ...]) -> None:
+        xy = table.centroids() + np.asarray(shift)  # raw level-0 px
+        self.density.add(xy)
+        for name, k in table.type_counts().items():
+            self.per_type[name] = self.per_type.get(name, 0) + k
+        if types and table.kinds is not None:
+            self.typed_parts.append((table.labels, table.kinds))
+            for k, t in enumerate(types, start=1):
+                self.type_density[t.qupath].add(xy[table.kinds == k])
+        self.nuclei += count
+        self.cut += int(meta["cut"])
+        self.inferred += int(meta.get("inferred_px", 0))
+        fwd = tuple(meta["forward"])
+        self.forwards[fwd] = self.forwards.get(fwd, 0) + 1
+        for k in self.times:
+            self.times[k] += float(meta["times"].get(k, 0.0))
+
+    def typed_labels(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(sorted labels, their types) over the slide, for the overlay; None without types."""
+        if not self.typed_parts:
+            return None
+        ids = np.concatenate([p[0] for p in self.typed_parts])
+        order = np.argsort(ids, kind="stable")
+        return ids[order], np.concatenate([p[1] for p in self.typed_parts])[order]
 
 
 def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, temps: dict[str, Path]) -> SlideResult:
+    """The named steps: open the outputs, replay the chunks into them, draw the pictures, write
+    the summary, install everything."""
+    t0 = time.perf_counter()
+    types = typed(plan.card, cfg)
+    files = _output_files(cfg)
+    # every output under a name of this run only (two runs never share a temporary file)
+    temps.update({name: atomic.temp_path(Path(plan.out_dir) / name) for name in files.values()})
+    tally = _Tally.for_plan(plan, types)
+    t_write = time.perf_counter()
+    _replay_chunks(plan, cfg, files, temps, tally, types)
+    t_written = time.perf_counter()
+    _log_tally(plan, tally)
+    _pictures(plan, temps, tally, types)
+    summary = _summary(plan, cfg, run or {}, tally, files, {"write": t_written - t_write, "assemble": time.perf_counter() - t0})
+    _install(plan, cfg, temps, summary)
+    return SlideResult(plan.path, "ok", str(Path(plan.out_dir)), tally.nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)})
+
+
+def _output_files(cfg: SegmentConfig) -> dict[str, str]:
+    """The slide's output files by kind (the formats ``cfg`` asks for)."""
+    geo_name = f"nuclei.{cfg.geojson_format}"
+    return {"mask": "mask.zarr", **({"geojson": geo_name} if "geojson" in cfg.formats else {}),
+            **({"parquet": PARQUET_NAME} if "parquet" in cfg.formats else {}), "overlay": "overlay.png", "density": DENSITY_NAME}
+
+
+def _replay_chunks(plan: SlidePlan, cfg: SegmentConfig, files: dict[str, str], temps: dict[str, Path],
+                   tally: _Tally, types: tuple[Any, ...]) -> None:
+    """Every chunk file in chunk order into the Zarr store, the GeoJSON and the Parquet file."""
     from contextlib import ExitStack
 
     from ..nuclei.instances import overlapping
@@ -91,16 +168,7 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
     from ..outputs.parquet import ParquetWriter
     from ..outputs.store import LabelCanvas, build_pyramids, create_store, open_array
 
-    t0 = time.perf_counter()
-    out_dir = Path(plan.out_dir)
-    card = plan.card
-    geo_name = f"nuclei.{cfg.geojson_format}"
-    files = {"mask": "mask.zarr", **({"geojson": geo_name} if "geojson" in cfg.formats else {}),
-             **({"parquet": PARQUET_NAME} if "parquet" in cfg.formats else {}), "overlay": "overlay.png", "density": DENSITY_NAME}
-    # every output under a name of this run only (two runs never share a temporary file)
-    temps.update({name: atomic.temp_path(out_dir / name) for name in files.values()})
-    tmp_zarr = temps["mask.zarr"]
-    tiling = plan.tiling
+    card, tiling, tmp_zarr = plan.card, plan.tiling, temps["mask.zarr"]
     attrs = {"slide": plan.path, "slide_info": plan.info.as_dict(), "working_mpp": card.working_mpp, "level0_per_working_px": plan.scale,
              "tiling": asdict(tiling), "model_card": json.loads(card.to_json()), "version": __version__,
              "geojson_shift": list(plan.shift)}
@@ -108,18 +176,9 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
     probability = open_array(tmp_zarr, "probability", 0, mode="r+")
     labels = LabelCanvas(tmp_zarr, tiling.chunk)
     height, width = plan.size
-    totals = {"read": 0.0, "waiting": 0.0, "inference": 0.0, "instances": 0.0, "polygons": 0.0}
-    cut = dropped = inferred = 0
-    forwards: dict[tuple[int, ...], int] = {}
-    t_write = time.perf_counter()
-    density = DensityGrid.for_slide(plan.info.dimensions, float(plan.info.level0_mpp or 0.0))
-    types = typed(card, cfg)
-    per_type: dict[str, int] = {t.qupath: 0 for t in types}
-    type_density = {t.qupath: DensityGrid.for_slide(plan.info.dimensions, float(plan.info.level0_mpp or 0.0)) for t in types}
-    typed_parts: list[tuple[np.ndarray, np.ndarray]] = []
-    n_nuclei = 0
+    geo_name = files.get("geojson", "")
     with ExitStack() as stack:
-        geojson = stack.enter_context(GeoJSONWriter(temps[geo_name], gzipped=geo_name.endswith(".gz"))) if "geojson" in files else None
+        geojson = stack.enter_context(GeoJSONWriter(temps[geo_name], gzipped=geo_name.endswith(".gz"))) if geo_name else None
         parquet = stack.enter_context(ParquetWriter(temps[PARQUET_NAME], plan.slide_key, _parquet_meta(plan), names=measurement_names(types),
                                                     type_names=tuple(t.qupath for t in types))) if "parquet" in files else None
         for ch in plan.chunks:
@@ -134,86 +193,74 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
                 features, removed = drop_features(features, plan.slide_key, twice.tolist())
                 table, _ = table.without(twice)
                 count -= removed
-                dropped += removed
+                tally.dropped += removed
             labels.paste(ch.row, ch.col, y0, x0, owned)
             if geojson is not None:
                 geojson.write_encoded(features, count)
             if parquet is not None:
                 parquet.write(table, ch.index)
-            xy = table.centroids() + np.asarray(plan.shift)  # raw level-0 px
-            density.add(xy)
-            for name, k in table.type_counts().items():
-                per_type[name] = per_type.get(name, 0) + k
-            if types and table.kinds is not None:
-                typed_parts.append((table.labels, table.kinds))
-                for k, t in enumerate(types, start=1):
-                    type_density[t.qupath].add(xy[table.kinds == k])
-            n_nuclei += count
-            cut += int(part.meta["cut"])
-            inferred += int(part.meta.get("inferred_px", 0))
-            fwd = tuple(part.meta["forward"])
-            forwards[fwd] = forwards.get(fwd, 0) + 1
-            for k in totals:
-                totals[k] += float(part.meta["times"].get(k, 0.0))
+            tally.add(part.meta, table, count, plan.shift, types)
     labels.close()
     build_pyramids(tmp_zarr, tiling.chunk)
-    t_written = time.perf_counter()
-    if cut:
-        log.warning("%s: %d nuclei reached the edge of their chunk window; raise --halo", plan.path, cut)
-    if dropped:
+
+
+def _log_tally(plan: SlidePlan, tally: _Tally) -> None:
+    if tally.cut:
+        log.warning("%s: %d nuclei reached the edge of their chunk window; raise --halo", plan.path, tally.cut)
+    if tally.dropped:
         log.warning("%s: %d nuclei were kept by two chunks in versions that overlap; the later one was dropped "
-                    "(a context below the model's measured context_px does this)", plan.path, dropped)
+                    "(a context below the model's measured context_px does this)", plan.path, tally.dropped)
+
+
+def _pictures(plan: SlidePlan, temps: dict[str, Path], tally: _Tally, types: tuple[Any, ...]) -> None:
+    """``overlay.png`` and ``density.png``, from the thumbnail the plan stored."""
     thumb = np.load(plan.work / "thumbnail.npy")
     tissue_file = plan.work / "tissue.npy"
     tissue = np.load(tissue_file) if tissue_file.exists() else None
-    typed_labels = None
-    if typed_parts:
-        all_ids = np.concatenate([p[0] for p in typed_parts])
-        order = np.argsort(all_ids, kind="stable")
-        typed_labels = (all_ids[order], np.concatenate([p[1] for p in typed_parts])[order])
-    _overlay(tmp_zarr, thumb, tissue, temps["overlay.png"], typed_labels, types)
-    per_mm2 = n_nuclei / plan.tissue_mm2 if plan.tissue_mm2 > 0 else 0.0
-    title = f"{Path(plan.path).name}: {n_nuclei:,} nuclei, {per_mm2:,.0f} per mm² of tissue"
-    panels = [(f"{name}: {per_type[name]:,} nuclei", grid) for name, grid in type_density.items()]
-    atomic.write_bytes(temps[DENSITY_NAME], density_png(density, thumb, tissue, title, panels))
-    run = run or {}
-    summary = {
-        "slide": plan.path, "nuclei": n_nuclei, "tissue_mm2": plan.tissue_mm2,
-        "chunks": {"processed": len(plan.chunks), "grid": list(plan.grid), "computed_this_run": run.get("computed", len(plan.chunks)),
-                   "reused": run.get("reused", 0)},
-        "cut_nuclei": cut,
-        # pixels the model was given, and per pixel of tissue (at the model's resolution)
-        "inferred_px": inferred,
-        "amplification": round(inferred / max(1.0, plan.tissue_mm2 / (card.working_mpp / 1000) ** 2), 3),
-        "overlaps_dropped": dropped,  # nuclei a later chunk kept over an earlier chunk's (see instances.overlapping)
-        # how the chunk windows were inferred (planned from each worker's memory, see memory.py)
-        "forward_passes": [{"tile_px": f[0] + 2 * tiling.context, "core_px": f[0], "per_call": f[1], "chunks": k}
-                           for f, k in sorted(forwards.items())],
-        "seconds": {**{k: round(v, 3) for k, v in totals.items()}, "write": round(t_written - t_write, 3),
-                    "assemble": round(time.perf_counter() - t0, 3), "wall": round(float(run.get("wall", 0.0)), 3)},
-        # the options as given, context and tta resolved (an option left unset takes the card's value)
-        "parameters": {**asdict(cfg), "context": tiling.context, "tta": plan.tta}, "tiling": asdict(tiling), "slide_info": plan.info.as_dict(),
-        "model": plan.model, "backend": plan.backend, "versions": _versions(),
-        "nuclei_per_mm2": round(per_mm2, 1),  # of tissue
-        # a typed model's nuclei per type (QuPath class name), and per mm² of tissue
-        **({"types": {name: {"nuclei": k, "per_mm2": round(k / plan.tissue_mm2, 1) if plan.tissue_mm2 > 0 else 0.0}
-                      for name, k in per_type.items()}} if types else {}),
-        "density": {"cell_um": density.cell_um, "grid": list(density.counts.shape),
-                    "max_per_mm2": round(float(density.per_mm2().max()), 1) if density.counts.size else 0.0},
-        "outputs": files,
-        # what --resume checks before it skips this slide (outputs.finished)
-        "slide_file": plan.slide_file, "output_key": plan.output_key, "fingerprint": plan.fingerprint,
-        "run_id": plan.run_id,
-    }
+    _overlay(temps["mask.zarr"], thumb, tissue, temps["overlay.png"], tally.typed_labels(), types)
+    per_mm2 = tally.nuclei / plan.tissue_mm2 if plan.tissue_mm2 > 0 else 0.0
+    title = f"{Path(plan.path).name}: {tally.nuclei:,} nuclei, {per_mm2:,.0f} per mm² of tissue"
+    panels = [(f"{name}: {tally.per_type[name]:,} nuclei", grid) for name, grid in tally.type_density.items()]
+    atomic.write_bytes(temps[DENSITY_NAME], density_png(tally.density, thumb, tissue, title, panels))
+
+
+def _summary(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any], tally: _Tally, files: dict[str, str],
+             seconds: dict[str, float]) -> Summary:
+    card, tiling, area = plan.card, plan.tiling, plan.tissue_mm2
+    density = tally.density
+    types = {name: {"nuclei": k, "per_mm2": round(k / area, 1) if area > 0 else 0.0} for name, k in tally.per_type.items()}
+    return Summary(
+        slide=plan.path, nuclei=tally.nuclei, tissue_mm2=area,
+        chunks={"processed": len(plan.chunks), "grid": list(plan.grid), "computed_this_run": run.get("computed", len(plan.chunks)),
+                "reused": run.get("reused", 0)},
+        cut_nuclei=tally.cut, inferred_px=tally.inferred,
+        amplification=round(tally.inferred / max(1.0, area / (card.working_mpp / 1000) ** 2), 3),
+        overlaps_dropped=tally.dropped,
+        forward_passes=[{"tile_px": f[0] + 2 * tiling.context, "core_px": f[0], "per_call": f[1], "chunks": k}
+                        for f, k in sorted(tally.forwards.items())],
+        seconds={**{k: round(v, 3) for k, v in tally.times.items()}, **{k: round(v, 3) for k, v in seconds.items()},
+                 "wall": round(float(run.get("wall", 0.0)), 3)},
+        parameters={**asdict(cfg), "context": tiling.context, "tta": plan.tta}, tiling=asdict(tiling), slide_info=plan.info.as_dict(),
+        model=plan.model, backend=plan.backend, versions=_versions(),
+        nuclei_per_mm2=round(tally.nuclei / area if area > 0 else 0.0, 1),
+        types=types if typed(card, cfg) else None,
+        density={"cell_um": density.cell_um, "grid": list(density.counts.shape),
+                 "max_per_mm2": round(float(density.per_mm2().max()), 1) if density.counts.size else 0.0},
+        outputs=files, slide_file=plan.slide_file, output_key=plan.output_key, fingerprint=plan.fingerprint, run_id=plan.run_id,
+    )
+
+
+def _install(plan: SlidePlan, cfg: SegmentConfig, temps: dict[str, Path], summary: Summary) -> None:
+    """The outputs under their names, then ``summary.json`` (last: it declares the slide finished), then the chunk files removed."""
+    out_dir = Path(plan.out_dir)
     os.sync()  # the outputs reach the disk before the summary that declares them finished
     install(out_dir, temps, stale=("nuclei.geojson", "nuclei.geojson.gz", PARQUET_NAME))
     temps.clear()
     # --resume checks them: a truncated or replaced output is not a finished slide
-    summary["output_bytes"] = {name: output_size(out_dir / name) for name in files.values()}
-    atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n", sync=True)
+    summary = summary.with_output_bytes({name: output_size(out_dir / name) for name in summary.outputs.values()})
+    atomic.write_text(out_dir / SUMMARY_NAME, summary.to_json(), sync=True)
     if not cfg.keep_chunks:
         shutil.rmtree(plan.work, ignore_errors=True)
-    return SlideResult(plan.path, "ok", str(out_dir), n_nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)})
 
 
 def _parquet_meta(plan: SlidePlan) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from .plan import SlidePlan, check_outputs, model_card, plan_slide, slide_config
 from .results import ChunkDone, SlideResult
 from .tiling import Chunk
 
-__all__ = ["run_batch", "TASK_RETRIES"]
+__all__ = ["run_batch", "BatchOptions", "BatchHooks", "TASK_RETRIES"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,34 @@ class _Dask:
             self.client.cancel(futures)
 
 
+@dataclass(frozen=True)
+class BatchOptions:
+    """How the driver loop schedules. ``max_slides``: slides open at once (their chunks are
+    scheduled together); ``min_pending``: tasks kept queued at least (an adaptive cluster adds
+    workers only for queued work); ``raise_errors``: raise the first failure instead of recording
+    it (:func:`wsi_nuclei.pipeline.segment.segment_slide`)."""
+
+    max_slides: int = 2
+    min_pending: int = 0
+    raise_errors: bool = False
+
+
+@dataclass(frozen=True)
+class BatchHooks:
+    """What the loop tells its caller, and asks it. ``on_slide(result)``: each slide's result when
+    it is known; ``on_chunk(done, total)``: chunks over the slides started so far. ``stop()`` is
+    polled a few times a second: when it turns true, queued tasks are cancelled, running ones
+    finish (each writes its chunk file whole) and KeyboardInterrupt is raised in the loop, never
+    inside a library call (how ``segment`` handles Ctrl-C). ``watch()`` is called as often while
+    tasks are queued; what it raises stops the batch the same way
+    (:class:`wsi_nuclei.cluster.slurm.WorkerWatch`: no worker for too long)."""
+
+    on_slide: Callable[[SlideResult], None] | None = None
+    on_chunk: Callable[[int, int], None] | None = None
+    stop: Callable[[], bool] | None = None
+    watch: Callable[[], None] | None = None
+
+
 @dataclass
 class _Slide:
     order: int
@@ -116,181 +144,204 @@ class _Slide:
     assembling: bool = False
     futures: set[Any] = field(default_factory=set)
 
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.t0, 2)
+
 
 def run_batch(
     jobs: list[tuple[Path, Path]],
     cfg: SegmentConfig,
     client: Any = None,
-    on_slide: Callable[[SlideResult], None] | None = None,
-    on_chunk: Callable[[int, int], None] | None = None,
-    max_slides: int = 2,
-    raise_errors: bool = False,
-    min_pending: int = 0,
-    stop: Callable[[], bool] | None = None,
-    watch: Callable[[], None] | None = None,
+    options: BatchOptions = BatchOptions(),
+    hooks: BatchHooks = BatchHooks(),
 ) -> list[SlideResult]:
-    """Segment each (slide, output folder) of ``jobs``; results in the order of ``jobs``.
+    """Segment each (slide, output folder) of ``jobs`` on ``client`` (a Dask client; None: this
+    process); results in the order of ``jobs``. See :class:`BatchOptions` and :class:`BatchHooks`."""
+    ex: _Local | _Dask = _Dask(client, options.min_pending) if client is not None else _Local(CPU_TASKS)
+    return _Batch(jobs, cfg, ex, options, hooks).run()
 
-    ``on_chunk(done, total)`` counts chunks over the slides started so far; ``on_slide`` gets each
-    slide's result when it is known. With ``raise_errors`` the first failure is raised instead of
-    recorded (used by :func:`wsi_nuclei.pipeline.segment.segment_slide`). ``min_pending`` keeps at least
-    that many tasks queued (for adaptive clusters, which add workers only for queued work).
-    ``stop()`` is polled a few times a second: when it turns true, queued tasks are cancelled,
-    running ones finish (each writes its chunk file whole) and KeyboardInterrupt is raised here,
-    in this loop, never inside a library call (how ``segment`` handles Ctrl-C). ``watch()`` is
-    called as often while tasks are queued; what it raises stops the batch the same way
-    (:class:`wsi_nuclei.cluster.slurm.WorkerWatch`: no worker for too long).
-    """
-    ex: _Local | _Dask = _Dask(client, min_pending) if client is not None else _Local(CPU_TASKS)
-    results: dict[int, SlideResult] = {}
-    queue = deque(enumerate(jobs))
-    active: dict[int, _Slide] = {}
-    pending: dict[Any, tuple[int, str, Chunk | None]] = {}
-    progress = {"done": 0, "total": 0}
-    max_slides = max(1, max_slides)
-    locks: dict[int, SlideLock] = {}  # the output folders this run writes (one writer per slide)
-    traces: dict[int, str] = {}  # the traceback of a slide's first failure, for its error.txt
 
-    def finish(i: int, res: SlideResult, err: BaseException | None = None) -> None:
-        lock = locks.pop(i, None)
-        if lock is not None:
-            res = _record_error(res, traces.pop(i, ""))  # only into a folder we hold
-            lock.release()
-        if err is not None and raise_errors:
-            ex.cancel(list(pending))
-            raise err
-        results[i] = res
-        active.pop(i, None)
-        if on_slide:
-            on_slide(res)
+class _Batch:
+    """One run of the driver loop: admit slides, submit their tasks, collect what finished, fail
+    a slide on its first error, finish each slide once."""
 
-    card: ModelCard | None = None  # the model card: read once, when the first slide is planned
+    def __init__(self, jobs: list[tuple[Path, Path]], cfg: SegmentConfig, ex: _Local | _Dask,
+                 options: BatchOptions, hooks: BatchHooks) -> None:
+        self.cfg, self.ex, self.hooks = cfg, ex, hooks
+        self.max_slides = max(1, options.max_slides)
+        self.raise_errors = options.raise_errors
+        self.queue = deque(enumerate(jobs))
+        self.active: dict[int, _Slide] = {}
+        self.pending: dict[Any, tuple[int, Chunk | None]] = {}  # future -> (slide, chunk; None: assembly)
+        self.results: dict[int, SlideResult] = {}
+        self.locks: dict[int, SlideLock] = {}  # the output folders this run writes (one writer per slide)
+        self.traces: dict[int, str] = {}  # the traceback of a slide's first failure, for its error.txt
+        self.card: ModelCard | None = None  # read once, when the first slide is planned
+        self.done = 0
+        self.total = 0
 
-    def admit() -> None:
-        nonlocal card
-        while queue and len(active) < max_slides:
-            i, (path, out_dir) = queue.popleft()
-            t0 = time.perf_counter()
-            try:
-                locks[i] = SlideLock(out_dir).acquire()
-                if card is None:
-                    card = model_card(cfg)
-                scfg = slide_config(cfg, out_dir)
-                skipped = check_outputs(path, out_dir, scfg, card)
-                if skipped is not None:
-                    finish(i, replace(skipped, slide=str(path)))
+    def run(self) -> list[SlideResult]:
+        polled = self.hooks.stop is not None or self.hooks.watch is not None
+        try:
+            while self.queue or self.active:
+                if self.hooks.stop is not None and self.hooks.stop():
+                    raise KeyboardInterrupt
+                self.admit()
+                self.submit()
+                if not self.pending:
                     continue
-                plan, thumb, tissue = plan_slide(path, out_dir, scfg, card)
-                todo = start_slide(plan, thumb, tissue, scfg)
-            except Exception as err:  # noqa: BLE001 - whatever goes wrong while a slide starts fails only that slide
-                if isinstance(err, WsiNucleiError):
-                    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-                else:
-                    traces[i] = "".join(traceback.format_exception(err))
-                    reason = (f"{shown(path)}: starting the slide failed ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); "
-                              f"the traceback is in {shown(out_dir / 'error.txt')}")
-                wrapped = err if isinstance(err, WsiNucleiError) else WsiNucleiError(reason)
-                finish(i, SlideResult(str(path), "failed", str(out_dir), reason=reason, seconds=round(time.perf_counter() - t0, 2)), wrapped)
-                continue
-            reused = len(plan.chunks) - len(todo)
-            if reused:
-                log.info("%s: %d of %d chunks reused from an earlier run", path, reused, len(plan.chunks))
-            st = _Slide(i, plan, scfg, deque(todo), reused, t0)
-            active[i] = st
-            progress["total"] += len(plan.chunks)
-            progress["done"] += reused
-            if on_chunk:
-                on_chunk(progress["done"], progress["total"])
+                if self.hooks.watch is not None:
+                    self.hooks.watch()
+                for fut in self.ex.wait(list(self.pending), timeout=STOP_POLL_S if polled else None):
+                    if fut in self.pending:  # else: cancelled a moment ago, with the rest of a failed slide
+                        self.collect(fut)
+        except BaseException:
+            self.ex.cancel(list(self.pending))
+            raise
+        finally:
+            if isinstance(self.ex, _Local):
+                self.ex.close()  # running tasks finish first: they write into folders we still hold
+            for lock in self.locks.values():
+                lock.release()
+        return [self.results[i] for i in sorted(self.results)]
 
-    def submit_work() -> None:
-        cap = ex.capacity()
-        for i in sorted(active):
-            st = active[i]
-            while st.todo and not st.failed and len(pending) < cap:
+    def admit(self) -> None:
+        """Open slides from the queue until ``max_slides`` are active."""
+        while self.queue and len(self.active) < self.max_slides:
+            i, (path, out_dir) = self.queue.popleft()
+            st = self._start(i, path, out_dir)
+            if st is None:
+                continue
+            if st.reused:
+                log.info("%s: %d of %d chunks reused from an earlier run", path, st.reused, len(st.plan.chunks))
+            self.active[i] = st
+            self.total += len(st.plan.chunks)
+            self.done += st.reused
+            self._progress()
+
+    def _start(self, i: int, path: Path, out_dir: Path) -> _Slide | None:
+        """Lock, check and plan one slide; None when it is finished already (skipped) or failed."""
+        t0 = time.perf_counter()
+        try:
+            self.locks[i] = SlideLock(out_dir).acquire()
+            if self.card is None:
+                self.card = model_card(self.cfg)
+            scfg = slide_config(self.cfg, out_dir)
+            skipped = check_outputs(path, out_dir, scfg, self.card)
+            if skipped is not None:
+                self.finish(i, replace(skipped, slide=str(path)))
+                return None
+            plan, thumb, tissue = plan_slide(path, out_dir, scfg, self.card)
+            todo = start_slide(plan, thumb, tissue, scfg)
+        except Exception as err:  # noqa: BLE001 - whatever goes wrong while a slide starts fails only that slide
+            if isinstance(err, WsiNucleiError):
+                reason = _first_line(err)
+            else:
+                self.traces[i] = "".join(traceback.format_exception(err))
+                reason = (f"{shown(path)}: starting the slide failed ({type(err).__name__}: {_first_line(err, '')}); "
+                          f"the traceback is in {shown(out_dir / 'error.txt')}")
+            wrapped = err if isinstance(err, WsiNucleiError) else WsiNucleiError(reason)
+            res = SlideResult(str(path), "failed", str(out_dir), reason=reason, seconds=round(time.perf_counter() - t0, 2))
+            self.finish(i, res, wrapped)
+            return None
+        return _Slide(i, plan, scfg, deque(todo), len(plan.chunks) - len(todo), t0)
+
+    def submit(self) -> None:
+        """Queue chunks (up to the executor's capacity), and the assembly of each slide whose chunks are all done."""
+        cap = self.ex.capacity()
+        for i in sorted(self.active):
+            st = self.active[i]
+            while st.todo and not st.failed and len(self.pending) < cap:
                 ch = st.todo.popleft()
-                fut = ex.submit(chunk_task, st.plan, ch, st.cfg, priority=-st.order)
-                pending[fut] = (i, "chunk", ch)
-                st.futures.add(fut)
-                st.outstanding += 1
+                self._submit(st, ch, chunk_task, st.plan, ch, st.cfg)
             if not st.todo and st.outstanding == 0 and not st.assembling and not st.failed:
                 st.assembling = True
                 run = {"computed": st.computed, "reused": st.reused, "wall": time.perf_counter() - st.t0}
-                fut = ex.submit(assemble_slide, st.plan, st.cfg, run, priority=-st.order)
-                pending[fut] = (i, "assemble", None)
-                st.futures.add(fut)
-                st.outstanding += 1
+                self._submit(st, None, assemble_slide, st.plan, st.cfg, run)
 
-    try:
-        while queue or active:
-            if stop is not None and stop():
-                raise KeyboardInterrupt
-            admit()
-            submit_work()
-            if not pending:
-                continue
-            if watch is not None:
-                watch()
-            for fut in ex.wait(list(pending), timeout=None if stop is None and watch is None else STOP_POLL_S):
-                if fut not in pending:  # cancelled a moment ago, with the rest of a slide that failed
-                    continue
-                i, kind, ch = pending.pop(fut)
-                st = active[i]
-                st.futures.discard(fut)
-                st.outstanding -= 1
-                try:
-                    value = fut.result()
-                    err: BaseException | None = None
-                except Exception as e:  # noqa: BLE001 - any task failure fails only its slide
-                    value, err = None, e
-                # failures retrying cannot fix come back as values (no retry storm)
-                if isinstance(value, ChunkDone) and value.error:
-                    err = WsiNucleiError(value.error)
-                    if value.trace and i not in traces:
-                        traces[i] = value.trace
-                elif isinstance(value, SlideResult) and value.status == "failed":
-                    err = WsiNucleiError(value.reason)
-                if err is not None and not st.failed:
-                    where = f"chunk {ch.index} (row {ch.row}, col {ch.col}, working px x={ch.x} y={ch.y})" if ch is not None else "assembly"
-                    if isinstance(err, WsiNucleiError):
-                        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-                        st.failed = msg if ch is None else f"{msg} [{where}]"
-                    else:
-                        first = (str(err).splitlines() or [""])[0]
-                        tries = f" after {TASK_RETRIES} retries" if isinstance(ex, _Dask) else ""
-                        traces.setdefault(i, "".join(traceback.format_exception(err)))
-                        st.failed = (f"{shown(st.plan.path)}: {where} failed{tries} ({type(err).__name__}: {first}); the traceback is in "
-                                     f"{shown(Path(st.plan.out_dir) / 'error.txt')}; run again with --resume")
-                    st.todo.clear()
-                    ex.cancel(list(st.futures))
-                    for f in list(st.futures):
-                        pending.pop(f, None)
-                    st.futures.clear()
-                    st.outstanding = 0
-                    log.info("slide failed: %s", st.failed)
-                if st.failed:
-                    if st.outstanding == 0:
-                        wrapped = WsiNucleiError(st.failed)
-                        finish(i, SlideResult(st.plan.path, "failed", st.plan.out_dir, reason=st.failed,
-                                              seconds=round(time.perf_counter() - st.t0, 2)), wrapped)
-                    continue
-                if kind == "chunk":
-                    st.computed += 1
-                    progress["done"] += 1
-                    if on_chunk:
-                        on_chunk(progress["done"], progress["total"])
-                else:
-                    res: SlideResult = value
-                    finish(i, replace(res, seconds=round(time.perf_counter() - st.t0, 2),
-                                      extra={**res.extra, "chunks_computed": st.computed, "chunks_reused": st.reused}))
-    except BaseException:
-        ex.cancel(list(pending))
-        raise
-    finally:
-        if isinstance(ex, _Local):
-            ex.close()  # running tasks finish first: they write into folders we still hold
-        for lock in locks.values():
+    def _submit(self, st: _Slide, ch: Chunk | None, fn: Callable[..., Any], *args: Any) -> None:
+        fut = self.ex.submit(fn, *args, priority=-st.order)
+        self.pending[fut] = (st.order, ch)
+        st.futures.add(fut)
+        st.outstanding += 1
+
+    def collect(self, fut: Any) -> None:
+        """Take one finished task's value: count a chunk, finish a slide, or fail it."""
+        i, ch = self.pending.pop(fut)
+        st = self.active[i]
+        st.futures.discard(fut)
+        st.outstanding -= 1
+        try:
+            value = fut.result()
+            err: BaseException | None = None
+        except Exception as e:  # noqa: BLE001 - any task failure fails only its slide
+            value, err = None, e
+        # failures retrying cannot fix come back as values (no retry storm)
+        if isinstance(value, ChunkDone) and value.error:
+            err = WsiNucleiError(value.error)
+            if value.trace:
+                self.traces.setdefault(i, value.trace)
+        elif isinstance(value, SlideResult) and value.status == "failed":
+            err = WsiNucleiError(value.reason)
+        if err is not None and not st.failed:
+            self.fail(st, err, ch)
+        if st.failed:
+            if st.outstanding == 0:
+                res = SlideResult(st.plan.path, "failed", st.plan.out_dir, reason=st.failed, seconds=st.seconds())
+                self.finish(i, res, WsiNucleiError(st.failed))
+        elif ch is not None:
+            st.computed += 1
+            self.done += 1
+            self._progress()
+        else:
+            res = value
+            extra = {**res.extra, "chunks_computed": st.computed, "chunks_reused": st.reused}
+            self.finish(i, replace(res, seconds=st.seconds(), extra=extra))
+
+    def fail(self, st: _Slide, err: BaseException, ch: Chunk | None) -> None:
+        """Mark a slide failed by ``err`` (from chunk ``ch``, or its assembly) and drop its other tasks."""
+        where = f"chunk {ch.index} (row {ch.row}, col {ch.col}, working px x={ch.x} y={ch.y})" if ch is not None else "assembly"
+        if isinstance(err, WsiNucleiError):
+            msg = _first_line(err)
+            st.failed = msg if ch is None else f"{msg} [{where}]"
+        else:
+            tries = f" after {TASK_RETRIES} retries" if isinstance(self.ex, _Dask) else ""
+            self.traces.setdefault(st.order, "".join(traceback.format_exception(err)))
+            st.failed = (f"{shown(st.plan.path)}: {where} failed{tries} ({type(err).__name__}: {_first_line(err, '')}); "
+                         f"the traceback is in {shown(Path(st.plan.out_dir) / 'error.txt')}; run again with --resume")
+        st.todo.clear()
+        self.ex.cancel(list(st.futures))
+        for f in st.futures:
+            self.pending.pop(f, None)
+        st.futures.clear()
+        st.outstanding = 0
+        log.info("slide failed: %s", st.failed)
+
+    def finish(self, i: int, res: SlideResult, err: BaseException | None = None) -> None:
+        """Record a slide's result once: its error.txt, its lock released, the caller told."""
+        lock = self.locks.pop(i, None)
+        if lock is not None:
+            res = _record_error(res, self.traces.pop(i, ""))  # only into a folder we hold
             lock.release()
-    return [results[i] for i in sorted(results)]
+        if err is not None and self.raise_errors:
+            self.ex.cancel(list(self.pending))
+            raise err
+        self.results[i] = res
+        self.active.pop(i, None)
+        if self.hooks.on_slide:
+            self.hooks.on_slide(res)
+
+    def _progress(self) -> None:
+        if self.hooks.on_chunk:
+            self.hooks.on_chunk(self.done, self.total)
+
+
+def _first_line(err: BaseException, empty: str | None = None) -> str:
+    """The first line of an error's message (``empty``, default the error's type name, when it has none)."""
+    lines = str(err).splitlines()
+    if lines and lines[0]:
+        return lines[0]
+    return type(err).__name__ if empty is None else empty
 
 
 def _record_error(res: SlideResult, trace: str) -> SlideResult:

@@ -191,23 +191,17 @@ class DryRow:
     chunks: int = 0
     grid: tuple[int, int] = (0, 0)
     tissue_mm2: float = 0.0
-    state: str = ""  # finished, interrupted or ""
+    state: str = ""  # finished, outdated, interrupted or "" (new): outputs.folder.slide_state
     error: str = ""
 
 
 def dry_run_rows(inputs: Sequence[Path], out: Path, cfg: SegmentConfig) -> list[DryRow]:
     """Plan every slide of ``inputs`` as ``segment`` would; reads the slides, writes nothing."""
-    import os
-
-    from ..errors import OutputError, shown
-    from ..outputs.folder import finished
-    from .config import WORK_DIR
+    from ..outputs.folder import check_writable, slide_state
     from .plan import check_outputs, model_card, plan_slide, slide_config
     from .segment import find_slides, slide_jobs
 
-    where = next((p for p in (out, *out.parents) if p.exists()), Path("."))
-    if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
-        raise OutputError(f"{shown(out)}: cannot write outputs ({shown(where)} is not a writable folder); choose a writable -o folder")
+    check_writable(out, create=False)  # a dry run creates nothing
     slides, bad = find_slides(list(inputs))
     card = model_card(cfg)
     rows = []
@@ -219,12 +213,9 @@ def dry_run_rows(inputs: Sequence[Path], out: Path, cfg: SegmentConfig) -> list[
         except WsiNucleiError as err:
             rows.append(DryRow(str(path), str(out_dir), error=str(err)))
             continue
-        if finished(out_dir, plan.slide_file, plan.output_key).done:
-            state = "finished"
-        elif (out_dir / "summary.json").exists():
-            state = "outdated"  # outputs of another model, options or slide version: segmented again
-        else:
-            state = "interrupted" if (out_dir / WORK_DIR).exists() else ""
+        # "outdated": outputs of another model, options or slide version (segmented again)
+        state = slide_state(out_dir, plan.slide_file, plan.output_key).state
+        state = "" if state == "new" else state
         rows.append(DryRow(str(path), str(out_dir), plan.info.dimensions, plan.info.level0_mpp or 0.0, len(plan.chunks), plan.grid,
                            plan.tissue_mm2, state))
     rows += [DryRow(p, "", error=reason) for p, reason in bad]

@@ -25,13 +25,14 @@ from .._version import __version__
 from ..errors import ConfigError, OutputError, SlideError
 from ..model.network import ModelCard
 from ..outputs.folder import (
-    finished,
+    check_writable,
     folder_owner,
     read_json,
     remove_leftovers,
     same_file,
     shown,
     slide_file,
+    slide_state,
 )
 from ..slides.reader import SlideInfo
 from .chunkfile import CHUNK_FILE_VERSION, chunk_file_problem
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 MAX_WORKING_PX = 10**13
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SlidePlan:
     """Everything a chunk or assembly task needs about one slide (small and picklable)."""
 
@@ -185,9 +186,10 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | 
         tissue_mm2 = width * height * (card.working_mpp / 1000) ** 2
     backend = resolve_backend(cfg.backend, cfg.device, cfg.precision)
     ident, key, fingerprint = plan_keys(path, cfg, card, backend)
-    plan = SlidePlan(str(path), str(out_dir), scale, (height, width), tiling, tuple(chunks), grid, shift,
-                     f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}", round(tissue_mm2, 4), info, card, fingerprint,
-                     cfg.tta or card.tta, backend, ident, key, uuid.uuid4().hex)
+    plan = SlidePlan(path=str(path), out_dir=str(out_dir), scale=scale, size=(height, width), tiling=tiling, chunks=tuple(chunks),
+                     grid=grid, shift=shift, slide_key=f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}",
+                     tissue_mm2=round(tissue_mm2, 4), info=info, card=card, fingerprint=fingerprint, tta=cfg.tta or card.tta,
+                     backend=backend, slide_file=ident, output_key=key, run_id=uuid.uuid4().hex)
     return plan, thumb, tissue
 
 
@@ -198,28 +200,31 @@ def check_outputs(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard
     model or options, a missing output) is segmented again, its old outputs kept until the new ones
     are complete. Raises OutputError for existing outputs without either flag, and for a folder
     holding another slide's outputs."""
-    summary = out_dir / "summary.json"
-    work = out_dir / WORK_DIR
     ident = slide_file(path)
     owner = folder_owner(out_dir)
     if owner is not None and not same_file(owner, ident) and owner.get("path") != ident["path"] and not cfg.overwrite:
         raise OutputError(f"{shown(out_dir)}: holds the outputs of another slide ({shown(owner.get('path', '?'))}); "
                           "choose another -o folder, or pass --overwrite to replace them")
-    if summary.exists():
-        if cfg.resume:
-            from ..model.backends import resolve_backend
+    if cfg.overwrite:
+        return None
 
-            _, key, _ = plan_keys(path, cfg, card, resolve_backend(cfg.backend, cfg.device, cfg.precision))
-            verdict = finished(out_dir, ident, key)
-            if verdict.done:
-                return SlideResult(str(path), "skipped", str(out_dir), verdict.nuclei, "finished in an earlier run (--resume)")
-            log.warning("%s: the outputs in %s are not a finished run of this slide with these settings (%s); segmenting it again",
-                        shown(path), shown(out_dir), verdict.why)
-            return None
-        if not cfg.overwrite:
-            raise OutputError(f"{shown(out_dir)}: outputs exist; pass --resume to skip finished slides or --overwrite to replace them")
-    elif work.exists() and not (cfg.resume or cfg.overwrite):
-        raise OutputError(f"{shown(out_dir)}: an interrupted run left unfinished outputs; pass --resume to continue it or --overwrite to start over")
+    def key() -> str:
+        from ..model.backends import resolve_backend
+
+        return plan_keys(path, cfg, card, resolve_backend(cfg.backend, cfg.device, cfg.precision))[1]
+
+    state = slide_state(out_dir, ident, key if cfg.resume else "")  # without --resume nothing is verified
+    if state.state == "new":
+        return None
+    if not cfg.resume:
+        if state.state == "interrupted":
+            raise OutputError(f"{shown(out_dir)}: an interrupted run left unfinished outputs; pass --resume to continue it or --overwrite to start over")
+        raise OutputError(f"{shown(out_dir)}: outputs exist; pass --resume to skip finished slides or --overwrite to replace them")
+    if state.state == "finished":
+        return SlideResult(str(path), "skipped", str(out_dir), state.nuclei, "finished in an earlier run (--resume)")
+    if state.state == "outdated":
+        log.warning("%s: the outputs in %s are not a finished run of this slide with these settings (%s); segmenting it again",
+                    shown(path), shown(out_dir), state.why)
     return None
 
 
@@ -233,13 +238,7 @@ def start_slide(plan: SlidePlan, thumb: np.ndarray, tissue: np.ndarray | None, c
     them, or under --resume those without a chunk file from an earlier run with the same plan)."""
     out_dir = Path(plan.out_dir)
     work = plan.work
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise OutputError(f"{out_dir}: cannot write outputs ({err.strerror}); choose a writable -o folder") from err
+    check_writable(out_dir)
     remove_leftovers(out_dir)  # temporary files of a run killed while writing (we hold the lock)
     plan_file = work / "plan.json"
     if work.exists():

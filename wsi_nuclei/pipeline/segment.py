@@ -126,7 +126,7 @@ def segment_many(
     ``watch()``, called while work is queued, may stop it with an error the same way
     (:class:`wsi_nuclei.cluster.slurm.WorkerWatch`).
     """
-    from .batch import run_batch
+    from .batch import BatchHooks, BatchOptions, run_batch
 
     cfg = cfg or SegmentConfig()
     cfg.check()
@@ -146,7 +146,9 @@ def segment_many(
     state = "interrupted"
     started = time.time()
     try:
-        done = run_batch(jobs, cfg, client, record, on_chunk, max_slides, min_pending=min_pending, stop=stop, watch=watch)
+        options = BatchOptions(max_slides=max_slides, min_pending=min_pending)
+        hooks = BatchHooks(on_slide=record, on_chunk=on_chunk, stop=stop, watch=watch)
+        done = run_batch(jobs, cfg, client, options, hooks)
         state = "finished"
     finally:  # run.json and report.html are written after a failure or Ctrl-C too: what finished is listed
         known = {r.slide for r in done}
@@ -175,7 +177,7 @@ def _left_behind(jobs: list[tuple[Path, Path]], cfg: SegmentConfig, started: flo
     """Results of the slides the batch loop did not report before it stopped: "ok" when a slide's
     assembly finished this run anyway (verified), else "interrupted"."""
     from ..model.backends import resolve_backend
-    from ..outputs.folder import finished
+    from ..outputs.folder import slide_state
     from .plan import model_card, plan_keys, slide_config
 
     try:
@@ -187,9 +189,9 @@ def _left_behind(jobs: list[tuple[Path, Path]], cfg: SegmentConfig, started: flo
         try:
             if card is not None:
                 ident, key, _ = plan_keys(path, slide_config(cfg, out_dir), card, backend)
-                verdict = finished(out_dir, ident, key)
-                if verdict.done and (out_dir / "summary.json").stat().st_mtime >= started:
-                    out.append(SlideResult(str(path), "ok", str(out_dir), verdict.nuclei, "finished while the run was stopping"))
+                state = slide_state(out_dir, ident, key)
+                if state.state == "finished" and (out_dir / "summary.json").stat().st_mtime >= started:
+                    out.append(SlideResult(str(path), "ok", str(out_dir), state.nuclei, "finished while the run was stopping"))
                     continue
         except Exception:  # noqa: BLE001 - the slide then counts as not finished
             pass
@@ -199,17 +201,9 @@ def _left_behind(jobs: list[tuple[Path, Path]], cfg: SegmentConfig, started: flo
 
 def _check_out(out: Path) -> None:
     """``out`` must be a folder this process can write: checked once, before any slide."""
-    import uuid
+    from ..outputs.folder import check_writable
 
-    from ..errors import OutputError, shown
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise OutputError(f"{shown(out)}: cannot write outputs ({err.strerror or err}); choose a writable -o folder") from None
+    check_writable(out)
 
 
 def _write_run_json(out: Path, results: list[SlideResult], state: str) -> None:
@@ -255,9 +249,10 @@ def segment_slide(
     """Segment one slide into ``out_dir`` (``mask.zarr``, ``nuclei.geojson.gz``, ``summary.json``,
     ``overlay.png``) with ``cfg`` (default :class:`SegmentConfig`). Raises the slide's
     :class:`~wsi_nuclei.errors.WsiNucleiError` on failure."""
-    from .batch import run_batch
+    from .batch import BatchHooks, BatchOptions, run_batch
 
     cfg = cfg or SegmentConfig()
     cfg.check()
-    (res,) = run_batch([(Path(path), Path(out_dir))], cfg, client, None, on_chunk, 1, raise_errors=True)
+    options = BatchOptions(max_slides=1, raise_errors=True)
+    (res,) = run_batch([(Path(path), Path(out_dir))], cfg, client, options, BatchHooks(on_chunk=on_chunk))
     return res

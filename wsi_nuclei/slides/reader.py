@@ -53,7 +53,7 @@ class SlideInfo:
     """
 
     path: str
-    backend: str
+    reader: str  #: the library that opened it: openslide or tiffslide
     vendor: str
     dimensions: tuple[int, int]
     level_dimensions: tuple[tuple[int, int], ...]
@@ -64,9 +64,13 @@ class SlideInfo:
     associated: tuple[str, ...]
 
     def as_dict(self) -> dict[str, Any]:
+        """The record in ``summary.json`` and the Zarr attributes; ``backend`` repeats ``reader``
+        (its name before 0.2, kept for readers of older files)."""
         from dataclasses import asdict
 
-        return asdict(self)
+        out = asdict(self)
+        out["backend"] = self.reader
+        return out
 
 
 def _prop(props: Any, *keys: str) -> str | None:
@@ -315,7 +319,7 @@ def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None
         associated = ()
     info = SlideInfo(
         path=str(path),
-        backend=name,
+        reader=name,
         vendor=_prop(props, f"{prefix}.vendor", "openslide.vendor", "tiffslide.vendor") or "unknown",
         dimensions=dims[0],
         level_dimensions=dims,
