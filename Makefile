@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check wsi_nuclei tests benchmarks
+	$(VENV)/bin/ruff check wsi_nuclei tests benchmarks workflows
 	$(VENV)/bin/mypy wsi_nuclei
 
 clean:

@@ -116,8 +116,23 @@ def segment_table(args: argparse.Namespace, sizes: list[int]) -> None:
     rows = []
     for label, path in slides.items():
         for size in sizes:
-            proc = subprocess.run([sys.executable, "-c", ONE, str(path), str(args.work / f"{path.stem}_{size}"), str(size), str(args.threads),
-                                   args.backend, args.device, args.precision], capture_output=True, text=True, check=False)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    ONE,
+                    str(path),
+                    str(args.work / f"{path.stem}_{size}"),
+                    str(size),
+                    str(args.threads),
+                    args.backend,
+                    args.device,
+                    args.precision,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if proc.returncode:
                 sys.exit(f"{label} at {size} px failed:\n{proc.stderr[-3000:]}")
             row = {"slide": label, "chunk": size, **json.loads(proc.stdout.strip().splitlines()[-1])}

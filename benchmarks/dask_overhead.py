@@ -65,7 +65,11 @@ def cluster_costs(quiet: bool) -> dict[str, float]:
     finally:
         client.close()
         cluster.close()
-    return {"idle_driver_cpu_s": round(idle["driver"], 3), "idle_worker_cpu_s": round(idle["worker"], 3), "forward_in_worker_s": round(in_worker, 3)}
+    return {
+        "idle_driver_cpu_s": round(idle["driver"], 3),
+        "idle_worker_cpu_s": round(idle["worker"], 3),
+        "forward_in_worker_s": round(in_worker, 3),
+    }
 
 
 _SEGMENT = """

@@ -107,7 +107,9 @@ def main() -> None:
     blobs = [b for w in per_window for b in encode_nuclei(w, key)]
     t_encode = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plain = [json.dumps(feature(x, key), ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode() for w in per_window for x in w]
+    plain = [
+        json.dumps(feature(x, key), ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode() for w in per_window for x in w
+    ]
     t_json = time.perf_counter() - t0
     assert blobs == [encode_feature(feature(x, key)) for w in per_window for x in w]
     assert all(orjson.loads(a) == json.loads(b) for a, b in zip(blobs[:50], plain[:50]))
@@ -127,13 +129,18 @@ def main() -> None:
 
     writing, writing_alt = t_encode + t_write, t_json + t_gz9
     total_ours, total_alt = t_ours + writing, t_naive + writing_alt
-    print(f"\n{n} nuclei in {len(labs)} windows of 1152² px, {len(raw) / n:.0f} bytes of JSON each; nuclei per second on one thread (higher is better)")
+    print(
+        f"\n{n} nuclei in {len(labs)} windows of 1152² px, {len(raw) / n:.0f} bytes of JSON each; nuclei per second on one "
+        f"thread (higher is better)"
+    )
     print(f"{'stage':<10} {'ours':>10} {'alternative':>12} {'speed-up':>9}  (ours / alternative)")
-    for name, a, b, what in (("polygons", t_ours, t_naive, "vectorised / per-nucleus loop"),
-                             ("encode", t_encode, t_json, "encode_nuclei / a dict per feature + json"),
-                             ("compress", t_write, t_gz9, f"gzip {GZIP_LEVEL} ({size / len(raw):.2f} of raw) / gzip 9 ({size9 / len(raw):.2f})"),
-                             ("writing", writing, writing_alt, "encode + compress: nuclei -> .geojson.gz"),
-                             ("all", total_ours, total_alt, "label maps -> .geojson.gz")):
+    for name, a, b, what in (
+        ("polygons", t_ours, t_naive, "vectorised / per-nucleus loop"),
+        ("encode", t_encode, t_json, "encode_nuclei / a dict per feature + json"),
+        ("compress", t_write, t_gz9, f"gzip {GZIP_LEVEL} ({size / len(raw):.2f} of raw) / gzip 9 ({size9 / len(raw):.2f})"),
+        ("writing", writing, writing_alt, "encode + compress: nuclei -> .geojson.gz"),
+        ("all", total_ours, total_alt, "label maps -> .geojson.gz"),
+    ):
         print(f"{name:<10} {n / a:>10,.0f} {n / b:>12,.0f} {b / a:>8.1f}x  {what}")
     print(f"(naive polygons timed on {len(naive)} nuclei of 2 windows and scaled)")
     print(json.dumps({"nuclei": n, "polygons_per_s": round(n / t_ours), "encode_per_s": round(n / t_encode),

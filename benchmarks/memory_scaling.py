@@ -88,9 +88,18 @@ def build_slide(path: Path, side0: int, n_variants: int = 8, tissue: float = 1.0
             # level-k tile content: level 1 = variants; level 0 = 2x upsampled quadrants; level k >= 2 =
             # variants shrunk 2^(k-1) times and repeated.
             if k == 0:
-                cache = {(v, q): _encoded(np.asarray(Image.fromarray(variants[v][q // 2 * 128:(q // 2 + 1) * 128, q % 2 * 128:(q % 2 + 1) * 128])
-                                                      .resize((TILE, TILE), Image.Resampling.BILINEAR)), tmp)
-                         for v in range(n_variants) for q in range(4)}
+                cache = {
+                    (v, q): _encoded(
+                        np.asarray(
+                            Image.fromarray(variants[v][q // 2 * 128 : (q // 2 + 1) * 128, q % 2 * 128 : (q % 2 + 1) * 128]).resize(
+                                (TILE, TILE), Image.Resampling.BILINEAR
+                            )
+                        ),
+                        tmp,
+                    )
+                    for v in range(n_variants)
+                    for q in range(4)
+                }
             elif k == 1:
                 cache = {(v, 0): _encoded(variants[v], tmp) for v in range(n_variants)}
             else:
@@ -98,7 +107,10 @@ def build_slide(path: Path, side0: int, n_variants: int = 8, tissue: float = 1.0
                 cache = {}
                 for v in range(n_variants):
                     small = np.asarray(Image.fromarray(variants[v]).resize((TILE // f or 1, TILE // f or 1), Image.Resampling.BOX))
-                    cache[(v, 0)] = _encoded(np.tile(small, (f, f, 1))[:TILE, :TILE] if f <= TILE else np.full((TILE, TILE, 3), small.mean((0, 1)), np.uint8), tmp)
+                    cache[(v, 0)] = _encoded(
+                        np.tile(small, (f, f, 1))[:TILE, :TILE] if f <= TILE else np.full((TILE, TILE, 3), small.mean((0, 1)), np.uint8),
+                        tmp,
+                    )
             n = -(-side // TILE)
             white = _encoded(np.full((TILE, TILE, 3), 245, np.uint8), tmp)
 
@@ -206,8 +218,11 @@ def main() -> None:
     print(f"\nwsi-nuclei segment, model={args.model}, {args.workers} worker x {args.threads} threads; RSS summed over all processes")
     print(f"{'size':>9} {'level-0 px':>15} {'chunks':>7} {'nuclei':>10} {'tissue mm2':>10} {'peak RSS GiB':>12} {'vs 1x':>6} {'wall s':>8}")
     for r in rows:
-        print(f"{r['size']:>9} {r['side_px']:>7}x{r['side_px']:<7} {r['chunks'] or '-':>7} {r['nuclei'] or '-':>10} {r['tissue_mm2'] or '-':>10} "
-              f"{r['peak_rss_gib']:>12.2f} {r['peak_rss_gib'] / base:>6.2f} {r['wall_s']:>8.0f}")
+        print(
+            f"{r['size']:>9} {r['side_px']:>7}x{r['side_px']:<7} {r['chunks'] or '-':>7} {r['nuclei'] or '-':>10} "
+            f"{r['tissue_mm2'] or '-':>10} "
+            f"{r['peak_rss_gib']:>12.2f} {r['peak_rss_gib'] / base:>6.2f} {r['wall_s']:>8.0f}"
+        )
     print(json.dumps({"model": args.model, "rows": rows}))
 
 

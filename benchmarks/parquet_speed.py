@@ -128,8 +128,17 @@ def _memory(nuclei: int) -> None:
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"nuclei": count, "row_groups": groups, "process_peak_rss_mb": round(rss, 1), "python_peak_mb": round(peak_py / 2**20, 1),
-                      "file_mb": round(size / 2**20, 1)}))
+    print(
+        json.dumps(
+            {
+                "nuclei": count,
+                "row_groups": groups,
+                "process_peak_rss_mb": round(rss, 1),
+                "python_peak_mb": round(peak_py / 2**20, 1),
+                "file_mb": round(size / 2**20, 1),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -172,7 +181,10 @@ def main() -> None:
           f"{size / count:.0f} bytes per nucleus on disk")
     print("\nbeside the GeoJSON, per nucleus (chunk task: nuclei -> what the chunk file holds; assembly: -> the file)")
     print(f"{'':<14} {'chunk task':>12} {'assembly':>12} {'on disk':>9}")
-    print(f"{'parquet':<14} {t_table * 1e6:>9.1f} µs {1e6 / (count / best):>9.1f} µs {size / count:>7.0f} B   (NucleusTable.from_nuclei; ParquetWriter)")
+    print(
+        f"{'parquet':<14} {t_table * 1e6:>9.1f} µs {1e6 / (count / best):>9.1f} µs {size / count:>7.0f} B   "
+        f"(NucleusTable.from_nuclei; ParquetWriter)"
+    )
     print(f"{'geojson.gz':<14} {t_encode * 1e6:>9.1f} µs {1e6 / geo_rate:>9.1f} µs {geo_size:>7.0f} B   (encode_nuclei; GeoJSONWriter)")
     rows = []
     for n in [int(s) for s in args.memory_sizes.split(",") if s.strip()]:
@@ -184,9 +196,20 @@ def main() -> None:
             print(f"{r['nuclei']:>9,} {r['row_groups']:>10} {r['process_peak_rss_mb']:>19} {r['python_peak_mb']:>17} {r['file_mb']:>8}")
         print("(process peak RSS: everything, Arrow's C++ buffers, imports and the tables to replay included;\n"
               " writer: the peak of Python's allocations while the writer runs, tracemalloc)")
-    print(json.dumps({"nuclei": count, "writer_per_s": round(count / best), "bytes_per_nucleus": round(size / count),
-                      "table_us": round(t_table * 1e6, 2), "geojson_writer_per_s": round(geo_rate), "geojson_bytes_per_nucleus": round(geo_size),
-                      "encode_us": round(t_encode * 1e6, 2), "memory": rows}))
+    print(
+        json.dumps(
+            {
+                "nuclei": count,
+                "writer_per_s": round(count / best),
+                "bytes_per_nucleus": round(size / count),
+                "table_us": round(t_table * 1e6, 2),
+                "geojson_writer_per_s": round(geo_rate),
+                "geojson_bytes_per_nucleus": round(geo_size),
+                "encode_us": round(t_encode * 1e6, 2),
+                "memory": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -133,7 +133,9 @@ def main() -> None:
             print(f"{spec}: skipped, this CPU has no native bf16", file=sys.stderr)
             continue
         chunk = {"chunk_size": args.chunk_size, "precision": precision} if args.chunk_size else {"precision": precision}
-        cfg = SegmentConfig(backend=backend, torch_threads=args.threads, overwrite=True, device=args.device, batch_size=args.batch_size, **chunk)
+        cfg = SegmentConfig(
+            backend=backend, torch_threads=args.threads, overwrite=True, device=args.device, batch_size=args.batch_size, **chunk
+        )
         predict, name = make_predictor(model, card, backend, args.device, args.threads, precision)
         for label, path in slides.items():
             # warm-up on the same slide: the pipeline's own model cache (the first slide: loading the
@@ -153,11 +155,23 @@ def main() -> None:
             res = segment_many([path], out, cfg)[0]
             pipeline_s = time.perf_counter() - t0
             summary = json.loads((Path(res.out_dir) / "summary.json").read_text())
-            row = {"slide": label, "backend": name, "chunks": len(plan.chunks), "nuclei": res.nuclei,
-                   "tissue_mm2": summary["tissue_mm2"], "model_s": round(model_s, 2), "pipeline_s": round(pipeline_s, 2),
-                   "ratio": round(pipeline_s / model_s, 3), "s_per_mm2": round(pipeline_s / max(summary["tissue_mm2"], 1e-9), 2),
-                   "first_s": round(first_s, 2), "limit_s": round(limit_s, 2), "limit_tiles": limit_tiles, "ratio_to_limit": round(pipeline_s / limit_s, 3),
-                   "amplification": summary["amplification"], "stages": summary["seconds"]}
+            row = {
+                "slide": label,
+                "backend": name,
+                "chunks": len(plan.chunks),
+                "nuclei": res.nuclei,
+                "tissue_mm2": summary["tissue_mm2"],
+                "model_s": round(model_s, 2),
+                "pipeline_s": round(pipeline_s, 2),
+                "ratio": round(pipeline_s / model_s, 3),
+                "s_per_mm2": round(pipeline_s / max(summary["tissue_mm2"], 1e-9), 2),
+                "first_s": round(first_s, 2),
+                "limit_s": round(limit_s, 2),
+                "limit_tiles": limit_tiles,
+                "ratio_to_limit": round(pipeline_s / limit_s, 3),
+                "amplification": summary["amplification"],
+                "stages": summary["seconds"],
+            }
             if args.dask:
                 from wsi_nuclei.cluster.client import ClusterConfig, close_client, make_client
 
@@ -183,14 +197,20 @@ def main() -> None:
     gpu = f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""
     print(f"\npipeline vs bare model — {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, "
           f"{args.threads} threads, chunk {cfg.chunk_size} px, torch {torch.__version__}, in-process (no Dask)")
-    print(f"{'slide':<36} {'backend':>13} {'chunks':>6} {'nuclei':>7} {'tissue mm²':>10} {'limit s':>7} {'model s':>8} {'pipeline s':>10} {'first s':>7} "
-          f"{'ratio':>6} {'to limit':>8} {'ampl.':>6} {'s/mm²':>6}  stages (s): read / inference / instances / polygons / assembly")
+    print(
+        f"{'slide':<36} {'backend':>13} {'chunks':>6} {'nuclei':>7} {'tissue mm²':>10} {'limit s':>7} {'model s':>8} "
+        f"{'pipeline s':>10} {'first s':>7} "
+        f"{'ratio':>6} {'to limit':>8} {'ampl.':>6} {'s/mm²':>6}  stages (s): read / inference / instances / polygons / assembly"
+    )
     for r in rows:
         st = r["stages"]
-        print(f"{r['slide']:<36} {r['backend']:>13} {r['chunks']:>6} {r['nuclei']:>7} {r['tissue_mm2']:>10.3f} {r['limit_s']:>7.1f} "
-              f"{r['model_s']:>8.1f} {r['pipeline_s']:>10.1f} {r['first_s']:>7.1f} {r['ratio']:>6.2f} {r['ratio_to_limit']:>8.2f} {r['amplification']:>6.2f} "
-              f"{r['s_per_mm2']:>6.1f}  {st['read']:.1f} / {st['inference']:.1f} / {st['instances']:.1f} / {st['polygons']:.1f} / "
-              f"{st['assemble']:.1f}")
+        print(
+            f"{r['slide']:<36} {r['backend']:>13} {r['chunks']:>6} {r['nuclei']:>7} {r['tissue_mm2']:>10.3f} {r['limit_s']:>7.1f} "
+            f"{r['model_s']:>8.1f} {r['pipeline_s']:>10.1f} {r['first_s']:>7.1f} {r['ratio']:>6.2f} "
+            f"{r['ratio_to_limit']:>8.2f} {r['amplification']:>6.2f} "
+            f"{r['s_per_mm2']:>6.1f}  {st['read']:.1f} / {st['inference']:.1f} / {st['instances']:.1f} / {st['polygons']:.1f} / "
+            f"{st['assemble']:.1f}"
+        )
     print("limit s: the bare model over the 256 px tiles touching tissue (no context, no halo); to limit = pipeline s / limit s; "
           "ampl. = pixels given to the model / tissue pixels; first s: the slide's first run in this process (the first slide's "
           "also loads and exports the model), pipeline s: the next one")

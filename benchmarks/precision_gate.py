@@ -58,7 +58,9 @@ def _openvino(path: Path, threads: int, card: Any) -> Any:
     from wsi_nuclei.model.backends import _normalise
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": str(threads)})
+    compiled = core.compile_model(
+        core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": str(threads)}
+    )
     request = compiled.create_infer_request()
     mean, std = np.asarray(card.input_mean, np.float32), np.asarray(card.input_std, np.float32)
     return lambda tiles: np.array(request.infer({0: _normalise(tiles, mean, std)})[compiled.output(0)], dtype=np.float32)
@@ -166,9 +168,22 @@ def main() -> None:
     for k in fns:
         print(f"{k:<20}{ms[k]:>9.0f}{base / ms[k]:>12.2f}{agree[k]:>14.4f}")
     invariance = _invariance(args.threads, list(backends))
-    print(json.dumps({"recipe": RECIPE, "invariance": invariance, "threads": args.threads, "scores": scores, "drops": drops, "gate": GATE, "passed": passed,
-                      "forward_ms": {k: round(v, 1) for k, v in ms.items()}, "speedup_vs_ort_fp32": {k: round(base / v, 2) for k, v in ms.items()},
-                      "fg_agreement": {k: round(v, 4) for k, v in agree.items()}}))
+    print(
+        json.dumps(
+            {
+                "recipe": RECIPE,
+                "invariance": invariance,
+                "threads": args.threads,
+                "scores": scores,
+                "drops": drops,
+                "gate": GATE,
+                "passed": passed,
+                "forward_ms": {k: round(v, 1) for k, v in ms.items()},
+                "speedup_vs_ort_fp32": {k: round(base / v, 2) for k, v in ms.items()},
+                "fg_agreement": {k: round(v, 4) for k, v in agree.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

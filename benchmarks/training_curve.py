@@ -22,7 +22,19 @@ def main() -> None:
     keep = [r for i, r in enumerate(val) if i % args.every == 0 or r is val[-1]]
     groups = sorted({g for r in val for g in r.get("val_groups", {})})
     short = [g.replace("monuseg:", "") for g in groups]
-    head = ["epoch", "step", "loss", "pooled AJI", "worst group", *short, "F_d", "F_c infl.", "F_c epi.", "F_c spindle", "probe 96 px p99.9 / unmatched"]
+    head = [
+        "epoch",
+        "step",
+        "loss",
+        "pooled AJI",
+        "worst group",
+        *short,
+        "F_d",
+        "F_c infl.",
+        "F_c epi.",
+        "F_c spindle",
+        "probe 96 px p99.9 / unmatched",
+    ]
     lines = []
     for r in keep:
         t = r.get("val_types", {})

@@ -89,7 +89,8 @@ def main() -> None:
         vals = [criterion(results[n]["groups"], rule, pooled=float(results[n]["pooled"]["aji"])) for n in names]
         best = names[int(np.argmax(vals))]
         print(f"{rule:<27}" + "".join(f"{v:>10.4f}" for v in vals) + f"   -> {best}")
-    print(f"{'post-processing':<27}" + "".join(f"{results[n]['card'].postprocess.method[:4]} {results[n]['card'].postprocess.fg_threshold}/{results[n]['card'].postprocess.seed_threshold}".rjust(13) for n in names))
+    post = [results[n]["card"].postprocess for n in names]
+    print(f"{'post-processing':<27}" + "".join(f"{p.method[:4]} {p.fg_threshold}/{p.seed_threshold}".rjust(13) for p in post))
     print("\nreliability of the nucleus probability: ECE per group (10 bins), then predicted -> observed in the 0.4-0.6 bins")
     print(f"{'group':<20}" + "".join(f"{n:>10}" for n in names) + "   " + "   ".join(f"{n} 0.4-0.5 / 0.5-0.6" for n in names))
     for g in groups:

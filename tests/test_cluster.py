@@ -104,7 +104,9 @@ def test_job_script_exports_give_workers_the_quiet_dask_settings(tmp_path):
 
 def test_dry_run_prints_job_script_from_yaml_and_plan(shared_data, tmp_path):
     yaml_file = tmp_path / "jobqueue.yaml"
-    yaml_file.write_text("slurm:\n  queue: short\n  account: pathology\n  walltime: '01:00:00'\n  cores: 4\n  memory: 16GB\n  max-jobs: 7\n")
+    yaml_file.write_text(
+        "slurm:\n  queue: short\n  account: pathology\n  walltime: '01:00:00'\n  cores: 4\n  memory: 16GB\n  max-jobs: 7\n"
+    )
     assert load_cluster_yaml(yaml_file)["max_jobs"] == 7
     slide = shared_data / "wsi" / "CMU-1-Small-Region.svs"
     result = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "out"), "--cluster", "slurm", "--cluster-config",

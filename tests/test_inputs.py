@@ -61,7 +61,19 @@ def test_unusual_mpp_is_accepted_when_asked_and_a_huge_plan_is_refused(slide, tm
     ok = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "a"), "--mpp", "0.04", "--unusual-mpp", *FLAGS])
     assert ok.exit_code == 0, ok.output
     # in a subprocess with a time limit: the planning loop once ran for ever here
-    cmd = [sys.executable, "-m", "wsi_nuclei.cli.main", "segment", str(slide), "-o", str(tmp_path / "b"), "--mpp", "1e300", "--unusual-mpp", *FLAGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_nuclei.cli.main",
+        "segment",
+        str(slide),
+        "-o",
+        str(tmp_path / "b"),
+        "--mpp",
+        "1e300",
+        "--unusual-mpp",
+        *FLAGS,
+    ]
     huge = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert huge.returncode == 1, huge.stderr  # the slide fails
     errors = _errors(huge.stderr)
@@ -208,12 +220,19 @@ FORMATS = {
     "rgb": (lambda c: c, {"photometric": "rgb"}, "rgb"),
     "rgba": (lambda c: np.dstack([c, np.full(c.shape[:2], 255, np.uint8)]), {"photometric": "rgb", "extrasamples": [2]}, "rgb"),
     "rgb16": (lambda c: c.astype(np.uint16) * 257, {"photometric": "rgb"}, "rgb"),
-    "rgba16": (lambda c: np.dstack([c, np.full(c.shape[:2], 255, np.uint8)]).astype(np.uint16) * 257,
-               {"photometric": "rgb", "extrasamples": [2]}, "rgb"),
+    "rgba16": (
+        lambda c: np.dstack([c, np.full(c.shape[:2], 255, np.uint8)]).astype(np.uint16) * 257,
+        {"photometric": "rgb", "extrasamples": [2]},
+        "rgb",
+    ),
     "rgb-float": (lambda c: c.astype(np.float32) / 255, {"photometric": "rgb"}, "rgb"),
     "cmyk": (lambda c: np.dstack([255 - c, np.zeros(c.shape[:2], np.uint8)]), {"photometric": "separated"}, "rgb"),
     "grey": (lambda c: c[:, :, 1], {"photometric": "minisblack"}, "grey"),
-    "grey-alpha": (lambda c: np.dstack([c[:, :, 1], np.full(c.shape[:2], 255, np.uint8)]), {"photometric": "minisblack", "extrasamples": [2]}, "grey"),
+    "grey-alpha": (
+        lambda c: np.dstack([c[:, :, 1], np.full(c.shape[:2], 255, np.uint8)]),
+        {"photometric": "minisblack", "extrasamples": [2]},
+        "grey",
+    ),
     "grey16": (lambda c: c[:, :, 1].astype(np.uint16) * 257, {"photometric": "minisblack"}, "grey"),
     "min-is-white": (lambda c: 255 - c[:, :, 1], {"photometric": "miniswhite"}, "grey"),
     "five-samples": (lambda c: np.dstack([c, c[:, :, :2]]), {"photometric": "minisblack", "planarconfig": "contig"}, "refused"),
@@ -323,7 +342,19 @@ def test_cluster_slurm_without_sbatch_is_one_line_not_a_hang(slide, tmp_path):
     """Issue 16 item 4 (its first case): no sbatch on PATH. The rest (a rejected submission, jobs
     pending for too long) needs the real SLURM of issue 16."""
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python, but no SLURM commands
-    cmd = [sys.executable, "-m", "wsi_nuclei.cli.main", "segment", str(slide), "-o", str(tmp_path / "o"), "--cluster", "slurm", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_nuclei.cli.main",
+        "segment",
+        str(slide),
+        "-o",
+        str(tmp_path / "o"),
+        "--cluster",
+        "slurm",
+        "--device",
+        "cpu",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     errors = _errors(done.stderr)

@@ -1,4 +1,4 @@
-"""A slide's output folder is never wrong in silence (fault catalogue, issue 14): one writer per
+"""A slide's output folder is never wrong in silence: one writer per
 folder, ``--resume`` verifies before it skips, ``--overwrite`` replaces only on success, damaged
 chunk files are recomputed, every failure is that slide's one line with its traceback kept, and
 names never collide."""
@@ -119,6 +119,28 @@ def test_two_runs_started_together_into_one_out_never_leave_a_broken_finished_sl
 
 
 # --resume verifies ----------------------------------------------------------------------
+
+def test_slide_state_tells_the_four_states_apart(slide, reference, tmp_path):
+    """finished / outdated / interrupted / new: the one answer --resume, the dry run and the stop
+    report share (outputs.folder.slide_state)."""
+    from wsi_nuclei.outputs.folder import slide_file, slide_state
+
+    summary = json.loads((reference / "summary.json").read_text())
+    ident, key = slide_file(slide), summary["output_key"]
+    assert slide_state(tmp_path / "none", ident, key).state == "new"
+    (tmp_path / "cut" / WORK_DIR).mkdir(parents=True)
+    assert slide_state(tmp_path / "cut", ident, key).state == "interrupted"
+    done = slide_state(reference, ident, lambda: key)
+    assert done.state == "finished" and done.nuclei == summary["nuclei"] > 20
+    other = slide_state(reference, ident, "another key")
+    assert other.state == "outdated" and "another model or other options" in other.why
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    with open(copy / "nuclei.parquet", "ab") as fh:
+        fh.write(b"x")  # an output changed after the summary was written
+    changed = slide_state(copy, ident, key)
+    assert changed.state == "outdated" and "nuclei.parquet" in changed.why
+
 
 def test_another_slide_with_the_same_name_gets_its_own_folder(slide, tmp_path):
     a = tmp_path / "A"

@@ -107,10 +107,14 @@ def _same_nuclei(parquet: Path, features: list[dict]) -> None:
     names = list(features[0]["properties"]["measurements"]) if features else []
     for name in names:
         assert np.array_equal(gdf[column_name(name)].to_numpy(), [f["properties"]["measurements"][name] for f in features]), name
-    assert np.allclose(gdf["centroid_x"], gdf.geometry.centroid.x, atol=1e-9) and np.allclose(gdf["centroid_y"], gdf.geometry.centroid.y, atol=1e-9)
+    assert np.allclose(gdf["centroid_x"], gdf.geometry.centroid.x, atol=1e-9) and np.allclose(
+        gdf["centroid_y"], gdf.geometry.centroid.y, atol=1e-9
+    )
     schema = pq.read_schema(parquet)
     bbox = pq.read_table(parquet, columns=["bbox"]).column("bbox").combine_chunks()
-    assert np.array_equal(np.column_stack([bbox.field(k).to_numpy() for k in ("xmin", "ymin", "xmax", "ymax")]), gdf.geometry.bounds.to_numpy())
+    assert np.array_equal(
+        np.column_stack([bbox.field(k).to_numpy() for k in ("xmin", "ymin", "xmax", "ymax")]), gdf.geometry.bounds.to_numpy()
+    )
     geo = json.loads(schema.metadata[b"geo"])
     column = geo["columns"]["geometry"]
     assert geo["version"].startswith("1.1") and geo["primary_column"] == "geometry" and column["encoding"] == "WKB"
@@ -289,7 +293,9 @@ def test_export_anndata_is_the_table_with_measurements_in_x(run, tmp_path):
     assert list(adata.var_names) == names and list(adata.var["qupath_name"]) == list(PIPELINE_MEASUREMENTS)
     assert list(adata.obs_names) == table.column("id").to_pylist()
     assert np.array_equal(adata.X, np.column_stack([table.column(n).to_numpy() for n in names]).astype(np.float32))
-    assert np.array_equal(adata.obsm["spatial"], np.column_stack([table.column("centroid_x").to_numpy(), table.column("centroid_y").to_numpy()]))
+    assert np.array_equal(
+        adata.obsm["spatial"], np.column_stack([table.column("centroid_x").to_numpy(), table.column("centroid_y").to_numpy()])
+    )
     assert np.array_equal(adata.obs["label"].to_numpy(), table.column("label").to_numpy())
     summary = json.loads((run / "summary.json").read_text())
     assert adata.uns["wsi_nuclei"]["level0_mpp"] == summary["slide_info"]["level0_mpp"]

@@ -209,7 +209,9 @@ def test_a_report_that_cannot_be_written_is_a_warning_not_a_failed_run(tmp_path,
 def test_unusual_densities_are_flagged_and_come_first(tmp_path):
     from wsi_nuclei.outputs.report import SlideRow, _flagged, _rank, render_report
 
-    rows = [SlideRow(f"s{i}.svs", f"/x/s{i}.svs", None, "ok", nuclei=n, tissue_mm2=1.0) for i, n in enumerate([1000, 1100, 900, 300, 5000, 0])]
+    rows = [
+        SlideRow(f"s{i}.svs", f"/x/s{i}.svs", None, "ok", nuclei=n, tissue_mm2=1.0) for i, n in enumerate([1000, 1100, 900, 300, 5000, 0])
+    ]
     flagged = {r.name: r.flag for r in _flagged(rows)}
     assert flagged == {"s0.svs": "", "s1.svs": "", "s2.svs": "", "s3.svs": "few nuclei", "s4.svs": "many nuclei", "s5.svs": "no nuclei"}
     assert sorted(_flagged(rows), key=_rank)[0].flag  # before the slides that look normal
@@ -225,7 +227,7 @@ _PAGE = """JSON.stringify({
   rows: Array.from(document.querySelectorAll("#slides tbody tr")).map(r => ({
     status: r.className, text: r.innerText,
     errors: Array.from(r.querySelectorAll(".error")).map(e => ({text: e.innerText, height: e.getBoundingClientRect().height,
-                                                             shown: getComputedStyle(e).visibility === "visible" && getComputedStyle(e).display !== "none"})),
+      shown: getComputedStyle(e).visibility === "visible" && getComputedStyle(e).display !== "none"})),
     images: Array.from(r.querySelectorAll("img")).map(i => ({width: i.naturalWidth, height: i.naturalHeight, complete: i.complete}))})),
   totals: document.querySelector(".totals").innerText})"""
 
@@ -259,7 +261,9 @@ def test_the_report_renders_in_chromium(batch, chromium, tmp_path):
         assert "4 slides: 2 ok, 2 failed" in page["totals"]
         # a click on a heading sorts by that column (nuclei: ascending, failed slides' "—" as -1 first)
         browser.evaluate("Array.from(document.querySelectorAll('th')).find(th => th.textContent === 'nuclei').click()")
-        order = browser.evaluate("Array.from(document.querySelectorAll('#slides tbody tr')).map(r => r.querySelector('td[data-col=\"4\"]').dataset.sort)")
+        order = browser.evaluate(
+            "Array.from(document.querySelectorAll('#slides tbody tr')).map(r => r.querySelector('td[data-col=\"4\"]').dataset.sort)"
+        )
         assert [float(v) for v in order] == sorted(float(v) for v in order) and len(set(order)) > 1
     shot = Image.open(tmp_path / "report.png")
     assert shot.width == 1280 and len(np.unique(np.asarray(shot.convert("L")))) > 10  # a drawn page, not a blank one

@@ -196,7 +196,9 @@ def test_snakemake_slurm_executor_segments_every_slide(slurm, slides, reference,
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="snakemake-executor-plugin-slurm is in the [dev] extra")
     shim = tmp_path / "shim"
     shim.mkdir()
-    (shim / "srun").write_text(f"#!/bin/sh\nexport SLURM_CONF={slurm.env['SLURM_CONF']}\nexec {shutil.which('srun', path=slurm.env['PATH']) or 'srun'} \"$@\"\n")
+    (shim / "srun").write_text(
+        f'#!/bin/sh\nexport SLURM_CONF={slurm.env["SLURM_CONF"]}\nexec {shutil.which("srun", path=slurm.env["PATH"]) or "srun"} "$@"\n'
+    )
     (shim / "srun").chmod(0o755)
     env = {**slurm.env, "PATH": f"{shim}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{slurm.env['PATH']}"}
     out, folder = tmp_path / "out", _copies(slides, tmp_path / "slides", ("b.tif", "c.tif"))  # one job each, at once

@@ -12,8 +12,9 @@ from wsi_nuclei.outputs.store import LabelCanvas, create_store, open_array
 
 
 def paste_labels(path: Path, y: int, x: int, window: np.ndarray) -> None:
-    """The reference (what assembly did before LabelCanvas): paint the non-zero pixels of a label ``window`` whose top-left is (y, x) (may be negative)
-    into ``labels/0``; pixels outside the array are dropped. Read-modify-write: one caller only."""
+    """The reference (what assembly did before LabelCanvas): paint the non-zero pixels of a label
+    ``window`` whose top-left is (y, x) (may be negative) into ``labels/0``; pixels outside the
+    array are dropped. Read-modify-write: one caller only."""
     arr = open_array(path, "labels", 0, mode="r+")
     h, w = arr.shape
     y0, x0 = max(0, y), max(0, x)

@@ -219,4 +219,7 @@ def test_train_cli_card_records_the_criterion_and_the_groups(tmp_path, shared_da
     assert result.exit_code == 0, result.output
     card = load_card(tmp_path / "run" / "best")
     assert card.training["selection"] == "worst_group"
-    assert card.training["validation_groups"] == {"monuseg:breast": ["TCGA-AR-A1AS-01Z-00-DX1"], "monuseg:kidney": ["TCGA-B0-5710-01Z-00-DX1"]}
+    assert card.training["validation_groups"] == {
+        "monuseg:breast": ["TCGA-AR-A1AS-01Z-00-DX1"],
+        "monuseg:kidney": ["TCGA-B0-5710-01Z-00-DX1"],
+    }

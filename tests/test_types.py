@@ -100,7 +100,9 @@ def test_tiled_types_equal_whole(crop, typed_model, whole, tmp_path):
     same = total = 0
     for f in _features(tiled):
         p = Polygon(f["geometry"]["coordinates"][0])
-        best = max(((p.intersection(polys[j]).area / p.union(polys[j]).area, j) for j in tree.query(p, predicate="intersects")), default=(0, -1))
+        best = max(
+            ((p.intersection(polys[j]).area / p.union(polys[j]).area, j) for j in tree.query(p, predicate="intersects")), default=(0, -1)
+        )
         if best[0] > 0.5:
             total += 1
             same += ref[best[1]]["properties"]["classification"]["name"] == f["properties"]["classification"]["name"]

@@ -16,14 +16,25 @@ from .common import DATA_ROOT_HELP, app, fail, set_threads
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for checkpoints, log.jsonl and the best model."),
-    data: str = typer.Option("monuseg", help="Training datasets with optional sampling weights, e.g. monuseg,consep:0.5 (train splits only), or a MoNuSeg-layout folder."),
+    data: str = typer.Option(
+        "monuseg",
+        help="Training datasets with optional sampling weights, e.g. monuseg,consep:0.5 (train splits only), or a MoNuSeg-layout folder.",
+    ),
     data_root: Optional[Path] = typer.Option(None, help=DATA_ROOT_HELP),
-    stain_augment: str = typer.Option("hed", help="Stain augmentation: none, hed (HED jitter), macenko (random Macenko re-staining) or both."),
+    stain_augment: str = typer.Option(
+        "hed", help="Stain augmentation: none, hed (HED jitter), macenko (random Macenko re-staining) or both."
+    ),
     init: Optional[Path] = typer.Option(None, help="Start from this model folder's weights (fine-tuning), e.g. wsi_nuclei/weights."),
-    validation: Optional[str] = typer.Option(None, help="Comma-separated held-out training image ids (default: 5 MoNuSeg, plus 3 CoNSeP train when CoNSeP trains)."),
+    validation: Optional[str] = typer.Option(
+        None, help="Comma-separated held-out training image ids (default: 5 MoNuSeg, plus 3 CoNSeP train when CoNSeP trains)."
+    ),
     recipe: str = typer.Option("ours", help="ours: instance model (nucleus+boundary+distance); paper: the seed paper's binary UNet++."),
     encoder: Optional[str] = typer.Option(None, help="smp encoder, e.g. tu-tf_efficientnet_lite0, efficientnet-b0."),
-    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--scratch", help="ImageNet encoder init (offline for tu-tf_efficientnet_lite0/1/2) or random init. Default: ImageNet for Lite0/1/2."),
+    pretrained: Optional[bool] = typer.Option(
+        None,
+        "--pretrained/--scratch",
+        help="ImageNet encoder init (offline for tu-tf_efficientnet_lite0/1/2) or random init. Default: ImageNet for Lite0/1/2.",
+    ),
     mpp: Optional[float] = typer.Option(None, help="Working resolution in µm/px (ours: 0.5)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs."),
     steps_per_epoch: Optional[int] = typer.Option(None, help="Optimizer steps per epoch."),
@@ -37,11 +48,17 @@ def train(
     resume: bool = typer.Option(False, help="Continue from OUT/state.pt."),
     tune: bool = typer.Option(True, help="After training, tune post-processing thresholds on the validation images."),
     types: bool = typer.Option(False, "--types/--no-types", help="Also learn nucleus types (CoNSeP's 4 groups) where the data has them."),
-    context_pairs: bool = typer.Option(False, help="Context-robust training: each crop seen whole and as a short window, with a consistency loss."),
-    context_margins: Optional[str] = typer.Option(None, help="Margins (px) the short window keeps around its loss box, e.g. 32,48,64,80,96."),
+    context_pairs: bool = typer.Option(
+        False, help="Context-robust training: each crop seen whole and as a short window, with a consistency loss."
+    ),
+    context_margins: Optional[str] = typer.Option(
+        None, help="Margins (px) the short window keeps around its loss box, e.g. 32,48,64,80,96."
+    ),
     freeze_bn: bool = typer.Option(False, help="Batch-norm statistics fixed while training (as at inference)."),
     schedule: str = typer.Option("step", help="Learning-rate schedule: step (÷10 at --lr-drop-epoch) or cosine."),
-    select: str = typer.Option("worst_group", help="Checkpoint (and post-processing) selection on validation groups: worst_group, mean_minus_std or pooled."),
+    select: str = typer.Option(
+        "worst_group", help="Checkpoint (and post-processing) selection on validation groups: worst_group, mean_minus_std or pooled."
+    ),
     val_every: Optional[int] = typer.Option(None, help="Validate every this many epochs."),
     snapshot_every: int = typer.Option(0, help="Keep a copy of the model every this many epochs (0: none)."),
     probe_every: int = typer.Option(0, help="Log tiled-vs-whole agreement at 96 px context every this many epochs (0: never)."),
@@ -123,13 +140,20 @@ def evaluate(
     mpp: Optional[float] = typer.Option(None, help="µm/px of a 'folder' dataset (default 0.25)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (means, per-group and per-image rows)."),
-    per_image: bool = typer.Option(False, "--per-image", help="Print a row per image too (the table shows the means and one row per tissue group)."),
+    per_image: bool = typer.Option(
+        False, "--per-image", help="Print a row per image too (the table shows the means and one row per tissue group)."
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     threads: int = typer.Option(0, help="Torch CPU threads (0: default)."),
     record: bool = typer.Option(False, "--record", help="For model authors: store the means in the model card under metrics.<dataset>."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
-    backend: str = typer.Option("auto", help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU when installed), torch, onnx or openvino: as the slide pipeline."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 (OpenVINO, CPUs with native bf16) or int8 (ONNX Runtime on the quantised model): as the slide pipeline."),
+    backend: str = typer.Option(
+        "auto",
+        help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU when installed), torch, onnx or openvino: as the slide pipeline.",
+    ),
+    precision: str = typer.Option(
+        "fp32", help="fp32, bf16 (OpenVINO, CPUs with native bf16) or int8 (ONNX Runtime on the quantised model): as the slide pipeline."
+    ),
 ) -> None:
     """Pixel Dice/IoU, AJI, PQ (DQ, SQ) and object F1 of a model on an annotated dataset."""
     from ..training.evaluate import evaluate_dataset
@@ -194,7 +218,9 @@ def measure_context_cmd(
         return
     typer.echo(f"{'context':>8}{'max|dp|':>10}{'p99.9|dp|':>11}{'AJI':>8}{'unmatched':>10}{'nuclei':>8}  ok")
     for r in result.rows:
-        typer.echo(f"{r.context:>8}{r.max_abs:>10.4f}{r.p999_abs:>11.4f}{r.aji:>8.4f}{r.unmatched:>10}{r.n_whole:>8}  {'yes' if r.ok else 'no'}")
+        typer.echo(
+            f"{r.context:>8}{r.max_abs:>10.4f}{r.p999_abs:>11.4f}{r.aji:>8.4f}{r.unmatched:>10}{r.n_whole:>8}  {'yes' if r.ok else 'no'}"
+        )
     typer.echo(f"context_px = {result.context_px}" + (" (written to the card)" if write else ""))
 
 
@@ -206,9 +232,14 @@ def segment_image_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
-    backend: str = typer.Option("auto", help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU when installed), torch, onnx or openvino."),
-    precision: str = typer.Option("fp32", help="fp32; bf16: OpenVINO in bf16 on a CPU that has it natively (AVX512_BF16/AMX; faster forward passes); "
-                                  "int8: ONNX Runtime on the model quantised once and cached (CPU; both opt-in, see docs/performance.md)."),
+    backend: str = typer.Option(
+        "auto", help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU when installed), torch, onnx or openvino."
+    ),
+    precision: str = typer.Option(
+        "fp32",
+        help="fp32; bf16: OpenVINO in bf16 on a CPU that has it natively (AVX512_BF16/AMX; faster forward passes); "
+        "int8: ONNX Runtime on the model quantised once and cached (CPU; both opt-in, see docs/performance.md).",
+    ),
 ) -> None:
     """Segment nuclei in plain images: writes <name>_labels.png (16-bit ids), <name>_overlay.png
     and <name>_summary.json per image."""

@@ -18,7 +18,10 @@ if TYPE_CHECKING:  # annotations only: the commands import their heavy modules i
 
 
 @app.command()
-def info(slide: Path = typer.Argument(..., help="Slide file."), reader: str = typer.Option("auto", help="Slide reader: auto, openslide or tiffslide.")) -> None:
+def info(
+    slide: Path = typer.Argument(..., help="Slide file."),
+    reader: str = typer.Option("auto", help="Slide reader: auto, openslide or tiffslide."),
+) -> None:
     """Vendor, size per level, resolution, objective, bounds and associated images of a slide."""
     from ..slides.reader import open_slide
 
@@ -28,7 +31,10 @@ def info(slide: Path = typer.Argument(..., help="Slide file."), reader: str = ty
     except WsiNucleiError as err:
         fail(err)
         return
-    typer.echo(f"{i.path}\n  reader   {i.reader}\n  vendor   {i.vendor}\n  mpp      {i.level0_mpp if i.level0_mpp else 'unknown (pass --mpp to segment)'}")
+    typer.echo(
+        f"{i.path}\n  reader   {i.reader}\n  vendor   {i.vendor}\n  mpp      "
+        f"{i.level0_mpp if i.level0_mpp else 'unknown (pass --mpp to segment)'}"
+    )
     typer.echo(f"  objective {i.objective or 'unknown'}\n  bounds   {i.bounds or 'none'}\n  associated {', '.join(i.associated) or 'none'}")
     for k, (dims, ds) in enumerate(zip(i.level_dimensions, i.level_downsamples)):
         typer.echo(f"  level {k}: {dims[0]} x {dims[1]} px, downsample {ds:g}")
@@ -51,55 +57,109 @@ def segment(
     out_arg: str = typer.Option(..., "--out", "-o", help="Output folder: OUT/<slide>/ per slide and OUT/run.json."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
     mpp: Optional[float] = typer.Option(None, help="µm per level-0 pixel, for slides without metadata (overrides it)."),
-    unusual_mpp: bool = typer.Option(False, "--unusual-mpp", hidden=True, help="Accept a resolution outside 0.05-20 µm/px (from --mpp or the slide)."),
-    chunk_size: Optional[int] = typer.Option(None, help=f"Chunk core size in working px (multiple of 32). Default: {DEFAULT_CHUNK}, "
-                                             "or 1024 where a CPU worker's memory cannot hold a whole chunk window in one forward pass "
-                                             "(--dry-run shows the choice)."),
+    unusual_mpp: bool = typer.Option(
+        False, "--unusual-mpp", hidden=True, help="Accept a resolution outside 0.05-20 µm/px (from --mpp or the slide)."
+    ),
+    chunk_size: Optional[int] = typer.Option(
+        None,
+        help=f"Chunk core size in working px (multiple of 32). Default: {DEFAULT_CHUNK}, "
+        "or 1024 where a CPU worker's memory cannot hold a whole chunk window in one forward pass "
+        "(--dry-run shows the choice).",
+    ),
     halo: Optional[int] = typer.Option(None, hidden=True, help="Instance halo in working px (default: largest nucleus, from the model)."),
     context: Optional[int] = typer.Option(None, help="Model context in working px (default: the model card's measured context_px)."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none, flip4 or dihedral8 (default: the model card's)."),
-    types: str = typer.Option("on", "--types", help="on: a typed model's nucleus types as QuPath classes (Tumor, Immune cells, Stroma, Other); off: one class, Nucleus."),
-    batch_size: Optional[int] = typer.Option(None, hidden=True, help="Tiles per model call when a window is split (default: as many as fit in memory)."),
-    forward_memory: Optional[str] = typer.Option(None, hidden=True, help="Memory a forward pass may use, e.g. 2GB (default: from the worker's memory "
-                                                 "limit, cgroup or RAM). A chunk window that does not fit is inferred in tiles."),
+    types: str = typer.Option(
+        "on",
+        "--types",
+        help="on: a typed model's nucleus types as QuPath classes (Tumor, Immune cells, Stroma, Other); off: one class, Nucleus.",
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, hidden=True, help="Tiles per model call when a window is split (default: as many as fit in memory)."
+    ),
+    forward_memory: Optional[str] = typer.Option(
+        None,
+        hidden=True,
+        help="Memory a forward pass may use, e.g. 2GB (default: from the worker's memory "
+        "limit, cgroup or RAM). A chunk window that does not fit is inferred in tiles.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Skip finished slides and reuse finished chunks of interrupted ones."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     keep_chunks: bool = typer.Option(False, "--keep-chunks", hidden=True, help="Keep the per-chunk result files after a slide finishes."),
     max_slides: int = typer.Option(2, hidden=True, help="Slides in flight at once (their chunks are scheduled together)."),
     no_tissue_mask: bool = typer.Option(False, "--no-tissue-mask", help="Process every chunk, not only tissue."),
-    whole_windows: bool = typer.Option(False, "--whole-windows", hidden=True, help="Infer each chunk window whole, glass included (default: only its tissue, dilated)."),
+    whole_windows: bool = typer.Option(
+        False, "--whole-windows", hidden=True, help="Infer each chunk window whole, glass included (default: only its tissue, dilated)."
+    ),
     fmt: str = typer.Option("geojson.gz", "--format", hidden=True, help="geojson.gz or geojson."),
-    formats: str = typer.Option("geojson,parquet", "--formats", help="Nucleus files: geojson (QuPath) and/or parquet (GeoParquet), comma-separated."),
+    formats: str = typer.Option(
+        "geojson,parquet", "--formats", help="Nucleus files: geojson (QuPath) and/or parquet (GeoParquet), comma-separated."
+    ),
     raw_coordinates: bool = typer.Option(False, "--raw-coordinates", hidden=True, help="Keep raw level-0 coordinates (no bounds shift)."),
     reader: str = typer.Option("auto", hidden=True, help="Slide reader: auto, openslide or tiffslide."),
-    backend: str = typer.Option("auto", help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU; torch on a GPU), torch, onnx or openvino."),
-    precision: str = typer.Option("fp32", help="fp32; bf16: OpenVINO in bf16 on a CPU that has it natively (AVX512_BF16/AMX; faster "
-                                  "forward passes); int8: ONNX Runtime on the model quantised once and cached (CPU). Both give "
-                                  "slightly different nuclei: docs/performance.md."),
+    backend: str = typer.Option(
+        "auto", help="Inference: auto (OpenVINO, else ONNX Runtime on a CPU; torch on a GPU), torch, onnx or openvino."
+    ),
+    precision: str = typer.Option(
+        "fp32",
+        help="fp32; bf16: OpenVINO in bf16 on a CPU that has it natively (AVX512_BF16/AMX; faster "
+        "forward passes); int8: ONNX Runtime on the model quantised once and cached (CPU). Both give "
+        "slightly different nuclei: docs/performance.md.",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (and the SLURM job script) without running."),
-    cluster: str = typer.Option("local", help="local (Dask LocalCluster), slurm (dask-jobqueue) or none (this process).", rich_help_panel="Cluster"),
-    scheduler: Optional[str] = typer.Option(None, help="Address of an existing Dask scheduler (tcp://host:port).", rich_help_panel="Cluster"),
-    connect_timeout: float = typer.Option(30.0, hidden=True, help="Seconds to wait for --scheduler before giving up.", rich_help_panel="Cluster"),
+    cluster: str = typer.Option(
+        "local", help="local (Dask LocalCluster), slurm (dask-jobqueue) or none (this process).", rich_help_panel="Cluster"
+    ),
+    scheduler: Optional[str] = typer.Option(
+        None, help="Address of an existing Dask scheduler (tcp://host:port).", rich_help_panel="Cluster"
+    ),
+    connect_timeout: float = typer.Option(
+        30.0, hidden=True, help="Seconds to wait for --scheduler before giving up.", rich_help_panel="Cluster"
+    ),
     workers: int = typer.Option(1, help="Local worker processes (0: run in this process).", rich_help_panel="Cluster"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads of a forward pass (default 2; on SLURM without GPUs, --cores / --processes). "
-                                          "A worker runs two chunks at once and their forward passes take turns.", rich_help_panel="Cluster"),
-    gpus: Optional[int] = typer.Option(None, help="GPUs: local: one worker per GPU (default: all visible when --device is cuda); slurm: GPUs per job.", rich_help_panel="Cluster"),
-    cluster_config: Optional[Path] = typer.Option(None, help="YAML file of SLURM options (e.g. workflows/jobqueue.yaml); flags override it.", rich_help_panel="SLURM"),
+    threads: Optional[int] = typer.Option(
+        None,
+        help="CPU threads of a forward pass (default 2; on SLURM without GPUs, --cores / --processes). "
+        "A worker runs two chunks at once and their forward passes take turns.",
+        rich_help_panel="Cluster",
+    ),
+    gpus: Optional[int] = typer.Option(
+        None,
+        help="GPUs: local: one worker per GPU (default: all visible when --device is cuda); slurm: GPUs per job.",
+        rich_help_panel="Cluster",
+    ),
+    cluster_config: Optional[Path] = typer.Option(
+        None, help="YAML file of SLURM options (e.g. workflows/jobqueue.yaml); flags override it.", rich_help_panel="SLURM"
+    ),
     queue: Optional[str] = typer.Option(None, hidden=True, help="SLURM partition.", rich_help_panel="SLURM"),
     account: Optional[str] = typer.Option(None, hidden=True, help="SLURM account.", rich_help_panel="SLURM"),
     walltime: Optional[str] = typer.Option(None, hidden=True, help="Walltime per job, e.g. 04:00:00.", rich_help_panel="SLURM"),
     cores: Optional[int] = typer.Option(None, hidden=True, help="Cores per job.", rich_help_panel="SLURM"),
     memory: Optional[str] = typer.Option(None, hidden=True, help="Memory per job, e.g. 32GB.", rich_help_panel="SLURM"),
-    processes: Optional[int] = typer.Option(None, hidden=True, help="Worker processes per job (default 1, or one per GPU).", rich_help_panel="SLURM"),
-    job_extra: list[str] = typer.Option([], hidden=True, help="Extra #SBATCH directive, repeatable, e.g. --job-extra=--qos=long.", rich_help_panel="SLURM"),
+    processes: Optional[int] = typer.Option(
+        None, hidden=True, help="Worker processes per job (default 1, or one per GPU).", rich_help_panel="SLURM"
+    ),
+    job_extra: list[str] = typer.Option(
+        [], hidden=True, help="Extra #SBATCH directive, repeatable, e.g. --job-extra=--qos=long.", rich_help_panel="SLURM"
+    ),
     min_jobs: Optional[int] = typer.Option(None, hidden=True, help="Adaptive scaling: fewest jobs.", rich_help_panel="SLURM"),
     max_jobs: Optional[int] = typer.Option(None, hidden=True, help="Adaptive scaling: most jobs.", rich_help_panel="SLURM"),
-    worker_wait: Optional[str] = typer.Option(None, help="Stop (exit 75, resumable) after this long without any worker, e.g. jobs "
-                                              "pending in the queue: 30m, 2h, 90s; 0: wait for ever (default 1h).", rich_help_panel="Cluster"),
+    worker_wait: Optional[str] = typer.Option(
+        None,
+        help="Stop (exit 75, resumable) after this long without any worker, e.g. jobs "
+        "pending in the queue: 30m, 2h, 90s; 0: wait for ever (default 1h).",
+        rich_help_panel="Cluster",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or table."),
-    help_all: bool = typer.Option(False, "--help-all", is_eager=True, callback=_help_all, expose_value=False,
-                                  help="Show every option, the expert and SLURM ones too (SLURM options also go in --cluster-config YAML)."),
+    help_all: bool = typer.Option(
+        False,
+        "--help-all",
+        is_eager=True,
+        callback=_help_all,
+        expose_value=False,
+        help="Show every option, the expert and SLURM ones too (SLURM options also go in --cluster-config YAML).",
+    ),
 ) -> None:
     """Segment nuclei in whole slides: mask.zarr, nuclei.geojson.gz (QuPath), nuclei.parquet, summary.json, pictures, OUT/report.html."""
     from rich.console import Console
@@ -120,10 +180,30 @@ def segment(
         inputs, out = [Path(a) for a in input_args], Path(out_arg)
         from ..pipeline.config import parse_formats
 
-        segment_options = dict(formats=parse_formats(formats), model_dir=str(model) if model else None, level0_mpp=mpp, unusual_mpp=unusual_mpp, chunk_size=chunk_size, halo=halo, context=context, tta=tta, types=_on_off("--types", types),
-                               batch_size=batch_size, forward_memory=parse_size(forward_memory, "--forward-memory"), device=device,
-                               tissue_mask=not no_tissue_mask, whole_windows=whole_windows, reader=reader, backend=backend, precision=precision, geojson_format=fmt,
-                               raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite, keep_chunks=keep_chunks)
+        segment_options = dict(
+            formats=parse_formats(formats),
+            model_dir=str(model) if model else None,
+            level0_mpp=mpp,
+            unusual_mpp=unusual_mpp,
+            chunk_size=chunk_size,
+            halo=halo,
+            context=context,
+            tta=tta,
+            types=_on_off("--types", types),
+            batch_size=batch_size,
+            forward_memory=parse_size(forward_memory, "--forward-memory"),
+            device=device,
+            tissue_mask=not no_tissue_mask,
+            whole_windows=whole_windows,
+            reader=reader,
+            backend=backend,
+            precision=precision,
+            geojson_format=fmt,
+            raw_coordinates=raw_coordinates,
+            resume=resume,
+            overwrite=overwrite,
+            keep_chunks=keep_chunks,
+        )
         slurm = {"queue": queue, "account": account, "walltime": walltime, "cores": cores, "memory": memory, "processes": processes,
                  "job_extra": tuple(job_extra), "min_jobs": min_jobs, "max_jobs": max_jobs,
                  "worker_wait_s": None if worker_wait is None else parse_wait(worker_wait)}

@@ -93,7 +93,9 @@ def job_states(job_ids: list[str], timeout_s: float = 30.0) -> dict[str, str]:
     if not job_ids:
         return {}
     try:
-        done = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%t|%r"], capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%t|%r"], capture_output=True, text=True, timeout=timeout_s
+        )
     except (OSError, subprocess.TimeoutExpired):
         return {}
     states = {}

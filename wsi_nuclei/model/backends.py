@@ -44,8 +44,27 @@ import numpy as np
 from .. import atomic
 from ..errors import ConfigError, ModelError
 
-__all__ = ["Predictor", "make_predictor", "to_tensor", "onnx_available", "openvino_available", "resolve_backend", "BACKENDS", "cache_dir", "usable_cache_dir", "MODEL_GATE", "gate_wait_seconds", "PRECISIONS", "INT8_BACKEND", "BF16_BACKEND", "REDUCED", "backend_precision", "cpu_has_bf16",
-           "int8_path", "ensure_int8"]
+__all__ = [
+    "Predictor",
+    "make_predictor",
+    "to_tensor",
+    "onnx_available",
+    "openvino_available",
+    "resolve_backend",
+    "BACKENDS",
+    "cache_dir",
+    "usable_cache_dir",
+    "MODEL_GATE",
+    "gate_wait_seconds",
+    "PRECISIONS",
+    "INT8_BACKEND",
+    "BF16_BACKEND",
+    "REDUCED",
+    "backend_precision",
+    "cpu_has_bf16",
+    "int8_path",
+    "ensure_int8",
+]
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,17 @@ from pathlib import Path
 
 from .network import STRIDE
 
-__all__ = ["ForwardPlan", "plan_forward", "memory_limit", "cgroup_limit", "forward_budget", "worker_budget", "describe", "FORWARD_BYTES_PER_PX", "TASK_BYTES_PER_PX"]
+__all__ = [
+    "ForwardPlan",
+    "plan_forward",
+    "memory_limit",
+    "cgroup_limit",
+    "forward_budget",
+    "worker_budget",
+    "describe",
+    "FORWARD_BYTES_PER_PX",
+    "TASK_BYTES_PER_PX",
+]
 
 
 def _up32(v: float) -> int:
@@ -70,7 +80,9 @@ class ForwardPlan:
         return self.per_side(window) * self.tile + 2 * context
 
 
-def plan_forward(window: int, context: int, budget: int, bytes_per_px: float = FORWARD_BYTES_PER_PX, batch: int | None = None) -> ForwardPlan:
+def plan_forward(
+    window: int, context: int, budget: int, bytes_per_px: float = FORWARD_BYTES_PER_PX, batch: int | None = None
+) -> ForwardPlan:
     """The largest forward pass over a ``window`` px chunk window (a multiple of 32) that fits
     ``budget`` bytes: the whole window when it fits, else the fewest tiles per side whose
     (tile + 2·context)² input fits, with as many tiles per call as fit (or ``batch`` when given)."""
@@ -190,5 +202,7 @@ def worker_budget(worker_bytes: int, tasks: int, read: int, held: int = PROCESS_
 def describe(fp: ForwardPlan, window: int, context: int) -> str:
     """One line: how a ``window`` px chunk window is inferred under ``fp``."""
     per_side = fp.per_side(window)
-    what = f"the whole window, {fp.tile + 2 * context} px" if per_side == 1 else f"{per_side}x{per_side} tiles of {fp.tile + 2 * context} px"
+    what = (
+        f"the whole window, {fp.tile + 2 * context} px" if per_side == 1 else f"{per_side}x{per_side} tiles of {fp.tile + 2 * context} px"
+    )
     return f"{what}, {fp.batch} per call, needs {fp.peak_bytes(context) / 1e9:.1f} GB of {fp.budget / 1e9:.1f} GB"

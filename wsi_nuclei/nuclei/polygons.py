@@ -250,7 +250,9 @@ def label_polygons(
     # on QuPath's 0.01 px grid from the start; simplification keeps a subset of these vertices
     xy = np.round(np.column_stack([xs[sel], ys[sel]]) / GRID) * GRID
     idx = np.flatnonzero(ok)  # position in ``ids`` of each polygon below
-    geoms = shapely.polygons(shapely.linearrings(xy, indices=np.repeat(np.arange(len(idx)), counts[ok]))) if len(idx) else np.empty(0, object)
+    geoms = (
+        shapely.polygons(shapely.linearrings(xy, indices=np.repeat(np.arange(len(idx)), counts[ok]))) if len(idx) else np.empty(0, object)
+    )
     if simplify_px > 0:
         geoms = shapely.simplify(geoms, simplify_px * s, preserve_topology=True)
     bad = ~shapely.is_valid(geoms) | (shapely.get_type_id(geoms) != 3)

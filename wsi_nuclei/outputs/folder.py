@@ -29,7 +29,20 @@ from typing import Any
 from .. import atomic
 from ..errors import OutputError, shown
 
-__all__ = ["LOCK_NAME", "SlideLock", "slide_file", "same_file", "Verdict", "finished", "output_size", "folder_owner", "install", "remove_leftovers", "shown", "read_json"]
+__all__ = [
+    "LOCK_NAME",
+    "SlideLock",
+    "slide_file",
+    "same_file",
+    "Verdict",
+    "finished",
+    "output_size",
+    "folder_owner",
+    "install",
+    "remove_leftovers",
+    "shown",
+    "read_json",
+]
 
 #: Per-slide folder of an unfinished slide: plan, thumbnail, chunk files. Removed when finished.
 WORK_DIR = ".partial"
@@ -254,7 +267,9 @@ def check_writable(folder: Path, create: bool = True) -> None:
     if not create:
         where = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
         if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
-            raise OutputError(f"{shown(folder)}: cannot write outputs ({shown(where)} is not a writable folder); choose a writable -o folder")
+            raise OutputError(
+                f"{shown(folder)}: cannot write outputs ({shown(where)} is not a writable folder); choose a writable -o folder"
+            )
         return
     try:
         atomic.probe_write(folder)

@@ -42,7 +42,11 @@ def nuclei_anndata(parquet: Path | str) -> Any:
         raise OutputError(f"{shown(path)}: not a wsi-nuclei nuclei.parquet (no id, label, chunk or centroid columns)")
     names = [n for n in schema.names if n not in _NOT_MEASUREMENTS]
     meta = {n: {k.decode(): v.decode() for k, v in (schema.field(n).metadata or {}).items()} for n in names}
-    x = np.column_stack([table.column(n).to_numpy() for n in names]).astype(np.float32) if names else np.zeros((table.num_rows, 0), np.float32)
+    x = (
+        np.column_stack([table.column(n).to_numpy() for n in names]).astype(np.float32)
+        if names
+        else np.zeros((table.num_rows, 0), np.float32)
+    )
     ids = table.column("id").to_pylist()
     obs = pd.DataFrame({"label": table.column("label").to_numpy(), "chunk": table.column("chunk").to_numpy()},
                        index=pd.Index(ids, name="id"))

@@ -108,8 +108,14 @@ def _schema(names: Sequence[str], meta: dict[str, Any], type_names: Sequence[str
               pa.field("bbox", pa.struct([pa.field(k, pa.float64(), nullable=False) for k in ("xmin", "ymin", "xmax", "ymax")]),
                        nullable=False, metadata=px)]
     if type_names:
-        fields.append(pa.field("type", pa.dictionary(pa.int32(), pa.string()), nullable=True,
-                               metadata={b"description": b"nucleus type (QuPath class name); null: none", b"types": json.dumps(list(type_names)).encode()}))
+        fields.append(
+            pa.field(
+                "type",
+                pa.dictionary(pa.int32(), pa.string()),
+                nullable=True,
+                metadata={b"description": b"nucleus type (QuPath class name); null: none", b"types": json.dumps(list(type_names)).encode()},
+            )
+        )
     for name in names:
         fields.append(pa.field(column_name(name), pa.float64(), nullable=False,
                                metadata={b"qupath_name": name.encode(), b"unit": _unit(name).encode()}))
@@ -117,7 +123,9 @@ def _schema(names: Sequence[str], meta: dict[str, Any], type_names: Sequence[str
     geo = {"version": GEOPARQUET_VERSION, "primary_column": "geometry",
            "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None,
                                     "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}}}}}
-    return pa.schema(fields, metadata={b"geo": json.dumps(geo).encode(), b"wsi_nuclei": json.dumps(meta, sort_keys=True, default=str).encode()})
+    return pa.schema(
+        fields, metadata={b"geo": json.dumps(geo).encode(), b"wsi_nuclei": json.dumps(meta, sort_keys=True, default=str).encode()}
+    )
 
 
 class ParquetWriter(atomic.CommitOnSuccess):

@@ -249,7 +249,8 @@ document.querySelectorAll("th").forEach(function (th, col) {
   th.addEventListener("click", function () {
     var body = th.closest("table").tBodies[0], rows = Array.from(body.rows);
     var up = th.dataset.dir !== "up"; th.dataset.dir = up ? "up" : "down";
-    var key = function (r) { var c = r.querySelector('td[data-col="' + col + '"]'), v = !c ? "" : c.dataset.sort !== undefined ? c.dataset.sort : c.textContent;
+    var key = function (r) { var c = r.querySelector('td[data-col="' + col + '"]'),
+                                 v = !c ? "" : c.dataset.sort !== undefined ? c.dataset.sort : c.textContent;
                              var n = parseFloat(v); return isNaN(n) ? v.toLowerCase() : n; };
     rows.sort(function (a, b) { var x = key(a), y = key(b); if (typeof x !== typeof y) { x = String(x); y = String(y); }
                                 return (x < y ? -1 : x > y ? 1 : 0) * (up ? 1 : -1); });

@@ -148,7 +148,9 @@ def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, t
     _pictures(plan, temps, tally, types)
     summary = _summary(plan, cfg, run or {}, tally, files, {"write": t_written - t_write, "assemble": time.perf_counter() - t0})
     _install(plan, cfg, temps, summary)
-    return SlideResult(plan.path, "ok", str(Path(plan.out_dir)), tally.nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)})
+    return SlideResult(
+        plan.path, "ok", str(Path(plan.out_dir)), tally.nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)}
+    )
 
 
 def _output_files(cfg: SegmentConfig) -> dict[str, str]:
@@ -179,8 +181,19 @@ def _replay_chunks(plan: SlidePlan, cfg: SegmentConfig, files: dict[str, str], t
     geo_name = files.get("geojson", "")
     with ExitStack() as stack:
         geojson = stack.enter_context(GeoJSONWriter(temps[geo_name], gzipped=geo_name.endswith(".gz"))) if geo_name else None
-        parquet = stack.enter_context(ParquetWriter(temps[PARQUET_NAME], plan.slide_key, _parquet_meta(plan), names=measurement_names(types),
-                                                    type_names=tuple(t.qupath for t in types))) if "parquet" in files else None
+        parquet = (
+            stack.enter_context(
+                ParquetWriter(
+                    temps[PARQUET_NAME],
+                    plan.slide_key,
+                    _parquet_meta(plan),
+                    names=measurement_names(types),
+                    type_names=tuple(t.qupath for t in types),
+                )
+            )
+            if "parquet" in files
+            else None
+        )
         for ch in plan.chunks:
             part = _read_part(plan, ch)
             core = part.probability[: height - ch.y, : width - ch.x]  # a core is one Zarr chunk, clipped at the slide edge
@@ -279,7 +292,9 @@ def _read_part(plan: SlidePlan, ch: Any) -> Any:
         cause = err.__cause__
         why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
         path.unlink(missing_ok=True)
-        raise OutputError(f"{shown(path)}: damaged chunk file{why} (removed); run again with --resume to compute chunk {ch.index} again") from None
+        raise OutputError(
+            f"{shown(path)}: damaged chunk file{why} (removed); run again with --resume to compute chunk {ch.index} again"
+        ) from None
     if chunk_file_problem(path, plan.fingerprint, ch.index, part.meta) is not None:
         path.unlink(missing_ok=True)
         raise OutputError(f"{shown(path)}: chunk file made with other settings (removed); run again with --resume to compute it again")

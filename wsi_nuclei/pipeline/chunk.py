@@ -96,7 +96,9 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     # foreground, so the instances of that rectangle are the window's (same ids, raster order)
     px0, py0, px1, py1 = part[0], part[1], min(win, part[2] - 2 * ctx), min(win, part[3] - 2 * ctx)
     labels = np.zeros((win, win), dtype=np.int32)
-    labels[py0:py1, px0:px1] = probabilities_to_instances(probs[: len(card.outputs), py0:py1, px0:px1], card.outputs, card.postprocess, card.working_mpp)
+    labels[py0:py1, px0:px1] = probabilities_to_instances(
+        probs[: len(card.outputs), py0:py1, px0:px1], card.outputs, card.postprocess, card.working_mpp
+    )
     try:
         owned = own_by_centroid(labels, h, c, (chunk.y, chunk.x), plan.size, chunk.index)
     except OverflowError as err:
@@ -161,7 +163,12 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
     try:
         atomic.write_bytes(target, data)
     except OSError as err:
-        return ChunkDone(chunk.index, 0, 0.0, error=f"{target}: cannot write the chunk result ({err.strerror}); free disk space or choose another -o folder")
+        return ChunkDone(
+            chunk.index,
+            0,
+            0.0,
+            error=f"{target}: cannot write the chunk result ({err.strerror}); free disk space or choose another -o folder",
+        )
     seconds = time.perf_counter() - t0
     log.debug("%s: chunk %d done (%d nuclei, %.2f s)", plan.path, chunk.index, meta["nuclei"], seconds)
     return ChunkDone(chunk.index, int(meta["nuclei"]), round(seconds, 4))

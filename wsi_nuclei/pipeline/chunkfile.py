@@ -42,9 +42,15 @@ def encode_chunk_file(probability: np.ndarray, owned_local: np.ndarray, features
                       table: NucleusTable) -> bytes:
     """The bytes of a chunk file: the core's probability (uint8), the owned labels' local ids
     (uint16), the encoded features, the meta (JSON) and the nucleus table's columns."""
-    return _npz_bytes({"probability": probability, "owned_local": owned_local,
-                       "features": np.frombuffer(features, dtype=np.uint8), "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                       **table.arrays()})
+    return _npz_bytes(
+        {
+            "probability": probability,
+            "owned_local": owned_local,
+            "features": np.frombuffer(features, dtype=np.uint8),
+            "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            **table.arrays(),
+        }
+    )
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

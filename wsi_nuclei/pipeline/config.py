@@ -76,7 +76,10 @@ class SegmentConfig:
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0 or self.chunk_size % 32:
             raise ConfigError(f"--chunk-size must be > 0 and a multiple of 32, got {self.chunk_size!r}")
         if self.chunk_size > MAX_CHUNK:
-            raise ConfigError(f"--chunk-size {self.chunk_size} is larger than {MAX_CHUNK} px: a chunk is held in memory whole; use the default {DEFAULT_CHUNK}")
+            raise ConfigError(
+                f"--chunk-size {self.chunk_size} is larger than {MAX_CHUNK} px: a chunk is held in memory whole; use the "
+                f"default {DEFAULT_CHUNK}"
+            )
         for name, value in (("--halo", self.halo), ("--context", self.context)):
             if value is not None:
                 _int(name, value, 0)

@@ -20,7 +20,18 @@ from ..errors import ConfigError, WsiNucleiError
 from ..model.memory import PROCESS_BASE_BYTES, ForwardPlan
 from .config import DEFAULT_CHUNK, SegmentConfig
 
-__all__ = ["segment_device", "configs", "fitting_chunk", "CHUNK_CHOICES", "queue_depth", "DryForward", "dry_forward", "DryRow", "dry_run_rows", "parse_size"]
+__all__ = [
+    "segment_device",
+    "configs",
+    "fitting_chunk",
+    "CHUNK_CHOICES",
+    "queue_depth",
+    "DryForward",
+    "dry_forward",
+    "DryRow",
+    "dry_run_rows",
+    "parse_size",
+]
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +160,9 @@ class DryForward:
         return self.plan.per_side(self.window) == 1
 
 
-def dry_forward(cfg: SegmentConfig, ccfg: ClusterConfig, held: int = PROCESS_BASE_BYTES, worker_bytes: int | None = None) -> DryForward | None:
+def dry_forward(
+    cfg: SegmentConfig, ccfg: ClusterConfig, held: int = PROCESS_BASE_BYTES, worker_bytes: int | None = None
+) -> DryForward | None:
     """The forward plan a CPU worker of ``ccfg`` will make (SLURM: ``--memory / --processes``;
     local: the machine's or cgroup's memory shared by the workers), through the budget and plan
     functions a worker calls, for a process that holds ``held`` bytes; None where the workers

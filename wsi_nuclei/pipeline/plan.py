@@ -106,14 +106,23 @@ def plan_keys(path: Path | str, cfg: SegmentConfig, card: ModelCard, backend: st
     computed (backend, batch, device, version, chunk-file format): chunk files are reused only
     when it matches."""
     ident = slide_file(path)
-    outputs = {"slide": {k: ident[k] for k in ("name", "bytes", "mtime_ns")}, "model": card.weights_sha256, "card": card.to_json(),
-               "tiling": asdict(slide_tiling(cfg, card)), "level0_mpp": cfg.level0_mpp, "reader": cfg.reader,
-               "raw_coordinates": cfg.raw_coordinates, "tissue_mask": cfg.tissue_mask, "whole_windows": cfg.whole_windows, "tta": cfg.tta or card.tta,
-               "format": cfg.geojson_format,
-               # a typed model's classes change the GeoJSON and the tables: part of the key (only then)
-               **({"types": cfg.types} if card.types else {}),
-               # int8 and bf16 change the probabilities (fp32 backends agree within 1e-4): only then part of the key
-               **({"precision": cfg.precision} if cfg.precision != "fp32" else {})}
+    outputs = {
+        "slide": {k: ident[k] for k in ("name", "bytes", "mtime_ns")},
+        "model": card.weights_sha256,
+        "card": card.to_json(),
+        "tiling": asdict(slide_tiling(cfg, card)),
+        "level0_mpp": cfg.level0_mpp,
+        "reader": cfg.reader,
+        "raw_coordinates": cfg.raw_coordinates,
+        "tissue_mask": cfg.tissue_mask,
+        "whole_windows": cfg.whole_windows,
+        "tta": cfg.tta or card.tta,
+        "format": cfg.geojson_format,
+        # a typed model's classes change the GeoJSON and the tables: part of the key (only then)
+        **({"types": cfg.types} if card.types else {}),
+        # int8 and bf16 change the probabilities (fp32 backends agree within 1e-4): only then part of the key
+        **({"precision": cfg.precision} if cfg.precision != "fp32" else {}),
+    }
     pixels = hashlib.sha256(json.dumps(outputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
     # the files written (--formats) are part of the output key, not of the chunks: a chunk file holds every format's data
     key = hashlib.sha256(json.dumps({"outputs": pixels, "formats": sorted(cfg.formats)}).encode()).hexdigest()[:16]
@@ -144,7 +153,9 @@ def slide_config(cfg: SegmentConfig, out_dir: Path) -> SegmentConfig:
     return cfg
 
 
-def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | None = None) -> tuple[SlidePlan, np.ndarray, np.ndarray | None]:
+def plan_slide(
+    path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | None = None
+) -> tuple[SlidePlan, np.ndarray, np.ndarray | None]:
     """Open ``path``, derive tiling and tissue, list the chunks. Returns the plan, the thumbnail
     and the tissue mask (thumbnail grid). ``card``: the model's card, read once per run by the
     caller (default: read here). Reads the slide; writes nothing."""
@@ -157,7 +168,9 @@ def plan_slide(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard | 
     with open_slide(path, cfg.reader, cfg.level0_mpp) as slide:
         info = slide.info
         if info.level0_mpp is None:
-            raise SlideError(f"{shown(path)}: no resolution (mpp) in the slide metadata; pass --mpp, e.g. --mpp 0.25 for 40x or 0.5 for 20x")
+            raise SlideError(
+                f"{shown(path)}: no resolution (mpp) in the slide metadata; pass --mpp, e.g. --mpp 0.25 for 40x or 0.5 for 20x"
+            )
         thumb, thumb_scale = slide.thumbnail(2048)  # first: a damaged file says so before anything else
         if cfg.level0_mpp is None:
             try:
@@ -218,7 +231,9 @@ def check_outputs(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard
         return None
     if not cfg.resume:
         if state.state == "interrupted":
-            raise OutputError(f"{shown(out_dir)}: an interrupted run left unfinished outputs; pass --resume to continue it or --overwrite to start over")
+            raise OutputError(
+                f"{shown(out_dir)}: an interrupted run left unfinished outputs; pass --resume to continue it or --overwrite to start over"
+            )
         raise OutputError(f"{shown(out_dir)}: outputs exist; pass --resume to skip finished slides or --overwrite to replace them")
     if state.state == "finished":
         return SlideResult(str(path), "skipped", str(out_dir), state.nuclei, "finished in an earlier run (--resume)")

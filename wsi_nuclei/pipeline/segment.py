@@ -195,7 +195,11 @@ def _left_behind(jobs: list[tuple[Path, Path]], cfg: SegmentConfig, started: flo
                     continue
         except Exception:  # noqa: BLE001 - the slide then counts as not finished
             pass
-        out.append(SlideResult(str(path), "interrupted", str(out_dir), reason="the run stopped before this slide finished; run again with --resume"))
+        out.append(
+            SlideResult(
+                str(path), "interrupted", str(out_dir), reason="the run stopped before this slide finished; run again with --resume"
+            )
+        )
     return out
 
 

@@ -83,7 +83,9 @@ class Chunk:
     infer: tuple[int, int, int, int] | None = None
 
 
-def plan_chunks(width: int, height: int, tiling: Tiling, tissue: np.ndarray | None = None, tissue_scale: float = 1.0) -> tuple[list[Chunk], tuple[int, int]]:
+def plan_chunks(
+    width: int, height: int, tiling: Tiling, tissue: np.ndarray | None = None, tissue_scale: float = 1.0
+) -> tuple[list[Chunk], tuple[int, int]]:
     """Chunks (row-major) of a ``width`` × ``height`` working-px image whose window touches tissue.
 
     ``tissue`` is a boolean mask where one pixel covers ``tissue_scale`` working px; None keeps all.

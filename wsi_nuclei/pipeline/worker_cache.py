@@ -2,7 +2,8 @@
 
 A Dask worker runs several chunk tasks at once in threads: each cached object is built once under
 a lock (``torch.onnx.export``, for one, is not thread-safe). Open slide handles are per thread
-(tiffslide's file handle is not meant for concurrent reads). Used by the chunk tasks; benchmarks use it to time the same predictor and forward plan.
+(tiffslide's file handle is not meant for concurrent reads). Used by the chunk tasks; benchmarks
+use it to time the same predictor and forward plan.
 """
 
 from __future__ import annotations

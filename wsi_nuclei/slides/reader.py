@@ -34,8 +34,10 @@ def check_mpp(value: float, where: str, unusual: bool = False, override: str = "
         raise ConfigError(f"{where} must be > 0 µm/px and finite, got {value!r}; e.g. --mpp 0.25 for 40x or 0.5 for 20x")
     lo, hi = PLAUSIBLE_MPP
     if not unusual and not lo <= value <= hi:
-        raise ConfigError(f"{where}: {value:g} µm/px is outside the {lo:g}-{hi:g} µm/px of slides (0.25 at 40x, 0.5 at 20x; "
-                          "was it typed in mm or nm?); pass the right --mpp" + (f", or {override} if the value is right" if override else ""))
+        raise ConfigError(
+            f"{where}: {value:g} µm/px is outside the {lo:g}-{hi:g} µm/px of slides (0.25 at 40x, 0.5 at 20x; "
+            "was it typed in mm or nm?); pass the right --mpp" + (f", or {override} if the value is right" if override else "")
+        )
 
 
 log = logging.getLogger(__name__)
@@ -217,7 +219,9 @@ class Slide:
             ) from err
         arr = np.asarray(region)
         if arr.ndim == 2 or arr.dtype != np.uint8 or arr.shape[2] not in (3, 4):  # a format the file check let through
-            raise SlideError(f"{shown(self.info.path)}: read {arr.shape} {arr.dtype} pixels where RGB was expected; convert the slide to 8-bit RGB")
+            raise SlideError(
+                f"{shown(self.info.path)}: read {arr.shape} {arr.dtype} pixels where RGB was expected; convert the slide to 8-bit RGB"
+            )
         return composite_on_white(arr)
 
 
@@ -310,7 +314,10 @@ def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None
     prefix = name
     slide_mpp = mpp or _float(_prop(props, f"{prefix}.mpp-x", "openslide.mpp-x", "tiffslide.mpp-x"))
     bx, by = _prop(props, f"{prefix}.bounds-x", "openslide.bounds-x"), _prop(props, f"{prefix}.bounds-y", "openslide.bounds-y")
-    bw, bh = _prop(props, f"{prefix}.bounds-width", "openslide.bounds-width"), _prop(props, f"{prefix}.bounds-height", "openslide.bounds-height")
+    bw, bh = (
+        _prop(props, f"{prefix}.bounds-width", "openslide.bounds-width"),
+        _prop(props, f"{prefix}.bounds-height", "openslide.bounds-height"),
+    )
     dims = tuple((int(w), int(h)) for w, h in handle.level_dimensions)
     bounds = (int(bx or 0), int(by or 0), int(bw or dims[0][0]), int(bh or dims[0][1])) if (bx or by) else None
     try:

@@ -47,5 +47,7 @@ if __name__ == "__main__":  # python -m wsi_nuclei.training.calibration MONUSEG_
     CALIBRATION_IMAGE.with_suffix(".txt").write_text(
         "int8 calibration crops (wsi_nuclei/model/quantize.py): 32 crops of 256 x 256 px at 0.5 µm/px, cut from MoNuSeg 2018\n"
         "training images that are not validation images of the shipped model, mosaic of 8 x 4, JPEG quality 92.\n"
-        "MoNuSeg 2018: CC BY-NC-SA 4.0, non-commercial use. Made by: python -m wsi_nuclei.training.calibration ../shared/data/monuseg/train\n"
-        "crop\timage\ttop-left at 0.5 um/px\n" + "\n".join(provenance) + "\n")
+        "MoNuSeg 2018: CC BY-NC-SA 4.0, non-commercial use. Made by: python -m wsi_nuclei.training.calibration "
+        "../shared/data/monuseg/train\n"
+        "crop\timage\ttop-left at 0.5 um/px\n" + "\n".join(provenance) + "\n"
+    )

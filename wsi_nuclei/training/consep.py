@@ -38,7 +38,9 @@ def _consep_root(root: Path, split: str) -> Path:
     for cand in (root, root.parent, root.parent.parent):
         if (cand / "images" / split).is_dir() and (cand / "instances" / split).is_dir():
             return cand
-    raise DatasetError(f"{root}: no CoNSeP images/{split}/ and instances/{split}/ here; pass the consep folder (the one holding images/ and instances/)")
+    raise DatasetError(
+        f"{root}: no CoNSeP images/{split}/ and instances/{split}/ here; pass the consep folder (the one holding images/ and instances/)"
+    )
 
 
 def load_consep(root: Path | str, split: str = "test", names: list[str] | None = None, limit: int | None = None) -> list[Sample]:

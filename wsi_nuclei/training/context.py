@@ -137,7 +137,11 @@ def region_image(card: ModelCard, slide: Path | str | None, x: int, y: int, side
 
 
 def measure_on_slide(
-    model_dir: Path | str | None = None, slide: Path | str | None = None, x: int = DEFAULT_REGION[0], y: int = DEFAULT_REGION[1], tiles: int = 3,
+    model_dir: Path | str | None = None,
+    slide: Path | str | None = None,
+    x: int = DEFAULT_REGION[0],
+    y: int = DEFAULT_REGION[1],
+    tiles: int = 3,
     write: bool = False,
 ) -> ContextMeasurement:
     """:func:`measure_context` for the model in ``model_dir`` (default: the shipped one) on a

@@ -134,7 +134,9 @@ def evaluate_dataset(
         tta=tta or card.tta,
         backend=backend_name,
         seconds_per_image=round(seconds / max(1, len(samples)), 4),
-        groups={g: asdict(v) for g, v in group_scores([(sample_group(s), m.aji, m.dice, m.n_true) for s, m in zip(samples, items)]).items()},
+        groups={
+            g: asdict(v) for g, v in group_scores([(sample_group(s), m.aji, m.dice, m.n_true) for s, m in zip(samples, items)]).items()
+        },
         images=rows,
     )
     if typed_set and counts.true_paired:

@@ -55,16 +55,25 @@ def _start_model(cfg: TrainConfig, extra: dict[str, Any]) -> Any:
     if cfg.init:
         init_model, init_card = load_model(cfg.init)
         init_decoder = tuple(init_card.training.get("decoder_channels") or cfg.decoder_channels)
-        if init_card.encoder != cfg.encoder or tuple(init_card.outputs) != tuple(cfg.outputs) or init_decoder != tuple(cfg.decoder_channels):
-            raise ConfigError(f"--init {cfg.init}: its model is {init_card.encoder} with outputs {list(init_card.outputs)} and decoder {list(init_decoder)}, "
-                              f"the training asks for {cfg.encoder} with {list(cfg.outputs)} and {list(cfg.decoder_channels)}; pass matching --encoder")
+        if (
+            init_card.encoder != cfg.encoder
+            or tuple(init_card.outputs) != tuple(cfg.outputs)
+            or init_decoder != tuple(cfg.decoder_channels)
+        ):
+            raise ConfigError(
+                f"--init {cfg.init}: its model is {init_card.encoder} with outputs {list(init_card.outputs)} and decoder "
+                f"{list(init_decoder)}, "
+                f"the training asks for {cfg.encoder} with {list(cfg.outputs)} and {list(cfg.decoder_channels)}; pass matching --encoder"
+            )
         widened = widen_head(model, init_model.state_dict())
         extra["init_sha256"] = init_card.weights_sha256
         if widened:
             extra["init_widened"] = widened
     elif cfg.pretrained:
         if cfg.encoder not in IMAGENET_LITE:
-            raise ConfigError(f"ImageNet weights are available offline only for {', '.join(IMAGENET_LITE)}, not {cfg.encoder}; pass --scratch")
+            raise ConfigError(
+                f"ImageNet weights are available offline only for {', '.join(IMAGENET_LITE)}, not {cfg.encoder}; pass --scratch"
+            )
         load_imagenet_lite(model, cfg.encoder)
     return model
 
