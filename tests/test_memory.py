@@ -154,7 +154,7 @@ def test_the_default_chunk_fits_the_workers_memory():
 
     def chunk(memory: str, given: int | None = None) -> int:
         slurm = {"cores": 2, "memory": memory, "processes": 1}
-        cfg, _ = configs({"chunk_size": given}, "slurm", None, 1, None, None, 30.0, None, slurm, True, 4)
+        cfg, _ = configs({"chunk_size": given}, cluster="slurm", slurm=slurm, dry_run=True, max_slides=4)
         return cfg.chunk_size
 
     assert DEFAULT_CHUNK == 1536

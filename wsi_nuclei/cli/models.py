@@ -155,7 +155,7 @@ def evaluate(
         "fp32", help="fp32, bf16 (OpenVINO, CPUs with native bf16) or int8 (ONNX Runtime on the quantised model): as the slide pipeline."
     ),
 ) -> None:
-    """Pixel Dice/IoU, AJI, PQ (DQ, SQ) and object F1 of a model on an annotated dataset."""
+    """Pixel Dice/IoU, AJI, PQ (DQ, SQ), object F1 and size bias of a model on an annotated dataset."""
     from ..training.evaluate import evaluate_dataset
 
     try:
@@ -175,16 +175,16 @@ def evaluate(
     from rich.table import Table
 
     table = Table(title=f"{dataset}: {report['n_images']} images, model {report['model']}")
-    keys = ("dice", "iou", "aji", "pq", "dq", "sq", "f1")
+    keys = ("dice", "iou", "aji", "pq", "dq", "sq", "f1", "size_bias")
     table.add_column("image")
-    for k in keys:
-        table.add_column(k, justify="right")
+    for k in keys:  # size: predicted / true area of the matched nuclei (below 1: outlines too tight)
+        table.add_column("size" if k == "size_bias" else k, justify="right")
     if per_image:
         for row in report["images"]:
             table.add_row(row["name"], *(f"{row[k]:.3f}" for k in keys))
     if len(report["groups"]) > 1:
         for name, g in report["groups"].items():
-            table.add_row(f"group {name} ({g['n_images']} img)", f"{g['dice']:.3f}", "", f"{g['aji']:.3f}", "", "", "", "")
+            table.add_row(f"group {name} ({g['n_images']} img)", f"{g['dice']:.3f}", "", f"{g['aji']:.3f}", "", "", "", "", "")
     table.add_row("[bold]mean", *(f"[bold]{report[k]:.3f}" for k in keys))
     Console().print(table)
     if "types" in report:  # HoVer-Net's detection and per-type F1 (centroids paired within 3 µm)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -164,13 +164,10 @@ def segment(
     """Segment nuclei in whole slides: mask.zarr, nuclei.geojson.gz (QuPath), nuclei.parquet, summary.json, pictures, OUT/report.html."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     from ..cluster.client import close_client, make_client
     from ..cluster.slurm import NoWorkersError, WorkerWatch, parse_wait
-    from ..errors import shown
-    from ..model.network import load_model
-    from ..pipeline.launch import configs, parse_size, queue_depth
+    from ..pipeline.launch import configs, parse_size, prepare_model, queue_depth
     from ..pipeline.segment import segment_many
 
     console = Console(stderr=True, quiet=quiet)
@@ -207,14 +204,10 @@ def segment(
         slurm = {"queue": queue, "account": account, "walltime": walltime, "cores": cores, "memory": memory, "processes": processes,
                  "job_extra": tuple(job_extra), "min_jobs": min_jobs, "max_jobs": max_jobs,
                  "worker_wait_s": None if worker_wait is None else parse_wait(worker_wait)}
-        cfg, ccfg = configs(segment_options, cluster, scheduler, workers, threads, gpus, connect_timeout, cluster_config, slurm, dry_run,
-                            max_slides)
-        net, card = load_model(model)  # a broken model fails here, once, not on every slide
-        if cfg.precision == "int8" and not dry_run:
-            from ..model.backends import ensure_int8
-
-            ensure_int8(net, card)  # once, here, before any worker would quantise it too
-        del net
+        cfg, ccfg = configs(segment_options, cluster=cluster, scheduler=scheduler, workers=workers, threads=threads, gpus=gpus,
+                            connect_timeout=connect_timeout, cluster_yaml=cluster_config, slurm=slurm, dry_run=dry_run,
+                            max_slides=max_slides)
+        prepare_model(cfg, dry_run)  # a broken model fails here, once, not on every slide
         if dry_run:
             _dry_run(inputs, out, cfg, ccfg, max_slides)
             return
@@ -263,12 +256,25 @@ def segment(
         typer.echo(f"{how}: finished chunks and slides are kept in {out}; run the same command with --resume to continue", err=True)
         raise typer.Exit(128 + int(interrupted[0]))
     if not quiet:
-        table = Table(title=f"wsi-nuclei segment → {out}")
-        for col in ("slide", "status", "nuclei", "seconds", "note"):
-            table.add_column(col)
-        for r in results:
-            table.add_row(Path(r.slide).name, r.status, str(r.nuclei), f"{r.seconds:.1f}", r.reason[:80])
-        console.print(table)
+        _results_table(console, out, results)
+    _report_failures(results)
+
+
+def _results_table(console: Any, out: Path, results: list[SlideResult]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"wsi-nuclei segment → {out}")
+    for col in ("slide", "status", "nuclei", "seconds", "note"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(Path(r.slide).name, r.status, str(r.nuclei), f"{r.seconds:.1f}", r.reason[:80])
+    console.print(table)
+
+
+def _report_failures(results: list[SlideResult]) -> None:
+    """One line per failed slide (with --debug its traceback first), then exit 1 if any failed."""
+    from ..errors import shown
+
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         if _state["debug"] and r.extra.get("error_file"):

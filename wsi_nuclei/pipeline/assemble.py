@@ -25,7 +25,7 @@ from ..errors import OutputError, WsiNucleiError
 from ..outputs.density import DensityGrid, density_png
 from ..outputs.folder import install, output_size, shown
 from .chunk import measurement_names, typed
-from .chunkfile import chunk_file_problem, read_chunk_file
+from .chunkfile import ChunkMeta, chunk_file_problem, read_chunk_file
 from .config import SegmentConfig
 from .plan import SlidePlan
 from .results import SlideResult
@@ -106,7 +106,7 @@ class _Tally:
 
         return cls(grid(), {t.qupath: grid() for t in types}, {t.qupath: 0 for t in types})
 
-    def add(self, meta: dict[str, Any], table: Any, count: int, shift: tuple[float, float], types: tuple[Any, ...]) -> None:
+    def add(self, meta: ChunkMeta, table: Any, count: int, shift: tuple[float, float], types: tuple[Any, ...]) -> None:
         xy = table.centroids() + np.asarray(shift)  # raw level-0 px
         self.density.add(xy)
         for name, k in table.type_counts().items():
@@ -116,12 +116,11 @@ class _Tally:
             for k, t in enumerate(types, start=1):
                 self.type_density[t.qupath].add(xy[table.kinds == k])
         self.nuclei += count
-        self.cut += int(meta["cut"])
-        self.inferred += int(meta.get("inferred_px", 0))
-        fwd = tuple(meta["forward"])
-        self.forwards[fwd] = self.forwards.get(fwd, 0) + 1
+        self.cut += meta.cut
+        self.inferred += meta.inferred_px
+        self.forwards[meta.forward] = self.forwards.get(meta.forward, 0) + 1
         for k in self.times:
-            self.times[k] += float(meta["times"].get(k, 0.0))
+            self.times[k] += float(meta.times.get(k, 0.0))
 
     def typed_labels(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(sorted labels, their types) over the slide, for the overlay; None without types."""
@@ -199,7 +198,7 @@ def _replay_chunks(plan: SlidePlan, cfg: SegmentConfig, files: dict[str, str], t
             core = part.probability[: height - ch.y, : width - ch.x]  # a core is one Zarr chunk, clipped at the slide edge
             probability[ch.y : ch.y + core.shape[0], ch.x : ch.x + core.shape[1]] = core
             y0, x0 = ch.y - tiling.halo, ch.x - tiling.halo
-            owned, features, table, count = part.owned, part.features, part.table, int(part.meta["nuclei"])
+            owned, features, table, count = part.owned, part.features, part.table, part.meta.nuclei
             twice = overlapping(owned, labels.under(y0, x0, owned.shape))  # a nucleus two chunks both kept
             if len(twice):
                 owned = np.where(np.isin(owned, twice), np.uint32(0), owned)

@@ -39,7 +39,7 @@ from ..nuclei.classes import (
 from ..nuclei.instances import IDS_PER_CHUNK
 from ..nuclei.polygons import Nucleus
 from ..nuclei.table import PIPELINE_MEASUREMENTS, NucleusTable
-from .chunkfile import encode_chunk_file, read_chunk_file
+from .chunkfile import ChunkMeta, encode_chunk_file, read_chunk_file
 from .config import SegmentConfig
 from .plan import SlidePlan
 from .results import ChunkDone
@@ -153,9 +153,9 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
         return ChunkDone(chunk.index, 0, 0.0, error=str(err), trace=traceback.format_exc())
     blob = b",\n".join(res.features)
     table = res.table if res.table is not None else NucleusTable.empty()
-    meta: dict[str, Any] = {"chunk": asdict(chunk), "nuclei": len(res.features), "cut": res.cut,
-            "times": res.times, "forward": list(res.forward), "fingerprint": plan.fingerprint, "inferred_px": res.inferred_px,
-            "measurements": list(table.names), **({"types": list(table.type_names)} if table.type_names else {})}
+    meta = ChunkMeta(chunk=asdict(chunk), nuclei=len(res.features), cut=res.cut, times=res.times, forward=tuple(res.forward),
+                     fingerprint=plan.fingerprint, inferred_px=res.inferred_px, measurements=tuple(table.names),
+                     types=tuple(table.type_names or ()))
     # ids are chunk.index * 2**16 + local id: store the local part (uint16, half the bytes)
     local = (res.owned & np.uint32(IDS_PER_CHUNK - 1)).astype(np.uint16)
     data = encode_chunk_file(res.probability, local, blob, meta, table)
@@ -170,5 +170,5 @@ def chunk_task(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkDone:
             error=f"{target}: cannot write the chunk result ({err.strerror}); free disk space or choose another -o folder",
         )
     seconds = time.perf_counter() - t0
-    log.debug("%s: chunk %d done (%d nuclei, %.2f s)", plan.path, chunk.index, meta["nuclei"], seconds)
-    return ChunkDone(chunk.index, int(meta["nuclei"]), round(seconds, 4))
+    log.debug("%s: chunk %d done (%d nuclei, %.2f s)", plan.path, chunk.index, meta.nuclei, seconds)
+    return ChunkDone(chunk.index, meta.nuclei, round(seconds, 4))

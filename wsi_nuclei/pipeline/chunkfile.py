@@ -21,10 +21,47 @@ from ..errors import OutputError
 from ..nuclei.instances import IDS_PER_CHUNK
 from ..nuclei.table import NucleusTable
 
-__all__ = ["CHUNK_FILE_VERSION", "StoredChunk", "encode_chunk_file", "read_chunk_file", "chunk_file_problem"]
+__all__ = ["CHUNK_FILE_VERSION", "ChunkMeta", "StoredChunk", "encode_chunk_file", "read_chunk_file", "chunk_file_problem"]
 
 #: The chunk-file format; part of the fingerprint, so files of another format are recomputed.
 CHUNK_FILE_VERSION = 4
+
+
+@dataclass(frozen=True)
+class ChunkMeta:
+    """What a chunk file says about itself (its ``meta`` member, JSON)."""
+
+    chunk: dict[str, Any]  #: the chunk (``tiling.Chunk`` as a dict): index, row, col, x, y, infer box
+    nuclei: int  #: nuclei the chunk owns (features and table rows)
+    cut: int  #: nuclei that reached the edge of the chunk's window
+    times: dict[str, float]  #: seconds per stage: read, waiting, inference, instances, polygons
+    forward: tuple[int, ...]  #: how the window was inferred: (core px, tiles per call, ...)
+    fingerprint: str  #: the plan's fingerprint: a file of other settings is never reused
+    inferred_px: int  #: pixels given to the model
+    measurements: tuple[str, ...]  #: the nucleus table's measurement columns
+    types: tuple[str, ...] = ()  #: a typed model's class names (empty: untyped)
+
+    @property
+    def index(self) -> int:
+        return int(self.chunk["index"])
+
+    def to_json(self) -> str:
+        out: dict[str, Any] = {"chunk": self.chunk, "nuclei": self.nuclei, "cut": self.cut, "times": self.times,
+                               "forward": list(self.forward), "fingerprint": self.fingerprint, "inferred_px": self.inferred_px,
+                               "measurements": list(self.measurements)}
+        if self.types:
+            out["types"] = list(self.types)
+        return json.dumps(out)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ChunkMeta:
+        """Raises ValueError, KeyError or TypeError for meta that is not a chunk file's."""
+        d = json.loads(text)
+        if not isinstance(d, dict) or not isinstance(d.get("chunk"), dict):
+            raise ValueError("the meta is not a chunk file's")
+        return cls(chunk=d["chunk"], nuclei=int(d["nuclei"]), cut=int(d["cut"]), times={k: float(v) for k, v in d["times"].items()},
+                   forward=tuple(int(v) for v in d["forward"]), fingerprint=str(d["fingerprint"]),
+                   inferred_px=int(d.get("inferred_px", 0)), measurements=tuple(d["measurements"]), types=tuple(d.get("types", ())))
 
 
 @dataclass(frozen=True)
@@ -34,11 +71,11 @@ class StoredChunk:
     probability: np.ndarray
     owned: np.ndarray
     features: bytes  # the encoded features joined by ",\n"
-    meta: dict[str, Any]
+    meta: ChunkMeta
     table: NucleusTable  # the same nuclei as columns, in the same order
 
 
-def encode_chunk_file(probability: np.ndarray, owned_local: np.ndarray, features: bytes, meta: dict[str, Any],
+def encode_chunk_file(probability: np.ndarray, owned_local: np.ndarray, features: bytes, meta: ChunkMeta,
                       table: NucleusTable) -> bytes:
     """The bytes of a chunk file: the core's probability (uint8), the owned labels' local ids
     (uint16), the encoded features, the meta (JSON) and the nucleus table's columns."""
@@ -47,7 +84,7 @@ def encode_chunk_file(probability: np.ndarray, owned_local: np.ndarray, features
             "probability": probability,
             "owned_local": owned_local,
             "features": np.frombuffer(features, dtype=np.uint8),
-            "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            "meta": np.frombuffer(meta.to_json().encode(), dtype=np.uint8),
             **table.arrays(),
         }
     )
@@ -68,19 +105,19 @@ def read_chunk_file(path: Path) -> StoredChunk:
     """A chunk file as written by :func:`chunk_task`; ``owned`` with global ids (uint32)."""
     try:
         with np.load(path) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
+            meta = ChunkMeta.from_json(bytes(z["meta"]).decode())
             local = z["owned_local"]
-            base = np.uint32(int(meta["chunk"]["index"]) * IDS_PER_CHUNK)
+            base = np.uint32(meta.index * IDS_PER_CHUNK)
             owned = np.where(local > 0, local.astype(np.uint32) + base, np.uint32(0))
-            table = NucleusTable.from_arrays(z, meta["measurements"], meta.get("types", ()))
-            if len(table) != int(meta["nuclei"]):
-                raise ValueError(f"{len(table)} nuclei in the table, {meta['nuclei']} features")
+            table = NucleusTable.from_arrays(z, list(meta.measurements), meta.types)
+            if len(table) != meta.nuclei:
+                raise ValueError(f"{len(table)} nuclei in the table, {meta.nuclei} features")
             return StoredChunk(z["probability"], owned, bytes(z["features"]), meta, table)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
         raise OutputError(f"{path}: unreadable chunk file ({type(err).__name__}: {err})") from err
 
 
-def chunk_file_problem(path: Path, fingerprint: str, index: int, meta: dict[str, Any] | None = None) -> str | None:
+def chunk_file_problem(path: Path, fingerprint: str, index: int, meta: ChunkMeta | None = None) -> str | None:
     """Why the chunk file at ``path`` cannot be used for chunk ``index`` of a plan with
     ``fingerprint`` (None: it can): unreadable, a member failing its CRC, or made with other
     settings or for another chunk. ``meta``: the file's meta when it was already read."""
@@ -91,9 +128,9 @@ def chunk_file_problem(path: Path, fingerprint: str, index: int, meta: dict[str,
             if member is not None:
                 return f"bad CRC in {member}"
             with np.load(path) as z:
-                meta = json.loads(bytes(z["meta"]).decode())
-    except (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError) as err:
+                meta = ChunkMeta.from_json(bytes(z["meta"]).decode())
+    except (OSError, ValueError, zipfile.BadZipFile, KeyError, TypeError, EOFError) as err:
         return f"{type(err).__name__}: {err}"
-    if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint or meta.get("chunk", {}).get("index") != index:
+    if meta.fingerprint != fingerprint or meta.chunk.get("index") != index:
         return "made with other settings or for another chunk"
     return None

@@ -65,7 +65,7 @@ def segment_device(device: str, cluster: str, scheduler: str | None, dry_run: bo
 
 
 def configs(
-    segment: dict[str, Any], cluster: str = "local", scheduler: str | None = None, workers: int = 1, threads: int | None = None,
+    segment: dict[str, Any], *, cluster: str = "local", scheduler: str | None = None, workers: int = 1, threads: int | None = None,
     gpus: int | None = None, connect_timeout: float = 30.0, cluster_yaml: Path | None = None, slurm: dict[str, Any] | None = None,
     dry_run: bool = False, max_slides: int = 2,
 ) -> tuple[SegmentConfig, ClusterConfig]:
@@ -120,6 +120,19 @@ def configs(
 
 #: The chunk sizes ``segment`` chooses from when ``--chunk-size`` is not given, largest first.
 CHUNK_CHOICES = (DEFAULT_CHUNK, 1024)
+
+
+def prepare_model(cfg: SegmentConfig, dry_run: bool = False) -> None:
+    """Load the model ``cfg`` names once, on the driver, before any slide: a broken model fails
+    here with one line, not on every slide. For ``--precision int8`` the quantised model is made
+    and cached here too (not by every worker at once); a dry run skips that."""
+    from ..model.network import load_model
+
+    net, card = load_model(Path(cfg.model_dir) if cfg.model_dir else None)
+    if cfg.precision == "int8" and not dry_run:
+        from ..model.backends import ensure_int8
+
+        ensure_int8(net, card)
 
 
 def fitting_chunk(cfg: SegmentConfig, ccfg: ClusterConfig) -> int:
