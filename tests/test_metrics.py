@@ -210,10 +210,28 @@ def test_mean_metrics_and_as_dict() -> None:
     one[0, 0] = 1
     m1, m2 = evaluate_pair(z, z), evaluate_pair(one, z)  # all 1.0 and all 0.0
     d = m2.as_dict()
-    assert set(d) == set(FLOAT_FIELDS) | {"n_true", "n_pred"}
+    assert set(d) == set(FLOAT_FIELDS) | {"n_true", "n_pred", "matched_true_px", "matched_pred_px", "size_bias"}
     out = mean_metrics([m1, m2])
     assert all(out[f] == 0.5 for f in FLOAT_FIELDS)
     assert (out["n_images"], out["n_true"], out["n_pred"]) == (2, 1, 0)
+
+
+def test_size_bias_over_matched_pairs_only() -> None:
+    """Predicted / true area of the pairs matched at IoU > 0.5, pooled over images; unmatched
+    objects do not count (a missed nucleus is a detection error, not an outline error)."""
+    true = np.zeros((20, 20), np.int32)
+    true[0:4, 0:4] = 1  # 16 px, predicted 3 x 4 = 12 px: IoU 0.75, matched
+    true[10:14, 10:14] = 2  # 16 px, not predicted
+    pred = np.zeros((20, 20), np.int32)
+    pred[0:3, 0:4] = 5
+    pred[16:18, 16:18] = 6  # 4 px, no true partner
+    m = evaluate_pair(true, pred)
+    assert (m.matched_true_px, m.matched_pred_px) == (16, 12) and m.size_bias == pytest.approx(0.75)
+    bigger = np.zeros((20, 20), np.int32)
+    bigger[0:5, 0:4] = 1  # 20 px against its 16: IoU 0.8
+    out = mean_metrics([m, evaluate_pair(true, bigger)])
+    assert out["size_bias"] == pytest.approx((12 + 20) / (16 + 16))  # pooled over both images' pairs
+    assert evaluate_pair(true, np.zeros_like(true)).size_bias == 0.0
 
 
 # ---------------------------------------------------------------- brute force

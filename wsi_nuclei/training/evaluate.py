@@ -158,7 +158,7 @@ def record_in_card(report: dict[str, Any], model_dir: Path | str | None = None) 
     card = load_card(directory)
     if report["model"] != card.model_id:
         raise ConfigError(f"{directory}: the report was made with model {report['model']}, not this one")
-    keys = ("dice", "iou", "aji", "pq", "dq", "sq", "f1", "precision", "recall", "n_images", "seconds_per_image")
+    keys = ("dice", "iou", "aji", "pq", "dq", "sq", "f1", "precision", "recall", "size_bias", "n_images", "seconds_per_image")
     entry = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items() if k in keys}
     entry["tta"] = report.get("tta", card.tta)
     extra = f" --tta {entry['tta']}" if entry["tta"] != card.tta else ""

@@ -37,6 +37,9 @@ class ImageMetrics:
         unique matching of objects at IoU > 0.5.
     n_true, n_pred : int
         Number of true / predicted objects.
+    matched_true_px, matched_pred_px : int
+        Summed areas of the true / predicted objects of the matched pairs (IoU > 0.5): their ratio
+        is the size bias (:attr:`size_bias`; below 1: predicted outlines smaller than annotated).
     """
 
     dice: float
@@ -50,6 +53,13 @@ class ImageMetrics:
     recall: float
     n_true: int
     n_pred: int
+    matched_true_px: int = 0
+    matched_pred_px: int = 0
+
+    @property
+    def size_bias(self) -> float:
+        """Predicted area / true area over the matched pairs (0.0 when none matched)."""
+        return self.matched_pred_px / self.matched_true_px if self.matched_true_px else 0.0
 
     @property
     def unmatched(self) -> int:
@@ -58,8 +68,8 @@ class ImageMetrics:
         return self.n_true + self.n_pred - 2 * round(self.f1 * (self.n_true + self.n_pred) / 2)
 
     def as_dict(self) -> dict[str, float | int]:
-        """Return the metrics as a plain ``{field name: value}`` dict."""
-        return asdict(self)
+        """Return the metrics as a plain ``{field name: value}`` dict, with ``size_bias``."""
+        return {**asdict(self), "size_bias": self.size_bias}
 
 
 class _Overlap(NamedTuple):
@@ -281,7 +291,9 @@ def evaluate_pair(true_labels: np.ndarray, pred_labels: np.ndarray) -> ImageMetr
     st, sp = int(ov.area_true[1:].sum()), int(ov.area_pred[1:].sum())
     dice, iou = _ratio(2 * ov.fg_inter, st + sp), _ratio(ov.fg_inter, st + sp - ov.fg_inter)
     pq, dq, sq, tp, fp, fn = _pq(ov, 0.5)
-    return ImageMetrics(dice, iou, _aji(ov), pq, dq, sq, *_f1(tp, fp, fn), ov.n_true, ov.n_pred)
+    pairs = ov.iou > 0.5  # unique pairs, as PQ's
+    matched_true, matched_pred = int(ov.area_true[ov.ti[pairs]].sum()), int(ov.area_pred[ov.pi[pairs]].sum())
+    return ImageMetrics(dice, iou, _aji(ov), pq, dq, sq, *_f1(tp, fp, fn), ov.n_true, ov.n_pred, matched_true, matched_pred)
 
 
 def mean_metrics(items: Sequence[ImageMetrics]) -> dict[str, float | int]:
@@ -295,12 +307,15 @@ def mean_metrics(items: Sequence[ImageMetrics]) -> dict[str, float | int]:
     Returns
     -------
     dict of str to float or int
-        The mean of every float field, ``n_images``, and the summed ``n_true`` and ``n_pred``.
+        The mean of every float field, ``n_images``, the summed counts (``n_true``, ``n_pred``,
+        ``matched_true_px``, ``matched_pred_px``) and ``size_bias`` pooled over every matched pair.
     """
     if len(items) == 0:
         raise ValueError("mean_metrics needs at least one ImageMetrics, got an empty sequence")
     out: dict[str, float | int] = {"n_images": len(items)}
     for f in fields(ImageMetrics):
         vals = [getattr(m, f.name) for m in items]
-        out[f.name] = int(sum(vals)) if f.name in ("n_true", "n_pred") else float(np.mean(vals))
+        out[f.name] = int(sum(vals)) if f.type in (int, "int") else float(np.mean(vals))
+    matched_true = int(out["matched_true_px"])
+    out["size_bias"] = int(out["matched_pred_px"]) / matched_true if matched_true else 0.0
     return out
