@@ -96,3 +96,28 @@ def test_segment_precision_bf16(tmp_path):
     card = model_card(SegmentConfig())
     keys = {p: plan_keys(slide, SegmentConfig(precision=p), card, resolve_backend("auto", "cpu", p))[1] for p in ("fp32", "bf16")}
     assert keys["fp32"] != keys["bf16"]
+
+
+def test_bf16_on_remote_workers_is_checked_by_the_workers_not_the_driver(tmp_path, monkeypatch):
+    """A SLURM login node (or a notebook beside a scheduler) may lack bf16 while the compute nodes
+    have it: then only the workers check. A local run keeps the driver's check, and a worker
+    without bf16 fails its slide with the line that names the node, never a quiet fp32 run."""
+    from wsi_nuclei.pipeline.config import SegmentConfig
+    from wsi_nuclei.pipeline.launch import configs
+    from wsi_nuclei.pipeline.segment import segment_many
+
+    from .slides import disc_slide
+
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)  # this driver: a CPU without bf16
+    with pytest.raises(ConfigError, match="native bf16"):
+        configs({"precision": "bf16", "device": "cpu"}, cluster="local", dry_run=True)
+    slurm = {"cores": 4, "memory": "8GB", "processes": 1}
+    for where in ({"cluster": "slurm", "slurm": slurm}, {"cluster": "local", "scheduler": "tcp://127.0.0.1:1"}):
+        cfg, _ = configs({"precision": "bf16", "device": "cpu"}, dry_run=True, **where)
+        assert cfg.remote_workers and cfg.engine() == BF16_BACKEND, where
+    # the "worker" here is this process, which has no bf16: the slide fails with one line
+    slide = disc_slide(tmp_path / "s.tif", (256, 256), seed=3)
+    cfg = SegmentConfig(precision="bf16", remote_workers=True, chunk_size=256, halo=32, context=64)
+    (res,) = segment_many([slide], tmp_path / "out", cfg)
+    assert res.status == "failed" and "native bf16" in res.reason and "--precision fp32" in res.reason
+    assert "\n" not in res.reason and "Traceback" not in res.reason

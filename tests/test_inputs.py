@@ -25,6 +25,7 @@ from .slides import disc_image, disc_slide, write_pyramid
 runner = CliRunner()
 FLAGS = ["--chunk-size", "256", "--halo", "32", "--context", "64", "--workers", "0", "--quiet"]
 OPTS = {"chunk_size": 256, "halo": 32, "context": 64}
+CLI = [sys.executable, "-m", "wsi_nuclei.cli.main"]
 
 
 def _errors(output: str) -> list[str]:
@@ -61,19 +62,7 @@ def test_unusual_mpp_is_accepted_when_asked_and_a_huge_plan_is_refused(slide, tm
     ok = runner.invoke(app, ["segment", str(slide), "-o", str(tmp_path / "a"), "--mpp", "0.04", "--unusual-mpp", *FLAGS])
     assert ok.exit_code == 0, ok.output
     # in a subprocess with a time limit: the planning loop once ran for ever here
-    cmd = [
-        sys.executable,
-        "-m",
-        "wsi_nuclei.cli.main",
-        "segment",
-        str(slide),
-        "-o",
-        str(tmp_path / "b"),
-        "--mpp",
-        "1e300",
-        "--unusual-mpp",
-        *FLAGS,
-    ]
+    cmd = CLI + ["segment", str(slide), "-o", str(tmp_path / "b"), "--mpp", "1e300", "--unusual-mpp", *FLAGS]
     huge = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert huge.returncode == 1, huge.stderr  # the slide fails
     errors = _errors(huge.stderr)
@@ -339,22 +328,10 @@ def test_a_malformed_scheduler_address_does_not_claim_a_wait(tmp_path):
 
 
 def test_cluster_slurm_without_sbatch_is_one_line_not_a_hang(slide, tmp_path):
-    """Issue 16 item 4 (its first case): no sbatch on PATH. The rest (a rejected submission, jobs
-    pending for too long) needs the real SLURM of issue 16."""
+    """No sbatch on PATH. The rest (a rejected submission, jobs pending for too long) is tested on
+    the real SLURM (test_slurm.py)."""
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python, but no SLURM commands
-    cmd = [
-        sys.executable,
-        "-m",
-        "wsi_nuclei.cli.main",
-        "segment",
-        str(slide),
-        "-o",
-        str(tmp_path / "o"),
-        "--cluster",
-        "slurm",
-        "--device",
-        "cpu",
-    ]
+    cmd = CLI + ["segment", str(slide), "-o", str(tmp_path / "o"), "--cluster", "slurm", "--device", "cpu"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     errors = _errors(done.stderr)

@@ -127,9 +127,11 @@ def backend_precision(name: str) -> tuple[str, str]:
     return next(((runs_on, p) for p, (runs_on, concrete) in REDUCED.items() if concrete == name), (name, "fp32"))
 
 
-def resolve_backend(backend: str, device: str, precision: str = "fp32") -> str:
+def resolve_backend(backend: str, device: str, precision: str = "fp32", check_cpu: bool = True) -> str:
     """The concrete backend for ``backend`` on ``device`` at ``precision`` (``onnx-int8`` for int8,
-    ``openvino-bf16`` for bf16; a concrete name resolves to itself, checked on this machine)."""
+    ``openvino-bf16`` for bf16; a concrete name resolves to itself, checked on this machine).
+    ``check_cpu=False``: do not ask this CPU for bf16 (the work runs on other machines, which check
+    their own when they build the predictor)."""
     if backend in (concrete for _, concrete in REDUCED.values()):
         backend, precision = backend_precision(backend)
     if precision not in PRECISIONS:
@@ -142,7 +144,7 @@ def resolve_backend(backend: str, device: str, precision: str = "fp32") -> str:
         if backend not in ("auto", runs_on):
             raise ConfigError(f"--precision {precision} runs on --backend {runs_on}; use --backend auto or {runs_on}, not {backend}")
         resolve_backend(runs_on, device)  # installed? (that backend's own check and message)
-        if precision == "bf16" and not cpu_has_bf16():
+        if precision == "bf16" and check_cpu and not cpu_has_bf16():
             raise ConfigError(f"--precision bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX), and this one "
                               f"({platform.node() or 'this machine'}) has none; use --precision fp32")
         return concrete

@@ -70,6 +70,15 @@ class SegmentConfig:
     types: bool = True  # --types on|off: a typed model's nucleus types as QuPath classes (off: one class "Nucleus")
     unusual_mpp: bool = False  # accept resolutions outside PLAUSIBLE_MPP (--mpp and slide metadata)
     whole_windows: bool = False  # infer every chunk window whole, glass included (default: its tissue box)
+    # every chunk task runs on another machine (SLURM jobs, an existing scheduler): CPU features
+    # (bf16) are checked by the workers, not by this driver (a login node may lack them)
+    remote_workers: bool = False
+
+    def engine(self) -> str:
+        """The concrete inference backend (``backends.resolve_backend``) as the driver sees it."""
+        from ..model.backends import resolve_backend
+
+        return resolve_backend(self.backend, self.device, self.precision, check_cpu=not self.remote_workers)
 
     def check(self) -> None:
         """Every option for type, finiteness and range; raises ConfigError with one line."""

@@ -78,7 +78,6 @@ def configs(
     of a worker's cores (``cores / processes``: its forward passes take turns).
     """
     from ..cluster.client import load_cluster_yaml, merge
-    from ..model.backends import resolve_backend
     from .tiling import derive_tiling
 
     if cluster not in ("local", "slurm", "none"):
@@ -99,9 +98,11 @@ def configs(
         n_gpus = torch.cuda.device_count()
     chunk_given = segment.get("chunk_size") is not None
     options = {k: v for k, v in segment.items() if not (k == "chunk_size" and v is None)}
-    cfg = SegmentConfig(**{**options, "device": dev, "torch_threads": threads or DEFAULT_THREADS})
+    # SLURM jobs or an existing scheduler's workers: they check their own CPU (bf16), this driver does not
+    remote = cluster == "slurm" or scheduler is not None
+    cfg = SegmentConfig(**{**options, "device": dev, "torch_threads": threads or DEFAULT_THREADS, "remote_workers": remote})
     cfg.check()
-    if resolve_backend(cfg.backend, cfg.device, cfg.precision) != "torch":  # every other backend exports to the cache
+    if cfg.engine() != "torch":  # every other backend exports to the cache
         from ..model.backends import usable_cache_dir
 
         usable_cache_dir()  # checked (or replaced, with a warning) before any worker starts

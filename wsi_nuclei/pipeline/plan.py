@@ -159,7 +159,6 @@ def plan_slide(
     """Open ``path``, derive tiling and tissue, list the chunks. Returns the plan, the thumbnail
     and the tissue mask (thumbnail grid). ``card``: the model's card, read once per run by the
     caller (default: read here). Reads the slide; writes nothing."""
-    from ..model.backends import resolve_backend
     from ..slides.reader import open_slide
     from ..slides.tissue import looks_greyscale, tissue_mask
     from .tiling import plan_chunks
@@ -197,7 +196,7 @@ def plan_slide(
         tissue_mm2 = float(tissue.sum()) * (thumb_scale * info.level0_mpp / 1000) ** 2
     else:
         tissue_mm2 = width * height * (card.working_mpp / 1000) ** 2
-    backend = resolve_backend(cfg.backend, cfg.device, cfg.precision)
+    backend = cfg.engine()
     ident, key, fingerprint = plan_keys(path, cfg, card, backend)
     plan = SlidePlan(path=str(path), out_dir=str(out_dir), scale=scale, size=(height, width), tiling=tiling, chunks=tuple(chunks),
                      grid=grid, shift=shift, slide_key=f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}",
@@ -222,9 +221,8 @@ def check_outputs(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard
         return None
 
     def key() -> str:
-        from ..model.backends import resolve_backend
 
-        return plan_keys(path, cfg, card, resolve_backend(cfg.backend, cfg.device, cfg.precision))[1]
+        return plan_keys(path, cfg, card, cfg.engine())[1]
 
     state = slide_state(out_dir, ident, key if cfg.resume else "")  # without --resume nothing is verified
     if state.state == "new":

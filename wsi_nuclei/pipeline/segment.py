@@ -176,12 +176,11 @@ def _write_report(out: Path) -> None:
 def _left_behind(jobs: list[tuple[Path, Path]], cfg: SegmentConfig, started: float) -> list[SlideResult]:
     """Results of the slides the batch loop did not report before it stopped: "ok" when a slide's
     assembly finished this run anyway (verified), else "interrupted"."""
-    from ..model.backends import resolve_backend
     from ..outputs.folder import slide_state
     from .plan import model_card, plan_keys, slide_config
 
     try:
-        card, backend = model_card(cfg), resolve_backend(cfg.backend, cfg.device, cfg.precision)
+        card, backend = model_card(cfg), cfg.engine()
     except Exception:  # noqa: BLE001 - a best effort while stopping
         card = None
     out = []
