@@ -192,6 +192,32 @@ def evaluate(
         typer.echo("F_d {:.3f}  ".format(t["f_d"]) + "  ".join(f"{k}: {v:.3f}" for k, v in t.items() if k.startswith("f_c_")))
 
 
+@app.command("measure-rate")
+def measure_rate_cmd(
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
+    backend: str = typer.Option("auto", help="Inference backend, as segment's --backend."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: int = typer.Option(2, help="CPU threads of a forward pass, as segment's --threads."),
+    write: bool = typer.Option(False, "--write", help="Store the rate in the model folder's rates.json (what --dry-run estimates from)."),
+) -> None:
+    """Measure this machine's speed on the bundled slide: seconds per mm² of tissue for one worker,
+    the rate segment --dry-run estimates time from. Run it on the machine (or node type) you plan for."""
+    import tempfile
+
+    from ..model.network import DEFAULT_MODEL_DIR
+    from ..pipeline.estimate import measure_rate, store_rate
+
+    try:
+        set_threads(threads)
+        with tempfile.TemporaryDirectory(prefix="wsi-nuclei-rate-") as tmp:
+            key, rate = measure_rate(model, backend, device, threads, Path(tmp))
+        typer.echo(f"{key}: {rate.s_per_mm2:.2f} s per mm² of tissue, {rate.s_per_slide:.2f} s per slide ({rate.measured})")
+        if write:
+            typer.echo(f"written to {store_rate(model or DEFAULT_MODEL_DIR, key, rate)}")
+    except WsiNucleiError as err:
+        fail(err)
+
+
 @app.command("measure-context")
 def measure_context_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),

@@ -108,6 +108,9 @@ def segment(
         "slightly different nuclei: docs/performance.md.",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (and the SLURM job script) without running."),
+    rate: Optional[float] = typer.Option(
+        None, hidden=True, help="Seconds per mm² of tissue for one worker, for --dry-run's estimate (default: the model's measured rate)."
+    ),
     cluster: str = typer.Option(
         "local", help="local (Dask LocalCluster), slurm (dask-jobqueue) or none (this process).", rich_help_panel="Cluster"
     ),
@@ -192,7 +195,7 @@ def segment(
                             max_slides=max_slides)
         prepare_model(cfg, dry_run)  # a broken model fails here, once, not on every slide
         if dry_run:
-            _dry_run(inputs, out, cfg, ccfg, max_slides)
+            _dry_run(inputs, out, cfg, ccfg, max_slides, rate)
             return
         client = make_client(ccfg)
     except WsiNucleiError as err:
@@ -287,10 +290,11 @@ def _trap_ctrl_c() -> list[int]:
     return hit
 
 
-def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterConfig, max_slides: int) -> None:
-    """Print the SLURM job script (for --cluster slurm) and the plan; runs and writes nothing."""
+def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterConfig, max_slides: int, rate: float | None = None) -> None:
+    """Print the SLURM job script (for --cluster slurm), the plan and its time estimate; runs and writes nothing."""
     from ..cluster.client import slurm_job_script
-    from ..pipeline.launch import dry_forward, dry_run_rows
+    from ..pipeline.estimate import describe_seconds, walltime
+    from ..pipeline.launch import dry_estimate, dry_forward, dry_run_rows
 
     if ccfg.kind == "slurm" and not ccfg.scheduler:
         typer.echo(f"# SLURM job script (one per job; scaled adaptively {ccfg.min_jobs}..{ccfg.max_jobs} jobs)")
@@ -302,17 +306,32 @@ def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterCon
     if forward:
         typer.echo(f"# forward passes: {forward.line}")
     rows = dry_run_rows(inputs, out, cfg)
-    planned = rows
-    typer.echo(f"# plan: {len(planned)} slides -> {out} ({max_slides} in flight)")
-    typer.echo("slide\tsize_level0\tmpp\tchunks\tgrid\ttissue_mm2\toutput\tnote")
+    est, how = dry_estimate(rows, cfg, ccfg, max_slides, forward, rate)
+    times = iter(est.per_slide_s if est is not None else ())
+    typer.echo(f"# plan: {len(rows)} slides -> {out} ({max_slides} in flight)")
+    typer.echo("slide\tsize_level0\tmpp\tchunks\tgrid\ttissue_mm2\testimate_s\toutput\tnote")
     for r in rows:
         if r.error:
-            typer.echo(f"{r.slide}\t\t\t\t\t\t{r.out_dir}\terror: {r.error}")
+            typer.echo(f"{r.slide}\t\t\t\t\t\t\t{r.out_dir}\terror: {r.error}")
         else:
-            typer.echo(f"{r.slide}\t{r.size[0]}x{r.size[1]}\t{r.level0_mpp:.4g}\t{r.chunks}\t{r.grid[0]}x{r.grid[1]}\t{r.tissue_mm2:.2f}\t{r.out_dir}\t{r.state}")
+            t = f"{next(times):.0f}" if est is not None else ""
+            typer.echo(f"{r.slide}\t{r.size[0]}x{r.size[1]}\t{r.level0_mpp:.4g}\t{r.chunks}\t{r.grid[0]}x{r.grid[1]}\t{r.tissue_mm2:.2f}\t{t}"
+                       f"\t{r.out_dir}\t{r.state}")
     ok = [r for r in rows if not r.error]
-    typer.echo(f"total: {len(planned)} slides, {sum(r.chunks for r in ok)} chunks, {sum(r.tissue_mm2 for r in ok):.2f} mm² of tissue; "
+    typer.echo(f"total: {len(rows)} slides, {sum(r.chunks for r in ok)} chunks, {sum(r.tissue_mm2 for r in ok):.2f} mm² of tissue; "
                "nothing was run (--dry-run)")
+    if est is None:
+        typer.echo(f"# estimate: none ({how})")
+    else:
+        peak = f", peak memory {est.worker_peak_bytes / 1e9:.1f} GB per worker" if est.worker_peak_bytes else ""
+        measured = f" ({est.rate.measured})" if est.rate.measured else ""
+        typer.echo(f"# estimate: {describe_seconds(est.total_s)} wall ({how}){peak}; "
+                   f"{est.rate.s_per_mm2:.2f} s/mm² per worker from {est.rate_from}{measured}")
+        if ccfg.kind == "slurm" and not ccfg.scheduler:
+            fewest = max(1, ccfg.min_jobs) * max(1, ccfg.processes)  # the jobs may not all start: plan for the fewest
+            one = est.total_s * max(1, ccfg.max_jobs) * max(1, ccfg.processes) / fewest
+            typer.echo(f"# proposed --walltime {walltime(one)} (the estimate with {max(1, ccfg.min_jobs)} job(s), x 1.5; "
+                       f"now {ccfg.walltime})")
     if len(ok) < len(rows):  # the run would fail these: the same exit code as the run
         typer.echo(f"error: {len(rows) - len(ok)} of {len(rows)} slides would fail (the 'error:' notes above)", err=True)
         raise typer.Exit(1)

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..cluster.client import ClusterConfig
 from ..errors import ConfigError, WsiNucleiError
-from ..model.memory import PROCESS_BASE_BYTES, ForwardPlan
+from ..model.memory import PROCESS_BASE_BYTES, TASK_BYTES_PER_PX, ForwardPlan
 from .config import DEFAULT_CHUNK, SegmentConfig
 
 __all__ = [
@@ -167,6 +167,7 @@ class DryForward:
     worker_bytes: int
     line: str  # the dry run's "# forward passes:" line
     window: int  # the chunk window it plans for (px)
+    peak_bytes: int = 0  # a worker's peak as the plan assumes: process with model + task buffers + one forward pass
 
     @property
     def whole(self) -> bool:
@@ -204,7 +205,9 @@ def dry_forward(
     line = f"{describe(fp, tiling.window, tiling.context)}, with {per_worker / 1e9:.1f} GB per worker"
     if fp.peak_bytes(tiling.context) > budget:
         line = f"{line} -- TOO LITTLE MEMORY, workers may be killed: {fix}"
-    return DryForward(fp, per_worker, line, tiling.window)
+    read = tiling.window + 2 * tiling.context
+    peak = held + tasks * TASK_BYTES_PER_PX * read * read + fp.peak_bytes(tiling.context)
+    return DryForward(fp, per_worker, line, tiling.window, peak)
 
 
 @dataclass(frozen=True)
@@ -247,3 +250,30 @@ def dry_run_rows(inputs: Sequence[Path], out: Path, cfg: SegmentConfig) -> list[
                            plan.tissue_mm2, state))
     rows += [DryRow(p, "", error=reason) for p, reason in bad]
     return rows
+
+
+def dry_estimate(rows: list[DryRow], cfg: SegmentConfig, ccfg: ClusterConfig, max_slides: int, forward: DryForward | None,
+                 rate_s_per_mm2: float | None = None) -> tuple[Any, str]:
+    """(:class:`~.estimate.Estimate` or None, how the worker count was read) for the dry run's
+    plannable slides. ``rate_s_per_mm2``: ``--rate``; else the model's rates.json."""
+    from ..model.network import DEFAULT_MODEL_DIR
+    from .estimate import Rate, estimate, load_rate, rate_key
+
+    if ccfg.kind == "slurm" and not ccfg.scheduler:
+        workers, how = max(1, ccfg.max_jobs) * max(1, ccfg.processes), f"{ccfg.max_jobs} jobs x {ccfg.processes} workers at most"
+    elif ccfg.scheduler:
+        workers, how = 1, "per worker of the scheduler"
+    elif ccfg.kind == "local" and ccfg.workers > 0:
+        workers, how = ccfg.workers, f"{ccfg.workers} local worker{'s' if ccfg.workers > 1 else ''}"
+    else:
+        workers, how = 1, "this process"
+    engine, threads = cfg.engine(), cfg.torch_threads or DEFAULT_THREADS
+    if rate_s_per_mm2 is not None:
+        found: tuple[Rate, str] | None = (Rate(rate_s_per_mm2, 0.0, threads), "--rate")
+    else:
+        found = load_rate(Path(cfg.model_dir) if cfg.model_dir else DEFAULT_MODEL_DIR, engine, cfg.device, threads)
+    if found is None:
+        return None, f"no measured rate for {rate_key(engine, cfg.device, threads)}: run wsi-nuclei measure-rate --write, or pass --rate"
+    areas = [r.tissue_mm2 for r in rows if not r.error]
+    peak = forward.peak_bytes if forward is not None else 0
+    return estimate(areas, found[0], found[1], workers, max_slides, peak), how
