@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/dask_overhead.py
 	$(PY) benchmarks/forward_memory.py
 	$(PY) benchmarks/precision_gate.py
+	$(PY) benchmarks/shape_cost.py
 
 bench-memory: $(STAMP)
 	$(PY) benchmarks/memory_scaling.py --model shipped --sizes 1,4,16

@@ -137,3 +137,39 @@ def test_the_read_is_the_part_the_model_is_given():
             rest = np.ones(whole.shape[:2], bool)
             rest[max(0, y0 - 8) : y1 + 8, max(0, x0 - 8) : x1 + 8] = False
             assert (got[rest] == 255).all()  # not read: white
+
+
+def test_round_box_grows_to_the_step_inside_the_window():
+    from wsi_nuclei.model.infer import round_box
+
+    assert round_box((64, 96, 320, 224), 1664, 32) == (64, 96, 320, 224)  # the 32 px grid: as it is
+    assert round_box(None, 1664, 256) is None
+    x0, y0, x1, y1 = round_box((64, 96, 320, 224), 1664, 256)
+    assert (x1 - x0, y1 - y0) == (256, 256) and x0 <= 64 and x1 >= 320 and y0 <= 96 and y1 >= 224
+    assert round_box((1600, 0, 1664, 1000), 1664, 512) == (1152, 0, 1664, 1024)  # shifted inward at the edge
+    assert round_box((0, 0, 1500, 1500), 1664, 512) == (0, 0, 1536, 1536)
+    assert round_box((0, 0, 1600, 1600), 1664, 1024) == (0, 0, 1664, 1664)  # never past the window
+
+
+@pytest.mark.slow
+def test_boxes_rounded_to_fewer_shapes_give_the_same_nuclei(bundled_run, tmp_path):
+    """--box-step grows each tissue box to fewer input shapes (a compiled backend prepares per
+    shape) and keeps its probabilities only inside the tissue box: the same nuclei, with the
+    same outlines, as the unrounded boxes of the default run."""
+    import gzip
+
+    from wsi_nuclei.api import SAMPLE_SLIDE
+
+    ref = bundled_run / "CMU-1-Small-Region"
+    segment_slide(SAMPLE_SLIDE, tmp_path / "r", SegmentConfig(box_step=512))
+    a, b = (json.loads(gzip.open(d / "nuclei.geojson.gz").read())["features"] for d in (ref, tmp_path / "r"))
+    assert len(a) == len(b) > 1000
+    assert all(x["geometry"] == y["geometry"] for x, y in zip(a, b))
+    for x, y in zip(a, b):  # per-nucleus means: float rounding of another input shape at most
+        for k, v in x["properties"]["measurements"].items():
+            assert y["properties"]["measurements"][k] == pytest.approx(v, abs=2e-3), k
+    ra, rb = (json.loads((d / "summary.json").read_text()) for d in (ref, tmp_path / "r"))
+    assert rb["inferred_px"] > ra["inferred_px"]  # the rounding is real: more pixels given
+    pa, pb = (np.asarray(open_array(d / "mask.zarr", "probability", 0)[:]).astype(int) for d in (ref, tmp_path / "r"))
+    diff = np.abs(pa - pb)  # 0 outside the same tissue boxes; inside, within the measured context's tolerance
+    assert diff.max() <= 255 * 0.05 and np.percentile(diff, 99.9) <= 1

@@ -92,6 +92,9 @@ def segment(
     whole_windows: bool = typer.Option(
         False, "--whole-windows", hidden=True, help="Infer each chunk window whole, glass included (default: only its tissue, dilated)."
     ),
+    box_step: int = typer.Option(
+        32, hidden=True, help="Grow each chunk's tissue box to a multiple of this (px): fewer input shapes for compiled backends."
+    ),
     fmt: str = typer.Option("geojson.gz", "--format", hidden=True, help="geojson.gz or geojson."),
     formats: str = typer.Option(
         "geojson,parquet", "--formats", help="Nucleus files: geojson (QuPath) and/or parquet (GeoParquet), comma-separated."
@@ -185,7 +188,7 @@ def segment(
             chunk_size=chunk_size, halo=halo, context=context, tta=tta, types=_on_off("--types", types), batch_size=batch_size,
             forward_memory=parse_size(forward_memory, "--forward-memory"), device=device, tissue_mask=not no_tissue_mask,
             whole_windows=whole_windows, reader=reader, backend=backend, precision=precision, geojson_format=fmt,
-            raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite, keep_chunks=keep_chunks,
+            raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite, keep_chunks=keep_chunks, box_step=box_step,
         )
         slurm = {"queue": queue, "account": account, "walltime": walltime, "cores": cores, "memory": memory, "processes": processes,
                  "job_extra": tuple(job_extra), "min_jobs": min_jobs, "max_jobs": max_jobs,

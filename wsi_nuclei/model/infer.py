@@ -8,6 +8,7 @@ Frames: ``image`` arrays are (H, W, 3) uint8 RGB at their own ``mpp``; probabili
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -183,6 +184,23 @@ def _box_origins(side: int, tile: int, box: tuple[int, int, int, int]) -> list[t
     """(y, x) of the ``tile`` px tiles of a ``side`` px window that meet ``box``, in raster order."""
     x0, y0, x1, y1 = box
     return [(r, c) for r in range(0, side, tile) for c in range(0, side, tile) if r < y1 and r + tile > y0 and c < x1 and c + tile > x0]
+
+
+def round_box(box: tuple[int, int, int, int] | None, side: int, step: int) -> tuple[int, int, int, int] | None:
+    """``box`` (x0, y0, x1, y1, multiples of 32, inside a ``side`` px window centre) grown so that
+    its width and height are multiples of ``step`` (or the whole side): fewer distinct input
+    shapes for a backend that prepares per shape. It still contains ``box``, shifted inward at the
+    window's edge; ``step`` 32 (or no box) leaves it as it is."""
+    if box is None or step <= STRIDE:
+        return box
+
+    def grow(a0: int, a1: int) -> tuple[int, int]:
+        want = min(side, math.ceil((a1 - a0) / step) * step)
+        lo = min(a0, side - want)
+        return lo, lo + want
+
+    (x0, x1), (y0, y1) = grow(box[0], box[2]), grow(box[1], box[3])
+    return x0, y0, x1, y1
 
 
 def window_extent(side: int, tile: int, context: int, box: tuple[int, int, int, int] | None) -> tuple[int, int, int, int]:

@@ -69,7 +69,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     """Segment one chunk in memory (the steps are in the module docstring); ``inference``
     excludes the wait for another chunk's forward pass, which is ``waiting``. Reads the slide only."""
     from ..model.backends import gate_wait_seconds
-    from ..model.infer import check_finite, window_extent, window_probabilities
+    from ..model.infer import check_finite, round_box, window_extent, window_probabilities
     from ..model.tta import with_tta
     from ..nuclei.instances import own_by_centroid, probabilities_to_instances
     from ..nuclei.polygons import PolygonFrame, label_polygons
@@ -82,12 +82,20 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     t0 = time.perf_counter()
     fp = forward_plan(cfg, tiling)  # the whole window in one pass, or tiles that fit memory
     side = fp.read_size(win, ctx)
+    # one pass over the tissue box: grown to a multiple of --box-step (fewer input shapes), its
+    # probabilities kept only inside the tissue box, so the nuclei are the unrounded box's
+    box = round_box(chunk.infer, side - 2 * ctx, cfg.box_step) if fp.tile == side - 2 * ctx else chunk.infer
     # only the part the model is given (the tissue box and its context) is read and decoded
-    part = window_extent(side - 2 * ctx, fp.tile, ctx, chunk.infer)
+    part = window_extent(side - 2 * ctx, fp.tile, ctx, box)
     rgb = slide.read_working_part((chunk.x - h - ctx, chunk.y - h - ctx, side, side), plan.scale, part)
     t1 = time.perf_counter()
     waited = gate_wait_seconds()
-    probs, inferred = window_probabilities(with_tta(predict, plan.tta), card.channels, rgb, fp.tile, ctx, fp.batch, chunk.infer)
+    probs, inferred = window_probabilities(with_tta(predict, plan.tta), card.channels, rgb, fp.tile, ctx, fp.batch, box)
+    if box != chunk.infer and chunk.infer is not None:
+        x0, y0, x1, y1 = chunk.infer
+        keep = np.zeros(probs.shape[1:], dtype=bool)
+        keep[y0:y1, x0:x1] = True
+        probs[:, ~keep] = 0.0
     probs = probs[:, :win, :win]
     t2 = time.perf_counter()
     waited = gate_wait_seconds() - waited

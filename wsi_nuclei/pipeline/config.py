@@ -73,6 +73,9 @@ class SegmentConfig:
     # every chunk task runs on another machine (SLURM jobs, an existing scheduler): CPU features
     # (bf16) are checked by the workers, not by this driver (a login node may lack them)
     remote_workers: bool = False
+    # the tissue box a chunk infers in one pass is grown to a multiple of this (px): fewer input
+    # shapes for a backend that prepares per shape (benchmarks/shape_cost.py); 32: as it is
+    box_step: int = 32
 
     def engine(self) -> str:
         """The concrete inference backend (``backends.resolve_backend``) as the driver sees it."""
@@ -100,6 +103,9 @@ class SegmentConfig:
         if self.forward_memory is not None:
             _int("--forward-memory", self.forward_memory, 1)
         _int("--threads", self.torch_threads, 0)
+        _int("--box-step", self.box_step, 32)
+        if self.box_step % 32:
+            raise ConfigError(f"--box-step must be a multiple of 32, got {self.box_step}")
         if self.level0_mpp is not None:
             check_mpp(self.level0_mpp, "--mpp", self.unusual_mpp)
         if self.geojson_format not in ("geojson.gz", "geojson"):

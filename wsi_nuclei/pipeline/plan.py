@@ -127,7 +127,7 @@ def plan_keys(path: Path | str, cfg: SegmentConfig, card: ModelCard, backend: st
     # the files written (--formats) are part of the output key, not of the chunks: a chunk file holds every format's data
     key = hashlib.sha256(json.dumps({"outputs": pixels, "formats": sorted(cfg.formats)}).encode()).hexdigest()[:16]
     chunks = {"outputs": pixels, "backend": backend, "batch": cfg.batch_size, "device": cfg.device, "version": __version__,
-              "chunk_file": CHUNK_FILE_VERSION}
+              "chunk_file": CHUNK_FILE_VERSION, **({"box_step": cfg.box_step} if cfg.box_step != 32 else {})}
     fingerprint = hashlib.sha256(json.dumps(chunks, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return ident, key, fingerprint
 
