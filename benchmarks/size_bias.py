@@ -34,6 +34,7 @@ def main() -> None:
     from wsi_nuclei.training.evaluate import load_dataset
     from wsi_nuclei.training.trainset import data_root
     from wsi_nuclei.training.tuning import card_split
+    from wsi_nuclei.training.validation import sample_group
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", action="append", required=True, help="NAME=DIR (repeat)")
@@ -45,7 +46,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     root = data_root(args.data_root)
     _, val = card_split(load_card(args.validation_from), root)
-    sets = [("validation", val)] + [(kind, load_dataset(kind, root / sub)) for kind, sub in SETS]
+    # validation pooled, and per source: the two annotations need not agree on where a nucleus ends
+    by_source: dict[str, list] = {}
+    for sample in val:
+        by_source.setdefault(sample_group(sample).split(":")[0], []).append(sample)
+    sets = [("validation", val)] + [(f"validation:{k}", v) for k, v in sorted(by_source.items())]
+    sets += [(kind, load_dataset(kind, root / sub)) for kind, sub in SETS]
     rows = []
     for spec in args.model:
         name, _, path = spec.partition("=")
@@ -58,9 +64,9 @@ def main() -> None:
         for r in rows:
             print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.3f} |")
         return
-    print(f"{'model':<8} {'set':<14} {'images':>6} {'size bias':>9} {'Dice':>6} {'AJI':>6} {'SQ':>6}")
+    print(f"{'model':<8} {'set':<19} {'images':>6} {'size bias':>9} {'Dice':>6} {'AJI':>6} {'SQ':>6}")
     for r in rows:
-        print(f"{r[0]:<8} {r[1]:<14} {r[2]:>6} {r[3]:>9.3f} {r[4]:>6.3f} {r[5]:>6.3f} {r[6]:>6.3f}")
+        print(f"{r[0]:<8} {r[1]:<19} {r[2]:>6} {r[3]:>9.3f} {r[4]:>6.3f} {r[5]:>6.3f} {r[6]:>6.3f}")
 
 
 if __name__ == "__main__":
