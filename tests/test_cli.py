@@ -42,6 +42,32 @@ def test_segment_image_demo(tmp_path):
     assert 10 < median_um2 < 120
 
 
+def test_segment_image_never_replaces_files_it_did_not_write(tmp_path):
+    """A user's own <name>_labels.png (e.g. annotation masks) in -o is kept: that image fails with
+    one line naming the file and --overwrite, the others go on; a rerun over its own outputs
+    replaces them; --overwrite replaces anything."""
+    from PIL import Image as PILImage
+
+    other = tmp_path / "other.png"
+    PILImage.open(DEMO_IMAGE).crop((0, 0, 256, 256)).save(other)
+    out = tmp_path / "o"
+    out.mkdir()
+    mask = out / "cmu1_crop_x900_y720_labels.png"
+    PILImage.fromarray(np.full((8, 8), 7, np.uint16)).save(mask)
+    before = mask.read_bytes()
+    result = runner.invoke(app, ["segment-image", str(DEMO_IMAGE), str(other), "--mpp", "0.499", "-o", str(out)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "cmu1_crop_x900_y720_labels.png: exists and was not written by wsi-nuclei" in errors[0]
+    assert "--overwrite" in errors[0]
+    assert mask.read_bytes() == before and not (out / "cmu1_crop_x900_y720_summary.json").exists()
+    assert (out / "other_summary.json").exists()  # the next image went on
+    again = runner.invoke(app, ["segment-image", str(other), "--mpp", "0.499", "-o", str(out)])
+    assert again.exit_code == 0, again.output  # its own outputs: replaced
+    forced = runner.invoke(app, ["segment-image", str(DEMO_IMAGE), "--mpp", "0.499", "-o", str(out), "--overwrite"])
+    assert forced.exit_code == 0 and mask.read_bytes() != before
+
+
 def test_segment_image_errors(tmp_path):
     result = runner.invoke(app, ["segment-image", str(tmp_path / "missing.png"), "--mpp", "0.5", "-o", str(tmp_path)])
     assert result.exit_code == 2 and "missing.png: file not found" in result.output

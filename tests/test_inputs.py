@@ -80,6 +80,17 @@ def test_implausible_slide_metadata_is_refused_with_the_fix(tmp_path, meta_mpp):
     assert fixed.status == "ok"
 
 
+def test_a_grid_of_more_chunks_than_ids_asks_for_larger_chunks(tmp_path):
+    """Nucleus ids are chunk index x 2**16 + local id: a plan of more than 65,536 chunks is refused
+    at planning (before any compute), pointing to a larger --chunk-size, not a smaller one."""
+    path = disc_slide(tmp_path / "wide.tif", (1024, 1024), seed=33, mpp=12.0)  # 24,576 working px a side
+    flags = ["--chunk-size", "64", "--halo", "32", "--context", "64", "--device", "cpu", "--dry-run"]
+    result = runner.invoke(app, ["segment", str(path), "-o", str(tmp_path / "o"), *flags])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = next(ln for ln in result.output.splitlines() if "wide.tif" in ln and "chunks of 64 px" in ln)
+    assert "more than 65,536" in line and "use a larger --chunk-size (at least 96)" in line
+
+
 def test_a_chunk_larger_than_the_slide_is_clipped(slide, tmp_path):
     (res,) = segment_many([slide], tmp_path / "out", SegmentConfig(chunk_size=16384, halo=32, context=64))
     assert res.status == "ok"

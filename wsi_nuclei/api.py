@@ -100,13 +100,15 @@ class ImageResult:
 
 def segment_image_files(
     paths: Sequence[Path | str], mpp: float, out: Path | str, model: Path | str | None = None, device: str = "auto",
-    tta: str | None = None, backend: str = "auto", precision: str = "fp32",
+    tta: str | None = None, backend: str = "auto", precision: str = "fp32", overwrite: bool = False,
 ) -> Iterator[ImageResult]:
     """Segment image files (PNG, JPEG, TIFF) at ``mpp`` µm/px into ``out``: per image
     ``<name>_labels.png`` (16-bit ids), ``<name>_overlay.png`` and ``<name>_summary.json``, each
     written atomically; yields one :class:`ImageResult` per image as it is done (with ``error`` set
     for an image that could not be segmented: the next one goes on). Images whose names collide
-    get ``<name>_<extension>``."""
+    get ``<name>_<extension>``. Files of those names that this tool did not write for the same
+    image (e.g. a user's own ``<name>_labels.png`` masks) are never replaced without ``overwrite``:
+    that image fails with one line, and the others go on."""
     from .errors import ConfigError
     from .model.infer import select_device
 
@@ -132,9 +134,32 @@ def segment_image_files(
             name += "_"
         used.add(name)
         try:
+            if not overwrite:
+                _check_not_theirs(path, name, out)
             yield _one_image(path, name, mpp, out, model, dev, tta, backend, precision, card.model_id)
         except WsiNucleiError as err:  # the next image goes on
             yield ImageResult(str(path), 0, 0.0, "", error=str(err))
+
+
+IMAGE_OUTPUTS = ("labels.png", "overlay.png", "summary.json")
+
+
+def _check_not_theirs(path: Path, name: str, out: Path) -> None:
+    """Refuse to replace ``out/<name>_*`` files that an earlier run of this tool did not write for
+    ``path`` (its summary names the image): they may be the user's own."""
+    from .errors import OutputError
+
+    existing = [out / f"{name}_{suffix}" for suffix in IMAGE_OUTPUTS if (out / f"{name}_{suffix}").exists()]
+    if not existing:
+        return
+    try:
+        ours = json.loads((out / f"{name}_summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        ours = None
+    if isinstance(ours, dict) and "model" in ours and Path(str(ours.get("image", ""))).name == path.name:
+        return  # a rerun over our own outputs of this image (given by another path, perhaps)
+    raise OutputError(f"{shown(existing[0])}: exists and was not written by wsi-nuclei for {shown(path)}; "
+                      "pass --overwrite to replace it, or choose another -o folder")
 
 
 def _one_image(path: Path, name: str, mpp: float, out: Path, model: Path | str | None, dev: str, tta: str | None, backend: str,

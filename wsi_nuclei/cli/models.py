@@ -266,6 +266,7 @@ def segment_image_cmd(
         help="fp32; bf16: OpenVINO in bf16 on a CPU that has it natively (AVX512_BF16/AMX; faster forward passes); "
         "int8: ONNX Runtime on the model quantised once and cached (CPU; both opt-in, see docs/performance.md).",
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace files of the output names that wsi-nuclei did not write."),
 ) -> None:
     """Segment nuclei in plain images: writes <name>_labels.png (16-bit ids), <name>_overlay.png
     and <name>_summary.json per image."""
@@ -273,7 +274,7 @@ def segment_image_cmd(
 
     failed = []
     try:
-        for r in segment_image_files(images, mpp, out, model, device, tta, backend, precision):
+        for r in segment_image_files(images, mpp, out, model, device, tta, backend, precision, overwrite):
             if r.error:
                 failed.append(r.error)
                 continue

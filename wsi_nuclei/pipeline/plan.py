@@ -24,6 +24,7 @@ from .. import atomic
 from .._version import __version__
 from ..errors import ConfigError, OutputError, SlideError
 from ..model.network import ModelCard
+from ..nuclei.instances import IDS_PER_CHUNK
 from ..outputs.folder import (
     check_writable,
     folder_owner,
@@ -185,6 +186,11 @@ def plan_slide(
         needed = max(-(-max(width, height) // 32) * 32, (tiling.halo // 32 + 1) * 32)  # a core still larger than the halo
         if tiling.chunk > 2 * needed:  # a chunk far larger than the slide (memory for nothing): clipped to it
             tiling = slide_tiling(replace(cfg, chunk_size=needed), card)
+        cells = math.ceil(width / tiling.chunk) * math.ceil(height / tiling.chunk)
+        if cells > IDS_PER_CHUNK:  # nucleus ids are chunk index x 2**16 + local id, in 32 bits
+            fits = -(-math.ceil(math.sqrt(width * height / IDS_PER_CHUNK)) // 32) * 32
+            raise SlideError(f"{shown(path)}: {cells:,} chunks of {tiling.chunk} px, more than {IDS_PER_CHUNK:,}; "
+                             f"use a larger --chunk-size (at least {max(fits, tiling.chunk + 32)}), or check --mpp")
     if looks_greyscale(thumb):
         raise SlideError(f"{path}: the slide has no colour (greyscale); the model segments H&E-stained RGB slides")
     tissue = tissue_mask(thumb) if cfg.tissue_mask else None
