@@ -141,3 +141,22 @@ def test_bad_inputs_are_reported_and_the_batch_goes_on(shared_data, tmp_path):
     assert status["unopenable.tiff"][0] == "failed" and "unopenable.tiff" in reason
     assert ("cannot open" in reason or "cannot read" in reason) and "\n" not in reason
     assert json.loads((tmp_path / "out" / "run.json").read_text())["slides"][2]["status"] == "failed"
+
+
+def test_folder_search_follows_symlinked_folders_once(tmp_path):
+    """Slides staged through symlinked folders are found (each real folder searched once, so a
+    link back up the tree does not loop); the work folders of earlier runs are never searched."""
+    from wsi_nuclei.pipeline.segment import WORK_DIR, find_slides
+
+    real = tmp_path / "scratch" / "batch1"
+    real.mkdir(parents=True)
+    (real / "a.svs").write_bytes(b"x")
+    top = tmp_path / "slides"
+    (top / "local").mkdir(parents=True)
+    (top / "local" / "b.tif").write_bytes(b"x")
+    (top / "staged").symlink_to(real, target_is_directory=True)
+    (top / "local" / "up").symlink_to(top, target_is_directory=True)  # a loop
+    (top / "local" / WORK_DIR).mkdir()
+    (top / "local" / WORK_DIR / "c.tif").write_bytes(b"x")
+    found, bad = find_slides([top])
+    assert [p.relative_to(top).as_posix() for p in found] == ["local/b.tif", "staged/a.svs"] and bad == []

@@ -42,16 +42,18 @@ log = logging.getLogger(__name__)
 
 
 def find_slides(inputs: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Slide files from files and folders (searched recursively); also (path, reason) of inputs
-    that are missing or folders without slides."""
-    from ..slides.reader import SLIDE_EXTENSIONS
-
+    """Slide files from files and folders (searched recursively, symlinked folders followed once
+    each); also (path, reason) of inputs that are missing, folders without slides, and sub-folders
+    that cannot be read (each one line: the batch goes on and reports them)."""
     found: list[Path] = []
     bad: list[tuple[str, str]] = []
     for p in inputs:
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SLIDE_EXTENSIONS and WORK_DIR not in f.parts)
-            if not files:
+            files, unreadable = _walk_slides(p)
+            bad.extend(unreadable)
+            if not files and not unreadable:
+                from ..slides.reader import SLIDE_EXTENSIONS
+
                 bad.append((str(p), f"{p}: folder holds no slides (looked for {', '.join(SLIDE_EXTENSIONS)}); check the folder"))
             found.extend(files)
         elif p.is_file():
@@ -59,6 +61,43 @@ def find_slides(inputs: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
         else:
             bad.append((str(p), f"{p}: file not found; check the path"))
     return found, bad
+
+
+def _walk_slides(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The slide files under ``root`` (sorted; work folders skipped) and the sub-folders that could
+    not be read. Symlinked folders are followed (slides are often staged through links), each real
+    folder once, so a link back up the tree does not loop."""
+    import os
+
+    from ..errors import shown
+    from ..slides.reader import SLIDE_EXTENSIONS
+
+    files: list[Path] = []
+    unreadable: list[tuple[str, str]] = []
+    seen: set[tuple[int, int]] = set()
+
+    def failed(err: OSError) -> None:
+        where = err.filename or root
+        unreadable.append((str(where), f"{shown(where)}: cannot read this folder ({err.strerror or err}); its slides were not searched: "
+                                       "fix its permissions, or give its slides by name"))
+
+    for folder, dirs, names in os.walk(root, onerror=failed, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError as err:
+            failed(err)
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if d != WORK_DIR)
+        for name in names:
+            f = Path(folder) / name
+            if f.suffix.lower() in SLIDE_EXTENSIONS and f.is_file():
+                files.append(f)
+    return sorted(files), unreadable
 
 
 #: Names in OUT that belong to the tool, never to a slide's folder.
