@@ -319,3 +319,23 @@ def test_one_chunk_at_a_time_equals_the_overlapped_default(slides, reference, tm
     results = segment_many([slides], out, SegmentConfig(**OPTS), max_slides=1)
     assert [r.status for r in results] == ["ok"] * 3
     assert _digest(out) == _digest(reference)
+
+
+def test_gpus_without_a_gpu_is_one_line_and_slurm_gpu_jobs_use_cuda(tmp_path):
+    """--gpus asks for GPU workers: on a machine without a GPU (or with --device cpu) that is one
+    line, not a quiet CPU run; for SLURM GPU jobs the compute nodes have the GPUs, so --device
+    auto means cuda there even if the login node has none."""
+    from wsi_nuclei.errors import ConfigError
+    from wsi_nuclei.pipeline.launch import configs
+
+    for segment in ({"device": "auto"}, {"device": "cpu"}):
+        with pytest.raises(ConfigError, match="--gpus 2 asks for GPU workers.*drop --gpus") as err:
+            configs(segment, cluster="local", gpus=2)
+        assert ("--device cpu" in str(err.value)) == (segment["device"] == "cpu")
+    slurm = {"cores": 8, "memory": "32GB", "processes": 1}
+    cfg, ccfg = configs({"device": "auto"}, cluster="slurm", gpus=1, slurm=slurm, dry_run=True)
+    assert cfg.device == "cuda" and ccfg.gpus == 1
+    with pytest.raises(ConfigError, match="--device cpu"):
+        configs({"device": "cpu"}, cluster="slurm", gpus=1, slurm=slurm)
+    result = runner.invoke(app, ["segment", str(tmp_path), "-o", str(tmp_path / "o"), "--gpus", "2", "--device", "cpu"])
+    assert result.exit_code == 2 and "--gpus 2 asks for GPU workers" in result.output and "Traceback" not in result.output

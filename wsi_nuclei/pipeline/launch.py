@@ -90,7 +90,14 @@ def configs(
         raise ConfigError(f"--max-slides must be > 0, got {max_slides}")
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {workers}")
-    dev = segment_device(str(segment.get("device", "auto")), cluster, scheduler, dry_run)
+    asked = str(segment.get("device", "auto"))
+    if gpus and cluster == "slurm" and not scheduler and asked == "auto":
+        asked = "cuda"  # GPU jobs: the compute nodes have the GPUs this login node may lack
+    dev = segment_device(asked, cluster, scheduler, dry_run)
+    if gpus and dev == "cpu":
+        why = "--device cpu" if asked == "cpu" else "no CUDA GPU is visible here"
+        raise ConfigError(f"--gpus {gpus} asks for GPU workers, but {why}; drop --gpus to run on the CPU, "
+                          "or run where the GPUs are (nvidia-smi lists them)")
     n_gpus = gpus
     if n_gpus is None and cluster == "local" and dev.startswith("cuda") and dev != "cuda:0" and not scheduler:
         import torch
