@@ -120,6 +120,25 @@ def test_two_runs_started_together_into_one_out_never_leave_a_broken_finished_sl
 
 # --resume verifies ----------------------------------------------------------------------
 
+def test_resume_removes_the_work_folder_a_finished_run_left_unless_kept(slide, reference, tmp_path):
+    """A run killed between summary.json and the removal of its work folder leaves both: the next
+    --resume finds the slide finished and removes the work folder, unless that run asked to keep its
+    chunks (--keep-chunks, recorded in summary.json)."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out / "s")
+    assert json.loads((out / "s" / "summary.json").read_text())["keep_chunks"] is False
+    (out / "s" / WORK_DIR / "chunks").mkdir(parents=True)
+    (out / "s" / WORK_DIR / "chunks" / "0.npz").write_bytes(b"left behind")
+    (res,) = segment_many([slide], out, SegmentConfig(**OPTS, resume=True))
+    assert res.status == "skipped" and not (out / "s" / WORK_DIR).exists()
+    _clean(out / "s")
+    kept = tmp_path / "kept"
+    (first,) = segment_many([slide], kept, SegmentConfig(**OPTS, keep_chunks=True))
+    assert first.status == "ok" and (kept / "s" / WORK_DIR / "chunks").is_dir()
+    (again,) = segment_many([slide], kept, SegmentConfig(**OPTS, resume=True))
+    assert again.status == "skipped" and (kept / "s" / WORK_DIR / "chunks").is_dir()  # asked for: kept
+
+
 def test_slide_state_tells_the_four_states_apart(slide, reference, tmp_path):
     """finished / outdated / interrupted / new: the one answer --resume, the dry run and the stop
     report share (outputs.folder.slide_state)."""

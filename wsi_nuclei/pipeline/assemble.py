@@ -259,6 +259,7 @@ def _summary(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any], tally: _T
         density={"cell_um": density.cell_um, "grid": list(density.counts.shape),
                  "max_per_mm2": round(float(density.per_mm2().max()), 1) if density.counts.size else 0.0},
         outputs=files, slide_file=plan.slide_file, output_key=plan.output_key, fingerprint=plan.fingerprint, run_id=plan.run_id,
+        keep_chunks=cfg.keep_chunks,
     )
 
 

@@ -240,11 +240,25 @@ def check_outputs(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard
             )
         raise OutputError(f"{shown(out_dir)}: outputs exist; pass --resume to skip finished slides or --overwrite to replace them")
     if state.state == "finished":
+        _remove_left_work(out_dir)
         return SlideResult(str(path), "skipped", str(out_dir), state.nuclei, "finished in an earlier run (--resume)")
     if state.state == "outdated":
         log.warning("%s: the outputs in %s are not a finished run of this slide with these settings (%s); segmenting it again",
                     shown(path), shown(out_dir), state.why)
     return None
+
+
+def _remove_left_work(out_dir: Path) -> None:
+    """A finished slide's work folder, left by a run killed between writing ``summary.json`` and
+    removing it, is removed (we hold the folder's lock), unless that run kept its chunks on purpose
+    (``--keep-chunks``, recorded in the summary; an older summary without the record: kept)."""
+    work = out_dir / WORK_DIR
+    if not work.exists():
+        return
+    if (read_json(out_dir / "summary.json") or {}).get("keep_chunks", True) is not False:
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("%s: removed the work folder a finished run left behind", shown(out_dir))
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:

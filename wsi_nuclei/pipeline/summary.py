@@ -47,6 +47,9 @@ class Summary:
     output_key: str  #: a hash of the options that change the outputs: --resume checks it
     fingerprint: str  #: the chunk files' key (slide, model and options)
     run_id: str  #: the run that wrote it
+    #: whether that run kept its chunk files (``--keep-chunks``); if not, ``--resume`` removes a work
+    #: folder left beside the finished outputs (a run killed between this file and the removal)
+    keep_chunks: bool = False
     output_bytes: dict[str, int] | None = None  #: each output's size, once installed: --resume checks them
 
     def as_dict(self) -> dict[str, Any]:
