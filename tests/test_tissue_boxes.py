@@ -173,3 +173,18 @@ def test_boxes_rounded_to_fewer_shapes_give_the_same_nuclei(bundled_run, tmp_pat
     pa, pb = (np.asarray(open_array(d / "mask.zarr", "probability", 0)[:]).astype(int) for d in (ref, tmp_path / "r"))
     diff = np.abs(pa - pb)  # 0 outside the same tissue boxes; inside, within the measured context's tolerance
     assert diff.max() <= 255 * 0.05 and np.percentile(diff, 99.9) <= 1
+
+
+def test_no_tissue_mask_still_counts_only_tissue_as_tissue(tmp_path):
+    """--no-tissue-mask processes every chunk, glass included, but the tissue area (and so
+    nuclei_per_mm2 and the amplification) is still the tissue's, not the slide's."""
+    from wsi_nuclei.pipeline.plan import model_card, plan_slide
+
+    slide = _edge_slide(tmp_path / "edge.tif")
+    cfg = SegmentConfig(chunk_size=512, halo=32)
+    card = model_card(cfg)
+    masked, _, _ = plan_slide(slide, tmp_path / "a", cfg, card)
+    every, _, _ = plan_slide(slide, tmp_path / "b", SegmentConfig(chunk_size=512, halo=32, tissue_mask=False), card)
+    whole_mm2 = masked.size[0] * masked.size[1] * (card.working_mpp / 1000) ** 2
+    assert all(ch.infer is None for ch in every.chunks) and any(ch.infer is not None for ch in masked.chunks)  # glass inferred too
+    assert every.tissue_mm2 == masked.tissue_mm2 < 0.5 * whole_mm2

@@ -198,8 +198,11 @@ def plan_slide(
     if cfg.whole_windows:
         chunks = [replace(ch, infer=None) for ch in chunks]
     shift = (0.0, 0.0) if cfg.raw_coordinates or info.bounds is None else (float(info.bounds[0]), float(info.bounds[1]))
-    if tissue is not None:
-        tissue_mm2 = float(tissue.sum()) * (thumb_scale * info.level0_mpp / 1000) ** 2
+    # the tissue area from the mask even when every chunk is processed (--no-tissue-mask): glass is
+    # not tissue in nuclei_per_mm2; a mask that finds none leaves the whole slide
+    area_mask = tissue if tissue is not None else tissue_mask(thumb)
+    if tissue is not None or area_mask.any():
+        tissue_mm2 = float(area_mask.sum()) * (thumb_scale * info.level0_mpp / 1000) ** 2
     else:
         tissue_mm2 = width * height * (card.working_mpp / 1000) ** 2
     backend = cfg.engine()
