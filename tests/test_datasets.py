@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage as ndi
 
-from wsi_nuclei.errors import DatasetError
+from wsi_nuclei.errors import ConfigError, DatasetError
 from wsi_nuclei.training.datasets import (
     MONUSEG_MPP,
     TNBC_MPP,
@@ -202,7 +202,9 @@ def test_load_folder(tmp_path: Path) -> None:
     assert np.array_equal(b.labels > 0, binary > 0)
     assert a.mpp == b.mpp == 0.5 and a.group == b.group == ""
     assert [s.name for s in load_folder(root, mpp=0.5, limit=1)] == ["a"]
-    assert all(s.mpp == MONUSEG_MPP for s in load_dataset("folder", root))
+    assert all(s.mpp == MONUSEG_MPP for s in load_dataset("folder", root, mpp=MONUSEG_MPP))
+    with pytest.raises(ConfigError, match="needs --mpp"):  # never a guessed resolution
+        load_dataset("folder", root)
 
 
 def test_folder_missing_masks_dir(tmp_path: Path) -> None:

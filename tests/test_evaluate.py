@@ -54,6 +54,8 @@ def test_evaluate_folder_per_image_rows(shared_data, tmp_path):
         (tmp_path / sub).mkdir()
         for name in ("01_1.png", "02_1.png"):
             shutil.copy(shared_data / "tnbc" / sub / name, tmp_path / sub / name)
+    unsaid = runner.invoke(app, ["evaluate", str(tmp_path), "--dataset", "folder"])  # no resolution is guessed
+    assert unsaid.exit_code == 2 and "needs --mpp" in unsaid.output and "Traceback" not in unsaid.output
     args = ["evaluate", str(tmp_path), "--dataset", "folder", "--mpp", "0.25"]
     plain = runner.invoke(app, args)
     rows = runner.invoke(app, [*args, "--per-image"])

@@ -137,7 +137,7 @@ def evaluate(
     path: Path = typer.Argument(..., help="Dataset folder."),
     dataset: str = typer.Option(..., "--dataset", help="tnbc, monuseg-test, consep-test, monuseg, consep-train or folder."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the shipped model)."),
-    mpp: Optional[float] = typer.Option(None, help="µm/px of a 'folder' dataset (default 0.25)."),
+    mpp: Optional[float] = typer.Option(None, help="µm/px of a 'folder' dataset's images (required for it)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (means, per-group and per-image rows)."),
     per_image: bool = typer.Option(

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic
-from ..errors import ConfigError, DatasetError
-from .datasets import MONUSEG_MPP, Sample, list_images, load_folder, load_monuseg, load_tnbc
+from ..errors import ConfigError, DatasetError, shown
+from .datasets import Sample, list_images, load_folder, load_monuseg, load_tnbc
 
 __all__ = ["evaluate_dataset", "record_in_card", "load_dataset", "DATASET_KINDS"]
 
@@ -40,7 +40,10 @@ def load_dataset(kind: str, root: Path | str, mpp: float | None = None, limit: i
 
         return load_consep(root, kind.split("-")[1], limit=limit)
     if kind == "folder":
-        return load_folder(root, MONUSEG_MPP if mpp is None else mpp, limit)
+        if mpp is None:  # no default: a wrong guess would score every image at the wrong scale, silently
+            raise ConfigError(f"{shown(Path(root))}: a folder dataset needs --mpp, the µm per pixel of its images "
+                              "(0.25 at 40x, 0.5 at 20x)")
+        return load_folder(root, mpp, limit)
     raise DatasetError(f"unknown dataset kind {kind!r}; use one of {', '.join(DATASET_KINDS)}")
 
 
