@@ -80,6 +80,22 @@ def test_implausible_slide_metadata_is_refused_with_the_fix(tmp_path, meta_mpp):
     assert fixed.status == "ok"
 
 
+def test_mpp_that_replaces_good_metadata_is_said(slide, tmp_path, caplog):
+    """--mpp overrides a slide's own resolution: allowed (the metadata can be wrong), but never in
+    silence. One warning names both values; the file's own value stays in summary.json."""
+    import logging
+
+    from wsi_nuclei.pipeline.plan import model_card, plan_slide
+
+    card = model_card(SegmentConfig())
+    with caplog.at_level(logging.WARNING, logger="wsi_nuclei"):
+        plan, _, _ = plan_slide(slide, tmp_path / "a", SegmentConfig(**OPTS, level0_mpp=0.25), card)
+        plan_slide(slide, tmp_path / "b", SegmentConfig(**OPTS, level0_mpp=0.5), card)  # the same value: nothing to say
+    said = [r.getMessage() for r in caplog.records if "replaces the slide's own" in r.getMessage()]
+    assert len(said) == 1 and "s.tif" in said[0] and "--mpp 0.25" in said[0] and "0.5 µm/px" in said[0]
+    assert plan.info.level0_mpp == 0.25 and plan.info.as_dict()["metadata_mpp"] == pytest.approx(0.5)
+
+
 def test_a_grid_of_more_chunks_than_ids_asks_for_larger_chunks(tmp_path):
     """Nucleus ids are chunk index x 2**16 + local id: a plan of more than 65,536 chunks is refused
     at planning (before any compute), pointing to a larger --chunk-size, not a smaller one."""

@@ -172,6 +172,10 @@ def plan_slide(
                 f"{shown(path)}: no resolution (mpp) in the slide metadata; pass --mpp, e.g. --mpp 0.25 for 40x or 0.5 for 20x"
             )
         thumb, thumb_scale = slide.thumbnail(2048)  # first: a damaged file says so before anything else
+        meta = info.metadata_mpp
+        if cfg.level0_mpp is not None and meta and abs(cfg.level0_mpp - meta) > 0.02 * meta:  # never replaced in silence
+            log.warning("%s: --mpp %g replaces the slide's own %g µm/px (sizes %.2fx); drop --mpp if the metadata is right",
+                        shown(path), cfg.level0_mpp, meta, meta / cfg.level0_mpp)
         if cfg.level0_mpp is None:
             try:
                 check_mpp(info.level0_mpp, f"{shown(path)}: the slide's metadata says", cfg.unusual_mpp)

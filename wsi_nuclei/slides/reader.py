@@ -64,6 +64,7 @@ class SlideInfo:
     objective: float | None
     bounds: tuple[int, int, int, int] | None
     associated: tuple[str, ...]
+    metadata_mpp: float | None = None  #: the file's own µm/px (``level0_mpp`` is --mpp when given)
 
     def as_dict(self) -> dict[str, Any]:
         """The record in ``summary.json`` and the Zarr attributes; ``backend`` repeats ``reader``
@@ -312,7 +313,8 @@ def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None
             raise SlideError(f"{shown(path)}: OpenSlide does not read {pixels.note} correctly; use --reader tiffslide (or auto)")
         handle, props, name = _open_tiffslide(path)
     prefix = name
-    slide_mpp = mpp or _float(_prop(props, f"{prefix}.mpp-x", "openslide.mpp-x", "tiffslide.mpp-x"))
+    meta_mpp = _float(_prop(props, f"{prefix}.mpp-x", "openslide.mpp-x", "tiffslide.mpp-x"))
+    slide_mpp = mpp or meta_mpp
     bx, by = _prop(props, f"{prefix}.bounds-x", "openslide.bounds-x"), _prop(props, f"{prefix}.bounds-y", "openslide.bounds-y")
     bw, bh = (
         _prop(props, f"{prefix}.bounds-width", "openslide.bounds-width"),
@@ -335,6 +337,7 @@ def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None
         objective=_float(_prop(props, f"{prefix}.objective-power", "openslide.objective-power", "tiffslide.objective-power")),
         bounds=bounds,
         associated=associated,
+        metadata_mpp=meta_mpp,
     )
     if min(info.dimensions) <= 0:
         handle.close()
