@@ -358,3 +358,35 @@ def test_consep_errors(tmp_path: Path, shared_data: Path) -> None:
             (tmp_path / sub / f"test_1_{i:03d}.{ext}").write_bytes(b"")
     with pytest.raises(DatasetError, match="test_1 has tiles"):
         load_consep(tmp_path, "test")
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path: Path) -> None:
+    """Transparent pixels become white (black would read as nuclei), EXIF orientation is applied,
+    a file of several images is refused with one line, and so is a lossy (JPEG) mask."""
+    from wsi_nuclei.training.datasets import read_label_image, read_rgb
+
+    rgba = np.zeros((8, 12, 4), np.uint8)
+    rgba[:, :6] = (200, 100, 150, 255)  # opaque tissue; the right half fully transparent (RGB 0)
+    rgba[:, 6:9, 3] = 128  # half transparent black
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    got = read_rgb(tmp_path / "a.png")
+    assert got.shape == (8, 12, 3)
+    assert (got[:, :6] == (200, 100, 150)).all() and (got[:, 9:] == 255).all() and (got[:, 6:9] == 127).all()
+    la = Image.fromarray(np.dstack([np.full((4, 4), 50, np.uint8), np.zeros((4, 4), np.uint8)]), mode="LA")
+    la.save(tmp_path / "la.png")
+    assert (read_rgb(tmp_path / "la.png") == 255).all()
+    # EXIF orientation 6 (rotate 90° clockwise to display): a 4 x 6 file shows as 6 x 4
+    pixels = np.zeros((4, 6, 3), np.uint8)
+    pixels[0, 0] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "r.png", exif=exif)
+    shown = read_rgb(tmp_path / "r.png")
+    assert shown.shape == (6, 4, 3) and tuple(shown[0, -1]) == (255, 0, 0)
+    frames = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(tmp_path / "two.tif", save_all=True, append_images=frames[1:])
+    with pytest.raises(DatasetError, match="holds 2 images"):
+        read_rgb(tmp_path / "two.tif")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "m.jpg")
+    with pytest.raises(DatasetError, match="JPEG mask"):
+        read_label_image(tmp_path / "m.jpg")

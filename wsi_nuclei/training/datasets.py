@@ -113,10 +113,20 @@ def tcga_organ(name: str) -> str:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB (alpha dropped, grey expanded, 16-bit scaled)."""
+    """Read an image file as (H, W, 3) uint8 RGB as a viewer shows it: EXIF orientation applied,
+    transparent pixels on white (not black: black would read as nuclei), grey expanded, 16-bit
+    scaled. A file of several images (frames, pages) is refused: which one was meant is unknown."""
+    from PIL import ImageOps
+
     try:
         with Image.open(path) as opened:
-            im: Image.Image = opened
+            frames = int(getattr(opened, "n_frames", 1) or 1)
+            if frames > 1:
+                raise DatasetError(f"{path}: holds {frames} images (frames or pages); give one image per file "
+                                   "(e.g. split the pages), or a slide to `segment`")
+            im: Image.Image = ImageOps.exif_transpose(opened) or opened
+            if im.mode in ("LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
             if im.mode not in ("RGB", "RGBA", "L", "I;16", "I;16B", "I;16L"):
                 im = im.convert("RGB")  # palette, LA, CMYK, ...
             arr = np.asarray(im)
@@ -137,13 +147,20 @@ def read_rgb(path: Path) -> np.ndarray:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise DatasetError(f"{path}: expected an RGB image, got shape {arr.shape}")
-    return np.ascontiguousarray(arr[:, :, :3])
+    if arr.shape[2] == 4:  # composite over white, like a viewer on a white page
+        alpha = arr[:, :, 3:4].astype(np.float32) / 255.0
+        return np.round(arr[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    return np.ascontiguousarray(arr)
 
 
 def read_label_image(path: Path) -> np.ndarray:
+    from PIL import ImageOps
+
     try:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
+        with Image.open(path) as opened:
+            if opened.format == "JPEG":
+                raise DatasetError(f"{path}: a JPEG mask (lossy: its ids and edges change); save masks as PNG or TIFF")
+            arr = np.asarray(ImageOps.exif_transpose(opened) or opened)  # as its image is oriented (read_rgb)
     except OSError as err:
         raise DatasetError(f"{path}: cannot read mask ({err})") from err
     if arr.ndim == 3:  # an RGB(A) rendering of a binary mask; colour-coded instances are refused
