@@ -81,14 +81,20 @@ def working_shape(shape: tuple[int, int], mpp: float, working_mpp: float) -> tup
     return (max(1, int(round(shape[0] * scale))), max(1, int(round(shape[1] * scale))))
 
 
-def predict_probabilities(predict: Predictor, card: ModelCard, image: np.ndarray, tta: str | None = None) -> np.ndarray:
+def predict_probabilities(
+    predict: Predictor, card: ModelCard, image: np.ndarray, tta: str | None = None, budget: int | None = None,
+) -> np.ndarray:
     """Sigmoid outputs for one (H, W, 3) uint8 image already at the working mpp.
 
     ``predict`` is a backend predictor (:func:`wsi_nuclei.model.backends.make_predictor`: the same
     one the slide pipeline runs). The image is reflect-padded to a multiple of 32 (at least
     64 px) and the padding is cropped off again. ``tta`` (default the card's) averages the
-    outputs over flips/rotations (:mod:`wsi_nuclei.model.tta`). Returns (C, H, W) float32 in [0, 1].
+    outputs over flips/rotations (:mod:`wsi_nuclei.model.tta`). An image whose forward pass does
+    not fit ``budget`` bytes (default: what this process's memory allows) is inferred in tiles,
+    each with the card's measured context (equal to one pass within that context's tolerance).
+    Returns (C, H, W) float32 in [0, 1].
     """
+    from .memory import FORWARD_BYTES_PER_PX, memory_limit, worker_budget
     from .tta import with_tta
 
     h, w = image.shape[:2]
@@ -96,8 +102,38 @@ def predict_probabilities(predict: Predictor, card: ModelCard, image: np.ndarray
     pw = max(64, -(-w // STRIDE) * STRIDE) - w
     pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0))
     padded = np.pad(image, pad, mode="reflect") if ph < h and pw < w else np.pad(image, pad, mode="symmetric")
-    probs = with_tta(predict, tta or card.tta)(padded[None])[0]
+    fn = with_tta(predict, tta or card.tta)
+    H, W = padded.shape[:2]
+    if budget is None:
+        budget = worker_budget(memory_limit()[0], 1, max(H, W))
+    if H * W * FORWARD_BYTES_PER_PX <= budget:
+        probs = fn(padded[None])[0]
+    else:
+        # the card's measured context; a card without one: a wide 320 px (pipeline.tiling's default)
+        probs = _tiled(fn, padded, card.context_px if card.context_px is not None else 320, budget, FORWARD_BYTES_PER_PX)
     return np.asarray(probs[:, ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w])
+
+
+def _tiled(fn: Predictor, image: np.ndarray, context: int, budget: int, bytes_per_px: float) -> np.ndarray:
+    """Probabilities of an (H, W, 3) image (multiples of 32) by tiles whose input, the tile and
+    ``context`` px on every side (clipped where the image ends, as the one pass sees it), fits
+    ``budget``; each tile keeps its core."""
+    H, W = image.shape[:2]
+    ctx = -(-max(0, context) // STRIDE) * STRIDE
+    fit = int(math.sqrt(max(budget, 1) / bytes_per_px)) - 2 * ctx
+    tile = max(4 * STRIDE, fit // STRIDE * STRIDE)
+    out: np.ndarray | None = None
+    for y in range(0, H, tile):
+        for x in range(0, W, tile):
+            y0, x0 = max(0, y - ctx), max(0, x - ctx)
+            y1, x1 = min(H, y + tile + ctx), min(W, x + tile + ctx)
+            p = fn(np.ascontiguousarray(image[None, y0:y1, x0:x1]))[0]
+            if out is None:
+                out = np.zeros((p.shape[0], H, W), dtype=np.float32)
+            ty, tx = min(H, y + tile), min(W, x + tile)
+            out[:, y:ty, x:tx] = p[:, y - y0 : ty - y0, x - x0 : tx - x0]
+    assert out is not None
+    return out
 
 
 def segment_array(
