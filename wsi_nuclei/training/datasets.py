@@ -149,7 +149,7 @@ def read_rgb(path: Path) -> np.ndarray:
         raise DatasetError(f"{path}: expected an RGB image, got shape {arr.shape}")
     if arr.shape[2] == 4:  # composite over white, like a viewer on a white page
         alpha = arr[:, :, 3:4].astype(np.float32) / 255.0
-        return np.round(arr[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        return np.asarray(np.round(arr[:, :, :3] * alpha + 255.0 * (1.0 - alpha)), dtype=np.uint8)
     return np.ascontiguousarray(arr)
 
 
