@@ -23,12 +23,13 @@ import logging
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import atomic
-from ..errors import SlideError, WsiNucleiError
+from ..errors import SlideError, WsiNucleiError, shown
 from ..nuclei.classes import (
     TYPE_PROBABILITY,
     NucleusType,
@@ -77,6 +78,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
 
     tiling = plan.tiling
     predict, card, _ = cached_predictor(cfg.model_dir, cfg.device, plan.backend, cfg.torch_threads)
+    _same_inputs(plan, card)
     slide = slide_handle(plan.path, cfg.reader, cfg.level0_mpp)
     h, c, ctx, win = tiling.halo, tiling.chunk, tiling.context, tiling.window
     t0 = time.perf_counter()
@@ -124,6 +126,25 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     core_prob = np.round(probs[0, h : h + c, h : h + c] * 255).astype(np.uint8)
     times = {"read": t1 - t0, "waiting": waited, "inference": t2 - t1 - waited, "instances": t3 - t2, "polygons": t4 - t3}
     return ChunkResult(core_prob, owned.labels, features, owned.cut, (fp.tile, fp.batch), times, inferred, table)
+
+
+def _same_inputs(plan: SlidePlan, card: Any) -> None:
+    """The model and slide file this task reads are those the run planned with: a model folder or
+    a slide replaced in place during a run (or under a long-lived worker) fails the slide with one
+    line instead of mixing versions under one fingerprint."""
+    from ..errors import ModelError
+
+    if card.to_json() != plan.card.to_json():
+        raise ModelError(f"{plan.card.model_id}: the model files changed on disk after this run planned {shown(plan.path)}; "
+                         "run again (with --resume, its chunks are computed with the new model)")
+    try:
+        st = Path(plan.path).stat()
+        changed = (st.st_size, st.st_mtime_ns) != (plan.slide_file.get("bytes"), plan.slide_file.get("mtime_ns"))
+    except OSError:
+        changed = True
+    if changed and plan.slide_file:
+        raise SlideError(f"{shown(plan.path)}: the slide file changed (or went) after this run planned it; "
+                         "run again with --resume (its chunks are computed from the new file)")
 
 
 def typed(card: Any, cfg: SegmentConfig) -> tuple[NucleusType, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import SegmentConfig
@@ -28,11 +29,37 @@ _CACHE_LOCK = threading.RLock()
 _THREAD = threading.local()
 
 
+def _files_id(*paths: Path) -> tuple[tuple[int, int], ...]:
+    """(size, mtime_ns) of each file (-1, -1 when missing): what tells a file changed in place."""
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+            out.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((-1, -1))
+    return tuple(out)
+
+
+def _model_id(model_dir: str | None) -> tuple[tuple[int, int], ...]:
+    from ..model.network import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE
+
+    folder = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
+    return _files_id(folder / CARD_FILE, folder / WEIGHTS_FILE)
+
+
 def cached_predictor(model_dir: str | None, device: str, backend: str, threads: int) -> Any:
-    """(predict, card, backend name) for this worker process, built once."""
-    key = ("model", model_dir, device, backend, threads)
+    """(predict, card, backend name) for this worker process, built once per version of the model
+    files: a long-lived worker (``--scheduler``, a notebook's client) whose model folder was
+    replaced in place builds it again instead of serving the old one."""
+    base = ("model", model_dir, device, backend, threads)
+    key = (*base, _model_id(model_dir))
     with _CACHE_LOCK:
-        return _CACHE[key] if key in _CACHE else _build(key, model_dir, device, backend, threads)
+        if key in _CACHE:
+            return _CACHE[key]
+        for old in [k for k in _CACHE if k[: len(base)] == base]:  # an older version of the same model
+            del _CACHE[old]
+        return _build(key, model_dir, device, backend, threads)
 
 
 def _build(key: Any, model_dir: str | None, device: str, backend: str, threads: int) -> Any:
@@ -83,11 +110,17 @@ def make_forward_plan(cfg: SegmentConfig, tiling: Tiling) -> ForwardPlan:
 
 def slide_handle(path: str, backend: str, mpp: float | None) -> Any:
     """This thread's open handle of ``path`` (tiffslide's file handle is not meant for concurrent
-    reads); the handles go with the thread, so an in-process run's task threads leave none open."""
+    reads); the handles go with the thread, so an in-process run's task threads leave none open.
+    A file replaced at the same path (re-exported, copied again) gets a new handle."""
     from ..slides.reader import open_slide
 
     cache = _THREAD.__dict__.setdefault("slides", {})
-    key = (path, backend, mpp)
+    key = (path, backend, mpp, _files_id(Path(path)))
     if key not in cache:
+        for old in [k for k in cache if k[0] == path]:
+            try:
+                cache.pop(old).close()
+            except Exception:  # noqa: BLE001 - a stale handle: closing it is a courtesy
+                pass
         cache[key] = open_slide(path, backend, mpp)
     return cache[key]
