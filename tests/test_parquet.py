@@ -320,6 +320,10 @@ def test_export_anndata_errors_are_one_line(run, tmp_path, monkeypatch):
     (tmp_path / "bad" / "nuclei.parquet").parent.mkdir()
     (tmp_path / "bad" / "nuclei.parquet").write_bytes(b"PAR1 not really")
     one_line([str(tmp_path / "bad")], "not a readable nuclei.parquet")
+    before = (run / "nuclei.parquet").read_bytes()
+    one_line([str(run), "-o", str(run / "nuclei.parquet")], "-o must name a .h5ad file")  # the source itself
+    one_line([str(run), "-o", str(tmp_path / "empty")], "-o must name a .h5ad file", "nuclei.h5ad")  # a folder
+    assert (run / "nuclei.parquet").read_bytes() == before
     real_import = builtins.__import__
 
     def no_anndata(name, *args, **kwargs):  # noqa: ANN001, ANN202

@@ -73,6 +73,9 @@ def write_h5ad(slide_dir: Path | str, out: Path | str | None = None) -> Path:
             raise ConfigError(f"{shown(folder)}: not found; give a slide's output folder (OUT/<slide>)")
         raise OutputError(f"{shown(folder)}: holds no nuclei.parquet; segment the slide with --formats including parquet (the default)")
     target = Path(out) if out is not None else parquet.with_suffix(".h5ad")
+    if target.suffix.lower() != ".h5ad" or target.is_dir():  # -o onto nuclei.parquet, a GeoJSON, a folder: never replaced
+        raise ConfigError(f"{shown(target)}: -o must name a .h5ad file (it would replace what is there); "
+                          f"e.g. -o {shown(target.with_suffix('.h5ad') if not target.is_dir() else target / 'nuclei.h5ad')}")
     adata = nuclei_anndata(parquet)
     try:
         with atomic.replacing(target) as tmp:
