@@ -287,10 +287,71 @@ def test_slurm_array_script_runs_one_slide_per_task(slides, reference, tmp_path)
     env.pop("SLURM_ARRAY_TASK_ID", None)
     hint = subprocess.run(["bash", str(script), str(slides), str(tmp_path)], env=env, capture_output=True, text=True, check=True)
     assert "sbatch --array=0-2" in hint.stdout
-    subprocess.run(["bash", str(script), str(slides), str(tmp_path), *FLAGS], env={**env, "SLURM_ARRAY_TASK_ID": "1"}, check=True,
+    listed = next((tmp_path / "slurm-array").glob("slides-*.txt"))
+    assert str(listed) in hint.stdout
+    subprocess.run(["bash", str(script), str(listed), str(tmp_path), *FLAGS], env={**env, "SLURM_ARRAY_TASK_ID": "1"}, check=True,
                    capture_output=True)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != "slurm-array") == ["b"]
     assert _digest(tmp_path / "b") == _digest(reference / "b")
+
+
+def _array_task(folder_or_list: Path, out: Path, task: int, job: str = "77", last: int | None = None) -> subprocess.CompletedProcess:
+    """One task of array ``job`` of workflows/slurm_array.sh with a stand-in for wsi-nuclei that
+    prints the slide it was given (the mapping task -> slide is under test, not segmentation)."""
+    fake = out.parent / "fake-wsi-nuclei"
+    if not fake.exists():
+        fake.write_text('#!/bin/sh\nprintf "SEGMENT %s\\n" "$2"\n')
+        fake.chmod(0o755)
+    env = {**os.environ, "WSI_NUCLEI": str(fake), "SLURM_ARRAY_JOB_ID": job, "SLURM_ARRAY_TASK_ID": str(task)}
+    if last is not None:
+        env["SLURM_ARRAY_TASK_MAX"] = str(last)
+    return subprocess.run(["bash", str(ROOT / "workflows" / "slurm_array.sh"), str(folder_or_list), str(out)], env=env,
+                          capture_output=True, text=True, check=True)
+
+
+def _segmented(run: subprocess.CompletedProcess) -> str:
+    return Path(run.stdout.split("SEGMENT ")[1].strip()).name
+
+
+def test_slurm_array_tasks_of_one_array_see_one_slide_list(tmp_path):
+    """A slide copied into the folder while the array waits (here: after its first task started)
+    must not shift the indices: before, task 1 got the new a0.tif and b.tif was never segmented."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a.tif", "b.tif", "c.tif"):
+        (folder / name).write_bytes(b"II*\x00")
+    out = tmp_path / "out"
+    assert _segmented(_array_task(folder, out, 0)) == "a.tif"
+    (folder / "a0.tif").write_bytes(b"II*\x00")  # sorts between a.tif and b.tif
+    assert _segmented(_array_task(folder, out, 1)) == "b.tif"
+    last = _array_task(folder, out, 2, last=2)
+    assert _segmented(last) == "c.tif" and "warning" not in last.stderr
+    # a new submission (a new array id) lists the folder again, the new slide included, and the
+    # last task says when the array is shorter than the list
+    run = _array_task(folder, out, 2, job="78", last=2)
+    assert _segmented(run) == "b.tif"
+    assert "lists 4 slides but this array ends at task 2" in run.stderr and "--array=3-3" in run.stderr
+    assert (out / "slurm-array" / "job-77.txt").read_text().split() == [str(folder / n) for n in ("a.tif", "b.tif", "c.tif")]
+
+
+def test_slurm_array_list_printed_at_submission_is_the_one_the_tasks_read(tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a.tif", "b.tif"):
+        (folder / name).write_bytes(b"II*\x00")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    hint = subprocess.run(["bash", str(ROOT / "workflows" / "slurm_array.sh"), str(folder), str(out), "--device", "cpu"], env=env,
+                          capture_output=True, text=True, check=True)
+    assert "2 slides" in hint.stdout and "sbatch --array=0-1 " in hint.stdout and "--device cpu" in hint.stdout
+    listed = next((out / "slurm-array").glob("slides-*.txt"))
+    (folder / "a0.tif").write_bytes(b"II*\x00")
+    assert _segmented(_array_task(listed, out, 1)) == "b.tif"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = subprocess.run(["bash", str(ROOT / "workflows" / "slurm_array.sh"), str(empty), str(out)], env=env,
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "holds no slides" in refused.stderr
 
 
 @pytest.mark.slow
