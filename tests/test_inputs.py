@@ -287,6 +287,56 @@ def test_a_refused_format_is_one_line_in_a_batch(tmp_path):
     assert "5 samples per pixel" in res[0].reason and "\n" not in res[0].reason
 
 
+# damaged image data: never substitute pixels ---------------------------------------------------
+
+def _damaged(src: Path, dst: Path, how: str, tile: int = 5) -> Path:
+    """A copy of ``src`` with its level-0 ``tile`` damaged: ``zeros`` (4 KB of its JPEG data zeroed,
+    as a failing disk or share leaves it) or ``cut`` (the file ends inside that tile)."""
+    import tifffile
+
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[0]
+        offset, count = int(page.dataoffsets[tile]), int(page.databytecounts[tile])
+    data = bytearray(src.read_bytes())
+    if how == "zeros":
+        data[offset + count // 3 : offset + count // 3 + 4096] = bytes(4096)
+    else:
+        data = data[: offset + count // 2]
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("reader", ["auto", "tiffslide"])
+@pytest.mark.parametrize("how", ["zeros", "cut"])
+@pytest.mark.parametrize("kind", ["svs", "pyramid"])
+def test_a_damaged_tile_fails_the_slide_with_one_line(tmp_path, kind, how, reader):
+    """Before: tiffslide decoded a tile of zeroed JPEG data (libjpeg's warning ignored) as grey
+    pixels, and a pyramid cut inside a tile, which OpenSlide refuses, was opened by tiffslide
+    with a grey tile; both were segmented as ok."""
+    root = Path(__file__).resolve().parents[1]
+    if kind == "svs":
+        src, box, tile = root / "wsi_nuclei" / "data" / "CMU-1-Small-Region.svs", (0, 0, 2220, 2967), 65
+    else:
+        src, box, tile = disc_slide(tmp_path / "src.tif", (1024, 1024), seed=3), (0, 0, 1024, 1024), 5
+    path = _damaged(src, tmp_path / f"damaged{src.suffix}", how, tile)
+    with pytest.raises(SlideError) as err:
+        with open_slide(path, reader) as s:
+            s.read_working(box, 1.0)
+    msg = str(err.value)
+    assert path.name in msg and "\n" not in msg and "again" in msg
+    assert ("damaged" in msg or "incomplete" in msg or "truncated" in msg)
+
+
+def test_a_damaged_tile_is_a_failed_slide_in_a_batch_and_intact_tiles_still_read(tmp_path):
+    good = disc_slide(tmp_path / "good.tif", (512, 512), seed=35)
+    bad = _damaged(disc_slide(tmp_path / "src.tif", (512, 512), seed=36), tmp_path / "bad.tif", "zeros", tile=3)
+    res = segment_many([bad, good], tmp_path / "out", SegmentConfig(**OPTS, reader="tiffslide"))
+    assert [r.status for r in res] == ["failed", "ok"]
+    assert "tile 3 of level 0" in res[0].reason and "Corrupt JPEG data" in res[0].reason
+    with open_slide(bad, "tiffslide") as s:  # the tiles before the damaged one read as before
+        assert s.read_working((0, 0, 256, 256), 1.0).shape == (256, 256, 3)
+
+
 # single-level slides: memory flat --------------------------------------------------------------
 
 def test_thumbnail_in_tiles_equals_one_read(tmp_path):

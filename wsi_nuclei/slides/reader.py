@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, SlideError, shown
+from .integrity import TileCheck, check_extent
 from .pixels import PixelFormat, UnsupportedPixels, pixel_format, to_rgba8
 
 __all__ = ["PLAUSIBLE_MPP", "check_mpp", "SlideInfo", "Slide", "open_slide", "composite_on_white", "SLIDE_EXTENSIONS"]
@@ -107,6 +108,10 @@ class Slide:
         self.info = info
         self._pixels = pixels  # the file's pixel format (TIFF), decided once
         self._raw = raw  # the handle returns raw samples (tiffslide), converted with ``_pixels``
+        # tiffslide's JPEG decoder, and libtiff's behind OpenSlide's generic TIFF reader, ignore
+        # libjpeg's corrupt-data warnings (OpenSlide's own JPEG decoding fails on them)
+        strict = info.reader == "openslide" and info.vendor != "generic-tiff"
+        self._check = None if strict else TileCheck.for_levels(Path(info.path), info.level_dimensions)
 
     def __enter__(self) -> Slide:
         return self
@@ -205,6 +210,8 @@ class Slide:
 
     def _read(self, level: int, ds: float, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB of a level region (level px), transparent pixels composited onto white."""
+        if self._check is not None:
+            self._check.verify(level, x, y, w, h)
         try:
             at = (int(round(x * ds)), int(round(y * ds)))
             if self._raw and self._pixels is not None and not self._pixels.plain:
@@ -216,7 +223,7 @@ class Slide:
         except Exception as err:  # the backends raise their own error types
             raise SlideError(
                 f"{self.info.path}: cannot read region x={int(x * ds)} y={int(y * ds)} w={w} h={h} at level {level} "
-                f"({type(err).__name__}: {err}); the file is damaged, re-export or re-scan it"
+                f"({type(err).__name__}: {err}); the file is damaged: copy it again, or re-export or re-scan it"
             ) from err
         arr = np.asarray(region)
         if arr.ndim == 2 or arr.dtype != np.uint8 or arr.shape[2] not in (3, 4):  # a format the file check let through
@@ -305,6 +312,9 @@ def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None
     except UnsupportedPixels as err:
         handle.close()
         raise SlideError(f"{shown(path)}: {err}; convert it to 8-bit RGB (e.g. vips, QuPath or Fiji) and segment that") from None
+    except SlideError:
+        handle.close()
+        raise
     if name == "openslide" and pixels is not None and not pixels.plain:
         # libtiff's RGBA reader, behind OpenSlide, misreads some of these (tiled grey + alpha and
         # 16-bit grey lose rows; float cannot be read): tiffslide reads the samples, converted here
@@ -347,14 +357,18 @@ def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None
 
 def _tiff_pixels(path: Path) -> PixelFormat | None:
     """The pixel format of a TIFF's level 0 from its tags (None for other files: their reader
-    returns RGB(A)); raises UnsupportedPixels for samples that are not an RGB or grey image."""
+    returns RGB(A)); raises UnsupportedPixels for samples that are not an RGB or grey image, and
+    SlideError for a file cut short (its image data reaches past its end)."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
+            check_extent(tif, path)
             page = tif.series[0].keyframe
             photometric = tifffile.PHOTOMETRIC(page.photometric).name
             samples, extra, dtype, bits = int(page.samplesperpixel), len(page.extrasamples), page.dtype, int(page.bitspersample)
+    except SlideError:
+        raise
     except Exception:  # not a TIFF (or not one tifffile parses): the slide reader decides
         return None
     if dtype is None:
