@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -616,3 +617,100 @@ def test_an_assembly_task_run_twice_returns_the_finished_slide(tmp_path):
     assert _tree(out) == before  # nothing rewritten
     other = assemble_slide(replace(plan, run_id="another run"), cfg)
     assert other.status == "failed" and "damaged chunk file" in other.reason
+
+
+def test_run_json_merges_the_same_out_given_relative_then_absolute_and_from_elsewhere(tmp_path, monkeypatch):
+    """Before: run.json matched slides by the path as typed, so OUT given relative then absolute
+    listed a slide twice, and a run started from another folder dropped the earlier slides (their
+    relative folders did not exist from there)."""
+    a, b = (disc_slide(tmp_path / f"{n}.tif", (256, 256), seed=40 + i) for i, n in enumerate("ab"))
+    monkeypatch.chdir(tmp_path)
+    segment_many([Path("a.tif")], Path("out"), SegmentConfig(**OPTS))
+    segment_many([a], tmp_path / "out", SegmentConfig(**OPTS, resume=True))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    segment_many([Path("../b.tif")], Path("../out"), SegmentConfig(**OPTS))
+    slides = json.loads((tmp_path / "out" / "run.json").read_text())["slides"]
+    assert sorted((Path(s["slide"]).name, s["status"]) for s in slides) == [("a.tif", "skipped"), ("b.tif", "ok")]
+    assert all(Path(s["slide"]).is_absolute() and Path(s["out_dir"]).is_dir() for s in slides)
+
+
+@pytest.mark.parametrize("name", ["run.json", "report.html"])
+def test_a_run_json_or_report_of_someone_else_is_never_replaced(slide, tmp_path, name):
+    """Before: `segment -o DIR` replaced a report.html or run.json that wsi-nuclei did not write."""
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = out / name
+    theirs.write_text('{"my": "notes"}' if name.endswith(".json") else "<html>my lab's report</html>")
+    before = theirs.read_bytes()
+    result = runner.invoke(app, ["segment", str(slide), "-o", str(out), *FLAGS])
+    assert result.exit_code != 0 and "was not written by wsi-nuclei" in result.output and name in result.output
+    assert theirs.read_bytes() == before and not (out / "s").exists()  # refused before any slide
+    result = runner.invoke(app, ["report", str(out)])
+    assert theirs.read_bytes() == before
+    # ours are replaced as before: a batch into a folder of an earlier batch
+    theirs.unlink()
+    assert runner.invoke(app, ["segment", str(slide), "-o", str(out), *FLAGS]).exit_code == 0
+    assert runner.invoke(app, ["segment", str(slide), "-o", str(out), *FLAGS, "--resume"]).exit_code == 0
+
+
+def _ids(out_dir: Path) -> set[str]:
+    import gzip
+
+    return {f["id"] for f in json.loads(gzip.decompress((out_dir / "nuclei.geojson.gz").read_bytes()))["features"]}
+
+
+def test_two_scans_with_one_name_and_size_get_different_nucleus_ids(tmp_path):
+    """Before: ids were uuid5 of the slide's name and pixel size, so a re-scan of the same name and size
+    (and a copy of another centre's s.tif) repeated every id in a merged QuPath project."""
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    a = disc_slide(tmp_path / "a" / "s.tif", (256, 256), seed=50)
+    b = disc_slide(tmp_path / "b" / "s.tif", (256, 256), seed=51)
+    copy = tmp_path / "c" / "s.tif"
+    shutil.copy(a, copy)
+    segment_many([a, b, copy], tmp_path / "out", SegmentConfig(**OPTS))
+    ids_a, ids_b, ids_copy = (_ids(tmp_path / "out" / n) for n in ("s", "s_", "s__"))
+    assert ids_a and ids_b and not ids_a & ids_b
+    assert ids_copy == ids_a  # the same file's nuclei keep their ids wherever it lies
+
+
+def test_evaluate_record_leaves_finished_slides_finished(slide, reference, tmp_path):
+    """Before: the output key held the whole card, so `evaluate --record` (which adds metrics to
+    it) made every finished slide look unfinished and `--resume` segmented them all again."""
+    from wsi_nuclei.model.network import DEFAULT_MODEL_DIR, load_card
+    from wsi_nuclei.training.evaluate import record_in_card
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    out = tmp_path / "out"
+    cfg = SegmentConfig(**OPTS, model_dir=str(model))
+    segment_many([slide], out, cfg)
+    record_in_card({"model": load_card(model).model_id, "dataset": "folder", "path": "x", "aji": 0.5, "n_images": 1}, model)
+    assert load_card(model).metrics["folder"]["aji"] == 0.5
+    (res,) = segment_many([slide], out, replace(cfg, resume=True))
+    assert res.status == "skipped"
+    card = json.loads((model / "model.json").read_text())
+    card["postprocess"]["fg_threshold"] = 0.6  # what does change the outputs still does
+    (model / "model.json").write_text(json.dumps(card))
+    (res,) = segment_many([slide], out, replace(cfg, resume=True))
+    assert res.status == "ok"
+
+
+@pytest.mark.parametrize("how", ["overwrite", "resume-outdated"])
+def test_an_exported_h5ad_never_outlives_the_outputs_it_came_from(slide, tmp_path, how, caplog):
+    """Before: OUT/slide/nuclei.h5ad (``export anndata``) survived ``--overwrite`` and a ``--resume``
+    that segmented the slide again, describing nuclei the new outputs no longer have."""
+    pytest.importorskip("anndata", reason="anndata is in the [dev] and [anndata] extras")
+    out = tmp_path / "out"
+    segment_many([slide], out, SegmentConfig(**OPTS))
+    assert runner.invoke(app, ["export", "anndata", str(out / "s")]).exit_code == 0
+    assert (out / "s" / "nuclei.h5ad").is_file()
+    (res,) = segment_many([slide], out, SegmentConfig(**OPTS, resume=True))
+    assert res.status == "skipped" and (out / "s" / "nuclei.h5ad").is_file()  # still the outputs it came from
+    change = {"overwrite": True} if how == "overwrite" else {"resume": True, "tissue_mask": False}
+    (res,) = segment_many([slide], out, SegmentConfig(**OPTS, **change))
+    assert res.status == "ok" and not (out / "s" / "nuclei.h5ad").exists()
+    assert "export anndata" in caplog.text
+    _clean(out / "s")

@@ -97,6 +97,11 @@ class ModelCard:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
 
+    def output_json(self) -> str:
+        """The card less its recorded measurements (``metrics``, which ``evaluate --record`` and
+        ``tune`` add to): what a segmentation's outputs depend on."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "metrics"}, sort_keys=True)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: Path | str = "<dict>") -> ModelCard:
         if "mpp" in data and "working_mpp" not in data:  # older cards name it "mpp"

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -154,6 +155,24 @@ def slide_file(path: Path | str) -> dict[str, Any]:
     return {"path": str(p.resolve()), "name": p.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+#: bytes read from each end of a slide file for :func:`content_digest`
+DIGEST_BYTES = 256 * 1024
+
+
+def content_digest(path: Path | str) -> str:
+    """16 hex of sha256 over a slide file's size and its first and last :data:`DIGEST_BYTES`: the
+    same for a copy (any name, path or mtime), different for another scan or export of the same
+    name and size (its header, first tiles and directory differ). Reads at most 512 KB."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        digest = hashlib.sha256(str(size).encode())
+        digest.update(fh.read(DIGEST_BYTES))
+        if size > DIGEST_BYTES:
+            fh.seek(max(DIGEST_BYTES, size - DIGEST_BYTES))
+            digest.update(fh.read(DIGEST_BYTES))
+    return digest.hexdigest()[:16]
+
+
 def same_file(a: Any, b: dict[str, Any]) -> bool:
     """Whether two :func:`slide_file` records are one slide: same name, size and mtime (a slide
     copied to node-local scratch with its mtime is the same slide; another file with the same name is not)."""
@@ -246,11 +265,14 @@ class SlideState:
     nuclei: int = 0
 
 
-def slide_state(out_dir: Path, ident: dict[str, Any], output_key: str | Callable[[], str]) -> SlideState:
+def slide_state(out_dir: Path, ident: dict[str, Any], output_key: str | Callable[[], str] | None) -> SlideState:
     """The one answer to "is this slide finished?" (``ident``: :func:`slide_file` of the slide;
     ``output_key``: what its outputs depend on, see ``pipeline.plan.plan_keys``; a function is
-    called only when there is a summary to verify)."""
+    called only when there is a summary to verify; None: outputs are not verified, so a summary
+    means "outdated" whatever it holds)."""
     if (out_dir / "summary.json").exists():
+        if output_key is None:
+            return SlideState("outdated", "not verified")
         verdict = finished(out_dir, ident, output_key() if callable(output_key) else output_key)
         if verdict.done:
             return SlideState("finished", nuclei=verdict.nuclei)

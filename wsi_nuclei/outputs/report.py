@@ -22,6 +22,7 @@ import base64
 import hashlib
 import html
 import io
+import json
 import logging
 import math
 import os
@@ -310,7 +311,7 @@ def render_report(rows: list[SlideRow], out: Path | str, run: dict[str, Any] | N
                  _cell(esc(r.model), cls="model", col=8 + k)]
         body.append(f'<tr class="{esc(r.status)}">' + "".join(cells) + "</tr>")
     title = f"wsi-nuclei report: {out.resolve().name}"
-    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"generator\" content=\"wsi-nuclei\">"
             f"<meta name=\"viewport\" content=\"width=device-width\"><title>{esc(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
             f"<h1>{esc(title)}</h1>\n<div class=\"totals\">{''.join(totals)}</div>\n"
             f"<table id=\"slides\"><thead><tr>{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr></thead>\n<tbody>\n"
@@ -321,12 +322,39 @@ def render_report(rows: list[SlideRow], out: Path | str, run: dict[str, Any] | N
             f"<script>{_SORT}</script>\n</body></html>\n")
 
 
+def written_by_us(path: Path) -> bool:
+    """Whether ``path`` (an existing ``report.html`` or ``run.json``) was written by wsi-nuclei:
+    a report names its generator in its head, a run record is JSON with ``version`` and ``slides``."""
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(data, dict) and "version" in data and isinstance(data.get("slides"), list)
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except (OSError, ValueError):
+        return False
+    return b'<meta name="generator" content="wsi-nuclei"' in head or b"<title>wsi-nuclei report" in head
+
+
+def check_ours(out: Path) -> None:
+    """Raise OutputError when ``out`` holds a ``run.json`` or ``report.html`` that wsi-nuclei did not
+    write (a user's own files): a batch would replace them."""
+    for name in ("run.json", REPORT_NAME):
+        target = out / name
+        if (target.is_file() or target.is_symlink()) and not written_by_us(target):
+            raise OutputError(f"{shown(target)}: exists and was not written by wsi-nuclei; a batch writes its {name} there: "
+                              "move that file, or choose another -o")
+
+
 def write_report(out: Path | str) -> Path:
     """Collect, render and write ``out/report.html`` atomically; returns its path. Raises
-    OutputError when ``out`` holds no outputs or the file cannot be written."""
+    OutputError when ``out`` holds no outputs, a report.html of someone else's, or the file
+    cannot be written."""
     out = Path(out)
     rows, run = collect_rows(out)
     target = out / REPORT_NAME
+    if target.exists() and not written_by_us(target):
+        check_ours(out)
     text = render_report(rows, out, run, _embedded(target))
     try:
         atomic.write_text(target, text)

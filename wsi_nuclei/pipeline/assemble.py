@@ -263,11 +263,18 @@ def _summary(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any], tally: _T
     )
 
 
+#: the default ``export anndata`` file in a slide folder: derived from its outputs
+H5AD_NAME = "nuclei.h5ad"
+
+
 def _install(plan: SlidePlan, cfg: SegmentConfig, temps: dict[str, Path], summary: Summary) -> None:
     """The outputs under their names, then ``summary.json`` (last: it declares the slide finished), then the chunk files removed."""
     out_dir = Path(plan.out_dir)
     os.sync()  # the outputs reach the disk before the summary that declares them finished
-    install(out_dir, temps, stale=("nuclei.geojson", "nuclei.geojson.gz", PARQUET_NAME))
+    if (out_dir / H5AD_NAME).exists():  # made from the old nuclei.parquet by `export anndata`
+        log.warning("%s: removed, it was exported from the outputs these replace; run `wsi-nuclei export anndata %s` again",
+                    shown(out_dir / H5AD_NAME), shown(out_dir))
+    install(out_dir, temps, stale=("nuclei.geojson", "nuclei.geojson.gz", PARQUET_NAME, H5AD_NAME))
     temps.clear()
     # --resume checks them: a truncated or replaced output is not a finished slide
     summary = summary.with_output_bytes({name: output_size(out_dir / name) for name in summary.outputs.values()})

@@ -134,7 +134,7 @@ def _same_inputs(plan: SlidePlan, card: Any) -> None:
     line instead of mixing versions under one fingerprint."""
     from ..errors import ModelError
 
-    if card.to_json() != plan.card.to_json():
+    if card.weights_sha256 != plan.card.weights_sha256 or card.output_json() != plan.card.output_json():
         raise ModelError(f"{plan.card.model_id}: the model files changed on disk after this run planned {shown(plan.path)}; "
                          "run again (with --resume, its chunks are computed with the new model)")
     try:

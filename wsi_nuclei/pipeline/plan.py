@@ -27,6 +27,7 @@ from ..model.network import ModelCard
 from ..nuclei.instances import IDS_PER_CHUNK
 from ..outputs.folder import (
     check_writable,
+    content_digest,
     folder_owner,
     read_json,
     remove_leftovers,
@@ -106,11 +107,12 @@ def plan_keys(path: Path | str, cfg: SegmentConfig, card: ModelCard, backend: st
     skips a slide only when its summary has the same. The fingerprint adds how the chunks were
     computed (backend, batch, device, version, chunk-file format): chunk files are reused only
     when it matches."""
-    ident = slide_file(path)
+    # the content digest tells apart two scans of one name and size (nucleus ids derive from it)
+    ident = {**slide_file(path), "content": content_digest(path)}
     outputs = {
-        "slide": {k: ident[k] for k in ("name", "bytes", "mtime_ns")},
+        "slide": {k: ident[k] for k in ("name", "bytes", "mtime_ns", "content")},
         "model": card.weights_sha256,
-        "card": card.to_json(),
+        "card": card.output_json(),  # evaluate --record adds metrics: the outputs stay finished
         "tiling": asdict(slide_tiling(cfg, card)),
         "level0_mpp": cfg.level0_mpp,
         "reader": cfg.reader,
@@ -212,7 +214,7 @@ def plan_slide(
     backend = cfg.engine()
     ident, key, fingerprint = plan_keys(path, cfg, card, backend)
     plan = SlidePlan(path=str(path), out_dir=str(out_dir), scale=scale, size=(height, width), tiling=tiling, chunks=tuple(chunks),
-                     grid=grid, shift=shift, slide_key=f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}",
+                     grid=grid, shift=shift, slide_key=f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}:{ident['content']}",
                      tissue_mm2=round(tissue_mm2, 4), info=info, card=card, fingerprint=fingerprint, tta=cfg.tta or card.tta,
                      backend=backend, slide_file=ident, output_key=key, run_id=uuid.uuid4().hex)
     return plan, thumb, tissue
@@ -234,10 +236,9 @@ def check_outputs(path: Path, out_dir: Path, cfg: SegmentConfig, card: ModelCard
         return None
 
     def key() -> str:
-
         return plan_keys(path, cfg, card, cfg.engine())[1]
 
-    state = slide_state(out_dir, ident, key if cfg.resume else "")  # without --resume nothing is verified
+    state = slide_state(out_dir, ident, key if cfg.resume else None)  # without --resume nothing is verified
     if state.state == "new":
         return None
     if not cfg.resume:

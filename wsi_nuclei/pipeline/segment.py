@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -242,10 +243,13 @@ def _left_behind(jobs: list[tuple[Path, Path]], cfg: SegmentConfig, started: flo
 
 
 def _check_out(out: Path) -> None:
-    """``out`` must be a folder this process can write: checked once, before any slide."""
+    """``out`` must be a folder this process can write, whose ``run.json`` and ``report.html`` (if
+    any) are a batch's: checked once, before any slide."""
     from ..outputs.folder import check_writable
+    from ..outputs.report import check_ours
 
     check_writable(out)
+    check_ours(out)
 
 
 def _write_run_json(out: Path, results: list[SlideResult], state: str) -> None:
@@ -255,7 +259,9 @@ def _write_run_json(out: Path, results: list[SlideResult], state: str) -> None:
     from ..errors import OutputError, shown
     from ..outputs.folder import SlideLock
 
-    mine = [asdict(r) for r in results]
+    # absolute paths: the record reads the same from any working directory (and merges with the
+    # runs started from another one); slide folders are OUT/<name>, matched by that name
+    mine = [{**asdict(r), "slide": _absolute(r.slide), "out_dir": _absolute(r.out_dir)} for r in results]
     lock = SlideLock(out, name=".run.lock")
     deadline = time.monotonic() + 30
     while True:
@@ -271,8 +277,13 @@ def _write_run_json(out: Path, results: list[SlideResult], state: str) -> None:
             old = json.loads((out / "run.json").read_text(encoding="utf-8")).get("slides", [])
         except (OSError, ValueError, AttributeError):
             old = []
-        seen = {(r.get("out_dir") or r.get("slide")) for r in mine}
-        carried = [r for r in old if isinstance(r, dict) and r.get("out_dir") and r["out_dir"] not in seen and Path(r["out_dir"]).is_dir()]
+        seen = {Path(r["out_dir"]).name for r in mine if r["out_dir"]}
+
+        def carry(r: Any) -> bool:
+            name = Path(str(r.get("out_dir") or "")).name if isinstance(r, dict) else ""
+            return bool(name) and name not in seen and (out / name).is_dir()
+
+        carried = [{**r, "out_dir": os.path.abspath(out / Path(r["out_dir"]).name)} for r in old if carry(r)]
         text = json.dumps({"version": __version__, "state": state, "slides": mine + carried}, indent=2, default=str) + "\n"
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -282,6 +293,10 @@ def _write_run_json(out: Path, results: list[SlideResult], state: str) -> None:
                               "the slides' own outputs are kept; free disk space and run again with --resume") from err
     finally:
         lock.release()
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(path) if path else path
 
 
 def segment_slide(
