@@ -96,6 +96,101 @@ def test_mpp_that_replaces_good_metadata_is_said(slide, tmp_path, caplog):
     assert plan.info.level0_mpp == 0.25 and plan.info.as_dict()["metadata_mpp"] == pytest.approx(0.5)
 
 
+def _anisotropic(path: Path, mpp_x: float, mpp_y: float) -> Path:
+    import tifffile
+
+    img = disc_image((256, 256), [(64, 64), (180, 150)], 8, seed=33)
+    tifffile.imwrite(path, img, tile=(256, 256), compression="jpeg", photometric="rgb",
+                     resolution=(1e4 / mpp_x, 1e4 / mpp_y), resolutionunit="CENTIMETER")
+    return path
+
+
+@pytest.mark.parametrize("reader", ["auto", "tiffslide"])
+def test_pixels_that_are_not_square_are_refused_unless_mpp_is_given(tmp_path, reader):
+    """Before: mpp-y was ignored, so a slide of 0.25 x 0.5 µm pixels was segmented with areas and
+    shapes off by 2x."""
+    path = _anisotropic(tmp_path / "a.tif", 0.25, 0.5)
+    (res,) = segment_many([path], tmp_path / "out", SegmentConfig(**OPTS, reader=reader))
+    assert res.status == "failed" and "a.tif" in res.reason and "not square" in res.reason and "0.25 x 0.5" in res.reason
+    assert "\n" not in res.reason and "--mpp" in res.reason
+    (ok,) = segment_many([path], tmp_path / "out2", SegmentConfig(**OPTS, reader=reader, level0_mpp=0.25))
+    assert ok.status == "ok"
+    with open_slide(_anisotropic(tmp_path / "b.tif", 0.25, 0.2512), reader) as s:  # metadata rounding is square
+        assert s.info.level0_mpp == pytest.approx(0.25)
+
+
+def _thumbnail_only(path: Path, tiled: bool) -> Path:
+    """An Aperio file holding only the CMU sample's thumbnail page (as an export that lost the
+    full-resolution image leaves it), with the thumbnail's own description ("2220x2967 -> 574x768")."""
+    import tifffile
+
+    src = Path(__file__).resolve().parents[1] / "wsi_nuclei" / "data" / "CMU-1-Small-Region.svs"
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[1]
+        img, description = page.asarray(), page.description
+    assert "->" in description
+    kw = {"tile": (256, 256)} if tiled else {"rowsperstrip": 16}
+    tifffile.imwrite(path, img, description=description, photometric="rgb", compression="jpeg", metadata=None, **kw)
+    return path
+
+
+@pytest.mark.parametrize("reader", ["auto", "tiffslide"])
+@pytest.mark.parametrize("tiled", [False, True], ids=["strip", "tiled"])
+def test_a_slide_holding_only_its_thumbnail_is_refused(tmp_path, tiled, reader):
+    """Before: tiffslide read such a file as a slide whose level 0 is the 574x768 thumbnail at the
+    scan's 0.499 µm/px, and segmented it (as nuclei 4x too small)."""
+    path = _thumbnail_only(tmp_path / "thumb.svs", tiled)
+    with pytest.raises(SlideError) as err:
+        open_slide(path, reader)
+    msg = str(err.value)
+    assert "thumb.svs" in msg and "574x768 px of a 2220x2967 scan" in msg and "full-resolution image is missing" in msg
+    with open_slide(Path(__file__).resolve().parents[1] / "wsi_nuclei" / "data" / "CMU-1-Small-Region.svs", reader) as s:
+        assert s.info.dimensions == (2220, 2967)  # a whole slide (its thumbnail page is an associated image) opens as before
+
+
+def _without_root_file_access(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a Python without the capabilities that let root read any file
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): file permissions then apply, as for any user."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux) to drop root's file access")
+    drop = "-dac_override,-dac_read_search"
+    return subprocess.run([setpriv, "--bounding-set", drop, "--inh-caps", drop, sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_slide_without_read_permission_says_so(tmp_path):
+    """Before: "cannot open as a slide (...); check that it is a whole-slide image"."""
+    path = tmp_path / "locked.svs"
+    shutil.copy(Path(__file__).resolve().parents[1] / "wsi_nuclei" / "data" / "CMU-1-Small-Region.svs", path)
+    path.chmod(0)
+    run = _without_root_file_access(
+        "from wsi_nuclei.slides.reader import open_slide\n"
+        f"try:\n    open_slide({str(path)!r})\nexcept Exception as err:\n    print(type(err).__name__, err)\n"
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("SlideError") and "locked.svs: permission denied" in run.stdout and "read access" in run.stdout
+    assert "whole-slide image" not in run.stdout
+
+
+def test_a_folder_that_cannot_be_read_is_named_in_the_batch(tmp_path):
+    """A sub-folder the user cannot list is reported, not skipped without a word."""
+    root = tmp_path / "slides"
+    (root / "locked").mkdir(parents=True)
+    disc_slide(root / "locked" / "x.tif", (256, 256), seed=37)
+    disc_slide(root / "y.tif", (256, 256), seed=38)
+    (root / "locked").chmod(0)
+    run = _without_root_file_access(
+        "from wsi_nuclei.pipeline.segment import find_slides\n"
+        f"slides, bad = find_slides([__import__('pathlib').Path({str(root)!r})])\n"
+        "print([p.name for p in slides]); print([r for _, r in bad])\n"
+    )
+    (root / "locked").chmod(0o755)
+    assert run.returncode == 0, run.stderr
+    found, reasons = run.stdout.splitlines()[:2]
+    assert found == "['y.tif']" and "locked" in reasons and "ermission" in reasons
+
+
 def test_a_grid_of_more_chunks_than_ids_asks_for_larger_chunks(tmp_path):
     """Nucleus ids are chunk index x 2**16 + local id: a plan of more than 65,536 chunks is refused
     at planning (before any compute), pointing to a larger --chunk-size, not a smaller one."""

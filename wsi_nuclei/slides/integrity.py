@@ -1,4 +1,7 @@
-"""Checks that a TIFF slide's pixels are the scanner's, not a decoder's substitute.
+"""Checks that a slide file can be read and that its pixels are the scanner's, not a substitute.
+
+Before any reader: :func:`check_readable` (no permission, an I/O error), :func:`check_square`
+(anisotropic pixels), :func:`reduced_only` (an Aperio file whose full-resolution image is missing).
 
 Two kinds of damage decode without an error in some readers:
 
@@ -19,16 +22,60 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import SlideError, shown
 
-__all__ = ["check_extent", "TileCheck"]
+__all__ = ["check_readable", "check_extent", "check_square", "reduced_only", "TileCheck"]
 
 log = logging.getLogger(__name__)
 
 JPEG = 7  #: TIFF compression code of JPEG ("new-style", with JPEGTables)
+
+
+def check_readable(path: Path) -> None:
+    """One line for a file this process cannot read at all (the readers would call it "not a
+    slide"): no permission, or an I/O error of the disk or share."""
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except PermissionError:
+        raise SlideError(f"{shown(path)}: permission denied; ask for read access to the file (and its folders), "
+                         "or copy it somewhere you can read") from None
+    except OSError as err:
+        raise SlideError(
+            f"{shown(path)}: cannot be read ({err.strerror or err}); check the disk or share, or copy the file again"
+        ) from None
+
+
+def reduced_only(description: str, dims: tuple[int, int]) -> str | None:
+    """For an Aperio level 0 whose description says it was reduced from a larger scan
+    (``46920x33014 -> 1024x768``: the thumbnail or a pyramid level, with the full-resolution image
+    missing), the reason to refuse it; None otherwise."""
+    found = re.search(r"(\d+)x(\d+)\s*->\s*(\d+)x(\d+)", description.split(";")[0] if description.startswith("Aperio") else "")
+    if found is None:
+        return None
+    full_w, full_h, w, h = (int(v) for v in found.groups())
+    if (w, h) != dims or full_w * full_h <= w * h:
+        return None
+    return (f"holds only a reduced image ({w}x{h} px of a {full_w}x{full_h} scan: its thumbnail or a lower level), "
+            "the full-resolution image is missing; export or copy the whole slide again")
+
+
+#: mpp-y may differ from mpp-x by this fraction (rounding in the metadata) before pixels are not square
+SQUARE_TOLERANCE = 0.01
+
+
+def check_square(path: Path, mpp_x: float | None, mpp_y: float | None) -> None:
+    """Refuse pixels that are not square (mpp-y ≠ mpp-x): the pipeline resamples both axes by one
+    factor, so areas and shapes would be off by their ratio."""
+    if mpp_x and mpp_y and abs(mpp_y / mpp_x - 1) > SQUARE_TOLERANCE:
+        raise SlideError(
+            f"{shown(path)}: its pixels are not square ({mpp_x:g} x {mpp_y:g} µm); resample it to square pixels "
+            "(e.g. vips resize with --vscale), or pass --mpp if the metadata is wrong and they are square"
+        )
 
 
 def check_extent(tif: Any, path: Path) -> None:

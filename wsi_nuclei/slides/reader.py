@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, SlideError, shown
-from .integrity import TileCheck, check_extent
+from .integrity import TileCheck, check_extent, check_readable, check_square, reduced_only
 from .pixels import PixelFormat, UnsupportedPixels, pixel_format, to_rgba8
 
 __all__ = ["PLAUSIBLE_MPP", "check_mpp", "SlideInfo", "Slide", "open_slide", "composite_on_white", "SLIDE_EXTENSIONS"]
@@ -295,6 +295,7 @@ def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None
         raise SlideError(f"{shown(path)}: not a file (a folder?); give one slide file here (`segment` also takes folders)")
     if backend not in ("auto", "openslide", "tiffslide"):
         raise SlideError(f"unknown slide backend {backend!r}; use auto, openslide or tiffslide")
+    check_readable(path)
     openers = {"openslide": [_open_openslide], "tiffslide": [_open_tiffslide], "auto": [_open_openslide, _open_tiffslide]}[backend]
     errors = []
     for opener in openers:
@@ -324,6 +325,12 @@ def open_slide(path: Path | str, backend: str = "auto", mpp: float | None = None
         handle, props, name = _open_tiffslide(path)
     prefix = name
     meta_mpp = _float(_prop(props, f"{prefix}.mpp-x", "openslide.mpp-x", "tiffslide.mpp-x"))
+    if mpp is None:  # an --mpp says the pixels are square at that size
+        try:
+            check_square(path, meta_mpp, _float(_prop(props, f"{prefix}.mpp-y", "openslide.mpp-y", "tiffslide.mpp-y")))
+        except SlideError:
+            handle.close()
+            raise
     slide_mpp = mpp or meta_mpp
     bx, by = _prop(props, f"{prefix}.bounds-x", "openslide.bounds-x"), _prop(props, f"{prefix}.bounds-y", "openslide.bounds-y")
     bw, bh = (
@@ -365,6 +372,9 @@ def _tiff_pixels(path: Path) -> PixelFormat | None:
         with tifffile.TiffFile(path) as tif:
             check_extent(tif, path)
             page = tif.series[0].keyframe
+            why = reduced_only(page.description or "", (int(page.imagewidth), int(page.imagelength)))
+            if why:
+                raise SlideError(f"{shown(path)}: {why}")
             photometric = tifffile.PHOTOMETRIC(page.photometric).name
             samples, extra, dtype, bits = int(page.samplesperpixel), len(page.extrasamples), page.dtype, int(page.bitspersample)
     except SlideError:
