@@ -417,6 +417,34 @@ def test_names_never_collide_with_the_tools_files_and_messages_stay_on_one_line(
     assert "\n" not in errors[0] and "\t" not in errors[0]
 
 
+def test_a_name_that_is_not_utf8_is_segmented_like_any_other(tmp_path):
+    """Latin-1 names from a Windows share are bytes that are not UTF-8. Before: the slide failed
+    inside its chunk with UnicodeEncodeError, and report.html was not written."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    good = os.fsdecode(os.fsencode(folder) + b"/caf\xe9 r\xe9sum\xe9.tif")
+    disc_slide(Path(good), (256, 256), seed=52)
+    broken = Path(os.fsdecode(os.fsencode(folder) + b"/d\xe9fect.tif"))
+    broken.write_text("not a slide")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["segment", str(folder), "-o", str(out), *FLAGS])
+    assert result.exit_code == 1  # the broken slide failed, the other one did not
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "d\\xe9fect.tif" in errors[0] and "\udce9" not in errors[0]
+    slides = {os.fsencode(s["slide"]): s for s in json.loads((out / "run.json").read_text())["slides"]}
+    record = slides[os.fsencode(good)]  # the name round-trips: os.fsencode gives the file's own bytes
+    assert record["status"] == "ok" and Path(record["out_dir"]).is_dir() and Path(os.fsdecode(os.fsencode(record["slide"]))).is_file()
+    assert Path(record["out_dir"]).name.isascii()  # a folder name any file system (and share) accepts
+    summary = json.loads((Path(record["out_dir"]) / "summary.json").read_text())
+    assert os.fsencode(summary["slide_file"]["path"]) == os.fsencode(good)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "caf\\xe9 r\\xe9sum\\xe9.tif" in page and "d\\xe9fect.tif" in page
+    again = runner.invoke(app, ["segment", good, "-o", str(out), *FLAGS, "--resume"])
+    assert again.exit_code == 0
+    assert [s["status"] for s in json.loads((out / "run.json").read_text())["slides"] if os.fsencode(s["slide"]) == os.fsencode(good)] == [
+        "skipped"]
+
+
 def test_interrupted_run_json_lists_every_slide(slide, tmp_path):
     other = disc_slide(tmp_path / "o.tif", (256, 256), seed=29)
     calls = {"n": 0}

@@ -41,6 +41,11 @@ class OutputError(WsiNucleiError):
 
 
 def shown(path: object) -> str:
-    """``path`` for a one-line message: control characters (a newline in a file name) escaped."""
+    """``path`` for a one-line message: control characters (a newline in a file name) escaped, and
+    the bytes of a name that is not UTF-8 (Python's surrogate escapes, U+DC80-U+DCFF) as ``\\xNN``."""
     text = str(path)
-    return text if text.isprintable() else repr(text)[1:-1]
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else repr(c)[1:-1] for c in text
+    )

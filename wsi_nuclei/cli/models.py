@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import ConfigError, WsiNucleiError
+from ..errors import ConfigError, WsiNucleiError, shown
 from .common import DATA_ROOT_HELP, app, fail, set_threads
 
 
@@ -278,7 +278,7 @@ def segment_image_cmd(
             if r.error:
                 failed.append(r.error)
                 continue
-            typer.echo(f"{Path(r.image).name}: {r.nuclei} nuclei in {r.seconds:.2f} s -> {r.overlay}")
+            typer.echo(f"{shown(Path(r.image).name)}: {r.nuclei} nuclei in {r.seconds:.2f} s -> {shown(r.overlay)}")
     except WsiNucleiError as err:
         fail(err)
     for reason in failed:  # a bad image does not stop the others; each is one line at the end

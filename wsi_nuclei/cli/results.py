@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import WsiNucleiError
+from ..errors import WsiNucleiError, shown
 from .common import app, fail
 
 export_app = typer.Typer(no_args_is_help=True, help="Convert a slide's outputs for other tools.")
@@ -24,7 +24,7 @@ def report(out: Path = typer.Argument(..., help="The -o folder of a wsi-nuclei s
     except WsiNucleiError as err:
         fail(err)
         return
-    typer.echo(str(path))
+    typer.echo(shown(path))
 
 
 @export_app.command("anndata")
@@ -40,4 +40,4 @@ def export_anndata(
     except WsiNucleiError as err:
         fail(err)
         return
-    typer.echo(str(path))
+    typer.echo(shown(path))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from ..errors import ConfigError, WsiNucleiError
+from ..errors import ConfigError, WsiNucleiError, shown
 from ..pipeline.config import DEFAULT_CHUNK
 from .common import _state, app, fail
 
@@ -32,7 +32,7 @@ def info(
         fail(err)
         return
     typer.echo(
-        f"{i.path}\n  reader   {i.reader}\n  vendor   {i.vendor}\n  mpp      "
+        f"{shown(i.path)}\n  reader   {i.reader}\n  vendor   {i.vendor}\n  mpp      "
         f"{i.level0_mpp if i.level0_mpp else 'unknown (pass --mpp to segment)'}"
     )
     typer.echo(f"  objective {i.objective or 'unknown'}\n  bounds   {i.bounds or 'none'}\n  associated {', '.join(i.associated) or 'none'}")
@@ -256,7 +256,7 @@ def _results_table(console: Any, out: Path, results: list[SlideResult]) -> None:
     for col in ("slide", "status", "nuclei", "seconds", "note"):
         table.add_column(col)
     for r in results:
-        table.add_row(Path(r.slide).name, r.status, str(r.nuclei), f"{r.seconds:.1f}", r.reason[:80])
+        table.add_row(shown(Path(r.slide).name), r.status, str(r.nuclei), f"{r.seconds:.1f}", r.reason[:80])
     console.print(table)
 
 

@@ -202,9 +202,14 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 
 
 def _cell(text: str, sort: Any = None, cls: str = "", col: int | None = None, span: int = 1) -> str:
-    attrs = ((f' data-sort="{html.escape(str(sort))}"' if sort is not None else "") + (f' class="{cls}"' if cls else "")
+    attrs = ((f' data-sort="{_esc(sort)}"' if sort is not None else "") + (f' class="{cls}"' if cls else "")
              + (f' data-col="{col}"' if col is not None else "") + (f' colspan="{span}"' if span > 1 else ""))
     return f"<td{attrs}>{text}</td>"
+
+
+def _esc(value: object) -> str:
+    """HTML text of ``value``: a name that is not UTF-8 shows its bytes as ``\\xNN`` (:func:`shown`)."""
+    return html.escape(shown(value))
 
 
 def _link_picture(row: SlideRow, out: Path, kind: str, cache: dict[str, str]) -> str:
@@ -215,10 +220,10 @@ def _link_picture(row: SlideRow, out: Path, kind: str, cache: dict[str, str]) ->
     if not uri:
         return '<span class="none">missing</span>'
     try:
-        href = quote(os.path.relpath(path, out))
+        href = quote(os.fsencode(os.path.relpath(path, out)))  # the name's bytes, also when they are not UTF-8
     except ValueError:  # another drive (Windows)
-        href = quote(str(path))
-    return f'<a href="{html.escape(href)}"><img class="{kind}" data-key="{key}" src="{uri}" alt="{kind} of {html.escape(row.name)}"></a>'
+        href = quote(os.fsencode(str(path)))
+    return f'<a href="{html.escape(href)}"><img class="{kind}" data-key="{key}" src="{uri}" alt="{kind} of {_esc(row.name)}"></a>'
 
 
 _STYLE = """
@@ -267,7 +272,7 @@ def render_report(rows: list[SlideRow], out: Path | str, run: dict[str, Any] | N
     out = Path(out)
     run = run or {}
     cache = cache if cache is not None else {}
-    esc = html.escape
+    esc = _esc
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1

@@ -100,6 +100,12 @@ def slide_tiling(cfg: SegmentConfig, card: ModelCard) -> Tiling:
     return derive_tiling(card.working_mpp, cfg.chunk_size, cfg.halo, cfg.context if cfg.context is not None else card.context_px)
 
 
+def _utf8_name(path: Path | str) -> str:
+    """The file name as valid UTF-8: a name that is not (latin-1 bytes from a Windows share,
+    decoded by Python with surrogate escapes) gets its bytes as ``\\xNN``; others are unchanged."""
+    return Path(path).name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def plan_keys(path: Path | str, cfg: SegmentConfig, card: ModelCard, backend: str) -> tuple[dict[str, Any], str, str]:
     """(slide file record, output key, chunk fingerprint) of segmenting ``path`` with ``cfg`` and
     ``card``; needs no slide reading. The output key covers what the finished outputs depend on
@@ -214,7 +220,7 @@ def plan_slide(
     backend = cfg.engine()
     ident, key, fingerprint = plan_keys(path, cfg, card, backend)
     plan = SlidePlan(path=str(path), out_dir=str(out_dir), scale=scale, size=(height, width), tiling=tiling, chunks=tuple(chunks),
-                     grid=grid, shift=shift, slide_key=f"{Path(path).name}:{info.dimensions[0]}x{info.dimensions[1]}:{ident['content']}",
+                     grid=grid, shift=shift, slide_key=f"{_utf8_name(path)}:{info.dimensions[0]}x{info.dimensions[1]}:{ident['content']}",
                      tissue_mm2=round(tissue_mm2, 4), info=info, card=card, fingerprint=fingerprint, tta=cfg.tta or card.tta,
                      backend=backend, slide_file=ident, output_key=key, run_id=uuid.uuid4().hex)
     return plan, thumb, tissue
