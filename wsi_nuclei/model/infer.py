@@ -7,6 +7,7 @@ Frames: ``image`` arrays are (H, W, 3) uint8 RGB at their own ``mpp``; probabili
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -39,6 +40,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+
+@functools.cache
+def _process_limit() -> int:
+    """This process's memory limit (:func:`memory_limit`), read once: validation and tuning infer
+    thousands of images, and the limit (cgroup, Dask worker, machine) does not change under them."""
+    from .memory import memory_limit
+
+    return memory_limit()[0]
 
 
 def select_device(device: str = "auto") -> str:
@@ -94,7 +104,7 @@ def predict_probabilities(
     each with the card's measured context (equal to one pass within that context's tolerance).
     Returns (C, H, W) float32 in [0, 1].
     """
-    from .memory import FORWARD_BYTES_PER_PX, memory_limit, worker_budget
+    from .memory import FORWARD_BYTES_PER_PX, worker_budget
     from .tta import with_tta
 
     h, w = image.shape[:2]
@@ -105,7 +115,7 @@ def predict_probabilities(
     fn = with_tta(predict, tta or card.tta)
     H, W = padded.shape[:2]
     if budget is None:
-        budget = worker_budget(memory_limit()[0], 1, max(H, W))
+        budget = worker_budget(_process_limit(), 1, max(H, W))
     if H * W * FORWARD_BYTES_PER_PX <= budget:
         probs = fn(padded[None])[0]
     else:

@@ -23,7 +23,6 @@ import logging
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,7 +78,7 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     tiling = plan.tiling
     predict, card, _ = cached_predictor(cfg.model_dir, cfg.device, plan.backend, cfg.torch_threads)
     _same_inputs(plan, card)
-    slide = slide_handle(plan.path, cfg.reader, cfg.level0_mpp)
+    slide = slide_handle(plan.path, cfg.reader, cfg.level0_mpp, plan.slide_file)
     h, c, ctx, win = tiling.halo, tiling.chunk, tiling.context, tiling.window
     t0 = time.perf_counter()
     fp = forward_plan(cfg, tiling)  # the whole window in one pass, or tiles that fit memory
@@ -94,10 +93,11 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
     waited = gate_wait_seconds()
     probs, inferred = window_probabilities(with_tta(predict, plan.tta), card.channels, rgb, fp.tile, ctx, fp.batch, box)
     if box != chunk.infer and chunk.infer is not None:
-        x0, y0, x1, y1 = chunk.infer
-        keep = np.zeros(probs.shape[1:], dtype=bool)
-        keep[y0:y1, x0:x1] = True
-        probs[:, ~keep] = 0.0
+        x0, y0, x1, y1 = chunk.infer  # zero all but the tissue box: four slices, no window-sized mask
+        probs[:, :y0] = 0.0
+        probs[:, y1:] = 0.0
+        probs[:, :, :x0] = 0.0
+        probs[:, :, x1:] = 0.0
     probs = probs[:, :win, :win]
     t2 = time.perf_counter()
     waited = gate_wait_seconds() - waited
@@ -129,22 +129,14 @@ def segment_chunk(plan: SlidePlan, chunk: Chunk, cfg: SegmentConfig) -> ChunkRes
 
 
 def _same_inputs(plan: SlidePlan, card: Any) -> None:
-    """The model and slide file this task reads are those the run planned with: a model folder or
-    a slide replaced in place during a run (or under a long-lived worker) fails the slide with one
-    line instead of mixing versions under one fingerprint."""
+    """The model this task runs is the one the run planned with: a model folder replaced in place
+    during a run (or under a long-lived worker) fails the slide with one line instead of mixing
+    versions under one fingerprint (the slide file is checked by :func:`slide_handle`)."""
     from ..errors import ModelError
 
     if card.weights_sha256 != plan.card.weights_sha256 or card.output_json() != plan.card.output_json():
         raise ModelError(f"{plan.card.model_id}: the model files changed on disk after this run planned {shown(plan.path)}; "
                          "run again (with --resume, its chunks are computed with the new model)")
-    try:
-        st = Path(plan.path).stat()
-        changed = (st.st_size, st.st_mtime_ns) != (plan.slide_file.get("bytes"), plan.slide_file.get("mtime_ns"))
-    except OSError:
-        changed = True
-    if changed and plan.slide_file:
-        raise SlideError(f"{shown(plan.path)}: the slide file changed (or went) after this run planned it; "
-                         "run again with --resume (its chunks are computed from the new file)")
 
 
 def typed(card: Any, cfg: SegmentConfig) -> tuple[NucleusType, ...]:

@@ -9,6 +9,7 @@ use it to time the same predictor and forward plan.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,14 +109,25 @@ def make_forward_plan(cfg: SegmentConfig, tiling: Tiling) -> ForwardPlan:
     return fp
 
 
-def slide_handle(path: str, backend: str, mpp: float | None) -> Any:
+def slide_handle(path: str, backend: str, mpp: float | None, planned: dict[str, Any] | None = None) -> Any:
     """This thread's open handle of ``path`` (tiffslide's file handle is not meant for concurrent
     reads); the handles go with the thread, so an in-process run's task threads leave none open.
-    A file replaced at the same path (re-exported, copied again) gets a new handle."""
+    A file replaced at the same path (re-exported, copied again) gets a new handle. ``planned``: the
+    :func:`~wsi_nuclei.outputs.folder.slide_file` record the run planned with; a file that no longer
+    has its size and mtime fails the slide with one line (one stat per chunk serves both)."""
+    from ..errors import SlideError, shown
     from ..slides.reader import open_slide
 
+    try:
+        st = os.stat(path)
+        now: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        now = None
+    if planned and now != (planned.get("bytes"), planned.get("mtime_ns")):
+        raise SlideError(f"{shown(path)}: the slide file changed (or went) after this run planned it; "
+                         "run again with --resume (its chunks are computed from the new file)")
     cache = _THREAD.__dict__.setdefault("slides", {})
-    key = (path, backend, mpp, _files_id(Path(path)))
+    key = (path, backend, mpp, now)
     if key not in cache:
         for old in [k for k in cache if k[0] == path]:
             try:
