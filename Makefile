@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/forward_memory.py
 	$(PY) benchmarks/precision_gate.py
 	$(PY) benchmarks/shape_cost.py
+	$(PY) benchmarks/big_slide.py
 
 bench-memory: $(STAMP)
 	$(PY) benchmarks/memory_scaling.py --model shipped --sizes 1,4,16
