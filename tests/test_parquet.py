@@ -299,6 +299,15 @@ def test_export_anndata_is_the_table_with_measurements_in_x(run, tmp_path):
     assert np.array_equal(adata.obs["label"].to_numpy(), table.column("label").to_numpy())
     summary = json.loads((run / "summary.json").read_text())
     assert adata.uns["wsi_nuclei"]["level0_mpp"] == summary["slide_info"]["level0_mpp"]
+    again = CliRunner().invoke(app, ["export", "anndata", str(run), "-o", str(tmp_path / "n.h5ad")])
+    assert again.exit_code == 0, again.output  # an export of ours is replaced by the next
+    # a user's own AnnData under that name is never replaced (it was, before)
+    theirs = tmp_path / "analysis.h5ad"
+    anndata.AnnData(np.ones((2, 2), np.float32)).write_h5ad(theirs)
+    before = theirs.read_bytes()
+    refused = CliRunner().invoke(app, ["export", "anndata", str(run), "-o", str(theirs)])
+    assert refused.exit_code != 0 and "not written by wsi-nuclei export anndata" in refused.output and "Traceback" not in refused.output
+    assert theirs.read_bytes() == before
 
 
 def test_export_anndata_errors_are_one_line(run, tmp_path, monkeypatch):

@@ -76,6 +76,9 @@ def write_h5ad(slide_dir: Path | str, out: Path | str | None = None) -> Path:
     if target.suffix.lower() != ".h5ad" or target.is_dir():  # -o onto nuclei.parquet, a GeoJSON, a folder: never replaced
         raise ConfigError(f"{shown(target)}: -o must name a .h5ad file (it would replace what is there); "
                           f"e.g. -o {shown(target.with_suffix('.h5ad') if not target.is_dir() else target / 'nuclei.h5ad')}")
+    if target.exists() and not _exported_by_us(target):
+        raise OutputError(f"{shown(target)}: exists and was not written by wsi-nuclei export anndata; "
+                          "choose another -o, or move that file")
     adata = nuclei_anndata(parquet)
     try:
         with atomic.replacing(target) as tmp:
@@ -83,3 +86,15 @@ def write_h5ad(slide_dir: Path | str, out: Path | str | None = None) -> Path:
     except OSError as err:
         raise OutputError(f"{shown(target)}: cannot write ({err.strerror or err}); choose another -o") from None
     return target
+
+
+def _exported_by_us(path: Path) -> bool:
+    """Whether ``path`` is an AnnData file this module wrote (its ``uns`` holds ``wsi_nuclei``): an
+    export is replaced by the next one, a user's own analysis never is."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return "uns" in f and "wsi_nuclei" in f["uns"]
+    except (ImportError, OSError):
+        return False
