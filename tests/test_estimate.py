@@ -120,3 +120,38 @@ def test_measure_rate_writes_what_the_dry_run_reads(tmp_path):
     stored = json.loads((model / RATES_FILE).read_text())
     assert set(stored) == {"openvino:cpu:2"} and 0 < stored["openvino:cpu:2"]["s_per_mm2"] < 1000
     assert stored["openvino:cpu:2"]["s_per_slide"] >= 0 and "measure-rate" in stored["openvino:cpu:2"]["measured"]
+
+
+def test_the_estimate_follows_the_model_input_when_the_rate_has_it(slides, tmp_path):
+    """A rate per Mpx of model input carries over between slides (scattered tissue takes more
+    context per mm²); the dry run sums each plan's pixels."""
+    model = _model_copy(tmp_path, {"openvino:cpu:2": {"s_per_mm2": 8.0, "s_per_slide": 0.0, "threads": 2, "measured": "test",
+                                                      "s_per_mpx": 200.0}})
+    res = runner.invoke(app, ["segment", str(slides), "-o", str(tmp_path / "o"), "--model", str(model), "--backend", "openvino",
+                              "--threads", "2", *FLAGS])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("# estimate:"))
+    assert "200.00 s per Mpx of model input" in line
+    rows = _rows(res.output)
+    # 256 px chunks with 64 px context: each chunk's box and its context; more chunks, more pixels
+    assert rows["large.tif"][1] > rows["small.tif"][1] > 0
+    unit = estimate([1.0, 1.0], Rate(8.0, 1.0, 2, "", 2.0), "t", 2, 2, 0, model_mpx=[10.0, 30.0])
+    assert unit.per_slide_s == (11.0, 31.0) and unit.total_s == 41.0  # 2 s/Mpx over 2 workers, 1 s fixed (both slides at once)
+    area_only = estimate([1.0, 1.0], Rate(8.0, 1.0, 2, ""), "t", 2, 2, 0, model_mpx=[10.0, 30.0])
+    assert area_only.per_slide_s == (5.0, 5.0)  # a rate without s_per_mpx (older rates.json, --rate) uses the tissue area
+
+
+def test_planned_model_pixels_are_what_the_run_gives_the_model(tmp_path):
+    """estimate.model_mpx from a plan equals the pixels the chunks gave the model (summary.json's
+    inferred_px) when each window is one forward pass, as on a CPU worker."""
+    from wsi_nuclei.pipeline.config import SegmentConfig
+    from wsi_nuclei.pipeline.estimate import model_mpx
+    from wsi_nuclei.pipeline.plan import model_card, plan_slide
+    from wsi_nuclei.pipeline.segment import segment_slide
+
+    slide = disc_slide(tmp_path / "s.tif", (900, 700), seed=63)
+    cfg = SegmentConfig(chunk_size=256, halo=32, context=64, forward_memory=3 * 2**30)
+    plan, _, _ = plan_slide(slide, tmp_path / "plan", cfg, model_card(cfg))
+    segment_slide(slide, tmp_path / "out", cfg)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert model_mpx(plan.chunks, plan.tiling.window, plan.tiling.context) == pytest.approx(summary["inferred_px"] / 1e6)

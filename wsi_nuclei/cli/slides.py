@@ -328,8 +328,9 @@ def _dry_run(inputs: list[Path], out: Path, cfg: SegmentConfig, ccfg: ClusterCon
     else:
         peak = f", peak memory {est.worker_peak_bytes / 1e9:.1f} GB per worker" if est.worker_peak_bytes else ""
         measured = f" ({est.rate.measured})" if est.rate.measured else ""
-        typer.echo(f"# estimate: {describe_seconds(est.total_s)} wall ({how}){peak}; "
-                   f"{est.rate.s_per_mm2:.2f} s/mm² per worker from {est.rate_from}{measured}")
+        per = (f"{est.rate.s_per_mpx:.2f} s per Mpx of model input ({sum(r.model_mpx for r in ok):.0f} Mpx)" if est.rate.s_per_mpx > 0
+               else f"{est.rate.s_per_mm2:.2f} s/mm²")
+        typer.echo(f"# estimate: {describe_seconds(est.total_s)} wall ({how}){peak}; {per} per worker from {est.rate_from}{measured}")
         if ccfg.kind == "slurm" and not ccfg.scheduler:
             fewest = max(1, ccfg.min_jobs) * max(1, ccfg.processes)  # the jobs may not all start: plan for the fewest
             one = est.total_s * max(1, ccfg.max_jobs) * max(1, ccfg.processes) / fewest

@@ -1,12 +1,17 @@
 """Time and memory a run will take, for ``segment --dry-run`` (and a SLURM ``--walltime``).
 
-The estimate is tissue area times a measured rate: wall seconds per mm² of tissue for one worker
-of a given backend, device and thread count, measured on the bundled slide by
-``wsi-nuclei measure-rate --write`` and stored next to the model in ``rates.json`` (``--rate``
-overrides it). Workers share the slides' chunks, so the compute part divides by the worker count;
-each slide adds its fixed part (opening, planning, assembly), of which ``max_slides`` overlap.
-Peak memory per worker is what the memory plan assumes (``model.memory``): the process with its
-model, the chunk tasks' buffers and one forward pass.
+The estimate is the work the plan gives the model times a measured rate: wall seconds per
+million pixels of model input (each chunk's tissue box and its context, at the working
+resolution) for one worker of a given backend, device and thread count, measured on the bundled
+slide by ``wsi-nuclei measure-rate --write`` and stored next to the model in ``rates.json``. The
+pixels, not the tissue area, carry over between slides: scattered tissue costs more context per
+mm² than one large piece (the bundled slide's model input is 5x its tissue, a resection's about
+3x), so a rate per mm² from the small slide overstated a large slide's time twofold. ``--rate``
+(seconds per mm² of tissue) overrides it, as do rates.json entries without ``s_per_mpx``. Workers
+share the slides' chunks, so the compute part divides by the worker count; each slide adds its
+fixed part (opening, planning, assembly), of which ``max_slides`` overlap. Peak memory per worker
+is what the memory plan assumes (``model.memory``): the process with its model, the chunk tasks'
+buffers and one forward pass.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 from .. import atomic
 from ..errors import ConfigError
 
-__all__ = ["Rate", "Estimate", "RATES_FILE", "rate_key", "load_rate", "store_rate", "estimate", "walltime", "measure_rate"]
+__all__ = ["Rate", "Estimate", "RATES_FILE", "rate_key", "load_rate", "store_rate", "estimate", "model_mpx", "walltime", "measure_rate"]
 
 RATES_FILE = "rates.json"
 #: The slide the rate is measured on (the package's sample: CMU-1-Small-Region).
@@ -32,13 +37,15 @@ WALLTIME_MARGIN = 1.5
 @dataclass(frozen=True)
 class Rate:
     """``s_per_mm2``: wall seconds per mm² of tissue for one worker of ``threads`` threads (the
-    bundled slide's run, fixed part included); ``s_per_slide``: the fixed part of a slide;
+    bundled slide's run, fixed part excluded); ``s_per_mpx``: the same per million pixels of model
+    input (0: not measured, the area is used); ``s_per_slide``: the fixed part of a slide;
     ``measured``: where and how (machine, date, command)."""
 
     s_per_mm2: float
     s_per_slide: float = 0.0
     threads: int = 2
     measured: str = ""
+    s_per_mpx: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,8 @@ def load_rate(model_dir: Path, engine: str, device: str, threads: int) -> tuple[
     nearest = min(found, key=lambda t: (abs(t - threads), -t))
     rate = found[nearest]
     if nearest != threads and threads > 0:
-        rate = Rate(rate.s_per_mm2 * nearest / threads, rate.s_per_slide, threads, rate.measured + f" (scaled from {nearest} threads)")
+        rate = Rate(rate.s_per_mm2 * nearest / threads, rate.s_per_slide, threads, rate.measured + f" (scaled from {nearest} threads)",
+                    rate.s_per_mpx * nearest / threads)
     return rate, prefix + str(nearest)
 
 
@@ -98,15 +106,37 @@ def store_rate(model_dir: Path, key: str, rate: Rate) -> Path:
     return path
 
 
-def estimate(tissue_mm2: list[float], rate: Rate, rate_from: str, workers: int, max_slides: int, worker_peak_bytes: int) -> Estimate:
-    """The run's estimate for slides of ``tissue_mm2`` on ``workers`` workers (0: this process, as one)."""
+def estimate(tissue_mm2: list[float], rate: Rate, rate_from: str, workers: int, max_slides: int, worker_peak_bytes: int,
+             model_mpx: list[float] | None = None) -> Estimate:
+    """The run's estimate for slides of ``tissue_mm2`` (and ``model_mpx``: million pixels of model
+    input each, from their plans) on ``workers`` workers (0: this process, as one). The pixels are
+    used when the rate has ``s_per_mpx``, else the tissue area."""
     if not (math.isfinite(rate.s_per_mm2) and rate.s_per_mm2 > 0):
         raise ConfigError(f"--rate must be a number of seconds per mm² > 0, got {rate.s_per_mm2}")
     n = max(1, workers)
-    per_slide = tuple(round(a * rate.s_per_mm2 / n + rate.s_per_slide, 1) for a in tissue_mm2)
+    if rate.s_per_mpx > 0 and model_mpx is not None and len(model_mpx) == len(tissue_mm2):
+        work = [m * rate.s_per_mpx for m in model_mpx]
+    else:
+        work = [a * rate.s_per_mm2 for a in tissue_mm2]
+    per_slide = tuple(round(w / n + rate.s_per_slide, 1) for w in work)
     fixed = rate.s_per_slide * math.ceil(len(tissue_mm2) / max(1, max_slides))
-    total = round(sum(tissue_mm2) * rate.s_per_mm2 / n + fixed, 1)
+    total = round(sum(work) / n + fixed, 1)
     return Estimate(per_slide, total, worker_peak_bytes, rate, rate_from)
+
+
+def model_mpx(chunks: Any, window: int, context: int) -> float:
+    """Million pixels of model input a plan's chunks give the model when each window is one forward
+    pass (a CPU worker's usual plan): every chunk's tissue box (the whole window without one) with
+    its context on every side."""
+    total = 0
+    for ch in chunks:
+        if ch.infer is None:
+            side = window + 2 * context
+            total += side * side
+        else:
+            x0, y0, x1, y1 = ch.infer
+            total += (x1 - x0 + 2 * context) * (y1 - y0 + 2 * context)
+    return total / 1e6
 
 
 def walltime(seconds: float) -> str:
@@ -150,6 +180,8 @@ def measure_rate(model_dir: Path | None, backend: str, device: str, threads: int
     if area <= 0 or wall <= 0:
         raise ConfigError("the bundled slide gave no tissue or no time to measure; its file may be damaged (reinstall wsi-nuclei)")
     when = time.strftime("%Y-%m-%d")
+    mpx = float(summary.get("inferred_px", 0)) / 1e6
     rate = Rate(round((wall - tail) / area, 3), round(tail, 2), threads,
-                f"{platform.node() or 'this machine'}, {when}, wsi-nuclei measure-rate --backend {backend} --threads {threads}")
+                f"{platform.node() or 'this machine'}, {when}, wsi-nuclei measure-rate --backend {backend} --threads {threads}",
+                round((wall - tail) / mpx, 4) if mpx > 0 else 0.0)
     return rate_key(cfg.engine(), device, threads), rate

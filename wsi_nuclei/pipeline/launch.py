@@ -230,11 +230,13 @@ class DryRow:
     tissue_mm2: float = 0.0
     state: str = ""  # finished, outdated, interrupted or "" (new): outputs.folder.slide_state
     error: str = ""
+    model_mpx: float = 0.0  # million px of model input its chunks take (estimate.model_mpx)
 
 
 def dry_run_rows(inputs: Sequence[Path], out: Path, cfg: SegmentConfig) -> list[DryRow]:
     """Plan every slide of ``inputs`` as ``segment`` would; reads the slides, writes nothing."""
     from ..outputs.folder import check_writable, slide_state
+    from .estimate import model_mpx
     from .plan import check_outputs, model_card, plan_slide, slide_config
     from .segment import find_slides, slide_jobs
 
@@ -253,8 +255,9 @@ def dry_run_rows(inputs: Sequence[Path], out: Path, cfg: SegmentConfig) -> list[
         # "outdated": outputs of another model, options or slide version (segmented again)
         state = slide_state(out_dir, plan.slide_file, plan.output_key).state
         state = "" if state == "new" else state
+        mpx = model_mpx(plan.chunks, plan.tiling.window, plan.tiling.context)
         rows.append(DryRow(str(path), str(out_dir), plan.info.dimensions, plan.info.level0_mpp or 0.0, len(plan.chunks), plan.grid,
-                           plan.tissue_mm2, state))
+                           plan.tissue_mm2, state, model_mpx=mpx))
     rows += [DryRow(p, "", error=reason) for p, reason in bad]
     return rows
 
@@ -283,4 +286,4 @@ def dry_estimate(rows: list[DryRow], cfg: SegmentConfig, ccfg: ClusterConfig, ma
         return None, f"no measured rate for {rate_key(engine, cfg.device, threads)}: run wsi-nuclei measure-rate --write, or pass --rate"
     areas = [r.tissue_mm2 for r in rows if not r.error]
     peak = forward.peak_bytes if forward is not None else 0
-    return estimate(areas, found[0], found[1], workers, max_slides, peak), how
+    return estimate(areas, found[0], found[1], workers, max_slides, peak, [r.model_mpx for r in rows if not r.error]), how
