@@ -375,19 +375,10 @@ class Watch(threading.Thread):
         self.peak, self.seen = 0, {}
 
     def run(self) -> None:
-        import psutil
+        from memory_scaling import tree_rss
 
         while self.proc.poll() is None:
-            total = 0
-            try:
-                for p in [self.proc, *self.proc.children(recursive=True)]:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, tree_rss(self.proc))
             self._chunks()
             time.sleep(self.interval)
 

@@ -156,6 +156,22 @@ def standin_model(folder: Path) -> Path:
     return folder
 
 
+def tree_rss(proc) -> int:  # noqa: ANN001
+    """Resident bytes of the psutil process ``proc`` and all its children (0 for those gone)."""
+    import psutil
+
+    total = 0
+    try:
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
+
+
 def measure(cmd: list[str], interval: float = 0.2) -> tuple[float, float, int]:
     """Run ``cmd``; return (peak summed RSS in bytes, wall seconds, exit code)."""
     import psutil
@@ -164,16 +180,7 @@ def measure(cmd: list[str], interval: float = 0.2) -> tuple[float, float, int]:
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
     while proc.poll() is None:
-        total = 0
-        try:
-            for p in [proc, *proc.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            pass
-        peak = max(peak, total)
+        peak = max(peak, tree_rss(proc))
         time.sleep(interval)
     err = proc.stderr.read().decode() if proc.stderr else ""
     if proc.returncode:

@@ -40,12 +40,16 @@ class OutputError(WsiNucleiError):
     """Outputs cannot be written, or exist already without --resume/--overwrite."""
 
 
+def utf8_text(text: str) -> str:
+    """``text`` as valid UTF-8: the bytes of a name that is not UTF-8 (Python's surrogate escapes,
+    U+DC80-U+DCFF, as ``os.fsdecode`` gives them) as ``\\xNN``; any other text unchanged."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def shown(path: object) -> str:
-    """``path`` for a one-line message: control characters (a newline in a file name) escaped, and
-    the bytes of a name that is not UTF-8 (Python's surrogate escapes, U+DC80-U+DCFF) as ``\\xNN``."""
+    """``path`` for a one-line message: the bytes of a name that is not UTF-8 as ``\\xNN``
+    (:func:`utf8_text`) and control characters (a newline in a file name) escaped."""
     text = str(path)
     if text.isprintable():
         return text
-    return "".join(
-        c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else repr(c)[1:-1] for c in text
-    )
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in utf8_text(text))

@@ -18,7 +18,10 @@ import numpy as np
 
 from ..errors import ConfigError, OutputError, shown
 
-__all__ = ["nuclei_anndata", "write_h5ad"]
+__all__ = ["nuclei_anndata", "write_h5ad", "H5AD_NAME"]
+
+#: the export's default file in a slide folder
+H5AD_NAME = "nuclei.h5ad"
 
 _NOT_MEASUREMENTS = ("id", "label", "chunk", "centroid_x", "centroid_y", "bbox", "geometry", "type")
 
@@ -72,7 +75,7 @@ def write_h5ad(slide_dir: Path | str, out: Path | str | None = None) -> Path:
         if not folder.exists():
             raise ConfigError(f"{shown(folder)}: not found; give a slide's output folder (OUT/<slide>)")
         raise OutputError(f"{shown(folder)}: holds no nuclei.parquet; segment the slide with --formats including parquet (the default)")
-    target = Path(out) if out is not None else parquet.with_suffix(".h5ad")
+    target = Path(out) if out is not None else parquet.parent / H5AD_NAME
     if target.suffix.lower() != ".h5ad" or target.is_dir():  # -o onto nuclei.parquet, a GeoJSON, a folder: never replaced
         raise ConfigError(f"{shown(target)}: -o must name a .h5ad file (it would replace what is there); "
                           f"e.g. -o {shown(target.with_suffix('.h5ad') if not target.is_dir() else target / 'nuclei.h5ad')}")

@@ -358,8 +358,7 @@ def write_report(out: Path | str) -> Path:
     out = Path(out)
     rows, run = collect_rows(out)
     target = out / REPORT_NAME
-    if target.exists() and not written_by_us(target):
-        check_ours(out)
+    check_ours(out)
     text = render_report(rows, out, run, _embedded(target))
     try:
         atomic.write_text(target, text)

@@ -24,6 +24,7 @@ from .._version import __version__
 from ..errors import OutputError, WsiNucleiError
 from ..outputs.density import DensityGrid, density_png
 from ..outputs.folder import install, output_size, shown
+from ..outputs.h5ad import H5AD_NAME
 from .chunk import measurement_names, typed
 from .chunkfile import ChunkMeta, chunk_file_problem, read_chunk_file
 from .config import SegmentConfig
@@ -261,10 +262,6 @@ def _summary(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any], tally: _T
         outputs=files, slide_file=plan.slide_file, output_key=plan.output_key, fingerprint=plan.fingerprint, run_id=plan.run_id,
         keep_chunks=cfg.keep_chunks,
     )
-
-
-#: the default ``export anndata`` file in a slide folder: derived from its outputs
-H5AD_NAME = "nuclei.h5ad"
 
 
 def _install(plan: SlidePlan, cfg: SegmentConfig, temps: dict[str, Path], summary: Summary) -> None:

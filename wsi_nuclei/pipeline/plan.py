@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import atomic
 from .._version import __version__
-from ..errors import ConfigError, OutputError, SlideError
+from ..errors import ConfigError, OutputError, SlideError, utf8_text
 from ..model.network import ModelCard
 from ..nuclei.instances import IDS_PER_CHUNK
 from ..outputs.folder import (
@@ -98,12 +98,6 @@ def slide_tiling(cfg: SegmentConfig, card: ModelCard) -> Tiling:
     from .tiling import derive_tiling
 
     return derive_tiling(card.working_mpp, cfg.chunk_size, cfg.halo, cfg.context if cfg.context is not None else card.context_px)
-
-
-def _utf8_name(path: Path | str) -> str:
-    """The file name as valid UTF-8: a name that is not (latin-1 bytes from a Windows share,
-    decoded by Python with surrogate escapes) gets its bytes as ``\\xNN``; others are unchanged."""
-    return Path(path).name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def plan_keys(path: Path | str, cfg: SegmentConfig, card: ModelCard, backend: str) -> tuple[dict[str, Any], str, str]:
@@ -219,8 +213,10 @@ def plan_slide(
         tissue_mm2 = width * height * (card.working_mpp / 1000) ** 2
     backend = cfg.engine()
     ident, key, fingerprint = plan_keys(path, cfg, card, backend)
+    # the GeoJSON ids' key: name (valid UTF-8), pixel size and content digest
+    slide_key = f"{utf8_text(Path(path).name)}:{info.dimensions[0]}x{info.dimensions[1]}:{ident['content']}"
     plan = SlidePlan(path=str(path), out_dir=str(out_dir), scale=scale, size=(height, width), tiling=tiling, chunks=tuple(chunks),
-                     grid=grid, shift=shift, slide_key=f"{_utf8_name(path)}:{info.dimensions[0]}x{info.dimensions[1]}:{ident['content']}",
+                     grid=grid, shift=shift, slide_key=slide_key,
                      tissue_mm2=round(tissue_mm2, 4), info=info, card=card, fingerprint=fingerprint, tta=cfg.tta or card.tta,
                      backend=backend, slide_file=ident, output_key=key, run_id=uuid.uuid4().hex)
     return plan, thumb, tissue
