@@ -33,6 +33,9 @@ Then, for each layout (``--layouts``, workers x threads: 1x2 and 2x1 by default)
                  one's stage seconds: a chunk's forward pass ended at the file's mtime less its
                  ``instances`` and ``polygons`` seconds (its encoding and write, a little, count as
                  before: the share is a slight underestimate); the last chunk file to end the tail;
+  ÷ fwd          wall s / the forward passes' own seconds (the chunks' ``inference`` stage summed,
+                 divided by W: a worker's forward passes take turns), against the target ≤ 1.10;
+  tail ≤ 1.5     whether ``after fwd`` met the streaming tail's target (≤ 1.5 s);
   estimate s     the per-slide estimate that `segment --dry-run` (same layout) prints, against wall s
                  (est/wall, and whether it is within ±30 %).
 A table of the layouts side by side (``x first``: wall s / the first layout's), then a last line
@@ -444,6 +447,7 @@ def run_segment(exe: str, slide: Path, out: Path, workers: int, threads: int, ex
         "backend": summary["backend"],
     }
     row["s_per_mm2"] = round(wall / max(summary["tissue_mm2"], 1e-9), 2)
+    row["over_forward"] = round(wall / max(summary["seconds"]["inference"] / workers, 1e-9), 3)
     row["nuclei_per_mm2"] = summary["nuclei_per_mm2"]
     if ends:
         row["after_last_chunk_s"] = round(t1 - max(m for m, _ in ends), 1)
@@ -484,7 +488,8 @@ def print_table(info: dict, limit: dict, rows: list[dict]) -> None:
     )
     print(
         f"{'layout':>6} {'chunks':>6} {'nuclei':>8} {'tissue mm²':>10} {'wall s':>7} {'x first':>7} {'s/mm²':>6} {'peak RSS GB':>11} "
-        f"{'limit s':>7} {'to limit':>8} {'ampl.':>6} {'after fwd s':>11} {'after %':>7} {'estimate s':>10} {'est/wall':>8} {'±30%':>5}"
+        f"{'limit s':>7} {'to limit':>8} {'ampl.':>6} {'after fwd s':>11} {'after %':>7} {'tail ≤ 1.5':>10} {'÷ fwd':>6} {'≤ 1.10':>6} "
+        f"{'estimate s':>10} {'est/wall':>8} {'±30%':>5}"
     )
     first = rows[0]["wall_s"]
     for r in rows:
@@ -494,6 +499,8 @@ def print_table(info: dict, limit: dict, rows: list[dict]) -> None:
             f"{r['wall_s'] / first:>7.2f} {r['s_per_mm2']:>6.1f} {r['peak_rss_gb']:>11.2f} {r['limit_s']:>7.1f} "
             f"{r['ratio_to_limit']:>8.2f} {r['amplification']:>6.2f} "
             f"{r.get('after_fwd_s', float('nan')):>11.1f} {100 * r.get('after_fwd_share', float('nan')):>7.1f} "
+            f"{'yes' if r.get('after_fwd_s', 99.0) <= 1.5 else 'no':>10} {r['over_forward']:>6.2f} "
+            f"{'yes' if r['over_forward'] <= 1.10 else 'no':>6} "
             f"{est if est is not None else float('nan'):>10.0f} {r.get('estimate_ratio', float('nan')):>8.2f} "
             f"{'yes' if r.get('estimate_ok') else 'no':>5}"
         )
@@ -504,14 +511,16 @@ def print_table(info: dict, limit: dict, rows: list[dict]) -> None:
     )
     print(
         "to limit = wall s / limit s; ampl. = pixels given to the model / tissue pixels; after fwd: wall time after the last forward "
-        "pass ended (chunk files' mtimes less their post-processing s); estimate s: `segment --dry-run`, same layout"
+        "pass ended (chunk files' mtimes less their post-processing s); ÷ fwd: wall s / (inference s / workers); estimate s: "
+        "`segment --dry-run`, same layout"
     )
     for r in rows:
         print(f"{r['layout']}: {r['estimate_line']}")
         st = r["stages"]
         print(
             f"{r['layout']}: stages summed over chunks (s): read {st['read']:.1f} / waiting {st.get('waiting', 0):.1f} / inference "
-            f"{st['inference']:.1f} / instances {st['instances']:.1f} / polygons {st['polygons']:.1f}; assembly {st['assemble']:.1f}; "
+            f"{st['inference']:.1f} / instances {st['instances']:.1f} / polygons {st['polygons']:.1f}; assembly {st['assemble']:.1f} "
+            f"(of it after the last chunk: {st.get('tail', float('nan')):.2f}); "
             f"before the first chunk {r.get('before_first_chunk_s', float('nan')):.1f} s, after the last chunk file "
             f"{r.get('after_last_chunk_s', float('nan')):.1f} s; {r['nuclei_per_mm2']:.0f} nuclei/mm²"
         )

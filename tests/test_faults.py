@@ -217,11 +217,13 @@ def test_disk_full_during_assembly_leaves_no_partial_file_and_resumes(tmp_path, 
     assert res.status == "failed" and "No space left on device" in res.reason and "free disk space" in res.reason
     leftovers = sorted(p.name for p in (out / "s").iterdir())
     assert leftovers == [WORK_DIR]  # no nuclei.geojson.gz, no mask.zarr, no *.partial
+    # the outputs are written while the chunks are computed: the slide fails at the full disk, and
+    # the chunks finished by then are kept (the rest were not started)
     n_chunks = len(list((out / "s" / WORK_DIR / "chunks").glob("*.npz")))
-    assert n_chunks == 9
+    assert 2 <= n_chunks <= 9
     monkeypatch.setattr(export.GeoJSONWriter, "write_encoded", real)
     again = segment_many([slide], out, SegmentConfig(**OPTS, resume=True))[0]
-    assert again.status == "ok" and again.extra["chunks_reused"] == 9 and again.extra["chunks_computed"] == 0
+    assert again.status == "ok" and again.extra["chunks_reused"] == n_chunks and again.extra["chunks_computed"] == 9 - n_chunks
     clean = segment_many([slide], tmp_path / "clean", SegmentConfig(**OPTS))[0]
     assert (out / "s" / "nuclei.geojson.gz").read_bytes() == (tmp_path / "clean" / "s" / "nuclei.geojson.gz").read_bytes()
     assert again.nuclei == clean.nuclei

@@ -107,3 +107,45 @@ def test_results_doc_recipes_open_mask_zarr(tmp_path):
     import dask.array  # noqa: F401
 
     assert np.array_equal(np.asarray(eval(call.replace('"OUT/', f'"{tmp_path}/OUT/'))), ref)
+
+
+@pytest.mark.parametrize("shape,chunk,seed", [((1100, 1500), 64, 4), ((1037, 2051), 96, 5), ((520, 530), 256, 6)])
+def test_pyramid_written_while_level_0_is_equals_build_pyramids(tmp_path, shape, chunk, seed):
+    """Levels 1… written block by block as level 0's blocks become final (labels through the
+    canvas, probabilities chunk by chunk) equal build_pyramids after the fact, on grids with
+    skipped chunks and clipped edges, and hold about one grid row per level, not the slide."""
+    from wsi_nuclei.outputs.store import Pyramid, build_pyramids, pyramid_levels
+
+    assert pyramid_levels(shape) >= 2
+    halo = chunk // 4
+    create_store(tmp_path / "ref.zarr", shape, chunk, 0.5, {})
+    create_store(tmp_path / "new.zarr", shape, chunk, 0.5, {})
+    ref_labels = LabelCanvas(tmp_path / "ref.zarr", chunk)
+    labels = LabelCanvas(tmp_path / "new.zarr", chunk, Pyramid(tmp_path / "new.zarr", "labels", chunk))
+    ref_prob = open_array(tmp_path / "ref.zarr", "probability", 0, mode="r+")
+    prob = open_array(tmp_path / "new.zarr", "probability", 0, mode="r+")
+    prob_levels = Pyramid(tmp_path / "new.zarr", "probability", chunk)
+    cols = -(-shape[1] // chunk)
+    rng = np.random.default_rng(seed)
+    held = 0
+    for r, c, y, x, win in _windows(shape, chunk, halo, seed):
+        ref_labels.paste(r, c, y, x, win)
+        labels.paste(r, c, y, x, win)
+        core = rng.integers(1, 256, (min(chunk, shape[0] - r * chunk), min(chunk, shape[1] - c * chunk)), dtype=np.uint8)
+        ref_prob[r * chunk : r * chunk + core.shape[0], c * chunk : c * chunk + core.shape[1]] = core
+        prob[r * chunk : r * chunk + core.shape[0], c * chunk : c * chunk + core.shape[1]] = core
+        prob_levels.add(r, c, core)
+        prob_levels.flush(lambda rr, kk, index=r * cols + c: rr * cols + kk <= index)
+        held = max(held, max(len(b) for b in labels.pyramid.blocks))
+    ref_labels.close()
+    build_pyramids(tmp_path / "ref.zarr", chunk)
+    labels.close()
+    prob_levels.close()
+    assert held <= cols // 2 + 2
+    levels = pyramid_levels(shape)
+    for name in ("labels", "probability"):
+        for k in range(levels):
+            a = np.asarray(open_array(tmp_path / "ref.zarr", name, k)[:])
+            b = np.asarray(open_array(tmp_path / "new.zarr", name, k)[:])
+            assert a.any() and np.array_equal(a, b), (name, k)
+        assert all(not blocks for blocks in (labels.pyramid if name == "labels" else prob_levels).blocks)

@@ -110,6 +110,12 @@ def segment(
         "forward passes); int8: ONNX Runtime on the model quantised once and cached (CPU). Both give "
         "slightly different nuclei: docs/performance.md.",
     ),
+    assemble: str = typer.Option(
+        "stream", hidden=True,
+        help="Where the outputs are written: stream (by this process, while the chunks finish) or worker "
+        "(one task on a worker after the last chunk: keeps the output I/O off this machine, e.g. a login node).",
+        rich_help_panel="Cluster",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (and the SLURM job script) without running."),
     rate: Optional[float] = typer.Option(
         None, hidden=True, help="Seconds per mm² of tissue for one worker, for --dry-run's estimate (default: the model's measured rate)."
@@ -189,6 +195,7 @@ def segment(
             forward_memory=parse_size(forward_memory, "--forward-memory"), device=device, tissue_mask=not no_tissue_mask,
             whole_windows=whole_windows, reader=reader, backend=backend, precision=precision, geojson_format=fmt,
             raw_coordinates=raw_coordinates, resume=resume, overwrite=overwrite, keep_chunks=keep_chunks, box_step=box_step,
+            assemble=assemble,
         )
         slurm = {"queue": queue, "account": account, "walltime": walltime, "cores": cores, "memory": memory, "processes": processes,
                  "job_extra": tuple(job_extra), "min_jobs": min_jobs, "max_jobs": max_jobs,

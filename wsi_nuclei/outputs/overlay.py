@@ -31,3 +31,4 @@ def draw_outlines(image: np.ndarray, labels: np.ndarray, colour: tuple[int, int,
     out = image.copy()
     out[inner_boundaries(labels)] = colour
     return out
+

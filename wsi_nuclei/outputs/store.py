@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["create_store", "LabelCanvas", "build_pyramids", "open_array", "pyramid_levels"]
+__all__ = ["create_store", "LabelCanvas", "Pyramid", "build_pyramids", "open_array", "pyramid_levels"]
 
 ARRAYS = {"probability": "uint8", "labels": "uint32"}
 
@@ -84,12 +84,13 @@ class LabelCanvas:
     Holds about one grid row of blocks.
     """
 
-    def __init__(self, path: Path, chunk: int) -> None:
+    def __init__(self, path: Path, chunk: int, pyramid: Pyramid | None = None) -> None:
         self.arr = open_array(path, "labels", 0, mode="r+")
         self.chunk = chunk
         self.cols = -(-self.arr.shape[1] // chunk)
         self.blocks: dict[tuple[int, int], np.ndarray] = {}
         self.last = -1
+        self.pyramid = pyramid
 
     def paste(self, row: int, col: int, y: int, x: int, window: np.ndarray) -> None:
         """Paste ``window`` (top-left (y, x), may be negative) of grid chunk (``row``, ``col``)."""
@@ -142,6 +143,79 @@ class LabelCanvas:
             block = self.blocks.pop((r, k))
             c = self.chunk
             self.arr[r * c : r * c + block.shape[0], k * c : k * c + block.shape[1]] = block
+            if self.pyramid is not None:
+                self.pyramid.add(r, k, block)
+        if self.pyramid is not None:
+            self.pyramid.flush(done)
+
+
+class Pyramid:
+    """Levels 1… of one array of a new store, written while level 0 is: :meth:`add` takes each
+    final level-0 block (grid position (r, k), chunk-sized, clipped at the edge), :meth:`flush`
+    writes every block of the levels above whose level-0 blocks are all final. Gives what
+    :func:`build_pyramids` gives after the fact (×2 nearest: level k+1 pixel (i, j) is level k
+    pixel (2i, 2j); a test), each Zarr chunk written once and nothing read back.
+
+    Level k+1 block (R, K) covers exactly the level-k blocks 2R..2R+1 × 2K..2K+1 (the chunk is
+    the same at every level), so each block downsampled lands in one block above. Finality goes
+    up the same way: ``done(r, k)``, asked of level-0 grid positions (monotone in r and in k, as
+    row-major order gives), is final at level k+1 when the last of its four blocks is final.
+    Holds about one grid row of blocks per level (a quarter of the one below).
+    """
+
+    def __init__(self, path: Path, name: str, chunk: int) -> None:
+        self.chunk = chunk
+        self.arrays: list[Any] = []
+        for k in range(1, 8):
+            try:
+                self.arrays.append(open_array(path, name, k, mode="r+"))
+            except Exception:  # no such level
+                break
+        base = open_array(path, name, 0).shape
+        self.grids = [(-(-base[0] // chunk), -(-base[1] // chunk))] + [(-(-a.shape[0] // chunk), -(-a.shape[1] // chunk))
+                                                                        for a in self.arrays]
+        self.blocks: list[dict[tuple[int, int], np.ndarray]] = [{} for _ in self.arrays]
+
+    def add(self, r: int, k: int, block: np.ndarray, level: int = 0) -> None:
+        """Level-``level`` block (r, k), final: its every other pixel into the block above it."""
+        if level >= len(self.arrays):
+            return
+        c = self.chunk
+        y, x = r * c, k * c  # the block's origin at its level; the pixels kept sit at even positions
+        part = block[y % 2 :: 2, x % 2 :: 2]
+        if not part.any():
+            return
+        above = self.arrays[level]
+        rr, kk = r // 2, k // 2
+        key = (rr, kk)
+        dst = self.blocks[level].get(key)
+        if dst is None:
+            shape = (min(c, above.shape[0] - rr * c), min(c, above.shape[1] - kk * c))
+            dst = self.blocks[level][key] = np.zeros(shape, block.dtype)
+        y0, x0 = (y + y % 2) // 2 - rr * c, (x + x % 2) // 2 - kk * c
+        h, w = min(part.shape[0], dst.shape[0] - y0), min(part.shape[1], dst.shape[1] - x0)
+        if h > 0 and w > 0:
+            dst[y0 : y0 + h, x0 : x0 + w] = part[:h, :w]
+
+    def flush(self, done: Any) -> None:
+        """Write the blocks above level 0 that ``done`` (of level-0 grid positions) makes final."""
+        for level in range(len(self.arrays)):
+            for rr, kk in sorted(key for key in self.blocks[level] if self._final(level + 1, *key, done)):
+                block = self.blocks[level].pop((rr, kk))
+                c = self.chunk
+                self.arrays[level][rr * c : rr * c + block.shape[0], kk * c : kk * c + block.shape[1]] = block
+                self.add(rr, kk, block, level + 1)
+
+    def close(self) -> None:
+        """Write every block still held (level 0 is complete)."""
+        self.flush(lambda r, k: True)
+
+    def _final(self, level: int, r: int, k: int, done: Any) -> bool:
+        """Block (r, k) of ``level`` (≥ 1): final when its last (bottom-right) block below is."""
+        while level > 0:
+            rows, cols = self.grids[level - 1]
+            r, k, level = min(2 * r + 1, rows - 1), min(2 * k + 1, cols - 1), level - 1
+        return bool(done(r, k))
 
 
 def build_pyramids(path: Path, chunk: int) -> None:

@@ -1,9 +1,21 @@
-"""Stage 3, one Dask task per slide: chunk files -> ``mask.zarr``, GeoJSON, Parquet, pictures, ``summary.json``.
+"""Stage 3: chunk files -> ``mask.zarr``, GeoJSON, Parquet, pictures, ``summary.json``.
 
-The chunk files are replayed in chunk order (so outputs do not depend on which run computed a
-chunk: a resumed run is byte-identical to an uninterrupted one), one chunk in memory at a time.
+:class:`SlideAssembler` takes a slide's chunks in chunk order, one chunk in memory at a time, and
+writes each into the outputs when it comes: Zarr blocks (and their pyramid levels) once they are
+final, GeoJSON features, Parquet row groups, density counts. The order makes the outputs a
+function of the chunk files alone, not of which run computed a chunk or when: a resumed run is
+byte-identical to an uninterrupted one. What :meth:`SlideAssembler.finish` has left does not grow
+with the slide's area: the last grid row of blocks, the pictures (thumbnail-sized), the summary
+and the renames. Two ways to drive it:
+
+- while the chunks are computed (default): :mod:`.stream`, on the driver, adds each chunk as soon
+  as it and every chunk before it are on disk;
+- :func:`assemble_slide` (``--assemble worker``): one Dask task after the last chunk, all at once.
+
 Each output is written under a temporary name and renamed; ``summary.json`` comes last (its
-presence means "this slide is finished"), then the chunk files are removed.
+presence means "this slide is finished"), then the chunk files are removed. A kill at any point
+leaves temporary files only (removed when the slide starts again) and the chunk files: ``--resume``
+replays them all.
 """
 
 from __future__ import annotations
@@ -22,47 +34,52 @@ import numpy as np
 from .. import atomic
 from .._version import __version__
 from ..errors import OutputError, WsiNucleiError
-from ..outputs.density import DensityGrid, density_png
+from ..outputs.density import DensityGrid
 from ..outputs.folder import install, output_size, shown
 from ..outputs.h5ad import H5AD_NAME
 from .chunk import measurement_names, typed
 from .chunkfile import ChunkMeta, chunk_file_problem, read_chunk_file
 from .config import SegmentConfig
+from .pictures import DENSITY_NAME, slide_pictures
 from .plan import SlidePlan
 from .results import SlideResult
 from .summary import SUMMARY_NAME, Summary
 
-__all__ = ["assemble_slide", "PARQUET_NAME", "DENSITY_NAME"]
+__all__ = ["SlideAssembler", "assemble_slide", "PARQUET_NAME", "DENSITY_NAME"]
 
 PARQUET_NAME = "nuclei.parquet"
-DENSITY_NAME = "density.png"
 
 log = logging.getLogger(__name__)
 
 
 def assemble_slide(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None = None) -> SlideResult:
-    """Write the slide's final outputs from its chunk files, in chunk order (deterministic), each
-    under a temporary name first; ``summary.json`` last. Holds one chunk in memory at a time.
-    A failure (full disk, damaged chunk file) returns a "failed" result, leaves no partial file
-    and keeps the chunk files, so ``--resume`` can assemble again without recomputing."""
-    out_dir = Path(plan.out_dir)
+    """Write the slide's final outputs from all its chunk files (the Dask task of ``--assemble
+    worker``, after the last chunk). A failure (full disk, damaged chunk file) returns a "failed"
+    result, leaves no partial file and keeps the chunk files, so ``--resume`` can assemble again
+    without recomputing."""
     done = _assembled_already(plan)
     if done is not None:
         return done
-    temps: dict[str, Path] = {}
+    asm: SlideAssembler | None = None
     try:
-        return _assemble(plan, cfg, run, temps)
-    except WsiNucleiError as err:
+        asm = SlideAssembler(plan, cfg)
+        for ch in plan.chunks:
+            asm.add(ch)
+        return asm.finish(run or {})
+    except (WsiNucleiError, OSError) as err:
+        if asm is not None:
+            asm.abort()
+        return failed_result(plan, err)
+
+
+def failed_result(plan: SlidePlan, err: WsiNucleiError | OSError) -> SlideResult:
+    """The "failed" result of an assembly stopped by ``err``, with its one line."""
+    if isinstance(err, WsiNucleiError):
         reason = str(err)
-    except OSError as err:
-        reason = (f"{shown(out_dir)}: writing the outputs failed ({err.strerror or err}); free disk space or choose another -o folder, "
-                  "then run again with --resume")
-    for leftover in temps.values():
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-    return SlideResult(plan.path, "failed", str(out_dir), reason=reason)
+    else:
+        reason = (f"{shown(Path(plan.out_dir))}: writing the outputs failed ({err.strerror or err}); free disk space or choose another "
+                  "-o folder, then run again with --resume")
+    return SlideResult(plan.path, "failed", str(plan.out_dir), reason=reason)
 
 
 def _assembled_already(plan: SlidePlan) -> SlideResult | None:
@@ -132,25 +149,127 @@ class _Tally:
         return ids[order], np.concatenate([p[1] for p in self.typed_parts])[order]
 
 
-def _assemble(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any] | None, temps: dict[str, Path]) -> SlideResult:
-    """The named steps: open the outputs, replay the chunks into them, draw the pictures, write
-    the summary, install everything."""
-    t0 = time.perf_counter()
-    types = typed(plan.card, cfg)
-    files = _output_files(cfg)
-    # every output under a name of this run only (two runs never share a temporary file)
-    temps.update({name: atomic.temp_path(Path(plan.out_dir) / name) for name in files.values()})
-    tally = _Tally.for_plan(plan, types)
-    t_write = time.perf_counter()
-    _replay_chunks(plan, cfg, files, temps, tally, types)
-    t_written = time.perf_counter()
-    _log_tally(plan, tally)
-    _pictures(plan, temps, tally, types)
-    summary = _summary(plan, cfg, run or {}, tally, files, {"write": t_written - t_write, "assemble": time.perf_counter() - t0})
-    _install(plan, cfg, temps, summary)
-    return SlideResult(
-        plan.path, "ok", str(Path(plan.out_dir)), tally.nuclei, extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)}
-    )
+class SlideAssembler:
+    """One slide's outputs, written chunk by chunk: :meth:`add` each chunk of ``plan.chunks`` in
+    order, then :meth:`finish`; or :meth:`abort`, which removes every temporary file. Raises
+    :class:`~wsi_nuclei.errors.WsiNucleiError` (a damaged chunk file, removed so that ``--resume``
+    computes it again) or OSError (a full disk); :func:`failed_result` words either."""
+
+    def __init__(self, plan: SlidePlan, cfg: SegmentConfig) -> None:
+        from ..outputs.store import LabelCanvas, Pyramid, create_store, open_array
+
+        self.plan, self.cfg = plan, cfg
+        self.t0 = time.perf_counter()
+        self.busy = 0.0  # seconds spent in add()
+        self.types = typed(plan.card, cfg)
+        self.files = _output_files(cfg)
+        out_dir = Path(plan.out_dir)
+        # every output under a name of this run only (two runs never share a temporary file)
+        self.temps: dict[str, Path] = {name: atomic.temp_path(out_dir / name) for name in self.files.values()}
+        self.tally = _Tally.for_plan(plan, self.types)
+        self.added = 0
+        self._writers: list[Any] = []
+        card, tiling, tmp_zarr = plan.card, plan.tiling, self.temps["mask.zarr"]
+        attrs = {"slide": plan.path, "slide_info": plan.info.as_dict(), "working_mpp": card.working_mpp,
+                 "level0_per_working_px": plan.scale, "tiling": asdict(tiling), "model_card": json.loads(card.to_json()),
+                 "version": __version__, "geojson_shift": list(plan.shift)}
+        try:
+            create_store(tmp_zarr, plan.size, tiling.chunk, card.working_mpp, attrs)
+            self.probability = open_array(tmp_zarr, "probability", 0, mode="r+")
+            self.probability_levels = Pyramid(tmp_zarr, "probability", tiling.chunk)
+            self.labels = LabelCanvas(tmp_zarr, tiling.chunk, Pyramid(tmp_zarr, "labels", tiling.chunk))
+            self.geojson, self.parquet = self._writers_for(plan)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _writers_for(self, plan: SlidePlan) -> tuple[Any, Any]:
+        from ..outputs.geojson import GeoJSONWriter
+        from ..outputs.parquet import ParquetWriter
+
+        geo_name = self.files.get("geojson", "")
+        geojson = GeoJSONWriter(self.temps[geo_name], gzipped=geo_name.endswith(".gz")) if geo_name else None
+        if geojson is not None:
+            self._writers.append(geojson)
+        parquet = None
+        if "parquet" in self.files:
+            parquet = ParquetWriter(self.temps[PARQUET_NAME], plan.slide_key, _parquet_meta(plan), names=measurement_names(self.types),
+                                    type_names=tuple(t.qupath for t in self.types))
+            self._writers.append(parquet)
+        return geojson, parquet
+
+    def add(self, ch: Any) -> None:
+        """Chunk ``ch`` (the next of ``plan.chunks``) into every output."""
+        from ..nuclei.instances import overlapping
+        from ..outputs.geojson import drop_features
+
+        t0 = time.perf_counter()
+        plan, tiling, tally = self.plan, self.plan.tiling, self.tally
+        expected = plan.chunks[self.added]
+        if ch.index != expected.index:
+            raise ValueError(f"chunk {ch.index} added out of order (chunk {expected.index} is next)")
+        height, width = plan.size
+        part = _read_part(plan, ch)
+        core = part.probability[: height - ch.y, : width - ch.x]  # a core is one Zarr chunk, clipped at the slide edge
+        self.probability[ch.y : ch.y + core.shape[0], ch.x : ch.x + core.shape[1]] = core
+        self.probability_levels.add(ch.row, ch.col, core)
+        cols = plan.grid[1]
+        self.probability_levels.flush(lambda r, k: r * cols + k <= ch.index)
+        y0, x0 = ch.y - tiling.halo, ch.x - tiling.halo
+        owned, features, table, count = part.owned, part.features, part.table, part.meta.nuclei
+        twice = overlapping(owned, self.labels.under(y0, x0, owned.shape))  # a nucleus two chunks both kept
+        if len(twice):
+            owned = np.where(np.isin(owned, twice), np.uint32(0), owned)
+            features, removed = drop_features(features, plan.slide_key, twice.tolist())
+            table, _ = table.without(twice)
+            count -= removed
+            tally.dropped += removed
+        self.labels.paste(ch.row, ch.col, y0, x0, owned)
+        if self.geojson is not None:
+            self.geojson.write_encoded(features, count)
+        if self.parquet is not None:
+            self.parquet.write(table, ch.index)
+        tally.add(part.meta, table, count, plan.shift, self.types)
+        self.added += 1
+        self.busy += time.perf_counter() - t0
+
+    def finish(self, run: dict[str, Any]) -> SlideResult:
+        """After the last chunk: the last blocks and the pyramid, the closed files, the pictures,
+        ``summary.json``; everything installed under its final name. ``run``: computed / reused
+        chunk counts and the slide's wall seconds so far, for the summary."""
+        plan = self.plan
+        if self.added != len(plan.chunks):
+            raise ValueError(f"{self.added} of {len(plan.chunks)} chunks added")
+        t_tail = time.perf_counter()
+        try:
+            self.labels.close()
+            self.probability_levels.close()
+            for writer in self._writers:
+                writer.close()
+            self._writers.clear()
+            _log_tally(plan, self.tally)
+            slide_pictures(plan, self.temps, self.tally, self.types)
+            now = time.perf_counter()
+            seconds = {"write": self.busy, "assemble": self.busy + now - t_tail, "tail": now - t_tail}
+            summary = _summary(plan, self.cfg, run, self.tally, self.files, seconds)
+            _install(plan, self.cfg, self.temps, summary)
+        except BaseException:
+            self.abort()
+            raise
+        return SlideResult(plan.path, "ok", str(Path(plan.out_dir)), self.tally.nuclei,
+                           extra={"tissue_mm2": plan.tissue_mm2, "chunks": len(plan.chunks)})
+
+    def abort(self) -> None:
+        """Stop: every file this assembler wrote removed (the chunk files stay)."""
+        for writer in self._writers:
+            writer.abort()
+        self._writers.clear()
+        for leftover in self.temps.values():
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        self.temps.clear()
 
 
 def _output_files(cfg: SegmentConfig) -> dict[str, str]:
@@ -160,81 +279,12 @@ def _output_files(cfg: SegmentConfig) -> dict[str, str]:
             **({"parquet": PARQUET_NAME} if "parquet" in cfg.formats else {}), "overlay": "overlay.png", "density": DENSITY_NAME}
 
 
-def _replay_chunks(plan: SlidePlan, cfg: SegmentConfig, files: dict[str, str], temps: dict[str, Path],
-                   tally: _Tally, types: tuple[Any, ...]) -> None:
-    """Every chunk file in chunk order into the Zarr store, the GeoJSON and the Parquet file."""
-    from contextlib import ExitStack
-
-    from ..nuclei.instances import overlapping
-    from ..outputs.geojson import GeoJSONWriter, drop_features
-    from ..outputs.parquet import ParquetWriter
-    from ..outputs.store import LabelCanvas, build_pyramids, create_store, open_array
-
-    card, tiling, tmp_zarr = plan.card, plan.tiling, temps["mask.zarr"]
-    attrs = {"slide": plan.path, "slide_info": plan.info.as_dict(), "working_mpp": card.working_mpp, "level0_per_working_px": plan.scale,
-             "tiling": asdict(tiling), "model_card": json.loads(card.to_json()), "version": __version__,
-             "geojson_shift": list(plan.shift)}
-    create_store(tmp_zarr, plan.size, tiling.chunk, card.working_mpp, attrs)
-    probability = open_array(tmp_zarr, "probability", 0, mode="r+")
-    labels = LabelCanvas(tmp_zarr, tiling.chunk)
-    height, width = plan.size
-    geo_name = files.get("geojson", "")
-    with ExitStack() as stack:
-        geojson = stack.enter_context(GeoJSONWriter(temps[geo_name], gzipped=geo_name.endswith(".gz"))) if geo_name else None
-        parquet = (
-            stack.enter_context(
-                ParquetWriter(
-                    temps[PARQUET_NAME],
-                    plan.slide_key,
-                    _parquet_meta(plan),
-                    names=measurement_names(types),
-                    type_names=tuple(t.qupath for t in types),
-                )
-            )
-            if "parquet" in files
-            else None
-        )
-        for ch in plan.chunks:
-            part = _read_part(plan, ch)
-            core = part.probability[: height - ch.y, : width - ch.x]  # a core is one Zarr chunk, clipped at the slide edge
-            probability[ch.y : ch.y + core.shape[0], ch.x : ch.x + core.shape[1]] = core
-            y0, x0 = ch.y - tiling.halo, ch.x - tiling.halo
-            owned, features, table, count = part.owned, part.features, part.table, part.meta.nuclei
-            twice = overlapping(owned, labels.under(y0, x0, owned.shape))  # a nucleus two chunks both kept
-            if len(twice):
-                owned = np.where(np.isin(owned, twice), np.uint32(0), owned)
-                features, removed = drop_features(features, plan.slide_key, twice.tolist())
-                table, _ = table.without(twice)
-                count -= removed
-                tally.dropped += removed
-            labels.paste(ch.row, ch.col, y0, x0, owned)
-            if geojson is not None:
-                geojson.write_encoded(features, count)
-            if parquet is not None:
-                parquet.write(table, ch.index)
-            tally.add(part.meta, table, count, plan.shift, types)
-    labels.close()
-    build_pyramids(tmp_zarr, tiling.chunk)
-
-
 def _log_tally(plan: SlidePlan, tally: _Tally) -> None:
     if tally.cut:
         log.warning("%s: %d nuclei reached the edge of their chunk window; raise --halo", plan.path, tally.cut)
     if tally.dropped:
         log.warning("%s: %d nuclei were kept by two chunks in versions that overlap; the later one was dropped "
                     "(a context below the model's measured context_px does this)", plan.path, tally.dropped)
-
-
-def _pictures(plan: SlidePlan, temps: dict[str, Path], tally: _Tally, types: tuple[Any, ...]) -> None:
-    """``overlay.png`` and ``density.png``, from the thumbnail the plan stored."""
-    thumb = np.load(plan.work / "thumbnail.npy")
-    tissue_file = plan.work / "tissue.npy"
-    tissue = np.load(tissue_file) if tissue_file.exists() else None
-    _overlay(temps["mask.zarr"], thumb, tissue, temps["overlay.png"], tally.typed_labels(), types)
-    per_mm2 = tally.nuclei / plan.tissue_mm2 if plan.tissue_mm2 > 0 else 0.0
-    title = f"{Path(plan.path).name}: {tally.nuclei:,} nuclei, {per_mm2:,.0f} per mm² of tissue"
-    panels = [(f"{name}: {tally.per_type[name]:,} nuclei", grid) for name, grid in tally.type_density.items()]
-    atomic.write_bytes(temps[DENSITY_NAME], density_png(tally.density, thumb, tissue, title, panels))
 
 
 def _summary(plan: SlidePlan, cfg: SegmentConfig, run: dict[str, Any], tally: _Tally, files: dict[str, str],
@@ -303,60 +353,6 @@ def _read_part(plan: SlidePlan, ch: Any) -> Any:
         path.unlink(missing_ok=True)
         raise OutputError(f"{shown(path)}: chunk file made with other settings (removed); run again with --resume to compute it again")
     return part
-
-
-def _overlay(zarr_path: Path, thumb: np.ndarray, tissue: np.ndarray | None, out: Path,
-             typed_labels: tuple[np.ndarray, np.ndarray] | None = None, types: tuple[Any, ...] = ()) -> None:
-    """The thumbnail with nucleus outlines (green; a typed model's in its types' colours, with a
-    legend) and the tissue outline (blue). ``typed_labels``: (sorted labels, their types)."""
-    from PIL import Image
-
-    from ..model.infer import resize_labels
-    from ..outputs.overlay import inner_boundaries
-    from ..outputs.store import open_array
-
-    labels_level = None
-    for k in range(8):
-        try:
-            arr = open_array(zarr_path, "labels", k)
-        except Exception:
-            break
-        labels_level = arr
-        if arr.shape[0] <= 2 * thumb.shape[0]:
-            break
-    img = thumb.copy()
-    if labels_level is not None:
-        lab = resize_labels(np.asarray(labels_level[:]), thumb.shape[:2])
-        edge = inner_boundaries(lab)
-        img[edge] = (0, 255, 0)
-        if typed_labels is not None and types and len(typed_labels[0]):
-            ids, kinds = typed_labels
-            at = np.clip(np.searchsorted(ids, lab[edge]), 0, len(ids) - 1)
-            kind = np.where(ids[at] == lab[edge], kinds[at], 0)
-            palette = np.array([(0, 255, 0)] + [t.color for t in types], np.uint8)
-            img[edge] = palette[kind]
-
-    if tissue is not None:
-        img[inner_boundaries(tissue)] = (0, 0, 255)
-    if types:
-        img = _legend(img, types)
-    with atomic.replacing(out) as tmp:
-        Image.fromarray(img).save(tmp, format="PNG", compress_level=1)  # a quick look: fast beats small (default level 6)
-
-
-def _legend(img: np.ndarray, types: tuple[Any, ...]) -> np.ndarray:
-    """A legend of the type colours in the top left corner."""
-    from PIL import Image, ImageDraw
-
-    pic = Image.fromarray(img)
-    draw = ImageDraw.Draw(pic)
-    height = 14 * len(types) + 6
-    draw.rectangle((2, 2, 110, height), fill=(255, 255, 255))
-    for i, t in enumerate(types):
-        y = 5 + 14 * i
-        draw.rectangle((6, y, 16, y + 10), fill=tuple(t.color))
-        draw.text((22, y - 1), t.qupath, fill=(0, 0, 0))
-    return np.array(pic)
 
 
 def _versions() -> dict[str, str]:

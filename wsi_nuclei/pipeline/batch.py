@@ -2,9 +2,10 @@
 
 The driver loop keeps at most ``max_slides`` slides open and at most ``max_pending`` tasks
 submitted (about two per worker thread), so the cluster never idles between slides and the
-driver's memory stays flat: it holds plans and futures of small results, never arrays. A slide
-whose chunks are all on disk gets one assembly task. A failing chunk (after Dask's retries)
-fails its slide, naming the chunk; the other slides go on.
+driver's memory stays flat: it holds plans and futures of small results, never arrays. Each
+slide's outputs are written while its chunks finish (:mod:`.stream`, on the driver), or, with
+``--assemble worker``, by one task once its chunks are all on disk. A failing chunk (after Dask's
+retries) fails its slide, naming the chunk; the other slides go on.
 
 Without a Dask client the same loop runs the tasks in this process, on ``CPU_TASKS`` threads
 (chunks overlap: one's forward pass with another's reading and post-processing).
@@ -29,77 +30,18 @@ from ..outputs.folder import SlideLock, shown
 from .assemble import assemble_slide
 from .chunk import chunk_task
 from .config import SegmentConfig
+from .executors import TASK_RETRIES, DaskExecutor, LocalExecutor
 from .plan import SlidePlan, check_outputs, model_card, plan_slide, slide_config, start_slide
 from .results import ChunkDone, SlideResult
+from .stream import StreamedAssembly
 from .tiling import Chunk
 
 __all__ = ["run_batch", "BatchOptions", "BatchHooks", "TASK_RETRIES"]
 
 log = logging.getLogger(__name__)
 
-#: Times Dask re-runs a task that raised (a worker that died is handled by Dask itself).
-TASK_RETRIES = 2
 #: Seconds between checks of ``run_batch``'s ``stop`` while tasks run.
 STOP_POLL_S = 0.2
-
-
-class _Local:
-    """Runs tasks in this process on ``n`` threads; same interface as the Dask executor. Tasks
-    start in submission order; a chunk's model call waits its turn (backends.MODEL_GATE)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.pool = cf.ThreadPoolExecutor(n, thread_name_prefix="wsi-nuclei-task")
-
-    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> cf.Future[Any]:
-        return self.pool.submit(fn, *args)
-
-    def wait(self, futures: list[Any], timeout: float | None = None) -> list[Any]:
-        return list(cf.wait(futures, timeout=timeout, return_when=cf.FIRST_COMPLETED).done)
-
-    def capacity(self) -> int:
-        return self.n
-
-    def cancel(self, futures: list[Any]) -> None:
-        for fut in futures:
-            fut.cancel()
-
-    def close(self) -> None:
-        # tasks already running finish (each writes its chunk file atomically); queued ones are dropped
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _Dask:
-    def __init__(self, client: Any, min_pending: int = 0) -> None:
-        self.client = client
-        self.min_pending = min_pending
-        self._threads = (0, -1e9)  # (thread count, when asked): asked at most once a second
-
-    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
-        return self.client.submit(fn, *args, pure=False, retries=TASK_RETRIES, priority=priority)
-
-    def wait(self, futures: list[Any], timeout: float | None = None) -> list[Any]:
-        from dask.distributed import wait
-
-        try:
-            return list(wait(futures, timeout=timeout, return_when="FIRST_COMPLETED").done)
-        except TimeoutError:
-            return []
-
-    def capacity(self) -> int:
-        threads, when = self._threads
-        if time.monotonic() - when > 1.0:
-            try:
-                threads = sum(self.client.nthreads().values())
-            except Exception:  # scheduler busy or reconnecting: a safe default
-                threads = 0
-            self._threads = (threads, time.monotonic())
-        # an adaptive cluster (SLURM) scales on queued tasks: keep enough queued to ask for every job
-        return max(4, self.min_pending, 2 * threads + 2)
-
-    def cancel(self, futures: list[Any]) -> None:
-        if futures:
-            self.client.cancel(futures)
 
 
 @dataclass(frozen=True)
@@ -143,6 +85,7 @@ class _Slide:
     failed: str = ""
     assembling: bool = False
     futures: set[Any] = field(default_factory=set)
+    stream: StreamedAssembly | None = None  # the outputs written while the chunks finish
 
     def seconds(self) -> float:
         return round(time.perf_counter() - self.t0, 2)
@@ -157,7 +100,7 @@ def run_batch(
 ) -> list[SlideResult]:
     """Segment each (slide, output folder) of ``jobs`` on ``client`` (a Dask client; None: this
     process); results in the order of ``jobs``. See :class:`BatchOptions` and :class:`BatchHooks`."""
-    ex: _Local | _Dask = _Dask(client, options.min_pending) if client is not None else _Local(CPU_TASKS)
+    ex: LocalExecutor | DaskExecutor = DaskExecutor(client, options.min_pending) if client is not None else LocalExecutor(CPU_TASKS)
     return _Batch(jobs, cfg, ex, options, hooks).run()
 
 
@@ -165,7 +108,7 @@ class _Batch:
     """One run of the driver loop: admit slides, submit their tasks, collect what finished, fail
     a slide on its first error, finish each slide once."""
 
-    def __init__(self, jobs: list[tuple[Path, Path]], cfg: SegmentConfig, ex: _Local | _Dask,
+    def __init__(self, jobs: list[tuple[Path, Path]], cfg: SegmentConfig, ex: LocalExecutor | DaskExecutor,
                  options: BatchOptions, hooks: BatchHooks) -> None:
         self.cfg, self.ex, self.hooks = cfg, ex, hooks
         self.max_slides = max(1, options.max_slides)
@@ -188,22 +131,49 @@ class _Batch:
                     raise KeyboardInterrupt
                 self.admit()
                 self.submit()
-                if not self.pending:
+                if not self.pending and not self._streams():
                     continue
                 if self.hooks.watch is not None:
                     self.hooks.watch()
-                for fut in self.ex.wait(list(self.pending), timeout=STOP_POLL_S if polled else None):
-                    if fut in self.pending:  # else: cancelled a moment ago, with the rest of a failed slide
-                        self.collect(fut)
+                self.wait(polled)
         except BaseException:
             self.ex.cancel(list(self.pending))
             raise
         finally:
-            if isinstance(self.ex, _Local):
+            if isinstance(self.ex, LocalExecutor):
                 self.ex.close()  # running tasks finish first: they write into folders we still hold
+            for st in self.active.values():
+                if st.stream is not None:  # removes its temporary files; the chunk files stay for --resume
+                    st.stream.stop()
             for lock in self.locks.values():
                 lock.release()
         return [self.results[i] for i in sorted(self.results)]
+
+    def _streams(self) -> dict[cf.Future[Any], int]:
+        """The streamed assemblies of the open slides: future -> slide."""
+        return {st.stream.future: i for i, st in self.active.items() if st.stream is not None}
+
+    def wait(self, polled: bool) -> None:
+        """Wait for a task or a streamed assembly to end, and take what ended. A streamed assembly
+        ends when its slide is finished, or early when it failed (a damaged chunk file, a full disk)."""
+        streams = self._streams()
+        if self.pending:
+            timeout = STOP_POLL_S if polled or streams else None
+            for fut in self.ex.wait(list(self.pending), timeout=timeout):
+                if fut in self.pending:  # else: cancelled a moment ago, with the rest of a failed slide
+                    self.collect(fut)
+        elif streams:  # every chunk is on disk: only assemblies are left
+            cf.wait(list(streams), timeout=STOP_POLL_S if polled else None, return_when=cf.FIRST_COMPLETED)
+        for fut, i in streams.items():
+            st = self.active.get(i)
+            if not fut.done() or st is None or st.stream is None or st.stream.future is not fut:
+                continue
+            st.stream = None  # its thread has ended
+            try:
+                value, err = fut.result(), None
+            except Exception as e:  # noqa: BLE001 - fails only its slide
+                value, err = None, e
+            self.settle(i, None, value, err)
 
     def admit(self) -> None:
         """Open slides from the queue until ``max_slides`` are active."""
@@ -212,6 +182,9 @@ class _Batch:
             st = self._start(i, path, out_dir)
             if st is None:
                 continue
+            if st.cfg.assemble == "stream":
+                todo = {ch.index for ch in st.todo}
+                st.stream = StreamedAssembly(st.plan, st.cfg, (ch.index for ch in st.plan.chunks if ch.index not in todo), st.t0)
             if st.reused:
                 log.info("%s: %d of %d chunks reused from an earlier run", path, st.reused, len(st.plan.chunks))
             self.active[i] = st
@@ -256,6 +229,9 @@ class _Batch:
                 self._submit(st, ch, chunk_task, st.plan, ch, st.cfg)
             if not st.todo and st.outstanding == 0 and not st.assembling and not st.failed:
                 st.assembling = True
+                if st.stream is not None:
+                    st.stream.close(st.computed, st.reused)
+                    continue
                 run = {"computed": st.computed, "reused": st.reused, "wall": time.perf_counter() - st.t0}
                 self._submit(st, None, assemble_slide, st.plan, st.cfg, run)
 
@@ -276,6 +252,11 @@ class _Batch:
             err: BaseException | None = None
         except Exception as e:  # noqa: BLE001 - any task failure fails only its slide
             value, err = None, e
+        self.settle(i, ch, value, err)
+
+    def settle(self, i: int, ch: Chunk | None, value: Any, err: BaseException | None) -> None:
+        """One task's outcome (``ch``: its chunk; None: the slide's assembly) for slide ``i``."""
+        st = self.active[i]
         # failures retrying cannot fix come back as values (no retry storm)
         if isinstance(value, ChunkDone) and value.error:
             err = WsiNucleiError(value.error)
@@ -292,6 +273,8 @@ class _Batch:
         elif ch is not None:
             st.computed += 1
             self.done += 1
+            if st.stream is not None:
+                st.stream.ready(ch.index)
             self._progress()
         else:
             res = value
@@ -305,11 +288,14 @@ class _Batch:
             msg = _first_line(err)
             st.failed = msg if ch is None else f"{msg} [{where}]"
         else:
-            tries = f" after {TASK_RETRIES} retries" if isinstance(self.ex, _Dask) else ""
+            tries = f" after {TASK_RETRIES} retries" if isinstance(self.ex, DaskExecutor) else ""
             self.traces.setdefault(st.order, "".join(traceback.format_exception(err)))
             st.failed = (f"{shown(st.plan.path)}: {where} failed{tries} ({type(err).__name__}: {_first_line(err, '')}); "
                          f"the traceback is in {shown(Path(st.plan.out_dir) / 'error.txt')}; run again with --resume")
         st.todo.clear()
+        if st.stream is not None:
+            st.stream.stop()
+            st.stream = None
         self.ex.cancel(list(st.futures))
         for f in st.futures:
             self.pending.pop(f, None)

@@ -76,6 +76,9 @@ class SegmentConfig:
     # the tissue box a chunk infers in one pass is grown to a multiple of this (px): fewer input
     # shapes for a backend that prepares per shape (benchmarks/shape_cost.py); 32: as it is
     box_step: int = 32
+    # where the outputs are written: "stream" on the driver while the chunks finish (the tail after
+    # the last chunk stays short); "worker": one task on a worker after the last chunk
+    assemble: str = "stream"
 
     def engine(self) -> str:
         """The concrete inference backend (``backends.resolve_backend``) as the driver sees it."""
@@ -119,6 +122,8 @@ class SegmentConfig:
             check_tta(self.tta)
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
+        if self.assemble not in ("stream", "worker"):
+            raise ConfigError(f"unknown --assemble {self.assemble!r}; use stream or worker")
         if self.reader not in ("auto", "openslide", "tiffslide"):
             raise ConfigError(f"unknown --reader {self.reader!r}; use auto, openslide or tiffslide")
         from ..model.backends import BACKENDS, PRECISIONS
