@@ -122,6 +122,8 @@ def test_pyramid_written_while_level_0_is_equals_build_pyramids(tmp_path, shape,
     create_store(tmp_path / "new.zarr", shape, chunk, 0.5, {})
     ref_labels = LabelCanvas(tmp_path / "ref.zarr", chunk)
     labels = LabelCanvas(tmp_path / "new.zarr", chunk, Pyramid(tmp_path / "new.zarr", "labels", chunk))
+    sampled_level = seed % 2  # level 0 or 1, at a size that is not a power of two of either
+    sample = labels.pyramid.sample_level(sampled_level, (shape[0] // 3 + 1, shape[1] // 5 + 2))
     ref_prob = open_array(tmp_path / "ref.zarr", "probability", 0, mode="r+")
     prob = open_array(tmp_path / "new.zarr", "probability", 0, mode="r+")
     prob_levels = Pyramid(tmp_path / "new.zarr", "probability", chunk)
@@ -149,3 +151,8 @@ def test_pyramid_written_while_level_0_is_equals_build_pyramids(tmp_path, shape,
             b = np.asarray(open_array(tmp_path / "new.zarr", name, k)[:])
             assert a.any() and np.array_equal(a, b), (name, k)
         assert all(not blocks for blocks in (labels.pyramid if name == "labels" else prob_levels).blocks)
+    # the overlay's sample of a level, filled while it was written, is that level resized afterwards
+    from wsi_nuclei.model.infer import resize_labels
+
+    whole = np.asarray(open_array(tmp_path / "ref.zarr", "labels", sampled_level)[:])
+    assert sample.image.any() and np.array_equal(sample.image, resize_labels(whole, sample.image.shape))

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["create_store", "LabelCanvas", "Pyramid", "build_pyramids", "open_array", "pyramid_levels"]
+__all__ = ["create_store", "LabelCanvas", "Pyramid", "Sample", "build_pyramids", "open_array", "pyramid_levels"]
 
 ARRAYS = {"probability": "uint8", "labels": "uint32"}
 
@@ -87,7 +87,7 @@ class LabelCanvas:
     def __init__(self, path: Path, chunk: int, pyramid: Pyramid | None = None) -> None:
         self.arr = open_array(path, "labels", 0, mode="r+")
         self.chunk = chunk
-        self.cols = -(-self.arr.shape[1] // chunk)
+        self.rows, self.cols = int(-(-self.arr.shape[0] // chunk)), int(-(-self.arr.shape[1] // chunk))
         self.blocks: dict[tuple[int, int], np.ndarray] = {}
         self.last = -1
         self.pyramid = pyramid
@@ -114,7 +114,12 @@ class LabelCanvas:
                     block = self.blocks[(r, k)] = np.zeros((min(c, h - r * c), min(c, w - k * c)), np.uint32)
                 view = block[y0 - r * c : y1 - r * c, x0 - k * c : x1 - k * c]
                 np.copyto(view, part, where=part > 0)
-        self._flush(lambda r, k: (r + 1) * self.cols + (k + 1) <= order)
+        self._flush(lambda r, k: self.final_after(r, k) <= order)
+
+    def final_after(self, r: int, k: int) -> int:
+        """The grid index of the last chunk whose window reaches block (r, k): (r+1, k+1), clipped to
+        the grid, so blocks of the last row and column are final as soon as the grid ends there."""
+        return min(r + 1, self.rows - 1) * self.cols + min(k + 1, self.cols - 1)
 
     def under(self, y: int, x: int, shape: tuple[int, int]) -> np.ndarray:
         """What earlier windows painted on the region (top-left (y, x), may be negative) of a window
@@ -165,6 +170,7 @@ class Pyramid:
 
     def __init__(self, path: Path, name: str, chunk: int) -> None:
         self.chunk = chunk
+        self.sample: Sample | None = None  # a level sampled as its blocks are written (the overlay's)
         self.arrays: list[Any] = []
         for k in range(1, 8):
             try:
@@ -172,12 +178,24 @@ class Pyramid:
             except Exception:  # no such level
                 break
         base = open_array(path, name, 0).shape
+        self.base = (int(base[0]), int(base[1]))
         self.grids = [(-(-base[0] // chunk), -(-base[1] // chunk))] + [(-(-a.shape[0] // chunk), -(-a.shape[1] // chunk))
                                                                         for a in self.arrays]
         self.blocks: list[dict[tuple[int, int], np.ndarray]] = [{} for _ in self.arrays]
 
+    def shapes(self) -> list[tuple[int, int]]:
+        """(H, W) of every level, level 0 first."""
+        return [self.base, *(tuple(a.shape) for a in self.arrays)]
+
+    def sample_level(self, level: int, shape: tuple[int, int]) -> Sample:
+        """Sample ``level`` at ``shape`` while it is written (:class:`Sample`); returns the sample."""
+        self.sample = Sample(level, self.shapes()[level], shape, self.chunk)
+        return self.sample
+
     def add(self, r: int, k: int, block: np.ndarray, level: int = 0) -> None:
         """Level-``level`` block (r, k), final: its every other pixel into the block above it."""
+        if self.sample is not None and self.sample.level == level:
+            self.sample.add(r, k, block)
         if level >= len(self.arrays):
             return
         c = self.chunk
@@ -216,6 +234,25 @@ class Pyramid:
             rows, cols = self.grids[level - 1]
             r, k, level = min(2 * r + 1, rows - 1), min(2 * k + 1, cols - 1), level - 1
         return bool(done(r, k))
+
+
+class Sample:
+    """A nearest-neighbour sample of one pyramid level at ``shape`` (pixel-centre sampling: what
+    ``model.infer.resize_labels`` of the whole level gives, a test), filled block by block as the
+    level is written, so nothing is read back for it (the overlay's labels)."""
+
+    def __init__(self, level: int, source: tuple[int, int], shape: tuple[int, int], chunk: int) -> None:
+        self.level, self.chunk = level, chunk
+        self.rows = np.minimum(((np.arange(shape[0]) + 0.5) * source[0] / shape[0]).astype(np.int64), source[0] - 1)
+        self.cols = np.minimum(((np.arange(shape[1]) + 0.5) * source[1] / shape[1]).astype(np.int64), source[1] - 1)
+        self.image = np.zeros(shape, np.uint32)
+
+    def add(self, r: int, k: int, block: np.ndarray) -> None:
+        y0, x0 = r * self.chunk, k * self.chunk
+        ti = np.flatnonzero((self.rows >= y0) & (self.rows < y0 + block.shape[0]))
+        tj = np.flatnonzero((self.cols >= x0) & (self.cols < x0 + block.shape[1]))
+        if len(ti) and len(tj):
+            self.image[np.ix_(ti, tj)] = block[np.ix_(self.rows[ti] - y0, self.cols[tj] - x0)]
 
 
 def build_pyramids(path: Path, chunk: int) -> None:

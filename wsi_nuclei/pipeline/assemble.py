@@ -40,7 +40,7 @@ from ..outputs.h5ad import H5AD_NAME
 from .chunk import measurement_names, typed
 from .chunkfile import ChunkMeta, chunk_file_problem, read_chunk_file
 from .config import SegmentConfig
-from .pictures import DENSITY_NAME, slide_pictures
+from .pictures import DENSITY_NAME, overlay_sample, slide_pictures
 from .plan import SlidePlan
 from .results import SlideResult
 from .summary import SUMMARY_NAME, Summary
@@ -177,7 +177,9 @@ class SlideAssembler:
             create_store(tmp_zarr, plan.size, tiling.chunk, card.working_mpp, attrs)
             self.probability = open_array(tmp_zarr, "probability", 0, mode="r+")
             self.probability_levels = Pyramid(tmp_zarr, "probability", tiling.chunk)
-            self.labels = LabelCanvas(tmp_zarr, tiling.chunk, Pyramid(tmp_zarr, "labels", tiling.chunk))
+            levels = Pyramid(tmp_zarr, "labels", tiling.chunk)
+            self.labels = LabelCanvas(tmp_zarr, tiling.chunk, levels)
+            self.overlay = overlay_sample(levels, plan)
             self.geojson, self.parquet = self._writers_for(plan)
         except BaseException:
             self.abort()
@@ -248,7 +250,7 @@ class SlideAssembler:
                 writer.close()
             self._writers.clear()
             _log_tally(plan, self.tally)
-            slide_pictures(plan, self.temps, self.tally, self.types)
+            slide_pictures(plan, self.temps, self.tally, self.types, self.overlay.image)
             now = time.perf_counter()
             seconds = {"write": self.busy, "assemble": self.busy + now - t_tail, "tail": now - t_tail}
             summary = _summary(plan, self.cfg, run, self.tally, self.files, seconds)

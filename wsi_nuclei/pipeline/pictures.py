@@ -13,21 +13,31 @@ from .. import atomic
 from ..outputs.density import density_png
 from .plan import SlidePlan
 
-__all__ = ["slide_pictures", "slide_overlay", "DENSITY_NAME"]
+__all__ = ["slide_pictures", "slide_overlay", "overlay_sample", "DENSITY_NAME"]
 
 DENSITY_NAME = "density.png"
 
 
-def slide_pictures(plan: SlidePlan, temps: dict[str, Path], tally: Any, types: tuple[Any, ...]) -> None:
-    """``overlay.png`` and ``density.png``, from the thumbnail the plan stored; drawn at once, on
-    two threads (most of the overlay's time, its PNG encoding and Zarr reads, leaves the GIL)."""
+def overlay_sample(levels: Any, plan: SlidePlan) -> Any:
+    """The overlay's labels, sampled at the thumbnail's size from the smallest pyramid level at
+    most twice its height (else the smallest level) while ``levels`` (a ``store.Pyramid``) is written."""
+    thumb = np.load(plan.work / "thumbnail.npy", mmap_mode="r").shape[:2]
+    shapes = levels.shapes()
+    level = next((k for k, shape in enumerate(shapes) if shape[0] <= 2 * thumb[0]), len(shapes) - 1)
+    return levels.sample_level(level, (int(thumb[0]), int(thumb[1])))
+
+
+def slide_pictures(plan: SlidePlan, temps: dict[str, Path], tally: Any, types: tuple[Any, ...], labels: np.ndarray) -> None:
+    """``overlay.png`` and ``density.png``, from the thumbnail the plan stored and ``labels`` (the
+    nuclei at its size: :func:`overlay_sample`); drawn at once, on two threads (the overlay's PNG
+    encoding leaves the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
     thumb = np.load(plan.work / "thumbnail.npy")
     tissue_file = plan.work / "tissue.npy"
     tissue = np.load(tissue_file) if tissue_file.exists() else None
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-nuclei-overlay") as pool:
-        overlay = pool.submit(slide_overlay, temps["mask.zarr"], thumb, tissue, temps["overlay.png"], tally.typed_labels(), types)
+        overlay = pool.submit(slide_overlay, labels, thumb, tissue, temps["overlay.png"], tally.typed_labels(), types)
         per_mm2 = tally.nuclei / plan.tissue_mm2 if plan.tissue_mm2 > 0 else 0.0
         title = f"{Path(plan.path).name}: {tally.nuclei:,} nuclei, {per_mm2:,.0f} per mm² of tissue"
         panels = [(f"{name}: {tally.per_type[name]:,} nuclei", grid) for name, grid in tally.type_density.items()]
@@ -35,38 +45,24 @@ def slide_pictures(plan: SlidePlan, temps: dict[str, Path], tally: Any, types: t
         overlay.result()
 
 
-def slide_overlay(zarr_path: Path, thumb: np.ndarray, tissue: np.ndarray | None, out: Path,
+def slide_overlay(lab: np.ndarray, thumb: np.ndarray, tissue: np.ndarray | None, out: Path,
                   typed_labels: tuple[np.ndarray, np.ndarray] | None = None, types: tuple[Any, ...] = ()) -> None:
-    """``out``: the slide's thumbnail with nucleus outlines (green; a typed model's in its types'
-    colours, with a legend) and the tissue outline (blue). The labels come from the smallest
-    pyramid level of ``zarr_path`` at most twice the thumbnail's height, so the cost does not grow
-    with the slide. ``typed_labels``: (sorted labels, their types)."""
+    """``out``: the slide's thumbnail with the outlines of the nuclei of ``lab`` (labels at the
+    thumbnail's size; green, a typed model's in its types' colours, with a legend) and the tissue
+    outline (blue). ``typed_labels``: (sorted labels, their types)."""
     from PIL import Image
 
-    from ..model.infer import resize_labels
     from ..outputs.overlay import inner_boundaries
-    from ..outputs.store import open_array
 
-    labels_level = None
-    for k in range(8):
-        try:
-            arr = open_array(zarr_path, "labels", k)
-        except Exception:
-            break
-        labels_level = arr
-        if arr.shape[0] <= 2 * thumb.shape[0]:
-            break
     img = thumb.copy()
-    if labels_level is not None:
-        lab = resize_labels(np.asarray(labels_level[:]), thumb.shape[:2])
-        edge = inner_boundaries(lab)
-        img[edge] = (0, 255, 0)
-        if typed_labels is not None and types and len(typed_labels[0]):
-            ids, kinds = typed_labels
-            at = np.clip(np.searchsorted(ids, lab[edge]), 0, len(ids) - 1)
-            kind = np.where(ids[at] == lab[edge], kinds[at], 0)
-            palette = np.array([(0, 255, 0)] + [t.color for t in types], np.uint8)
-            img[edge] = palette[kind]
+    edge = inner_boundaries(lab)
+    img[edge] = (0, 255, 0)
+    if typed_labels is not None and types and len(typed_labels[0]):
+        ids, kinds = typed_labels
+        at = np.clip(np.searchsorted(ids, lab[edge]), 0, len(ids) - 1)
+        kind = np.where(ids[at] == lab[edge], kinds[at], 0)
+        palette = np.array([(0, 255, 0)] + [t.color for t in types], np.uint8)
+        img[edge] = palette[kind]
 
     if tissue is not None:
         img[inner_boundaries(tissue)] = (0, 0, 255)
