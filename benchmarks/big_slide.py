@@ -36,6 +36,9 @@ Then, for each layout (``--layouts``, workers x threads: 1x2 and 2x1 by default)
   ÷ fwd          wall s / the forward passes' own seconds (the chunks' ``inference`` stage summed,
                  divided by W: a worker's forward passes take turns), against the target ≤ 1.10;
   tail ≤ 1.5     whether ``after fwd`` met the streaming tail's target (≤ 1.5 s);
+  after the last chunk file, s until: the times from the last chunk file to summary.json (the
+                 slide's finish), OUT/run.json (the chunk files removed, the slide's result in),
+                 OUT/report.html, and the process's end (the cluster closed), from the files' mtimes;
   estimate s     the per-slide estimate that `segment --dry-run` (same layout) prints, against wall s
                  (est/wall, and whether it is within ±30 %).
 A table of the layouts side by side (``x first``: wall s / the first layout's), then a last line
@@ -450,6 +453,13 @@ def run_segment(exe: str, slide: Path, out: Path, workers: int, threads: int, ex
     row["over_forward"] = round(wall / max(summary["seconds"]["inference"] / workers, 1e-9), 3)
     row["nuclei_per_mm2"] = summary["nuclei_per_mm2"]
     if ends:
+        last = max(m for m, _ in ends)
+        # the steps after the last chunk file, from the files they write last: the slide's
+        # summary.json (its finish), OUT/run.json (after the chunk files' removal and the slide's
+        # result), OUT/report.html; then closing the cluster and the exit
+        marks = {"summary": out / slide.stem / "summary.json", "run_json": out / "run.json", "report": out / "report.html"}
+        row["after_last_chunk_steps_s"] = {k: round(f.stat().st_mtime - last, 2) for k, f in marks.items() if f.exists()}
+        row["after_last_chunk_steps_s"]["exit"] = round(t1 - last, 2)
         row["after_last_chunk_s"] = round(t1 - max(m for m, _ in ends), 1)
         row["after_fwd_s"] = round(t1 - max(e for _, e in ends), 1)
         row["after_fwd_share"] = round(row["after_fwd_s"] / wall, 3)
@@ -524,6 +534,11 @@ def print_table(info: dict, limit: dict, rows: list[dict]) -> None:
             f"before the first chunk {r.get('before_first_chunk_s', float('nan')):.1f} s, after the last chunk file "
             f"{r.get('after_last_chunk_s', float('nan')):.1f} s; {r['nuclei_per_mm2']:.0f} nuclei/mm²"
         )
+        steps = r.get("after_last_chunk_steps_s", {})
+        if steps:
+            print(f"{r['layout']}: after the last chunk file, s until: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in steps.items()) + " (summary: the slide's finish; run_json: its chunk files "
+                "removed and its result in; report: the batch report; exit: the cluster closed and the process ended)")
 
 
 def main() -> None:

@@ -644,7 +644,7 @@ def test_an_assembly_task_run_twice_returns_the_finished_slide(tmp_path):
     assert (again.status, again.nuclei) == ("ok", first.nuclei)
     assert _tree(out) == before  # nothing rewritten
     other = assemble_slide(replace(plan, run_id="another run"), cfg)
-    assert other.status == "failed" and "damaged chunk file" in other.reason
+    assert other.status == "failed" and "work folder is gone" in other.reason and "--resume" in other.reason
 
 
 def test_run_json_merges_the_same_out_given_relative_then_absolute_and_from_elsewhere(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .. import atomic
+from ..errors import OutputError, shown
 from ..outputs.density import density_png
 from .plan import SlidePlan
 
@@ -21,7 +22,11 @@ DENSITY_NAME = "density.png"
 def overlay_sample(levels: Any, plan: SlidePlan) -> Any:
     """The overlay's labels, sampled at the thumbnail's size from the smallest pyramid level at
     most twice its height (else the smallest level) while ``levels`` (a ``store.Pyramid``) is written."""
-    thumb = np.load(plan.work / "thumbnail.npy", mmap_mode="r").shape[:2]
+    try:
+        thumb = np.load(plan.work / "thumbnail.npy", mmap_mode="r").shape[:2]
+    except (OSError, ValueError):
+        raise OutputError(f"{shown(plan.work)}: the slide's work folder is gone or incomplete (its chunk files with it); "
+                          "run again with --resume to compute them") from None
     shapes = levels.shapes()
     level = next((k for k, shape in enumerate(shapes) if shape[0] <= 2 * thumb[0]), len(shapes) - 1)
     return levels.sample_level(level, (int(thumb[0]), int(thumb[1])))
