@@ -16,7 +16,7 @@ __all__ = ["app", "main"]
 
 def main() -> None:
     """The ``wsi-nuclei`` command. It ends without the interpreter's teardown once nothing is left
-    running (:func:`_exit`): with torch and OpenVINO loaded that teardown takes 1.3-1.7 s on 2
+    running (:func:`_exit`): with torch and OpenVINO loaded that teardown takes over a second on 2
     cores, after every output is closed and on disk."""
     try:
         app()

@@ -5,7 +5,7 @@ A terminal sends Ctrl-C to the whole process group, workers included. The driver
 only print tracebacks while being shut down.
 
 A worker that closes normally (the cluster shuts down) ends without the interpreter's teardown:
-with torch and OpenVINO loaded, unloading their modules and libraries takes 1.3-1.5 s on 2 cores,
+with torch and OpenVINO loaded, unloading their modules and libraries takes over a second on 2 cores,
 which every ``segment`` run waited for after its last slide. By then the worker has finished its
 tasks (each wrote its chunk file whole) and closed its connections, so nothing is lost.
 """

@@ -5,7 +5,7 @@ writes each into the outputs when it comes: Zarr blocks (and their pyramid level
 final, GeoJSON features, Parquet row groups, density counts. The order makes the outputs a
 function of the chunk files alone, not of which run computed a chunk or when: a resumed run is
 byte-identical to an uninterrupted one. What :meth:`SlideAssembler.finish` has left does not grow
-with the slide's area: the last grid row of blocks, the pictures (thumbnail-sized), the summary
+with the slide's area: about one block per level, the pictures (thumbnail-sized), the summary
 and the renames. Two ways to drive it:
 
 - while the chunks are computed (default): :mod:`.stream`, on the driver, adds each chunk as soon

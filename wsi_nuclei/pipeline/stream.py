@@ -112,7 +112,7 @@ class StreamedAssembly:
 
 def _warm_up() -> None:
     """Import and prime what :meth:`SlideAssembler.finish` draws with (matplotlib's modules, its
-    font cache and Agg renderer: 0.6 s, once per process) while the chunks are computed, not after the last one."""
+    font cache and Agg renderer, once per process) while the chunks are computed, not after the last one."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
